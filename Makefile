@@ -1,0 +1,43 @@
+# make test | make bench | make clean
+#
+# Both targets build into .venv, created with --system-site-packages so that a machine's own
+# torch (a GPU image's CUDA build, say) is the one the extensions are built against. torch is
+# installed only when none can be imported, and then only the pinned version: an unpinned
+# torch pulls gigabytes of CUDA wheels.
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PYTHON := $(VENV)/bin/python
+PIP := $(VENV_PYTHON) -m pip
+TORCH_PIN := torch==2.13.0
+# Whatever torch the venv has stays: the editable install may not replace it.
+TORCH_CONSTRAINT := $(VENV)/torch-constraint.txt
+INSTALLED := $(VENV)/.vaekernels-installed
+# Directories too, so an added or deleted source rebuilds.
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: test bench clean
+
+test: $(INSTALLED)
+	$(VENV_PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+bench: $(INSTALLED)
+	$(VENV_PYTHON) -m pytest bench --benchmark-columns=min,median,max,rounds,iterations $(PYTEST_ARGS)
+
+$(VENV_PYTHON):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(INSTALLED): $(VENV_PYTHON) $(BUILD_INPUTS)
+	$(VENV_PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_PIN)"
+	$(VENV_PYTHON) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(TORCH_CONSTRAINT)
+	$(PIP) install ninja pybind11 "setuptools>=64" wheel
+	@echo "Building the C++ extensions against $$(cat $(TORCH_CONSTRAINT)) (a few minutes)"
+	$(PIP) install --no-build-isolation -c $(TORCH_CONSTRAINT) -e ".[test,bench,models]"
+	touch $@
+
+# Build outputs only; the venv (and its torch) stays: rm -rf .venv for a fresh start.
+clean:
+	rm -rf build *.egg-info .pytest_cache $(INSTALLED) $(TORCH_CONSTRAINT)
+	find vaekernels -name '*.so' -delete
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

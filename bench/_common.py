@@ -1,0 +1,284 @@
+"""What every bench/test_<family>.py shares: the contenders, the timing, the memory readings.
+
+A benchmark group is one op at one shape in one mode; its contenders are ``reference`` (the
+readable PyTorch of ``vaekernels.reference``), ``compiled`` (``torch.compile`` of that
+reference) and ``fused`` (the public ``vaekernels`` op). pytest-benchmark runs one timing per
+test, so each test times one contender with :func:`run_contenders`, and bench/conftest.py puts
+the contenders of a group side by side at the end of the session.
+
+Memory readings (in ``benchmark.extra_info``):
+
+- ``peak_bytes``: how far the memory PyTorch's allocator hands out rose above its level before
+  one call: ``torch.cuda.max_memory_allocated`` on CUDA, the running total that the profiler's
+  allocation events carry on the CPU (tensors of PyTorch, of compiled graphs and of the C++
+  kernels alike).
+- ``saved_bytes`` (forward+backward): bytes the autograd graph keeps for backward beyond the
+  inputs themselves, counted with ``torch.autograd.graph.saved_tensors_hooks``.
+- :func:`peak_bytes_in_subprocess`: the resident-memory peak (VmHWM) of one call in a fresh
+  interpreter, for whole-pipeline readings such as NLL evaluation against K.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+CONTENDERS = ("reference", "compiled", "fused")
+MODES = ("forward", "forward+backward")
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+# While a resident-memory peak is read, glibc maps every block of 128 KiB or more on its own, so
+# a tensor's pages are resident exactly while it lives (its default threshold adapts upwards
+# and would keep freed blocks, resident, in its heap).
+_READING_MMAP_THRESHOLD = 128 << 10
+_M_MMAP_THRESHOLD = -3
+
+
+def devices() -> list[str]:
+    """The devices to benchmark on: the CPU, and CUDA when there is one."""
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile`` of ``fn`` with static shapes, one wrapper per function for the session."""
+    return torch.compile(fn, dynamic=False)
+
+
+def contender_fn(contender: str, reference: Callable, fused: Callable) -> Callable:
+    """The function that ``contender`` runs."""
+    return {"reference": reference, "compiled": compiled(reference), "fused": fused}[contender]
+
+
+def run_contenders(
+    benchmark,
+    fn: Callable,
+    inputs: Sequence,
+    *,
+    op: str,
+    shape: str,
+    mode: str,
+    contender: str,
+    warmup_calls: int = 3,
+    time_budget_s: float = 1.0,
+    min_rounds: int = 3,
+    max_rounds: int = 200,
+    measure_memory: bool = True,
+    **extra_info,
+) -> None:
+    """Times one contender of the group ``"<op> <shape> <mode>"`` and records its memory.
+
+    ``mode="forward"`` times ``fn(*inputs)`` under ``torch.no_grad()``; ``"forward+backward"``
+    times the forward and the backward of its sum into every input that requires grad. The
+    ``warmup_calls + 1`` calls before (compilation included), the fastest of which sizes the
+    rounds to about ``time_budget_s``, stay out of the timing. Keyword arguments left over go
+    to ``extra_info``.
+
+    Example:
+        >>> def test_log_mean_exp(benchmark, contender):
+        ...     x = torch.randn(128, 5000, requires_grad=True)
+        ...     fn = contender_fn(contender, reference.log_mean_exp, vaekernels.log_mean_exp)
+        ...     run_contenders(benchmark, fn, (x,), op="log_mean_exp", shape="128x5000",
+        ...                    mode="forward+backward", contender=contender)
+    """
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    device = tensors[0].device
+    step = _step(fn, inputs, mode, device)
+    benchmark.group = f"{op} {shape} {mode}"
+    benchmark.extra_info.update(
+        op=op, shape=shape, mode=mode, contender=contender, dtype=str(tensors[0].dtype).removeprefix("torch."),
+        device=device.type, **extra_info,
+    )
+
+    # The fastest call sizes the rounds: the first ones compile, and a busy machine only slows.
+    seconds = min(_timed(step) for _ in range(warmup_calls + 1))
+    # Rounds of at least a millisecond, so the timer's resolution and the per-round overhead
+    # of pytest-benchmark do not show in microsecond ops.
+    iterations = max(1, int(1e-3 / max(seconds, 1e-9)))
+    rounds = min(max_rounds, max(min_rounds, int(time_budget_s / (seconds * iterations))))
+    benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1 if seconds < 0.1 else 0)
+
+    if measure_memory:
+        benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
+    if mode == "forward+backward":
+        benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: fn(*inputs), keep=tensors)
+
+
+def _timed(step: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
+
+
+def _step(fn: Callable, inputs: Sequence, mode: str, device: torch.device) -> Callable[[], None]:
+    if mode not in MODES:
+        raise ValueError(f"run_contenders: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    # Kernels return before the device finishes; a timed call must include the work.
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                fn(*inputs)
+            synchronize()
+        return forward
+
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not leaves:
+        raise ValueError("run_contenders: mode 'forward+backward' needs inputs that require grad, got none")
+
+    def forward_backward():
+        torch.autograd.grad(_total(fn(*inputs)), leaves)
+        synchronize()
+    return forward_backward
+
+
+def _total(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.sum()
+    return sum(t.sum() for t in out)
+
+
+def saved_bytes(forward: Callable, keep: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes the autograd graph of ``forward()`` holds for backward, beyond the storages of
+    ``keep`` (the inputs, which the caller holds anyway); a storage saved twice counts once."""
+    kept = {t.untyped_storage().data_ptr() for t in keep}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in kept:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(saved.values())
+
+
+def peak_bytes(step: Callable[[], None], device: torch.device | str) -> int | None:
+    """How far allocated memory rose above its level before one ``step()``; None where the
+    profiler cannot tell."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return _peak_cpu_allocated(step)
+
+
+def _peak_cpu_allocated(step: Callable[[], None]) -> int | None:
+    # Each allocation event of a profiling session carries the CPU allocator's running total
+    # since the session began. The event tree is private API: without it there is no reading.
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            step()
+        events = list(_walk(profiler.profiler.kineto_results.experimental_event_tree()))
+        totals = [event.extra_fields.total_allocated for event in events
+                  if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu"]
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return max([0, *totals])
+
+
+def _walk(events):
+    for event in events:
+        yield event
+        yield from _walk(event.children)
+
+
+def peak_rss_growth(step: Callable[[], None]) -> int | None:
+    """Peak resident memory during ``step()`` above the resident memory before it, in bytes.
+
+    Changes glibc's mmap threshold for the rest of the process: for a subprocess of its own
+    (:func:`peak_bytes_in_subprocess`). None off Linux/glibc.
+    """
+    libc = ctypes.CDLL(None)
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") and os.path.exists("/proc/self/clear_refs")):
+        return None
+    libc.mallopt(_M_MMAP_THRESHOLD, _READING_MMAP_THRESHOLD)
+    # Free heap pages go back to the system, so reusing them during the step counts again.
+    libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        return None
+    before = _status_bytes("VmRSS")
+    step()
+    return max(0, _status_bytes("VmHWM") - before)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+_CHILD = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+import _common
+run = getattr(importlib.import_module(sys.argv[2]), sys.argv[3])(*json.loads(sys.argv[4]))
+reading = _common.peak_bytes(run, "cuda") if sys.argv[5] == "cuda" else _common.peak_rss_growth(run)
+print("PEAK_BYTES", json.dumps(reading))
+"""
+
+
+def peak_bytes_in_subprocess(module: str, setup: str, *args, device: str = "cpu", timeout_s: float = 300) -> int | None:
+    """The memory peak of one call in a fresh interpreter, so nothing earlier in this session
+    (caches, the allocator's history) shows in the reading: :func:`peak_rss_growth` on the
+    CPU, :func:`peak_bytes` on CUDA.
+
+    ``module`` is a module in bench/ and ``setup(*args)`` (JSON-serialisable args) one of its
+    functions that builds everything, warms it up and returns the zero-argument call to read.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(BENCH_DIR), module, setup, json.dumps(args), json.dumps(device)],
+        capture_output=True, text=True, timeout=timeout_s,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{module}.{setup}{args} failed in a subprocess:\n{result.stderr[-4000:]}")
+    reading = [line for line in result.stdout.splitlines() if line.startswith("PEAK_BYTES ")][-1]
+    return json.loads(reading.split(" ", 1)[1])
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory of ``device`` (CPU: MemAvailable), or None where unknown."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,155 @@
+"""The contenders of every benchmark group side by side, at the end of ``pytest bench``.
+
+Each benchmark that carries ``extra_info["contender"]`` (see ``_common.run_contenders``) is one
+cell of a table: a row per op/shape/mode and device, the median milliseconds of ``reference``,
+``compiled`` and ``fused``, the speed-up of fused over the other two, and fused's memory over
+the reference's. The table follows pytest-benchmark's own and is written as markdown to
+``.benchmarks/last_run.md``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import pytest
+import torch
+
+import _common
+
+COLUMNS = (
+    "op / shape / mode", "device", "fused backend", "reference ms", "compiled ms", "fused ms",
+    "× reference", "× compiled", "peak mem fused/ref", "saved fused/ref",
+)
+LEGEND = (
+    "ms: the median of one call; compilation and warm-up are not timed.",
+    "× reference, × compiled: the speed-up of fused (their time over fused's).",
+    "peak mem: how far allocated memory rose during one call (CUDA: max_memory_allocated;"
+    " CPU: the allocator's running total in the profiler's allocation events).",
+    "saved: the bytes kept for backward beyond the inputs.",
+)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    rows = _collect(config)
+    if not rows:
+        return
+    table = [_row(key, cells) for key, cells in rows.items()]
+    notes = list(dict.fromkeys(info["note"] for cells in rows.values() for _, info in cells.values() if "note" in info))
+
+    terminalreporter.write_sep("=", "vaekernels: fused against the PyTorch reference and torch.compile")
+    terminalreporter.write_line(_machine())
+    for line in _aligned(table):
+        terminalreporter.write_line(line)
+    for note in notes:
+        terminalreporter.write_line(note)
+    for line in LEGEND:
+        terminalreporter.write_line(line)
+
+    path = config.rootpath / ".benchmarks" / "last_run.md"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(_markdown(table, notes))
+    terminalreporter.write_line(f"(the table, as markdown: {path.relative_to(config.rootpath)})")
+
+
+def _collect(config) -> dict:
+    """{(group, device, dtype): {contender: (median seconds, extra_info)}}, in the order run."""
+    rows: dict = {}
+    benchmark_session = getattr(config, "_benchmarksession", None)
+    for bench in getattr(benchmark_session, "benchmarks", []):
+        info = bench.extra_info
+        # A benchmark without timings (--benchmark-disable, an error) has false stats.
+        if not bench or bench.has_error or "contender" not in info:
+            continue
+        key = (bench.group, info.get("device", "?"), info.get("dtype", "?"))
+        rows.setdefault(key, {})[info["contender"]] = (bench.stats.median, info)
+    return rows
+
+
+def _row(key, cells) -> list[str]:
+    group, device, dtype = key
+    seconds = {name: cells[name][0] for name in _common.CONTENDERS if name in cells}
+    fused = cells.get("fused", (None, {}))[1]
+    return [
+        group if dtype == "float32" else f"{group} {dtype}",
+        device,
+        fused.get("backend", "—"),
+        *(_milliseconds(seconds.get(name)) for name in _common.CONTENDERS),
+        _speedup(seconds.get("reference"), seconds.get("fused")),
+        _speedup(seconds.get("compiled"), seconds.get("fused")),
+        _ratio(cells, "peak_bytes"),
+        _ratio(cells, "saved_bytes"),
+    ]
+
+
+def _milliseconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def _speedup(other: float | None, fused: float | None) -> str:
+    return "—" if other is None or fused is None else f"{other / fused:.2f}×"
+
+
+def _ratio(cells, field: str) -> str:
+    reference = cells.get("reference", (None, {}))[1].get(field)
+    fused = cells.get("fused", (None, {}))[1].get(field)
+    if not reference or fused is None:
+        return "—"
+    return f"{fused / reference:.2g}"
+
+
+def _aligned(table: list[list[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(COLUMNS, *table)]
+
+    def line(cells):
+        # The first three columns are names, the rest numbers.
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(COLUMNS), line(["-" * w for w in widths]), *(line(row) for row in table)]
+
+
+def _markdown(table: list[list[str]], notes: list[str]) -> str:
+    lines = [
+        "# vaekernels benchmarks",
+        "",
+        f"{_machine()}, {datetime.date.today().isoformat()}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join(":---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|",
+        *("| " + " | ".join(row) + " |" for row in table),
+        "",
+        *(f"- {note}" for note in notes),
+        *([""] if notes else []),
+        *(f"{line}  " for line in LEGEND),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    import vaekernels
+
+    parts = [f"{_cpu_name()}, {torch.get_num_threads()} threads"]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    parts += [f"torch {torch.__version__}", f"backends: {', '.join(vaekernels.available_backends())}"]
+    forced = os.environ.get("VAEKERNELS_BACKEND")
+    if forced:
+        parts.append(f"VAEKERNELS_BACKEND={forced}")
+    return "; ".join(parts)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

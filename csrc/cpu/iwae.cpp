@@ -1,0 +1,474 @@
+// CPU kernels of the importance-weighted bound family. Each row of a [P, Q, D] view is reduced
+// in one vectorised pass with float-or-wider accumulators; rows run in parallel.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include <torch/library.h>
+
+#include "rows.h"
+
+namespace vaekernels::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+// log1p(t) for t in [0, 1] as 2 atanh(s), s = t / (2 + t) <= 1/3: the odd series in s converges
+// by a factor 1/9 a term, so terms through s^13 are within 1e-8 of the float result, where
+// Sleef's full-range log1p costs twice as much.
+template <typename T>
+Vectorized<T> log1p_unit(const Vectorized<T>& t) {
+  return t.log1p();
+}
+
+template <>
+Vectorized<float> log1p_unit(const Vectorized<float>& t) {
+  using Vec = Vectorized<float>;
+  const Vec s = t / (Vec(2.f) + t);
+  const Vec s2 = s * s;
+  Vec series(1.f / 13.f);
+  for (float c : {1.f / 11.f, 1.f / 9.f, 1.f / 7.f, 1.f / 5.f, 1.f / 3.f, 1.f}) series = at::vec::fmadd(series, s2, Vec(c));
+  return Vec(2.f) * s * series;
+}
+
+template <typename T>
+Vectorized<T> softplus(const Vectorized<T>& l) {
+  // max(l, 0) + log1p(exp(-|l|)): exact for |l| up to the dtype's range, never overflows.
+  return at::vec::maximum(l, Vectorized<T>(T(0))) + log1p_unit(l.abs().neg().exp());
+}
+
+template <typename T>
+T softplus(T l) {
+  return std::max(l, T(0)) + std::log1p(std::exp(-std::abs(l)));
+}
+
+at::Tensor bernoulli_log_prob(const at::Tensor& logits, const at::Tensor& x) {
+  constexpr const char* op = "vaekernels::bernoulli_log_prob";
+  check_rows3(op, "logits", logits, logits);
+  check_rows3(op, "x", x, logits);
+  const int64_t P = logits.size(0), Q = logits.size(1), D = logits.size(2);
+  auto out = at::empty({P, Q}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "bernoulli_log_prob", [&] {
+    using Vec = Vectorized<scalar_t>;
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    for_each_row<scalar_t>(P, Q, D, [&](int64_t row, const scalar_t* l, const scalar_t* xr) {
+      Vec acc(scalar_t(0));
+      int64_t d = 0;
+      for (; d + Vec::size() <= D; d += Vec::size()) {
+        const Vec lv = Vec::loadu(l + d);
+        acc += Vec::loadu(xr + d) * lv - softplus(lv);
+      }
+      scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+      for (; d < D; ++d) sum += xr[d] * l[d] - softplus(l[d]);
+      out_ptr[row] = sum;
+    }, logits, x);
+  });
+  return out;
+}
+
+at::Tensor bernoulli_log_prob_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& x) {
+  constexpr const char* op = "vaekernels::bernoulli_log_prob_backward";
+  check_rows3(op, "logits", logits, logits);
+  check_rows3(op, "x", x, logits);
+  const int64_t P = logits.size(0), Q = logits.size(1), D = logits.size(2);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({P, Q}), op, ": grad must have shape [", P, ", ", Q, "], got ",
+              grad.sizes());
+  auto grad_c = grad.to(logits.scalar_type()).contiguous();
+  auto grad_logits = at::empty({P, Q, D}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "bernoulli_log_prob_backward", [&] {
+    using Vec = Vectorized<scalar_t>;
+    const scalar_t* g_ptr = grad_c.const_data_ptr<scalar_t>();
+    scalar_t* out_base = grad_logits.data_ptr<scalar_t>();
+    for_each_row<scalar_t>(P, Q, D, [&](int64_t row, const scalar_t* l, const scalar_t* xr) {
+      const scalar_t g = g_ptr[row];
+      scalar_t* o = out_base + row * D;
+      const Vec gv(g), one(scalar_t(1));
+      int64_t d = 0;
+      for (; d + Vec::size() <= D; d += Vec::size()) {
+        // sigmoid(l) = 1 / (1 + exp(-l)): exp overflows to inf and the quotient to 0, never NaN.
+        const Vec sig = one / (one + Vec::loadu(l + d).neg().exp());
+        (gv * (Vec::loadu(xr + d) - sig)).store(o + d);
+      }
+      for (; d < D; ++d) o[d] = g * (xr[d] - scalar_t(1) / (scalar_t(1) + std::exp(-l[d])));
+    }, logits, x);
+  });
+  return grad_logits;
+}
+
+
+constexpr double kLog2Pi = 1.83787706640934548356065947281123527;
+
+template <typename T>
+Vectorized<T> vec_max(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return at::vec::maximum(a, b);  // propagates NaN, unlike std::max
+}
+
+template <typename T>
+Vectorized<T> vec_add(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return a + b;
+}
+
+at::Tensor log_mean_exp(const at::Tensor& x) {
+  constexpr const char* op = "vaekernels::log_mean_exp";
+  check_rank(op, "x", x, 2, "[R, N]");
+  check_cpu_floating(op, "x", x);
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous, got strides ", x.strides());
+  const int64_t R = x.size(0), N = x.size(1);
+  TORCH_CHECK(N >= 1, op, ": x must have at least one column, got shape ", x.sizes());
+  auto out = at::empty({R}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "log_mean_exp", [&] {
+    using Vec = Vectorized<scalar_t>;
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    at::parallel_for(0, R, row_grain(N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = x_ptr + r * N;
+        const scalar_t max = at::vec::reduce_all<scalar_t>(vec_max<scalar_t>, row, N);
+        // NaN, +inf and an all -inf row are their own answer; shifting by an infinite max gives NaN.
+        if (!std::isfinite(max)) {
+          out_ptr[r] = max;
+          continue;
+        }
+        const Vec shift(max);
+        const scalar_t sum = at::vec::map_reduce_all<scalar_t>(
+            [&](const Vec& v) { return (v - shift).exp(); }, vec_add<scalar_t>, row, N);
+        out_ptr[r] = max + std::log(sum / scalar_t(N));
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_var) {
+  constexpr const char* op = "vaekernels::gaussian_log_prob";
+  check_rows3(op, "x", x, x);
+  check_rows3(op, "mean", mean, x);
+  check_rows3(op, "log_var", log_var, x);
+  const int64_t P = x.size(0), Q = x.size(1), D = x.size(2);
+  auto out = at::empty({P, Q}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_log_prob", [&] {
+    using Vec = Vectorized<scalar_t>;
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    // The log(2 pi) terms are summed once per row, outside the loop.
+    const scalar_t row_constant = scalar_t(kLog2Pi) * scalar_t(D);
+    for_each_row<scalar_t>(P, Q, D, [&](int64_t row, const scalar_t* xr, const scalar_t* m, const scalar_t* lv) {
+      Vec acc(scalar_t(0));
+      int64_t d = 0;
+      for (; d + Vec::size() <= D; d += Vec::size()) {
+        const Vec log_var_d = Vec::loadu(lv + d);
+        const Vec diff = Vec::loadu(xr + d) - Vec::loadu(m + d);
+        acc += at::vec::fmadd(diff * diff, log_var_d.neg().exp(), log_var_d);
+      }
+      scalar_t sum = at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, acc);
+      for (; d < D; ++d) {
+        const scalar_t diff = xr[d] - m[d];
+        sum += diff * diff * std::exp(-lv[d]) + lv[d];
+      }
+      out_ptr[row] = scalar_t(-0.5) * (row_constant + sum);
+    }, x, mean, log_var);
+  });
+  return out;
+}
+
+at::Tensor gaussian_kl(const at::Tensor& mean, const at::Tensor& log_var) {
+  constexpr const char* op = "vaekernels::gaussian_kl";
+  check_rows3(op, "mean", mean, mean);
+  check_rows3(op, "log_var", log_var, mean);
+  const int64_t P = mean.size(0), Q = mean.size(1), D = mean.size(2);
+  auto out = at::empty({P, Q}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "gaussian_kl", [&] {
+    using Vec = Vectorized<scalar_t>;
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    for_each_row<scalar_t>(P, Q, D, [&](int64_t row, const scalar_t* m, const scalar_t* lv) {
+      // exp(lv) - 1 - lv per element rather than subtracting D at the end: a posterior close to
+      // the prior has a KL near 0, which a row sum near D would bury in rounding.
+      const Vec one(scalar_t(1));
+      Vec acc(scalar_t(0));
+      int64_t d = 0;
+      for (; d + Vec::size() <= D; d += Vec::size()) {
+        const Vec log_var_d = Vec::loadu(lv + d), mean_d = Vec::loadu(m + d);
+        acc += at::vec::fmadd(mean_d, mean_d, log_var_d.exp() - one - log_var_d);
+      }
+      scalar_t sum = at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, acc);
+      for (; d < D; ++d) sum += m[d] * m[d] + (std::exp(lv[d]) - scalar_t(1) - lv[d]);
+      out_ptr[row] = scalar_t(0.5) * sum;
+    }, mean, log_var);
+  });
+  return out;
+}
+
+// Streaming log-sum-exp, one per vector lane: the running max and the sum of exp(value - max).
+template <typename T>
+struct LaneLogSumExp {
+  using Vec = Vectorized<T>;
+  // Lowest rather than -inf: a lane that has only seen -inf would otherwise compute
+  // -inf - (-inf) = NaN on the next -inf.
+  Vec max = Vec(std::numeric_limits<T>::lowest());
+  Vec sum = Vec(T(0));
+
+  void add(const Vec& value) {
+    // One exp per value: exp(-|value - max|) rescales whichever of the sum and the new term is
+    // below the new max.
+    const Vec gap = value - max;
+    const Vec decay = gap.abs().neg().exp();
+    sum = Vec::blendv(sum + decay, at::vec::fmadd(sum, decay, Vec(T(1))), gap > Vec(T(0)));
+    max = at::vec::maximum(max, value);
+  }
+
+  T reduce() const {
+    const T overall_max = at::vec::vec_reduce_all<T>(vec_max<T>, max);
+    if (std::isnan(overall_max) || overall_max == std::numeric_limits<T>::infinity()) return overall_max;
+    const T total = at::vec::vec_reduce_all<T>(vec_add<T>, sum * (max - Vec(overall_max)).exp());
+    return overall_max + std::log(total);
+  }
+};
+
+// The posteriors (mean, log_var) [N, d] transposed to one row per latent dim k, so that a vector
+// holds consecutive j: d is small (~10) while N is a batch, so vectorising over j fills every
+// lane. Rows are padded to whole vectors with posteriors of zero density.
+template <typename T>
+class PosteriorColumns {
+ public:
+  using Vec = Vectorized<T>;
+
+  // The pieces of log N(z_k; mean_jk, exp(log_var_jk)) for a vector of j, as the gradients reuse them.
+  struct Terms {
+    Vec half_precision_diff;  // -(z - mean) / (2 var)
+    Vec quadratic;            // -(z - mean)^2 / (2 var)
+    Vec log_density;
+  };
+
+  PosteriorColumns(const at::Tensor& mean, const at::Tensor& log_var)
+      : dims_(mean.size(1)),
+        width_((mean.size(0) + Vec::size() - 1) / Vec::size() * Vec::size()),
+        table_((3 * dims_ + 1) * width_) {
+    const int64_t N = mean.size(0);
+    const T* mean_ptr = mean.const_data_ptr<T>();
+    const T* log_var_ptr = log_var.const_data_ptr<T>();
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    at::parallel_for(0, width_, row_grain(3 * std::max<int64_t>(dims_, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const bool padding = j >= N;
+        for (int64_t k = 0; k < dims_; ++k) {
+          const T lv = padding ? T(0) : log_var_ptr[j * dims_ + k];
+          table_[k * width_ + j] = padding ? T(0) : mean_ptr[j * dims_ + k];
+          table_[(dims_ + k) * width_ + j] = padding ? T(0) : T(-0.5) * std::exp(-lv);
+          table_[(2 * dims_ + k) * width_ + j] = padding ? neg_inf : T(-0.5) * (T(kLog2Pi) + lv);
+        }
+        table_[3 * dims_ * width_ + j] = padding ? neg_inf : T(0);
+      }
+    });
+  }
+
+  int64_t width() const { return width_; }
+
+  Terms terms(int64_t k, int64_t j, const Vec& z_k) const {
+    const Vec diff = z_k - Vec::loadu(row(k) + j);
+    const Vec half_precision_diff = Vec::loadu(row(dims_ + k) + j) * diff;
+    const Vec quadratic = half_precision_diff * diff;
+    return {half_precision_diff, quadratic, Vec::loadu(row(2 * dims_ + k) + j) + quadratic};
+  }
+
+  // Where sum_k log N(z_k; ...) starts: 0 for a posterior, -inf for padding (so padding stays out
+  // of the joint log-sum-exp even when d == 0).
+  Vec joint_start(int64_t j) const { return Vec::loadu(row(3 * dims_) + j); }
+
+  // Writes L[i, j] = sum_k log N(z_ik; mean_jk, var_jk) for j in [j0, j0 + count) to joint;
+  // visit(k, terms) sees every per-dim term on the way.
+  template <typename Visit>
+  void joint_log_density(const T* z_i, int64_t j0, int64_t count, T* joint, Visit visit) const {
+    for (int64_t j = 0; j < count; j += Vec::size()) joint_start(j0 + j).store(joint + j);
+    for (int64_t k = 0; k < dims_; ++k) {
+      const Vec z_k(z_i[k]);
+      for (int64_t j = 0; j < count; j += Vec::size()) {
+        const Terms t = terms(k, j0 + j, z_k);
+        (Vec::loadu(joint + j) + t.log_density).store(joint + j);
+        visit(k, t);
+      }
+    }
+  }
+
+ private:
+  const T* row(int64_t r) const { return table_.data() + r * width_; }
+
+  int64_t dims_, width_;
+  std::vector<T> table_;  // rows of width_: mean [d], -1/(2 var) [d], -log(2 pi var)/2 [d], joint_start [1]
+};
+
+// Columns of j handled together, so that the per-j joint log-densities stay in L1.
+constexpr int64_t kJointTile = 256;
+
+void check_aggregate_inputs(const char* op, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& log_var) {
+  check_rank(op, "z", z, 2, "[B, d]");
+  check_cpu_floating(op, "z", z);
+  check_rank(op, "mean", mean, 2, "[N, d]");
+  check_tensor(op, "mean", mean, {mean.size(0), z.size(1)}, z);
+  check_tensor(op, "log_var", log_var, mean.sizes(), z);
+}
+
+std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, const at::Tensor& mean,
+                                                       const at::Tensor& log_var) {
+  constexpr const char* op = "vaekernels::aggregate_posterior";
+  check_aggregate_inputs(op, z, mean, log_var);
+  const int64_t B = z.size(0), d = z.size(1);
+  auto z_c = z.contiguous();
+  auto joint = at::empty({B}, z.options());
+  auto marginal = at::empty({B, d}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aggregate_posterior", [&] {
+    using LSE = LaneLogSumExp<scalar_t>;
+    const PosteriorColumns<scalar_t> columns(mean.contiguous(), log_var.contiguous());
+    const int64_t width = columns.width();
+    const scalar_t* z_ptr = z_c.const_data_ptr<scalar_t>();
+    scalar_t* joint_ptr = joint.data_ptr<scalar_t>();
+    scalar_t* marginal_ptr = marginal.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(width * std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> joint_tile(kJointTile);
+      std::vector<LSE> marginal_lse(d);
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* z_i = z_ptr + i * d;
+        std::fill(marginal_lse.begin(), marginal_lse.end(), LSE());
+        LSE joint_lse;
+        for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
+          const int64_t count = std::min(kJointTile, width - j0);
+          columns.joint_log_density(z_i, j0, count, joint_tile.data(),
+                                    [&](int64_t k, const auto& t) { marginal_lse[k].add(t.log_density); });
+          for (int64_t j = 0; j < count; j += LSE::Vec::size()) joint_lse.add(LSE::Vec::loadu(joint_tile.data() + j));
+        }
+        joint_ptr[i] = joint_lse.reduce();
+        for (int64_t k = 0; k < d; ++k) marginal_ptr[i * d + k] = marginal_lse[k].reduce();
+      }
+    });
+  });
+  return {joint, marginal};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
+    const at::Tensor& grad_joint, const at::Tensor& grad_marginal, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& log_var, const at::Tensor& joint, const at::Tensor& marginal) {
+  constexpr const char* op = "vaekernels::aggregate_posterior_backward";
+  check_aggregate_inputs(op, z, mean, log_var);
+  const int64_t B = z.size(0), d = z.size(1), N = mean.size(0);
+  check_tensor(op, "joint", joint, {B}, z);
+  check_tensor(op, "marginal", marginal, {B, d}, z);
+  check_cpu_floating(op, "grad_joint", grad_joint);
+  check_cpu_floating(op, "grad_marginal", grad_marginal);
+  TORCH_CHECK(grad_joint.sizes() == joint.sizes(), op, ": grad_joint must have shape ", joint.sizes(), ", got ",
+              grad_joint.sizes());
+  TORCH_CHECK(grad_marginal.sizes() == marginal.sizes(), op, ": grad_marginal must have shape ", marginal.sizes(),
+              ", got ", grad_marginal.sizes());
+  auto z_c = z.contiguous(), joint_c = joint.contiguous(), marginal_c = marginal.contiguous();
+  auto grad_joint_c = grad_joint.to(z.scalar_type()).contiguous();
+  auto grad_marginal_c = grad_marginal.to(z.scalar_type()).contiguous();
+  auto grad_z = at::empty({B, d}, z.options());
+  auto grad_mean = at::empty({N, d}, z.options());
+  auto grad_log_var = at::empty({N, d}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aggregate_posterior_backward", [&] {
+    using Vec = Vectorized<scalar_t>;
+    using Terms = typename PosteriorColumns<scalar_t>::Terms;
+    const PosteriorColumns<scalar_t> columns(mean.contiguous(), log_var.contiguous());
+    const int64_t width = columns.width();
+    const scalar_t* z_ptr = z_c.const_data_ptr<scalar_t>();
+    const scalar_t* joint_ptr = joint_c.const_data_ptr<scalar_t>();
+    const scalar_t* marginal_ptr = marginal_c.const_data_ptr<scalar_t>();
+    const scalar_t* grad_joint_ptr = grad_joint_c.const_data_ptr<scalar_t>();
+    const scalar_t* grad_marginal_ptr = grad_marginal_c.const_data_ptr<scalar_t>();
+
+    // c[i, j, k], the weight of the (i, j, k) term in every gradient, from joint_weight =
+    // grad_joint[i] * a[i, j] and the (i, k) entries of grad_marginal and marginal.
+    auto weight = [](const Vec& joint_weight, const Vec& grad_marginal_ik, const Vec& marginal_ik, const Terms& t) {
+      return at::vec::fmadd(grad_marginal_ik, (t.log_density - marginal_ik).exp(), joint_weight);
+    };
+    // Turns the tile's L[i, j] into grad_joint[i] * exp(L[i, j] - joint[i]) in place.
+    auto to_joint_weight = [&](int64_t i, int64_t count, scalar_t* tile) {
+      const Vec grad(grad_joint_ptr[i]), shift(joint_ptr[i]);
+      for (int64_t j = 0; j < count; j += Vec::size())
+        (grad * (Vec::loadu(tile + j) - shift).exp()).store(tile + j);
+    };
+
+    scalar_t* grad_z_ptr = grad_z.data_ptr<scalar_t>();
+    // grad_z[i, k] = sum_j c (z - mean) / (-var), parallel over i so each row sums on its own.
+    at::parallel_for(0, B, row_grain(2 * width * std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> tile(kJointTile);
+      std::vector<Vec> grad_z_lanes(d);
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* z_i = z_ptr + i * d;
+        std::fill(grad_z_lanes.begin(), grad_z_lanes.end(), Vec(scalar_t(0)));
+        for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
+          const int64_t count = std::min(kJointTile, width - j0);
+          columns.joint_log_density(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
+          to_joint_weight(i, count, tile.data());
+          for (int64_t k = 0; k < d; ++k) {
+            const Vec z_k(z_i[k]), grad_marginal_ik(grad_marginal_ptr[i * d + k]), marginal_ik(marginal_ptr[i * d + k]);
+            Vec acc = grad_z_lanes[k];
+            for (int64_t j = 0; j < count; j += Vec::size()) {
+              const Terms t = columns.terms(k, j0 + j, z_k);
+              const Vec c = weight(Vec::loadu(tile.data() + j), grad_marginal_ik, marginal_ik, t);
+              acc = at::vec::fmadd(c, t.half_precision_diff, acc);
+            }
+            grad_z_lanes[k] = acc;
+          }
+        }
+        for (int64_t k = 0; k < d; ++k)
+          grad_z_ptr[i * d + k] =
+              scalar_t(2) * at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, grad_z_lanes[k]);
+      }
+    });
+
+    // grad_mean and grad_log_var sum over i: parallel over tiles of j, each summing its own
+    // columns over every i, with a second recomputation of the densities instead of a reduction
+    // across threads. Tiles are a few vectors wide so every thread gets several.
+    const int64_t vectors = width / Vec::size();
+    const int64_t tile_vectors = std::clamp<int64_t>(vectors / (4 * at::get_num_threads()), 1, 8);
+    const int64_t tile_width = tile_vectors * Vec::size();
+    const int64_t tiles = (width + tile_width - 1) / tile_width;
+    scalar_t* grad_mean_ptr = grad_mean.data_ptr<scalar_t>();
+    scalar_t* grad_log_var_ptr = grad_log_var.data_ptr<scalar_t>();
+    at::parallel_for(0, tiles, row_grain(2 * B * std::max<int64_t>(d, 1) * tile_width), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> tile(tile_width), mean_acc(d * tile_width), log_var_acc(d * tile_width);
+      for (int64_t t_index = begin; t_index < end; ++t_index) {
+        const int64_t j0 = t_index * tile_width, count = std::min(tile_width, width - j0);
+        std::fill(mean_acc.begin(), mean_acc.end(), scalar_t(0));
+        std::fill(log_var_acc.begin(), log_var_acc.end(), scalar_t(0));
+        for (int64_t i = 0; i < B; ++i) {
+          const scalar_t* z_i = z_ptr + i * d;
+          columns.joint_log_density(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
+          to_joint_weight(i, count, tile.data());
+          for (int64_t k = 0; k < d; ++k) {
+            const Vec z_k(z_i[k]), grad_marginal_ik(grad_marginal_ptr[i * d + k]), marginal_ik(marginal_ptr[i * d + k]);
+            const Vec half(scalar_t(0.5));
+            scalar_t* mean_k = mean_acc.data() + k * tile_width;
+            scalar_t* log_var_k = log_var_acc.data() + k * tile_width;
+            for (int64_t j = 0; j < count; j += Vec::size()) {
+              const Terms t = columns.terms(k, j0 + j, z_k);
+              const Vec c = weight(Vec::loadu(tile.data() + j), grad_marginal_ik, marginal_ik, t);
+              at::vec::fmadd(c, t.half_precision_diff, Vec::loadu(mean_k + j)).store(mean_k + j);
+              at::vec::fmadd(c, t.quadratic + half, Vec::loadu(log_var_k + j)).store(log_var_k + j);
+            }
+          }
+        }
+        // r = (z - mean) / var = -2 half_precision_diff; 0.5 (r (z - mean) - 1) = -(quadratic + 0.5).
+        for (int64_t j = j0; j < std::min(j0 + count, N); ++j)
+          for (int64_t k = 0; k < d; ++k) {
+            grad_mean_ptr[j * d + k] = scalar_t(-2) * mean_acc[k * tile_width + j - j0];
+            grad_log_var_ptr[j * d + k] = -log_var_acc[k * tile_width + j - j0];
+          }
+      }
+    });
+  });
+  return {grad_z, grad_mean, grad_log_var};
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace vaekernels::cpu
+
+TORCH_LIBRARY_IMPL(vaekernels, CPU, m) {
+  m.impl("bernoulli_log_prob", &vaekernels::cpu::bernoulli_log_prob);
+  m.impl("bernoulli_log_prob_backward", &vaekernels::cpu::bernoulli_log_prob_backward);
+  m.impl("log_mean_exp", &vaekernels::cpu::log_mean_exp);
+  m.impl("gaussian_log_prob", &vaekernels::cpu::gaussian_log_prob);
+  m.impl("gaussian_kl", &vaekernels::cpu::gaussian_kl);
+  m.impl("aggregate_posterior", &vaekernels::cpu::aggregate_posterior);
+  m.impl("aggregate_posterior_backward", &vaekernels::cpu::aggregate_posterior_backward);
+}

@@ -1,0 +1,47 @@
+// Every vaekernels op schema, declared once. Kernels register themselves elsewhere:
+// csrc/cpu/*.cpp for the CPU key (one extension per CPU capability, loaded at run time),
+// csrc/cuda/*_binding.cpp for the CUDA key; fake kernels and autograd live in Python
+// (vaekernels/ops/*.py).
+//
+// Row-reduction ops take rank-3 views [P, Q, D] whose last dim is contiguous and whose
+// leading strides may be zero, so an input broadcast over samples (x over K) is never copied.
+#include <torch/library.h>
+#ifdef TORCH_EXTENSION_NAME
+#include <pybind11/pybind11.h>
+#endif
+
+TORCH_LIBRARY(vaekernels, m) {
+  // log(mean(exp(x))) over the last dim of a contiguous [R, N] tensor -> [R].
+  m.def("log_mean_exp(Tensor x) -> Tensor");
+  // sum_d x*l - softplus(l) over [P, Q, D] -> [P, Q], and its logits gradient grad*(x - sigmoid(l)).
+  m.def("bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor");
+  m.def("bernoulli_log_prob_backward(Tensor grad, Tensor logits, Tensor x) -> Tensor");
+  // sum_d log N(x; mean, exp(log_var)) over [P, Q, D] -> [P, Q].
+  m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor log_var) -> Tensor");
+  // KL(N(mean, exp(log_var)) || N(0, I)) summed over the last dim of [P, Q, D] -> [P, Q].
+  m.def("gaussian_kl(Tensor mean, Tensor log_var) -> Tensor");
+  // For z [B, d] and a batch of posteriors (mean, log_var) [N, d]:
+  //   joint[i]       = logsumexp_j sum_k log N(z_ik; mean_jk, exp(log_var_jk))   -> [B]
+  //   marginal[i, k] = logsumexp_j       log N(z_ik; mean_jk, exp(log_var_jk))   -> [B, d]
+  // without materialising the [B, N, d] table; the backward recomputes it block by block.
+  m.def("aggregate_posterior(Tensor z, Tensor mean, Tensor log_var) -> (Tensor, Tensor)");
+  m.def("aggregate_posterior_backward(Tensor grad_joint, Tensor grad_marginal, Tensor z, Tensor mean, Tensor log_var, Tensor joint, Tensor marginal) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+bool built_with_cuda() {
+#ifdef VAEKERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+// The Python module exists only in the setup.py build; the CMake build is a plain library.
+#ifdef TORCH_EXTENSION_NAME
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vaekernels op schemas (and the CUDA kernels when built with CUDA)";
+  m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this build.");
+}
+#endif

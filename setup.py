@@ -1,0 +1,75 @@
+"""Builds vaekernels' C++/CUDA extensions through torch.utils.cpp_extension (ninja).
+
+- ``vaekernels._C``: the op schemas (csrc/ops.cpp), plus the CUDA kernels when a CUDA-enabled
+  torch and a CUDA toolkit are present (``VAEKERNELS_CUDA=0/1`` overrides the detection).
+- ``vaekernels._cpu_<capability>``: the CPU kernels (csrc/cpu), compiled once per CPU capability
+  with that capability's flags, as ATen builds its own kernels; vaekernels._backend loads the one
+  that matches ``torch.backends.cpu.get_cpu_capability()`` at run time. Never ``-march=native``.
+- ``VAEKERNELS_CPP=0`` builds nothing: the package then runs on its pure-PyTorch reference.
+
+Build against the torch already installed: ``pip install --no-build-isolation -e .``
+"""
+
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+
+# The capability flags ATen uses for its own kernels (cmake/Codegen.cmake), x86-64 only.
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mbmi2", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def env_flag(name):
+    value = os.environ.get(name)
+    return None if value is None or value == "" else value not in ("0", "false", "False", "OFF")
+
+
+def extensions():
+    if env_flag("VAEKERNELS_CPP") is False:
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    # ATen's parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially.
+    common = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    with_cuda = env_flag("VAEKERNELS_CUDA")
+    if with_cuda is None:
+        with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if with_cuda:
+        schema_ext = CUDAExtension(
+            "vaekernels._C",
+            ["csrc/ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu")), *sorted(glob.glob("csrc/cuda/*_binding.cpp"))],
+            define_macros=[("VAEKERNELS_WITH_CUDA", None)],
+            extra_compile_args={"cxx": common, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        )
+    else:
+        schema_ext = CppExtension("vaekernels._C", ["csrc/ops.cpp"], extra_compile_args={"cxx": common})
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    capabilities = CPU_CAPABILITY_FLAGS if x86 else {"DEFAULT": []}
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu_exts = [
+        CppExtension(
+            f"vaekernels._cpu_{name.lower()}",
+            cpu_sources,
+            define_macros=[("CPU_CAPABILITY", name), (f"CPU_CAPABILITY_{name}", None)],
+            extra_compile_args={"cxx": common + flags},
+            extra_link_args=["-fopenmp"],
+        )
+        for name, flags in capabilities.items()
+    ]
+    return [schema_ext, *cpu_exts], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    packages=find_packages(include=["vaekernels", "vaekernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

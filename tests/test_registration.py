@@ -1,0 +1,158 @@
+"""Registration: opcheck, float64 gradcheck and torch.compile(fullgraph=True) of every op on every
+backend, one schema for the C++ and Triton namespaces, and the per-capability CPU builds."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vaekernels
+from vaekernels import _backend
+
+NATIVE = [b for b in vaekernels.available_backends() if b != "reference"]
+OP_NAMES = ["log_mean_exp", "bernoulli_log_prob", "bernoulli_log_prob_backward", "gaussian_log_prob",
+            "gaussian_kl", "aggregate_posterior", "aggregate_posterior_backward"]
+
+
+def sample_args(name, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    logits = randn(2, 3, 5).requires_grad_()
+    x = torch.rand(2, 1, 5, generator=g, dtype=dtype).expand(2, 3, 5).requires_grad_()  # broadcast, stride 0
+    if name == "log_mean_exp":
+        return (randn(3, 7).requires_grad_(),)
+    if name == "bernoulli_log_prob":
+        return logits, x
+    if name == "bernoulli_log_prob_backward":
+        return randn(2, 3), logits.detach(), x.detach()
+    if name == "gaussian_log_prob":
+        return randn(2, 3, 5).requires_grad_(), randn(2, 1, 5).expand(2, 3, 5), randn(5).expand(2, 3, 5)
+    if name == "gaussian_kl":
+        return randn(2, 3, 5).requires_grad_(), randn(1, 1, 5).expand(2, 3, 5).requires_grad_()
+    z, mean, log_var = randn(4, 3).requires_grad_(), randn(5, 3).requires_grad_(), randn(5, 3).requires_grad_()
+    if name == "aggregate_posterior":
+        return z, mean, log_var
+    joint, marginal = torch.ops.vaekernels.aggregate_posterior(z.detach(), mean.detach(), log_var.detach())
+    return randn(4), randn(4, 3), z.detach(), mean.detach(), log_var.detach(), joint, marginal
+
+
+def namespace_of(backend):
+    return "vaekernels_triton" if backend == "triton" else "vaekernels"
+
+
+@pytest.mark.parametrize("backend", [b for b in NATIVE if b in ("cpu", "triton")])
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_opcheck(backend, name):
+    op = getattr(getattr(torch.ops, namespace_of(backend)), name).default
+    torch.library.opcheck(op, sample_args(name))
+
+
+@pytest.mark.skipif(not _backend.triton_available() or not _backend.native()["schemas"],
+                    reason="needs both the C++ schemas and triton")
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_triton_ops_have_the_cpp_schema(name):
+    cpp = str(getattr(torch.ops.vaekernels, name).default._schema)
+    triton = str(getattr(torch.ops.vaekernels_triton, name).default._schema)
+    assert triton.replace("vaekernels_triton::", "vaekernels::") == cpp
+
+
+def _public_calls():
+    g = torch.Generator().manual_seed(1)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    x = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    z, mean, log_var = leaf(4, 3), leaf(4, 3), leaf(4, 3, scale=0.3)
+    return {
+        "log_mean_exp": (lambda t: vaekernels.log_mean_exp(t, dim=0), (leaf(4, 3),)),
+        "bernoulli_log_prob": (vaekernels.bernoulli_log_prob, (leaf(2, 3, 5), x.clone().requires_grad_())),
+        "gaussian_log_prob": (vaekernels.gaussian_log_prob, (leaf(2, 3, 4), leaf(2, 1, 4), leaf(4, scale=0.3))),
+        "gaussian_kl": (vaekernels.gaussian_kl, (leaf(3, 4), leaf(3, 4))),
+        "iwae_bound": (lambda l, p, q: vaekernels.iwae_bound(l, x, p, q), (leaf(2, 3, 5), leaf(2, 3), leaf(2, 3))),
+        "iwae_bound_gaussian": (lambda m, v: vaekernels.iwae_bound(m, x, torch.zeros(2, 3, dtype=torch.float64),
+                                                                    torch.zeros(2, 3, dtype=torch.float64),
+                                                                    likelihood="gaussian", log_var=v),
+                                (leaf(2, 3, 5), leaf(5, scale=0.3))),
+        "aggregate_posterior_log_density": (vaekernels.aggregate_posterior_log_density, (z, mean, log_var)),
+        "aggregate_posterior_per_dim": (lambda *t: vaekernels.aggregate_posterior_log_density(*t, per_dim=True),
+                                        (z, mean, log_var)),
+        "total_correlation": (vaekernels.total_correlation, (z, mean, log_var)),
+        "mutual_information": (vaekernels.mutual_information, (z, mean, log_var)),
+        "marginal_kl": (vaekernels.marginal_kl, (z, mean, log_var)),
+    }
+
+
+PUBLIC = list(_public_calls())
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("name", PUBLIC)
+def test_gradcheck_float64(backend, name):
+    fn, inputs = _public_calls()[name]
+    with vaekernels.use_backend(backend):
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("name", PUBLIC)
+def test_compile_fullgraph_matches_eager(backend, name):
+    fn, inputs = _public_calls()[name]
+    torch._dynamo.reset()
+    with vaekernels.use_backend(backend):
+        eager = fn(*inputs)
+        eager_grads = torch.autograd.grad(eager.sum(), inputs, allow_unused=True)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
+        out = compiled(*inputs)
+        out_grads = torch.autograd.grad(out.sum(), inputs, allow_unused=True)
+    torch.testing.assert_close(out, eager)
+    for got, want in zip(out_grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+_CAPABILITY_PROBE = """
+import json, torch, vaekernels
+from vaekernels import _backend
+g = torch.Generator().manual_seed(0)
+logits, x = torch.randn(3, 4, 37, generator=g), torch.rand(3, 37, generator=g)
+z, mean, log_var = torch.randn(6, 5, generator=g), torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+with vaekernels.use_backend("cpu"):
+    out = {"capability": _backend.native()["cpu_capability"],
+           "bernoulli": vaekernels.bernoulli_log_prob(logits, x).tolist(),
+           "lme": vaekernels.log_mean_exp(logits.flatten(1)).tolist(),
+           "gauss": vaekernels.gaussian_log_prob(logits, x.unsqueeze(1), x.unsqueeze(1)).tolist(),
+           "agg": vaekernels.aggregate_posterior_log_density(z, mean, log_var, per_dim=True).tolist()}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(_backend.native()["cpu_capability"] is None, reason="the C++ extension is not built")
+def test_every_cpu_capability_build_loads_and_agrees():
+    machine = torch.backends.cpu.get_cpu_capability()
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    capabilities = order[: order.index(machine) + 1] if machine in order else ["DEFAULT"]
+    results = {}
+    for capability in capabilities:
+        env = {"ATEN_CPU_CAPABILITY": capability.lower(), "PATH": "/usr/bin:/bin"}
+        run = subprocess.run([sys.executable, "-c", _CAPABILITY_PROBE], env=env, capture_output=True, text=True,
+                             check=False)
+        assert run.returncode == 0, run.stderr
+        results[capability] = json.loads(run.stdout.strip().splitlines()[-1])
+        assert results[capability]["capability"] == capability
+    first = results[capabilities[0]]
+    for capability in capabilities[1:]:
+        for key in ("bernoulli", "lme", "gauss", "agg"):
+            torch.testing.assert_close(torch.tensor(results[capability][key]), torch.tensor(first[key]),
+                                       rtol=2e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("VAEKERNELS_CPP") == "0", reason="built without C++")
+def test_native_build_is_loaded_on_this_machine():
+    info = _backend.native()
+    assert info["schemas"] and info["cpu_capability"] is not None, info["error"]
+    assert "cpu" in vaekernels.available_backends()

@@ -1,0 +1,38 @@
+"""vaekernels: fused kernels for training and evaluating VAE-family generative models.
+
+The functional API; modules are in :mod:`vaekernels.nn`, the readable PyTorch oracle of every
+op in :mod:`vaekernels.reference`.
+"""
+
+from ._backend import available_backends, use_backend
+from .ops.iwae import (
+    aggregate_posterior_log_density,
+    bernoulli_log_prob,
+    gaussian_kl,
+    gaussian_log_prob,
+    importance_sampled_nll,
+    iwae_bound,
+    log_mean_exp,
+    marginal_kl,
+    mutual_information,
+    total_correlation,
+)
+from . import nn  # noqa: E402  (the modules are built on the functions above)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "aggregate_posterior_log_density",
+    "available_backends",
+    "bernoulli_log_prob",
+    "gaussian_kl",
+    "gaussian_log_prob",
+    "importance_sampled_nll",
+    "iwae_bound",
+    "log_mean_exp",
+    "marginal_kl",
+    "mutual_information",
+    "nn",
+    "total_correlation",
+    "use_backend",
+]

@@ -1,0 +1,148 @@
+"""Which implementation runs an op: loading the native extension once, and choosing per call.
+
+Backends:
+
+- ``cpu``: the C++ kernels of ``csrc/cpu``, built once per CPU capability; the build matching
+  ``torch.backends.cpu.get_cpu_capability()`` is loaded here, as ATen chooses its own kernels.
+- ``cuda``: the CUDA C++ kernels of ``csrc/cuda`` (ops that have one), when built with CUDA.
+- ``triton``: the Triton kernels of ``vaekernels/triton``; on CUDA tensors, or on CPU tensors
+  through the Triton interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported.
+- ``reference``: the pure-PyTorch code of ``vaekernels/reference``, the fallback when nothing
+  faster applies (with a one-time warning that says why).
+
+``VAEKERNELS_BACKEND=auto|cuda|triton|cpu|reference`` (read at import) or the
+:func:`use_backend` context manager forces one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+_CAPABILITY_ORDER = ("AVX512", "AVX2", "DEFAULT")
+
+
+def _validated(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"vaekernels: {source} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+_forced = _validated(os.environ.get("VAEKERNELS_BACKEND", "auto") or "auto", "VAEKERNELS_BACKEND")
+
+
+@functools.cache
+def native() -> dict:
+    """Loads ``vaekernels._C`` and the CPU-capability build of the kernels, once.
+
+    Returns a dict with ``schemas`` (bool), ``cpu_capability`` (str or None), ``cuda`` (bool)
+    and ``error`` (why something could not be loaded, or None).
+    """
+    info = {"schemas": False, "cpu_capability": None, "cuda": False, "error": None}
+    try:
+        schema_module = importlib.import_module("vaekernels._C")
+    except ImportError as error:
+        info["error"] = f"the C++ extension vaekernels._C is not built ({error})"
+        return info
+    info["schemas"] = True
+    info["cuda"] = bool(schema_module.built_with_cuda())
+    machine = torch.backends.cpu.get_cpu_capability()
+    usable = _CAPABILITY_ORDER[_CAPABILITY_ORDER.index(machine):] if machine in _CAPABILITY_ORDER else ("DEFAULT",)
+    for capability in usable:
+        try:
+            importlib.import_module(f"vaekernels._cpu_{capability.lower()}")
+        except ImportError as error:
+            info["error"] = f"no CPU kernels built for capability {capability} ({error})"
+            continue
+        info["cpu_capability"], info["error"] = capability, None
+        break
+    return info
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine, fastest first (``reference`` always)."""
+    found = []
+    if native()["cuda"] and torch.cuda.is_available():
+        found.append("cuda")
+    if triton_available() and (torch.cuda.is_available() or triton_interpreted()):
+        found.append("triton")
+    if native()["cpu_capability"] is not None:
+        found.append("cpu")
+    return [*found, "reference"]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Forces a backend inside a ``with`` block (``"auto"`` restores the per-call choice).
+
+    Example:
+        >>> import torch, vaekernels
+        >>> with vaekernels.use_backend("reference"):
+        ...     vaekernels.log_mean_exp(torch.zeros(2, 3)).tolist()
+        [0.0, 0.0]
+    """
+    global _forced
+    previous, _forced = _forced, _validated(name, "use_backend(name)")
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+_warned: set[str] = set()
+
+
+def _fallback(op: str, why: str) -> str:
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"vaekernels.{op}: running the PyTorch reference because {why}", RuntimeWarning, stacklevel=4)
+    return "reference"
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"vaekernels::{op}", "CUDA")
+
+
+# A pure function of its arguments and of settings fixed before tracing, so torch.compile can call
+# it once while tracing and keep the answer, instead of tracing the extension loading below it.
+@torch.compiler.assume_constant_result
+def choose(op: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on tensors of ``device``: cuda, triton, cpu or reference."""
+    if _forced == "reference":
+        return "reference"
+    if device.type == "cuda":
+        if _forced in ("auto", "cuda") and native()["cuda"] and _has_cuda_kernel(op):
+            return "cuda"
+        if _forced in ("auto", "triton", "cuda") and triton_available():
+            return "triton"
+        return _fallback(op, "neither the CUDA kernels nor triton are available for CUDA tensors")
+    if device.type != "cpu":
+        return _fallback(op, f"no kernels exist for {device.type} tensors")
+    if _forced == "triton":
+        if triton_available() and triton_interpreted():
+            return "triton"
+        return _fallback(op, "the triton backend needs TRITON_INTERPRET=1 (and triton) to run on CPU tensors")
+    if native()["cpu_capability"] is not None:
+        return "cpu"
+    return _fallback(op, native()["error"] or "the CPU kernels are not available")
+
+
+def ops(backend: str):
+    """The op namespace of a native backend: ``torch.ops.vaekernels`` or ``torch.ops.vaekernels_triton``."""
+    return torch.ops.vaekernels_triton if backend == "triton" else torch.ops.vaekernels

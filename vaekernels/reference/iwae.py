@@ -1,0 +1,104 @@
+"""Importance-weighted bounds in plain PyTorch: the test oracle and the benchmark baseline.
+
+Each function has the signature of its fused counterpart in :mod:`vaekernels.ops.iwae` and is
+written to be read, not to be fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """log(mean(exp(x))) along ``dim``."""
+    return torch.logsumexp(x, dim=dim, keepdim=keepdim) - math.log(x.shape[dim])
+
+
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum over event dims of x log sigmoid(l) + (1 - x) log(1 - sigmoid(l)); logits [B, K, *event], x [B, *event]."""
+    x = x.unsqueeze(1)
+    return (x * logits - F.softplus(logits)).flatten(2).sum(-1)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, exp(log_var)) summed over the last dim, with broadcasting."""
+    return -0.5 * (LOG_2PI + log_var + (x - mean) ** 2 * torch.exp(-log_var)).sum(-1)
+
+
+def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(log_var)) || N(0, I)) summed over the last dim."""
+    return 0.5 * (torch.exp(log_var) + mean**2 - 1 - log_var).sum(-1)
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    return {"none": values, "mean": values.mean(), "sum": values.sum()}[reduction]
+
+
+def iwae_bound(
+    logits, x, log_pz, log_qz, *, likelihood="bernoulli", estimator="iwae", reduction="none",
+    log_var=None, z=None, q=None,
+):
+    """log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x) per example; see :func:`vaekernels.iwae_bound`."""
+    if likelihood == "bernoulli":
+        log_px = bernoulli_log_prob(logits, x)
+    else:
+        log_var = torch.broadcast_to(log_var, logits.shape)
+        log_px = gaussian_log_prob(x.unsqueeze(1).flatten(2), logits.flatten(2), log_var.flatten(2))
+    if q is not None:
+        q_mean, q_log_var = (t.unsqueeze(1) if t.dim() == 2 else t for t in q)
+        if estimator in ("dreg", "stl"):
+            q_mean, q_log_var = q_mean.detach(), q_log_var.detach()
+        log_qz = gaussian_log_prob(z, q_mean, q_log_var)
+    log_w = log_px + log_pz - log_qz
+    if estimator == "dreg":
+        weights = torch.softmax(log_w, dim=1).detach()
+        z.register_hook(lambda grad: grad * weights.unsqueeze(-1))
+    return _reduce(log_mean_exp(log_w, dim=1), reduction)
+
+
+@torch.no_grad()
+def importance_sampled_nll(
+    x, encode, decode, num_samples=5000, chunk_size=500, *, likelihood="bernoulli", log_var=None,
+    progress=False, generator=None,
+):
+    """-log p(x) from all ``num_samples`` importance samples at once (memory grows with K)."""
+    mean, q_log_var = encode(x)
+    eps = torch.randn(mean.shape[0], num_samples, mean.shape[1], generator=generator, dtype=mean.dtype,
+                      device=mean.device)
+    z = mean.unsqueeze(1) + torch.exp(0.5 * q_log_var).unsqueeze(1) * eps
+    log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+    log_qz = gaussian_log_prob(z, mean.unsqueeze(1), q_log_var.unsqueeze(1))
+    return -iwae_bound(decode(z), x, log_pz, log_qz, likelihood=likelihood, log_var=log_var)
+
+
+def aggregate_posterior_log_density(z, mean, log_var, *, dataset_size=None, per_dim=False):
+    """log q(z_i) = logsumexp_j log q(z_i | x_j) - log(B [* dataset_size]), materialising [B, B, d]."""
+    table = gaussian_log_prob(z.unsqueeze(1).unsqueeze(-1), mean.unsqueeze(0).unsqueeze(-1),
+                              log_var.unsqueeze(0).unsqueeze(-1))  # [B, N, d]: each dim's density
+    if not per_dim:
+        table = table.sum(-1)
+    return torch.logsumexp(table, dim=1) - math.log(mean.shape[0] * (dataset_size or 1))
+
+
+def marginal_kl(z, mean, log_var, *, dataset_size=None):
+    """KL(q(z) || p(z)) estimated as mean_i [log q(z_i) - log p(z_i)]."""
+    log_qz = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size)
+    return (log_qz - gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))).mean()
+
+
+def mutual_information(z, mean, log_var, *, dataset_size=None):
+    """Index-code mutual information: mean_i [log q(z_i | x_i) - log q(z_i)]."""
+    log_qz = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size)
+    return (gaussian_log_prob(z, mean, log_var) - log_qz).mean()
+
+
+def total_correlation(z, mean, log_var, *, dataset_size=None):
+    """Total correlation: mean_i [log q(z_i) - sum_k log q(z_ik)]."""
+    joint = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size)
+    marginals = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size, per_dim=True)
+    return (joint - marginals.sum(-1)).mean()
