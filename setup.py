@@ -45,7 +45,7 @@ def extensions():
             "vaekernels._C",
             ["csrc/ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu")), *sorted(glob.glob("csrc/cuda/*_binding.cpp"))],
             define_macros=[("VAEKERNELS_WITH_CUDA", None)],
-            extra_compile_args={"cxx": common, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": common, "nvcc": ["-O3", "-lineinfo"]},
         )
     else:
         schema_ext = CppExtension("vaekernels._C", ["csrc/ops.cpp"], extra_compile_args={"cxx": common})

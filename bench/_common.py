@@ -252,7 +252,7 @@ def peak_bytes_in_subprocess(module: str, setup: str, *args, device: str = "cpu"
     functions that builds everything, warms it up and returns the zero-argument call to read.
     """
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(BENCH_DIR), module, setup, json.dumps(args), json.dumps(device)],
+        [sys.executable, "-c", _CHILD, str(BENCH_DIR), module, setup, json.dumps(args), device],
         capture_output=True, text=True, timeout=timeout_s,
     )
     if result.returncode != 0:

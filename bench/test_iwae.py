@@ -142,7 +142,8 @@ def test_importance_sampled_nll(benchmark, contender, device):
     peaks = {k: peak_bytes_in_subprocess("test_iwae", "nll_call", contender, k, device, device=device)
              for k in NLL_MEMORY_SAMPLES}
     how = f"in chunks of {NLL_CHUNK}" if contender == "fused" else "all samples at once"
-    note = (f"importance_sampled_nll {contender} ({device}, {how}): peak memory "
+    what = "peak resident memory" if device == "cpu" else "peak allocated memory"
+    note = (f"importance_sampled_nll {contender} ({device}, {how}), {what} of one call in a fresh process: "
             + ", ".join(f"{format_bytes(peak)} at K={k}" for k, peak in peaks.items()))
 
     x, encode, decode = nll_model(device)

@@ -465,3 +465,13 @@ def test_nan_inputs_propagate_to_nan_outputs(device_backend):
     logits[0, 1, 2] = float("nan")
     out = vaekernels.bernoulli_log_prob(logits, torch.ones(1, 3, device=device))
     assert not torch.isnan(out[0, 0]) and torch.isnan(out[0, 1])
+
+
+def test_gaussian_log_prob_takes_scalar_parameters(device_backend):
+    device, _ = device_backend
+    z, zero = torch.randn(3, 4, 2, device=device, dtype=torch.float64), torch.zeros((), device=device,
+                                                                                   dtype=torch.float64)
+    assert torch.allclose(vaekernels.gaussian_log_prob(z, zero, zero),
+                          ref.gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)), rtol=1e-13)
+    with pytest.raises(ValueError, match="must broadcast to at least one dim"):
+        vaekernels.gaussian_log_prob(zero, zero, zero)

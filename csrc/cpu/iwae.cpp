@@ -1,5 +1,7 @@
 // CPU kernels of the importance-weighted bound family. Each row of a [P, Q, D] view is reduced
-// in one vectorised pass with float-or-wider accumulators; rows run in parallel.
+// in one vectorised pass with accumulators of the input dtype; rows run in parallel. The
+// aggregate posterior streams over the pairs (z_i, posterior_j) instead, never holding the
+// [B, N, d] table of their log-densities.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -150,7 +152,7 @@ at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_log_prob", [&] {
     using Vec = Vectorized<scalar_t>;
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    // The log(2 pi) terms are summed once per row, outside the loop.
+    // D log(2 pi) is added once per row, keeping a constant add out of the inner loop.
     const scalar_t row_constant = scalar_t(kLog2Pi) * scalar_t(D);
     for_each_row<scalar_t>(P, Q, D, [&](int64_t row, const scalar_t* xr, const scalar_t* m, const scalar_t* lv) {
       Vec acc(scalar_t(0));

@@ -248,13 +248,13 @@ def _row_reduction(fn: str, names: tuple[str, ...], tensors: tuple) -> tuple[str
     """Checks and lays out the inputs of a last-dim reduction; returns the backend, views and output shape."""
     for name, t in zip(names, tensors):
         _check_float(fn, name, t, tensors[0], names[0])
-        if t.dim() == 0:
-            _fail(fn, f"{name} must have at least one dim (the one summed over), got a 0-dim tensor")
+    shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors))
     try:
-        torch.broadcast_shapes(*(t.shape for t in tensors))
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     except RuntimeError:
-        shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors))
         _fail(fn, f"{', '.join(names)} must broadcast together, got {shapes}")
+    if len(shape) == 0:
+        _fail(fn, f"{', '.join(names)} must broadcast to at least one dim (the one summed over), got {shapes}")
     backend = _backend.choose(fn, tensors[0].device)
     if backend == "reference":
         return backend, [], torch.Size()

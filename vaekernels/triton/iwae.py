@@ -29,16 +29,17 @@ _LOG_2PI = tl.constexpr(math.log(2.0 * math.pi))
 # while leaving enough of them to keep the memory system busy.
 _TILE = {tl.float32: 2048, tl.float64: 1024}
 _MAX_BLOCK_D = 1024
-# Rows (or i) per program in the pairwise kernels: more would leave an H100/H200 with too few
-# programs at typical batch sizes of a few hundred.
+# Rows (or i) per program in the pairwise kernels: at most 16, and fewer for small batches so that
+# a batch of a few hundred still spreads over a GPU's hundred-odd multiprocessors.
 _MAX_PAIR_ROWS = 16
+_MIN_PAIR_PROGRAMS = 256
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> tl.dtype:
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
-def _on_device(t: torch.Tensor):
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     # Triton launches on the current CUDA device, which need not be the tensor's.
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -57,7 +58,7 @@ def _pair_blocks(outer: int, inner: int, dim: int, acc: tl.dtype) -> tuple[int, 
     loop step."""
     block_k = triton.next_power_of_2(max(dim, 1))
     pairs = max(1, _TILE[acc] // block_k)
-    block_outer = min(_MAX_PAIR_ROWS, pairs, triton.next_power_of_2(max(outer, 1)))
+    block_outer = min(_MAX_PAIR_ROWS, pairs, triton.next_power_of_2(max(outer // _MIN_PAIR_PROGRAMS, 1)))
     block_inner = min(max(1, pairs // block_outer), triton.next_power_of_2(max(inner, 1)))
     return block_outer, block_inner, block_k
 
@@ -490,7 +491,9 @@ def _aggregate_posterior(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Ten
     return joint, marginal
 
 
-def aggregate_posterior_fwd(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def aggregate_posterior_fwd(
+    z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For z [B, d] and posteriors (mean, log_var) [N, d], with l[i, j, k] = log N(z_ik; mean_jk,
     exp(log_var_jk)): joint[i] = logsumexp_j sum_k l [B] and marginal[i, k] = logsumexp_j l [B, d],
     streamed over j (no [B, N, d] tensor).
@@ -498,7 +501,7 @@ def aggregate_posterior_fwd(z: torch.Tensor, mean: torch.Tensor, log_var: torch.
     >>> z = torch.zeros(2, 3, device="cuda")
     >>> joint, marginal = aggregate_posterior_fwd(z, z, z)  # log 2 + 3 log N(0; 0, 1)
     >>> joint
-    tensor([-2.0638, -2.0638], device='cuda:0')
+    tensor([-2.0637, -2.0637], device='cuda:0')
     """
     return _aggregate_posterior(z, mean, log_var, z.dtype)
 
@@ -521,7 +524,7 @@ def aggregate_posterior_bwd(
     >>> z = torch.zeros(2, 3, device="cuda")
     >>> joint, marginal = aggregate_posterior_fwd(z, z, z)
     >>> grads = aggregate_posterior_bwd(torch.ones_like(joint), torch.zeros_like(marginal), z, z, z, joint, marginal)
-    >>> grads[2]  # each pair contributes a * 0.5 * (r (z - m) - 1) = 0.5 * -0.5
+    >>> grads[2]  # two z_i, each with weight a = 1/2 on every j, times 0.5 * (r (z - m) - 1) = -0.5
     tensor([[-0.5000, -0.5000, -0.5000],
             [-0.5000, -0.5000, -0.5000]], device='cuda:0')
     """
