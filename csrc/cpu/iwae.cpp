@@ -411,6 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
             grad_z_lanes[k] = acc;
           }
         }
+        // -r = (mean - z) / var = 2 half_precision_diff.
         for (int64_t k = 0; k < d; ++k)
           grad_z_ptr[i * d + k] =
               scalar_t(2) * at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, grad_z_lanes[k]);
