@@ -15,8 +15,11 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
-    """log(mean(exp(x))) along ``dim``."""
-    return torch.logsumexp(x, dim=dim, keepdim=keepdim) - math.log(x.shape[dim])
+    """log(mean(exp(x))) along ``dim``; a slice of all -inf gives -inf with a zero gradient."""
+    empty = torch.isneginf(x).all(dim, keepdim=True)  # the log of a zero mean
+    out = torch.logsumexp(torch.where(empty, 0.0, x), dim=dim, keepdim=True) - math.log(x.shape[dim])
+    out = torch.where(empty, float("-inf"), out)
+    return out if keepdim else out.squeeze(dim)
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
