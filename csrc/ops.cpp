@@ -13,6 +13,8 @@
 TORCH_LIBRARY(vaekernels, m) {
   // log(mean(exp(x))) over the last dim of a contiguous [R, N] tensor -> [R].
   m.def("log_mean_exp(Tensor x) -> Tensor");
+  // Its x gradient grad[r] * exp(x[r, n] - out[r]) / N: the softmax weights, 0 on a row of all -inf.
+  m.def("log_mean_exp_backward(Tensor grad, Tensor x, Tensor out) -> Tensor");
   // sum_d x*l - softplus(l) over [P, Q, D] -> [P, Q], and its logits gradient grad*(x - sigmoid(l)).
   m.def("bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor");
   m.def("bernoulli_log_prob_backward(Tensor grad, Tensor logits, Tensor x) -> Tensor");

@@ -441,6 +441,8 @@ _Z, _M = torch.zeros(4, 2), torch.zeros(4, 2)
     (lambda: vaekernels.iwae_bound(_L, _X, _P, None), r"log_qz must be a \[B, K\] tensor"),
     (lambda: vaekernels.iwae_bound(_L, _X, _P, _P, estimator="dreg"), r"estimator 'dreg' needs z="),
     (lambda: vaekernels.iwae_bound(_L, _X, _P, _P, likelihood="gaussian"), r"log_var must be given"),
+    (lambda: vaekernels.iwae_bound(_L, _X, _P, _P, likelihood="gaussian", log_var=torch.zeros(5)),
+     r"log_var must broadcast to logits' shape \[2, 3, 4\], got \[5\]"),
     (lambda: vaekernels.iwae_bound(_L, _X, _P, None, z=torch.zeros(2, 3, 5), q=(torch.zeros(2, 4),) * 2),
      r"q\[0\] \(mean\) must have shape \[B, d\] or \[B, 1, d\] = \[2, 5\], got \[2, 1, 4\]"),
     (lambda: vaekernels.log_mean_exp(torch.zeros(3, 0)), r"log_mean_exp: x must have at least one element"),

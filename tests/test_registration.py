@@ -12,7 +12,7 @@ import vaekernels
 from vaekernels import _backend
 
 NATIVE = [b for b in vaekernels.available_backends() if b != "reference"]
-OP_NAMES = ["log_mean_exp", "bernoulli_log_prob", "bernoulli_log_prob_backward", "gaussian_log_prob",
+OP_NAMES = ["log_mean_exp", "log_mean_exp_backward", "bernoulli_log_prob", "bernoulli_log_prob_backward", "gaussian_log_prob",
             "gaussian_kl", "aggregate_posterior", "aggregate_posterior_backward"]
 
 
@@ -26,6 +26,10 @@ def sample_args(name, dtype=torch.float64):
     x = torch.rand(2, 1, 5, generator=g, dtype=dtype).expand(2, 3, 5).requires_grad_()  # broadcast, stride 0
     if name == "log_mean_exp":
         return (randn(3, 7).requires_grad_(),)
+    if name == "log_mean_exp_backward":
+        x = randn(3, 7)
+        x[1] = float("-inf")
+        return randn(3), x, torch.logsumexp(x, -1) - torch.log(torch.tensor(7.0, dtype=dtype))
     if name == "bernoulli_log_prob":
         return logits, x
     if name == "bernoulli_log_prob_backward":

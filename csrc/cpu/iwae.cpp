@@ -42,42 +42,20 @@ Vectorized<T> softplus(const Vectorized<T>& l) {
   return at::vec::maximum(l, Vectorized<T>(T(0))) + log1p_unit(l.abs().neg().exp_u20());
 }
 
-template <typename T>
-T softplus(T l) {
-  return std::max(l, T(0)) + std::log1p(std::exp(-std::abs(l)));
-}
-
 at::Tensor bernoulli_log_prob(const at::Tensor& logits, const at::Tensor& x) {
-  constexpr const char* op = "vaekernels::bernoulli_log_prob";
-  check_rows3(op, "logits", logits, logits);
-  check_rows3(op, "x", x, logits);
-  const int64_t P = logits.size(0), Q = logits.size(1), D = logits.size(2);
-  auto out = at::empty({P, Q}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "bernoulli_log_prob", [&] {
-    using Vec = Vectorized<scalar_t>;
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    for_each_row<scalar_t>(P, Q, D, [&](int64_t row, const scalar_t* l, const scalar_t* xr) {
-      Vec acc(scalar_t(0));
-      int64_t d = 0;
-      for (; d + Vec::size() <= D; d += Vec::size()) {
-        const Vec lv = Vec::loadu(l + d);
-        acc += Vec::loadu(xr + d) * lv - softplus(lv);
-      }
-      scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, acc);
-      for (; d < D; ++d) sum += xr[d] * l[d] - softplus(l[d]);
-      out_ptr[row] = sum;
-    }, logits, x);
+  check_rows3("vaekernels::bernoulli_log_prob", kCpu, {{"logits", logits}, {"x", x}});
+  return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "bernoulli_log_prob", [&] {
+    return reduce_rows<scalar_t>(
+        [](const auto& l, const auto& x_d) { return x_d * l - softplus(l); }, [](scalar_t sum) { return sum; },
+        logits, x);
   });
-  return out;
 }
 
 at::Tensor bernoulli_log_prob_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& x) {
   constexpr const char* op = "vaekernels::bernoulli_log_prob_backward";
-  check_rows3(op, "logits", logits, logits);
-  check_rows3(op, "x", x, logits);
+  check_rows3(op, kCpu, {{"logits", logits}, {"x", x}});
   const int64_t P = logits.size(0), Q = logits.size(1), D = logits.size(2);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({P, Q}), op, ": grad must have shape [", P, ", ", Q, "], got ",
-              grad.sizes());
+  check_grad(op, "grad", grad, {P, Q}, logits);
   auto grad_c = grad.to(logits.scalar_type()).contiguous();
   auto grad_logits = at::empty({P, Q, D}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "bernoulli_log_prob_backward", [&] {
@@ -100,7 +78,6 @@ at::Tensor bernoulli_log_prob_backward(const at::Tensor& grad, const at::Tensor&
   return grad_logits;
 }
 
-
 constexpr double kLog2Pi = 1.83787706640934548356065947281123527;
 
 template <typename T>
@@ -108,18 +85,17 @@ Vectorized<T> vec_max(const Vectorized<T>& a, const Vectorized<T>& b) {
   return at::vec::maximum(a, b);  // propagates NaN, unlike std::max
 }
 
-template <typename T>
-Vectorized<T> vec_add(const Vectorized<T>& a, const Vectorized<T>& b) {
-  return a + b;
+// The x of log_mean_exp and of its backward.
+void check_log_mean_exp_input(const char* op, const at::Tensor& x) {
+  check_rank(op, "x", x, 2, "[R, N]");
+  check_floating(op, "x", x, kCpu);
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous, got strides ", x.strides());
+  TORCH_CHECK(x.size(1) >= 1, op, ": x must have at least one column, got shape ", x.sizes());
 }
 
 at::Tensor log_mean_exp(const at::Tensor& x) {
-  constexpr const char* op = "vaekernels::log_mean_exp";
-  check_rank(op, "x", x, 2, "[R, N]");
-  check_cpu_floating(op, "x", x);
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous, got strides ", x.strides());
+  check_log_mean_exp_input("vaekernels::log_mean_exp", x);
   const int64_t R = x.size(0), N = x.size(1);
-  TORCH_CHECK(N >= 1, op, ": x must have at least one column, got shape ", x.sizes());
   auto out = at::empty({R}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "log_mean_exp", [&] {
     using Vec = Vectorized<scalar_t>;
@@ -144,62 +120,62 @@ at::Tensor log_mean_exp(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_var) {
-  constexpr const char* op = "vaekernels::gaussian_log_prob";
-  check_rows3(op, "x", x, x);
-  check_rows3(op, "mean", mean, x);
-  check_rows3(op, "log_var", log_var, x);
-  const int64_t P = x.size(0), Q = x.size(1), D = x.size(2);
-  auto out = at::empty({P, Q}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_log_prob", [&] {
+at::Tensor log_mean_exp_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out) {
+  constexpr const char* op = "vaekernels::log_mean_exp_backward";
+  check_log_mean_exp_input(op, x);
+  const int64_t R = x.size(0), N = x.size(1);
+  check_tensor(op, "out", out, {R}, x, kCpu);
+  check_grad(op, "grad", grad, {R}, x);
+  auto grad_c = grad.to(x.scalar_type()).contiguous();
+  auto out_c = out.contiguous();
+  auto grad_x = at::empty({R, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "log_mean_exp_backward", [&] {
     using Vec = Vectorized<scalar_t>;
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    // D log(2 pi) is added once per row, keeping a constant add out of the inner loop.
-    const scalar_t row_constant = scalar_t(kLog2Pi) * scalar_t(D);
-    for_each_row<scalar_t>(P, Q, D, [&](int64_t row, const scalar_t* xr, const scalar_t* m, const scalar_t* lv) {
-      Vec acc(scalar_t(0));
-      int64_t d = 0;
-      for (; d + Vec::size() <= D; d += Vec::size()) {
-        const Vec log_var_d = Vec::loadu(lv + d);
-        const Vec diff = Vec::loadu(xr + d) - Vec::loadu(m + d);
-        acc += at::vec::fmadd(diff * diff, log_var_d.neg().exp(), log_var_d);
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* grad_ptr = grad_c.const_data_ptr<scalar_t>();
+    const scalar_t* out_ptr = out_c.const_data_ptr<scalar_t>();
+    scalar_t* grad_x_ptr = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, R, row_grain(N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* grad_row = grad_x_ptr + r * N;
+        // A row of all -inf has out = -inf and no weight anywhere, where x - out would be NaN.
+        if (out_ptr[r] == -std::numeric_limits<scalar_t>::infinity()) {
+          std::fill_n(grad_row, N, scalar_t(0));
+          continue;
+        }
+        const Vec shift(out_ptr[r]), scale(grad_ptr[r] / scalar_t(N));
+        at::vec::map([&](const Vec& v) { return scale * (v - shift).exp(); }, grad_row, x_ptr + r * N, N);
       }
-      scalar_t sum = at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, acc);
-      for (; d < D; ++d) {
-        const scalar_t diff = xr[d] - m[d];
-        sum += diff * diff * std::exp(-lv[d]) + lv[d];
-      }
-      out_ptr[row] = scalar_t(-0.5) * (row_constant + sum);
-    }, x, mean, log_var);
+    });
   });
-  return out;
+  return grad_x;
+}
+
+at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_var) {
+  check_rows3("vaekernels::gaussian_log_prob", kCpu, {{"x", x}, {"mean", mean}, {"log_var", log_var}});
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_log_prob", [&] {
+    // D log(2 pi) is added once per row, keeping a constant add out of the inner loop.
+    const scalar_t row_constant = scalar_t(kLog2Pi) * scalar_t(x.size(2));
+    return reduce_rows<scalar_t>(
+        [](const auto& x_d, const auto& mean_d, const auto& log_var_d) {
+          const auto diff = x_d - mean_d;
+          return at::vec::fmadd(diff * diff, log_var_d.neg().exp(), log_var_d);
+        },
+        [&](scalar_t sum) { return scalar_t(-0.5) * (row_constant + sum); }, x, mean, log_var);
+  });
 }
 
 at::Tensor gaussian_kl(const at::Tensor& mean, const at::Tensor& log_var) {
-  constexpr const char* op = "vaekernels::gaussian_kl";
-  check_rows3(op, "mean", mean, mean);
-  check_rows3(op, "log_var", log_var, mean);
-  const int64_t P = mean.size(0), Q = mean.size(1), D = mean.size(2);
-  auto out = at::empty({P, Q}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "gaussian_kl", [&] {
-    using Vec = Vectorized<scalar_t>;
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    for_each_row<scalar_t>(P, Q, D, [&](int64_t row, const scalar_t* m, const scalar_t* lv) {
-      // exp(lv) - 1 - lv per element rather than subtracting D at the end: a posterior close to
-      // the prior has a KL near 0, which a row sum near D would bury in rounding.
-      const Vec one(scalar_t(1));
-      Vec acc(scalar_t(0));
-      int64_t d = 0;
-      for (; d + Vec::size() <= D; d += Vec::size()) {
-        const Vec log_var_d = Vec::loadu(lv + d), mean_d = Vec::loadu(m + d);
-        acc += at::vec::fmadd(mean_d, mean_d, log_var_d.exp() - one - log_var_d);
-      }
-      scalar_t sum = at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, acc);
-      for (; d < D; ++d) sum += m[d] * m[d] + (std::exp(lv[d]) - scalar_t(1) - lv[d]);
-      out_ptr[row] = scalar_t(0.5) * sum;
-    }, mean, log_var);
+  check_rows3("vaekernels::gaussian_kl", kCpu, {{"mean", mean}, {"log_var", log_var}});
+  return AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "gaussian_kl", [&] {
+    // exp(lv) - 1 - lv per element rather than subtracting D at the end: a posterior close to
+    // the prior has a KL near 0, which a row sum near D would bury in rounding.
+    return reduce_rows<scalar_t>(
+        [](const auto& mean_d, const auto& log_var_d) {
+          return at::vec::fmadd(mean_d, mean_d, log_var_d.exp() - Vectorized<scalar_t>(scalar_t(1)) - log_var_d);
+        },
+        [](scalar_t sum) { return scalar_t(0.5) * sum; }, mean, log_var);
   });
-  return out;
 }
 
 // Streaming log-sum-exp, one per vector lane: the running max and the sum of exp(value - max).
@@ -305,10 +281,10 @@ constexpr int64_t kJointTile = 256;
 
 void check_aggregate_inputs(const char* op, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& log_var) {
   check_rank(op, "z", z, 2, "[B, d]");
-  check_cpu_floating(op, "z", z);
+  check_floating(op, "z", z, kCpu);
   check_rank(op, "mean", mean, 2, "[N, d]");
-  check_tensor(op, "mean", mean, {mean.size(0), z.size(1)}, z);
-  check_tensor(op, "log_var", log_var, mean.sizes(), z);
+  check_tensor(op, "mean", mean, {mean.size(0), z.size(1)}, z, kCpu);
+  check_tensor(op, "log_var", log_var, mean.sizes(), z, kCpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, const at::Tensor& mean,
@@ -353,14 +329,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
   constexpr const char* op = "vaekernels::aggregate_posterior_backward";
   check_aggregate_inputs(op, z, mean, log_var);
   const int64_t B = z.size(0), d = z.size(1), N = mean.size(0);
-  check_tensor(op, "joint", joint, {B}, z);
-  check_tensor(op, "marginal", marginal, {B, d}, z);
-  check_cpu_floating(op, "grad_joint", grad_joint);
-  check_cpu_floating(op, "grad_marginal", grad_marginal);
-  TORCH_CHECK(grad_joint.sizes() == joint.sizes(), op, ": grad_joint must have shape ", joint.sizes(), ", got ",
-              grad_joint.sizes());
-  TORCH_CHECK(grad_marginal.sizes() == marginal.sizes(), op, ": grad_marginal must have shape ", marginal.sizes(),
-              ", got ", grad_marginal.sizes());
+  check_tensor(op, "joint", joint, {B}, z, kCpu);
+  check_tensor(op, "marginal", marginal, {B, d}, z, kCpu);
+  check_grad(op, "grad_joint", grad_joint, {B}, z);
+  check_grad(op, "grad_marginal", grad_marginal, {B, d}, z);
   auto z_c = z.contiguous(), joint_c = joint.contiguous(), marginal_c = marginal.contiguous();
   auto grad_joint_c = grad_joint.to(z.scalar_type()).contiguous();
   auto grad_marginal_c = grad_marginal.to(z.scalar_type()).contiguous();
@@ -472,6 +444,7 @@ TORCH_LIBRARY_IMPL(vaekernels, CPU, m) {
   m.impl("bernoulli_log_prob", &vaekernels::cpu::bernoulli_log_prob);
   m.impl("bernoulli_log_prob_backward", &vaekernels::cpu::bernoulli_log_prob_backward);
   m.impl("log_mean_exp", &vaekernels::cpu::log_mean_exp);
+  m.impl("log_mean_exp_backward", &vaekernels::cpu::log_mean_exp_backward);
   m.impl("gaussian_log_prob", &vaekernels::cpu::gaussian_log_prob);
   m.impl("gaussian_kl", &vaekernels::cpu::gaussian_kl);
   m.impl("aggregate_posterior", &vaekernels::cpu::aggregate_posterior);

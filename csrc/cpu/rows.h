@@ -1,5 +1,5 @@
-// Shared plumbing of the CPU row-reduction kernels: argument checks that name the op, and the
-// [P, Q, D] row walk (leading strides may be zero, last dim contiguous).
+// Shared plumbing of the CPU row-reduction kernels: the [P, Q, D] row walk (leading strides may
+// be zero, last dim contiguous) and the vectorised row sum built on it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,36 +7,19 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "../checks.h"
+
 namespace vaekernels::cpu {
 inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
 // Kernels dispatch on float32 and float64 only.
-inline void check_cpu_floating(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", arg,
-              " must be float32 or float64, got ", t.scalar_type());
-}
+inline constexpr KernelDevice kCpu{c10::DeviceType::CPU, false};
 
-inline void check_rank(const char* op, const char* arg, const at::Tensor& t, int64_t rank, const char* layout) {
-  TORCH_CHECK(t.dim() == rank, op, ": ", arg, " must be a rank-", rank, " ", layout, " tensor, got shape ", t.sizes());
-}
-
-// t must have the given shape and the dtype of like, the tensor that fixes the kernel's dtype.
-inline void check_tensor(const char* op, const char* arg, const at::Tensor& t, at::IntArrayRef shape,
-                         const at::Tensor& like) {
-  TORCH_CHECK(t.sizes() == shape, op, ": ", arg, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", arg, " must have dtype ", like.scalar_type(),
-              ", got ", t.scalar_type());
-  check_cpu_floating(op, arg, t);
-}
-
-inline void check_rows3(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& like) {
-  check_rank(op, arg, t, 3, "[P, Q, D]");
-  check_tensor(op, arg, t, like.sizes(), like);
-  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, op, ": ", arg, " must be contiguous in its last dim, got strides ",
-              t.strides());
+template <typename T>
+Vectorized<T> vec_add(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return a + b;
 }
 
 // Rows per parallel task: enough elements that thread hand-off is noise.
@@ -51,6 +34,26 @@ void for_each_row(int64_t P, int64_t Q, int64_t D, Body body, const Views&... vi
       body(row, (views.template const_data_ptr<scalar_t>() + p * views.stride(0) + q * views.stride(1))...);
     }
   });
+}
+
+// out[p, q] = finish(sum_d summand(first[p, q, d], rest[p, q, d]...)) over rank-3 views of one
+// shape, as a new contiguous [P, Q] tensor. summand maps vectors of elements to vectors of
+// terms; a row's last partial vector is loaded and summed under a mask, so that one formula
+// covers the whole row and no scalar twin of it is needed.
+template <typename scalar_t, typename Summand, typename Finish, typename... Views>
+at::Tensor reduce_rows(Summand summand, Finish finish, const at::Tensor& first, const Views&... rest) {
+  using Vec = Vectorized<scalar_t>;
+  const int64_t P = first.size(0), Q = first.size(1), D = first.size(2);
+  at::Tensor out = at::empty({P, Q}, first.options());
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  for_each_row<scalar_t>(P, Q, D, [&](int64_t row, const auto*... rows) {
+    Vec acc(scalar_t(0));
+    int64_t d = 0;
+    for (; d + Vec::size() <= D; d += Vec::size()) acc += summand(Vec::loadu(rows + d)...);
+    if (d < D) acc += Vec::set(Vec(scalar_t(0)), summand(Vec::loadu(rows + d, D - d)...), D - d);
+    out_ptr[row] = finish(at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, acc));
+  }, first, rest...);
+  return out;
 }
 
 }  // namespace CPU_CAPABILITY

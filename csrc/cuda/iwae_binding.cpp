@@ -1,5 +1,6 @@
-// CUDA implementations of the importance-weighted bound ops: argument checks that name the op,
-// then the torch-free launchers of iwae.cu on the current stream of the inputs' device.
+// CUDA implementations of the importance-weighted bound ops: argument checks that name the op
+// (csrc/checks.h, shared with the CPU kernels), then the torch-free launchers of iwae.cu on the
+// current stream of the inputs' device.
 //
 // Only c10's CUDA headers are used (not ATen/cuda/CUDAContext.h), so a toolkit without the
 // cuBLAS / cuSPARSE development headers still builds this file.
@@ -13,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../checks.h"
 #include "iwae.cuh"
 
 namespace vaekernels::cuda {
@@ -48,29 +50,10 @@ cuda_scalar_t<scalar_t>* cuda_mutable_data(at::Tensor& t) {
   return reinterpret_cast<cuda_scalar_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>());
 }
 
-bool is_kernel_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
-}
-
-// `t` must be a CUDA [P, Q, D] view like `like` (same shape, dtype and device), contiguous in
-// its last dim; its leading strides are free.
-void check_rows3(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 3, op, ": ", arg, " must be a rank-3 [P, Q, D] view, got shape ", t.sizes());
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", arg, " must have shape ", like.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", arg,
-              " must have dtype float16, bfloat16, float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", arg, " must have dtype ", like.scalar_type(), ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device().is_cuda(), op, ": ", arg, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", arg, " must be on ", like.device(), ", got ", t.device());
-  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, op, ": ", arg, " must be contiguous in its last dim, got strides ",
-              t.strides());
-}
+constexpr KernelDevice kCuda{c10::DeviceType::CUDA, true};
 
 at::Tensor bernoulli_log_prob(const at::Tensor& logits, const at::Tensor& x) {
-  constexpr const char* op = "vaekernels::bernoulli_log_prob";
-  check_rows3(op, "logits", logits, logits);
-  check_rows3(op, "x", x, logits);
+  check_rows3("vaekernels::bernoulli_log_prob", kCuda, {{"logits", logits}, {"x", x}});
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t P = logits.size(0), Q = logits.size(1), D = logits.size(2);
@@ -87,12 +70,9 @@ at::Tensor bernoulli_log_prob(const at::Tensor& logits, const at::Tensor& x) {
 
 at::Tensor bernoulli_log_prob_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& x) {
   constexpr const char* op = "vaekernels::bernoulli_log_prob_backward";
-  check_rows3(op, "logits", logits, logits);
-  check_rows3(op, "x", x, logits);
+  check_rows3(op, kCuda, {{"logits", logits}, {"x", x}});
   const int64_t P = logits.size(0), Q = logits.size(1), D = logits.size(2);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({P, Q}), op, ": grad must have shape [", P, ", ", Q, "], got ",
-              grad.sizes());
-  TORCH_CHECK(grad.device() == logits.device(), op, ": grad must be on ", logits.device(), ", got ", grad.device());
+  check_grad(op, "grad", grad, {P, Q}, logits);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor grad_c = grad.to(logits.scalar_type()).contiguous();

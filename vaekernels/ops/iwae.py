@@ -28,6 +28,7 @@ if _backend.triton_available():
 
     for _name, _launcher in {
         "log_mean_exp": _triton.log_mean_exp_fwd,
+        "log_mean_exp_backward": _triton.log_mean_exp_bwd,
         "bernoulli_log_prob": _triton.bernoulli_log_prob_fwd,
         "bernoulli_log_prob_backward": _triton.bernoulli_log_prob_bwd,
         "gaussian_log_prob": _triton.gaussian_log_prob_fwd,
@@ -76,15 +77,16 @@ def _mergeable(sizes, strides) -> bool:
     return all(outer[1] == inner[1] * inner[0] for outer, inner in zip(kept, kept[1:]))
 
 
-def _as_rows(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Size]:
-    """Broadcasts tensors and views each as [P, Q, D] over the leading dims, last dim contiguous.
+def _as_rows(tensors: list[torch.Tensor], shape: torch.Size) -> tuple[list[torch.Tensor], torch.Size]:
+    """Views each tensor, broadcast to ``shape``, as [P, Q, D] over the leading dims, last dim contiguous.
 
     Dims broadcast by expansion keep stride 0, so a tensor shared across samples is read in
     place, never copied; only a tensor broadcast along the last dim is laid out at its own size.
     Returns the views and the leading (output) shape.
     """
-    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     lead, size = shape[:-1], shape[-1]
+    if all(t.shape == shape and t.is_contiguous() for t in tensors):
+        return [t.view(1, math.prod(lead), size) for t in tensors], lead
     own = []
     for t in tensors:
         t = t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape))
@@ -135,13 +137,16 @@ def _save_input_and_output(ctx, inputs, output):
 def _make_log_mean_exp_backward(ops):
     def backward(ctx, grad):
         x, out = ctx.saved_tensors
-        # exp(x - out) / N are the softmax weights; a row of all -inf has weight 0, not NaN.
-        finite_out = torch.where(out == float("-inf"), torch.zeros_like(out), out)
-        return grad.unsqueeze(-1) * torch.exp(x - finite_out.unsqueeze(-1)) / x.shape[-1]
+        return ops.log_mean_exp_backward(grad.contiguous(), x, out)
     return backward
 
 
+def _log_mean_exp_backward_fake(grad, x, out):
+    return x.new_empty(x.shape)
+
+
 register("log_mean_exp", _log_mean_exp_fake, _save_input_and_output, _make_log_mean_exp_backward)
+register("log_mean_exp_backward", _log_mean_exp_backward_fake)
 
 
 def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
@@ -248,17 +253,19 @@ def _row_reduction(fn: str, names: tuple[str, ...], tensors: tuple) -> tuple[str
     """Checks and lays out the inputs of a last-dim reduction; returns the backend, views and output shape."""
     for name, t in zip(names, tensors):
         _check_float(fn, name, t, tensors[0], names[0])
-    shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors))
-    try:
-        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    except RuntimeError:
-        _fail(fn, f"{', '.join(names)} must broadcast together, got {shapes}")
+    shape = tensors[0].shape
+    if any(t.shape != shape for t in tensors):  # torch.broadcast_shapes costs more than a small op
+        try:
+            shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        except RuntimeError:
+            shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors))
+            _fail(fn, f"{', '.join(names)} must broadcast together, got {shapes}")
     if len(shape) == 0:
-        _fail(fn, f"{', '.join(names)} must broadcast to at least one dim (the one summed over), got {shapes}")
+        _fail(fn, f"{', '.join(names)} must broadcast to at least one dim (the one summed over), got 0-dim tensors")
     backend = _backend.choose(fn, tensors[0].device)
     if backend == "reference":
         return backend, [], torch.Size()
-    rows, lead = _as_rows(list(tensors))
+    rows, lead = _as_rows(list(tensors), shape)
     return backend, rows, lead
 
 
@@ -322,10 +329,16 @@ def _gaussian_event_log_prob(fn: str, x: torch.Tensor, mean: torch.Tensor, log_v
         _fail(fn, "log_var must be given (a tensor broadcastable to logits) when likelihood='gaussian', got None")
     _check_float(fn, "log_var", log_var, mean, "logits")
     try:
-        log_var = torch.broadcast_to(log_var, mean.shape)
+        broadcasts = torch.broadcast_shapes(log_var.shape, mean.shape) == mean.shape
     except RuntimeError:
+        broadcasts = False
+    if not broadcasts:
         _fail(fn, f"log_var must broadcast to logits' shape {list(mean.shape)}, got {list(log_var.shape)}")
-    return gaussian_log_prob(x_rows, mean_rows, log_var.reshape(mean_rows.shape))
+    # Laid out over the event dims only: a log-variance shared across examples or samples stays
+    # one row, broadcast over B and K inside the kernel.
+    log_var = log_var.reshape((1,) * (mean.dim() - log_var.dim()) + tuple(log_var.shape))
+    log_var = log_var.expand(*log_var.shape[:2], *mean.shape[2:]).reshape(*log_var.shape[:2], -1)
+    return gaussian_log_prob(x_rows, mean_rows, log_var)
 
 
 def iwae_bound(

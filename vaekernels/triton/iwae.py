@@ -68,6 +68,43 @@ def _num_warps(tile: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Tiles shared by the kernels: a block of rows, a block of columns, their loads and stores.
+
+
+@triton.jit
+def _row_block(R, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return rows, rows < R
+
+
+@triton.jit
+def _col_block(start, D, row_mask, BLOCK_D: tl.constexpr):
+    cols = (start + tl.arange(0, BLOCK_D)).to(tl.int64)
+    return cols, row_mask[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
+def _load_tile(row_ptrs, cols, stride_d, mask, ACC: tl.constexpr, other=0.0):
+    return tl.load(row_ptrs[:, None] + cols[None, :] * stride_d, mask=mask, other=other).to(ACC)
+
+
+@triton.jit
+def _load_rows(row_ptrs, row_mask, ACC: tl.constexpr):
+    return tl.load(row_ptrs, mask=row_mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _store_tile(ptr, rows, cols, D, values, mask):
+    # Outputs are fresh contiguous tensors: row stride D, column stride 1.
+    tl.store(ptr + rows[:, None] * D + cols[None, :], values.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_rows(ptr, rows, values, row_mask):
+    tl.store(ptr + rows, values.to(ptr.dtype.element_ty), mask=row_mask)
+
+
+# ---------------------------------------------------------------------------------------------
 # log_mean_exp
 
 
@@ -76,19 +113,16 @@ def _log_mean_exp_fwd_kernel(
     x_ptr, out_ptr, R, N, stride_r, stride_n,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    row_base = x_ptr + rows * stride_r
+    rows, row_mask = _row_block(R, BLOCK_R)
+    x_rows = x_ptr + rows * stride_r
     running_max = tl.full([BLOCK_R], float("-inf"), ACC)
     running_sum = tl.zeros([BLOCK_R], ACC)
     # Sum of the NaN inputs only (0 when there are none): added to the result, it keeps a NaN
     # visible even in a row whose +inf maximum overrides the sum.
     nan_probe = tl.zeros([BLOCK_R], ACC)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        mask = row_mask[:, None] & (cols < N)[None, :]
-        x = tl.load(row_base[:, None] + cols[None, :].to(tl.int64) * stride_n, mask=mask,
-                    other=float("-inf")).to(ACC)
+        cols, mask = _col_block(n0, N, row_mask, BLOCK_N)
+        x = _load_tile(x_rows, cols, stride_n, mask, ACC, other=float("-inf"))
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
         # Shifting by -inf would give exp(-inf - -inf) = NaN; a row still all -inf has nothing
         # to rescale, so shift it by 0 and its exps stay exactly 0.
@@ -100,20 +134,31 @@ def _log_mean_exp_fwd_kernel(
     # an ACC zero converts either form.
     out = running_max + (tl.log(running_sum) - tl.log(tl.zeros([BLOCK_R], ACC) + N))
     # With a +inf maximum the sum holds exp(inf - inf) = NaN, but the mean is +inf.
-    out = tl.where(running_max == float("inf"), running_max, out) + nan_probe
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    _store_rows(out_ptr, rows, tl.where(running_max == float("inf"), running_max, out) + nan_probe, row_mask)
 
 
-def log_mean_exp_fwd(x: torch.Tensor) -> torch.Tensor:
-    """log(mean(exp(x))) over the last dim of a [R, N] tensor (N >= 1) -> [R].
+@triton.jit
+def _log_mean_exp_bwd_kernel(
+    grad_ptr, x_ptr, out_ptr, grad_x_ptr, R, N, stride_g, stride_r, stride_n, stride_o,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Elementwise, so each program takes one [BLOCK_R, BLOCK_N] tile (grid axis 1 over the
+    # columns): a short batch with many samples still spreads over the whole GPU.
+    rows, row_mask = _row_block(R, BLOCK_R)
+    cols, mask = _col_block(tl.program_id(1) * BLOCK_N, N, row_mask, BLOCK_N)
+    grad = _load_rows(grad_ptr + rows * stride_g, row_mask, ACC)
+    out = _load_rows(out_ptr + rows * stride_o, row_mask, ACC)
+    # A row of all -inf has out = -inf; shifting it by 0 keeps exp(-inf) = 0 where -inf - -inf
+    # would give NaN.
+    shift = tl.where(out == float("-inf"), 0.0, out)
+    x = _load_tile(x_ptr + rows * stride_r, cols, stride_n, mask, ACC)
+    grad_x = (grad / N)[:, None] * tl.exp(x - shift[:, None])
+    _store_tile(grad_x_ptr, rows, cols, N, grad_x, mask)
 
-    A row of all -inf gives -inf, a row holding +inf gives +inf, a row holding NaN gives NaN.
 
-    >>> log_mean_exp_fwd(torch.zeros(3, 5, device="cuda"))
-    tensor([0., 0., 0.], device='cuda:0')
-    """
+def _log_mean_exp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     R, N = x.shape
-    out = torch.empty(R, dtype=x.dtype, device=x.device)
+    out = torch.empty(R, dtype=dtype, device=x.device)
     if R == 0:
         return out
     acc = _acc_dtype(x)
@@ -126,14 +171,53 @@ def log_mean_exp_fwd(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def log_mean_exp_fwd(x: torch.Tensor) -> torch.Tensor:
+    """log(mean(exp(x))) over the last dim of a [R, N] tensor (N >= 1) -> [R].
+
+    A row of all -inf gives -inf, a row holding +inf gives +inf, a row holding NaN gives NaN.
+
+    >>> log_mean_exp_fwd(torch.zeros(3, 5, device="cuda"))
+    tensor([0., 0., 0.], device='cuda:0')
+    """
+    return _log_mean_exp(x, x.dtype)
+
+
+def log_mean_exp_bwd(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Gradient of `log_mean_exp_fwd` with respect to x: grad [R] times the weights
+    exp(x - out) / N -> a contiguous [R, N] tensor, exactly 0 on a row of all -inf. ``out`` is the
+    forward's output (recomputed in float32 for float16/bfloat16 inputs).
+
+    >>> x = torch.tensor([[0.0, 0.0], [float("-inf"), float("-inf")]], device="cuda")
+    >>> log_mean_exp_bwd(torch.ones(2, device="cuda"), x, log_mean_exp_fwd(x))
+    tensor([[0.5000, 0.5000],
+            [0.0000, 0.0000]], device='cuda:0')
+    """
+    R, N = x.shape
+    grad_x = torch.empty((R, N), dtype=x.dtype, device=x.device)
+    if grad_x.numel() == 0:
+        return grad_x
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # The weights magnify the absolute rounding of a half-precision out (0.25 at out = -100
+        # in bfloat16: 28% off in every weight); one extra pass over x gives it in float32.
+        out = _log_mean_exp(x, torch.float32)
+    acc = _acc_dtype(x)
+    block_r, block_n = _row_blocks(R, N, acc)
+    with _on_device(x):
+        _log_mean_exp_bwd_kernel[(triton.cdiv(R, block_r), triton.cdiv(N, block_n))](
+            grad, x, out, grad_x, R, N, grad.stride(0), *x.stride(), out.stride(0),
+            ACC=acc, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=_num_warps(block_r * block_n),
+        )
+    return grad_x
+
+
 # ---------------------------------------------------------------------------------------------
 # Row reductions over [P, Q, D] views
 
 
 @triton.jit
-def _row_offsets(rows, Q, stride_p, stride_q):
-    # Leading strides may be 0 (a broadcast input), so each input gets its own row offsets.
-    return (rows // Q) * stride_p + (rows % Q) * stride_q
+def _row_ptrs(ptr, rows, Q, stride_p, stride_q):
+    # Leading strides may be 0 (a broadcast input), so each input gets its own row pointers.
+    return ptr + (rows // Q) * stride_p + (rows % Q) * stride_q
 
 
 @triton.jit
@@ -153,18 +237,16 @@ def _bernoulli_log_prob_fwd_kernel(
     sl_p, sl_q, sl_d, sx_p, sx_q, sx_d,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    l_base = logits_ptr + _row_offsets(rows, Q, sl_p, sl_q)
-    x_base = x_ptr + _row_offsets(rows, Q, sx_p, sx_q)
+    rows, row_mask = _row_block(R, BLOCK_R)
+    l_rows = _row_ptrs(logits_ptr, rows, Q, sl_p, sl_q)
+    x_rows = _row_ptrs(x_ptr, rows, Q, sx_p, sx_q)
     acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
-        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        logits = tl.load(l_base[:, None] + cols[None, :] * sl_d, mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_base[:, None] + cols[None, :] * sx_d, mask=mask, other=0.0).to(ACC)
+        cols, mask = _col_block(d0, D, row_mask, BLOCK_D)
+        logits = _load_tile(l_rows, cols, sl_d, mask, ACC)
+        x = _load_tile(x_rows, cols, sx_d, mask, ACC)
         acc += tl.where(mask, x * logits - _softplus(logits), 0.0)
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
+    _store_rows(out_ptr, rows, tl.sum(acc, axis=1), row_mask)
 
 
 @triton.jit
@@ -173,21 +255,17 @@ def _bernoulli_log_prob_bwd_kernel(
     sg_p, sg_q, sl_p, sl_q, sl_d, sx_p, sx_q, sx_d,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    grad = tl.load(grad_ptr + _row_offsets(rows, Q, sg_p, sg_q), mask=row_mask, other=0.0).to(ACC)
-    l_base = logits_ptr + _row_offsets(rows, Q, sl_p, sl_q)
-    x_base = x_ptr + _row_offsets(rows, Q, sx_p, sx_q)
-    out_base = out_ptr + rows * D
+    rows, row_mask = _row_block(R, BLOCK_R)
+    grad = _load_rows(_row_ptrs(grad_ptr, rows, Q, sg_p, sg_q), row_mask, ACC)
+    l_rows = _row_ptrs(logits_ptr, rows, Q, sl_p, sl_q)
+    x_rows = _row_ptrs(x_ptr, rows, Q, sx_p, sx_q)
     for d0 in range(0, D, BLOCK_D):
-        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        logits = tl.load(l_base[:, None] + cols[None, :] * sl_d, mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_base[:, None] + cols[None, :] * sx_d, mask=mask, other=0.0).to(ACC)
+        cols, mask = _col_block(d0, D, row_mask, BLOCK_D)
+        logits = _load_tile(l_rows, cols, sl_d, mask, ACC)
+        x = _load_tile(x_rows, cols, sx_d, mask, ACC)
         # 1 / (1 + exp(-l)): for l = -1e4 the exp overflows to inf and the quotient to 0, never NaN.
         sigmoid = 1.0 / (1.0 + tl.exp(-logits))
-        grad_logits = grad[:, None] * (x - sigmoid)
-        tl.store(out_base[:, None] + cols[None, :], grad_logits.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_tile(out_ptr, rows, cols, D, grad[:, None] * (x - sigmoid), mask)
 
 
 @triton.jit
@@ -196,25 +274,20 @@ def _gaussian_log_prob_fwd_kernel(
     sx_p, sx_q, sx_d, sm_p, sm_q, sm_d, sv_p, sv_q, sv_d,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    x_base = x_ptr + _row_offsets(rows, Q, sx_p, sx_q)
-    m_base = mean_ptr + _row_offsets(rows, Q, sm_p, sm_q)
-    v_base = log_var_ptr + _row_offsets(rows, Q, sv_p, sv_q)
+    rows, row_mask = _row_block(R, BLOCK_R)
+    x_rows = _row_ptrs(x_ptr, rows, Q, sx_p, sx_q)
+    m_rows = _row_ptrs(mean_ptr, rows, Q, sm_p, sm_q)
+    v_rows = _row_ptrs(log_var_ptr, rows, Q, sv_p, sv_q)
     acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
-        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        mask = row_mask[:, None] & (cols < D)[None, :]
+        cols, mask = _col_block(d0, D, row_mask, BLOCK_D)
         # Masked lanes load 0 everywhere, where the summand lv + (x - m)^2 exp(-lv) is exactly 0.
-        x = tl.load(x_base[:, None] + cols[None, :] * sx_d, mask=mask, other=0.0).to(ACC)
-        mean = tl.load(m_base[:, None] + cols[None, :] * sm_d, mask=mask, other=0.0).to(ACC)
-        log_var = tl.load(v_base[:, None] + cols[None, :] * sv_d, mask=mask, other=0.0).to(ACC)
-        diff = x - mean
+        diff = _load_tile(x_rows, cols, sx_d, mask, ACC) - _load_tile(m_rows, cols, sm_d, mask, ACC)
+        log_var = _load_tile(v_rows, cols, sv_d, mask, ACC)
         acc += log_var + diff * diff * tl.exp(-log_var)
     # log(2 pi) as an ACC scalar: a Python float literal would be rounded to float32 first.
     log_2pi = tl.full([], _LOG_2PI, ACC)
-    out = -0.5 * (D * log_2pi + tl.sum(acc, axis=1))
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    _store_rows(out_ptr, rows, -0.5 * (D * log_2pi + tl.sum(acc, axis=1)), row_mask)
 
 
 @triton.jit
@@ -223,24 +296,33 @@ def _gaussian_kl_fwd_kernel(
     sm_p, sm_q, sm_d, sv_p, sv_q, sv_d,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    m_base = mean_ptr + _row_offsets(rows, Q, sm_p, sm_q)
-    v_base = log_var_ptr + _row_offsets(rows, Q, sv_p, sv_q)
+    rows, row_mask = _row_block(R, BLOCK_R)
+    m_rows = _row_ptrs(mean_ptr, rows, Q, sm_p, sm_q)
+    v_rows = _row_ptrs(log_var_ptr, rows, Q, sv_p, sv_q)
     acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
-        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        mask = row_mask[:, None] & (cols < D)[None, :]
+        cols, mask = _col_block(d0, D, row_mask, BLOCK_D)
         # Masked lanes load 0, where exp(lv) + m^2 - 1 - lv is exactly 0.
-        mean = tl.load(m_base[:, None] + cols[None, :] * sm_d, mask=mask, other=0.0).to(ACC)
-        log_var = tl.load(v_base[:, None] + cols[None, :] * sv_d, mask=mask, other=0.0).to(ACC)
+        mean = _load_tile(m_rows, cols, sm_d, mask, ACC)
+        log_var = _load_tile(v_rows, cols, sv_d, mask, ACC)
         acc += tl.exp(log_var) + mean * mean - 1.0 - log_var
-    tl.store(out_ptr + rows, (0.5 * tl.sum(acc, axis=1)).to(out_ptr.dtype.element_ty), mask=row_mask)
+    _store_rows(out_ptr, rows, 0.5 * tl.sum(acc, axis=1), row_mask)
 
 
-def _row_launch_config(P: int, Q: int, D: int, acc: tl.dtype) -> tuple[tuple[int], int, int, int]:
+def _launch_rows(kernel: triton.JITFunction, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+    """Runs a row kernel over ``inputs`` ([P, Q, D] views, bar a leading [P, Q] grad) into ``out``;
+    the kernel takes the inputs, ``out``, R = P * Q, Q, D and every input's strides."""
+    P, Q, D = inputs[-1].shape
+    if out.numel() == 0:
+        return out
+    acc = _acc_dtype(*inputs)
     block_r, block_d = _row_blocks(P * Q, D, acc)
-    return (triton.cdiv(P * Q, block_r),), block_r, block_d, _num_warps(block_r * block_d)
+    with _on_device(out):
+        kernel[(triton.cdiv(P * Q, block_r),)](
+            *inputs, out, P * Q, Q, D, *(stride for t in inputs for stride in t.stride()),
+            ACC=acc, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d),
+        )
+    return out
 
 
 def bernoulli_log_prob_fwd(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -251,18 +333,8 @@ def bernoulli_log_prob_fwd(logits: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     tensor([[-2.7726, -2.7726, -2.7726],
             [-2.7726, -2.7726, -2.7726]], device='cuda:0')
     """
-    P, Q, D = logits.shape
-    out = torch.empty((P, Q), dtype=logits.dtype, device=logits.device)
-    if P * Q == 0:
-        return out
-    acc = _acc_dtype(logits, x)
-    grid, block_r, block_d, num_warps = _row_launch_config(P, Q, D, acc)
-    with _on_device(logits):
-        _bernoulli_log_prob_fwd_kernel[grid](
-            logits, x, out, P * Q, Q, D, *logits.stride(), *x.stride(),
-            ACC=acc, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
-        )
-    return out
+    out = torch.empty(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+    return _launch_rows(_bernoulli_log_prob_fwd_kernel, (logits, x), out)
 
 
 def bernoulli_log_prob_bwd(grad: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -274,18 +346,8 @@ def bernoulli_log_prob_bwd(grad: torch.Tensor, logits: torch.Tensor, x: torch.Te
     tensor([[[0.5000, 0.5000, 0.5000],
              [0.5000, 0.5000, 0.5000]]], device='cuda:0')
     """
-    P, Q, D = logits.shape
-    out = torch.empty((P, Q, D), dtype=logits.dtype, device=logits.device)
-    if out.numel() == 0:
-        return out
-    acc = _acc_dtype(logits, x)
-    grid, block_r, block_d, num_warps = _row_launch_config(P, Q, D, acc)
-    with _on_device(logits):
-        _bernoulli_log_prob_bwd_kernel[grid](
-            grad, logits, x, out, P * Q, Q, D, *grad.stride(), *logits.stride(), *x.stride(),
-            ACC=acc, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
-        )
-    return out
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return _launch_rows(_bernoulli_log_prob_bwd_kernel, (grad, logits, x), out)
 
 
 def gaussian_log_prob_fwd(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -295,18 +357,8 @@ def gaussian_log_prob_fwd(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Te
     >>> gaussian_log_prob_fwd(zeros, zeros, zeros)
     tensor([[-1.8379]], device='cuda:0')
     """
-    P, Q, D = x.shape
-    out = torch.empty((P, Q), dtype=x.dtype, device=x.device)
-    if P * Q == 0:
-        return out
-    acc = _acc_dtype(x, mean, log_var)
-    grid, block_r, block_d, num_warps = _row_launch_config(P, Q, D, acc)
-    with _on_device(x):
-        _gaussian_log_prob_fwd_kernel[grid](
-            x, mean, log_var, out, P * Q, Q, D, *x.stride(), *mean.stride(), *log_var.stride(),
-            ACC=acc, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
-        )
-    return out
+    out = torch.empty(x.shape[:2], dtype=x.dtype, device=x.device)
+    return _launch_rows(_gaussian_log_prob_fwd_kernel, (x, mean, log_var), out)
 
 
 def gaussian_kl_fwd(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -315,22 +367,20 @@ def gaussian_kl_fwd(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     >>> gaussian_kl_fwd(torch.ones(1, 1, 10, device="cuda"), torch.zeros(1, 1, 10, device="cuda"))
     tensor([[5.]], device='cuda:0')
     """
-    P, Q, D = mean.shape
-    out = torch.empty((P, Q), dtype=mean.dtype, device=mean.device)
-    if P * Q == 0:
-        return out
-    acc = _acc_dtype(mean, log_var)
-    grid, block_r, block_d, num_warps = _row_launch_config(P, Q, D, acc)
-    with _on_device(mean):
-        _gaussian_kl_fwd_kernel[grid](
-            mean, log_var, out, P * Q, Q, D, *mean.stride(), *log_var.stride(),
-            ACC=acc, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
-        )
-    return out
+    out = torch.empty(mean.shape[:2], dtype=mean.dtype, device=mean.device)
+    return _launch_rows(_gaussian_kl_fwd_kernel, (mean, log_var), out)
 
 
 # ---------------------------------------------------------------------------------------------
 # Aggregate posterior: pairwise log q(z_i | x_j) reduced over j, never materialised as [B, N, d]
+
+
+@triton.jit
+def _posterior_tile(mean_ptr, log_var_ptr, j, k, mask, sm_n, sm_d, sv_n, sv_d, ACC: tl.constexpr):
+    """mean, log_var and 1 / var [BJ, BK] of the posteriors j."""
+    mean = _load_tile(mean_ptr + j * sm_n, k, sm_d, mask, ACC)
+    log_var = _load_tile(log_var_ptr + j * sv_n, k, sv_d, mask, ACC)
+    return mean, log_var, tl.exp(-log_var)
 
 
 @triton.jit
@@ -348,12 +398,11 @@ def _aggregate_posterior_fwd_kernel(
     sz_b, sz_d, sm_n, sm_d, sv_n, sv_d,
     ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i, i_mask = _row_block(B, BLOCK_I)
     k = tl.arange(0, BLOCK_K).to(tl.int64)
-    i_mask = i < B
     k_mask = k < d
     z_mask = i_mask[:, None] & k_mask[None, :]
-    z = tl.load(z_ptr + i[:, None] * sz_b + k[None, :] * sz_d, mask=z_mask, other=0.0).to(ACC)
+    z = _load_tile(z_ptr + i * sz_b, k, sz_d, z_mask, ACC)
     joint_max = tl.full([BLOCK_I], float("-inf"), ACC)
     joint_sum = tl.zeros([BLOCK_I], ACC)
     marginal_max = tl.full([BLOCK_I, BLOCK_K], float("-inf"), ACC)
@@ -361,10 +410,9 @@ def _aggregate_posterior_fwd_kernel(
     for j0 in range(0, N, BLOCK_J):
         j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
         j_mask = j < N
-        post_mask = j_mask[:, None] & k_mask[None, :]
-        mean = tl.load(mean_ptr + j[:, None] * sm_n + k[None, :] * sm_d, mask=post_mask, other=0.0).to(ACC)
-        log_var = tl.load(log_var_ptr + j[:, None] * sv_n + k[None, :] * sv_d, mask=post_mask, other=0.0).to(ACC)
-        l, diff = _pairwise_log_density(z, mean, log_var, tl.exp(-log_var), ACC)
+        mean, log_var, inv_var = _posterior_tile(mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :],
+                                                 sm_n, sm_d, sv_n, sv_d, ACC)
+        l, diff = _pairwise_log_density(z, mean, log_var, inv_var, ACC)
 
         # Online logsumexp over j; an all -inf prefix is shifted by 0 instead of -inf (which
         # would make exp(-inf - -inf) = NaN) and keeps a sum of exactly 0.
@@ -381,22 +429,40 @@ def _aggregate_posterior_fwd_kernel(
             tl.exp(marginal_l - shift[:, None, :]), axis=1)
         marginal_max = new_max
     # An all -inf row ends with max -inf and sum 0: -inf + log(0) = -inf, not NaN.
-    joint = joint_max + tl.log(joint_sum)
-    marginal = marginal_max + tl.log(marginal_sum)
-    tl.store(joint_ptr + i, joint.to(joint_ptr.dtype.element_ty), mask=i_mask)
-    tl.store(marginal_ptr + i[:, None] * d + k[None, :], marginal.to(marginal_ptr.dtype.element_ty), mask=z_mask)
+    _store_rows(joint_ptr, i, joint_max + tl.log(joint_sum), i_mask)
+    _store_tile(marginal_ptr, i, k, d, marginal_max + tl.log(marginal_sum), z_mask)
 
 
 @triton.jit
-def _pair_weights(l, diff, inv_var, log_joint, log_marginal, grad_joint, grad_marginal, pair_mask):
-    """c[i, j, k] = grad_joint[i] a[i, j] + grad_marginal[i, k] b[i, j, k] and r = (z - m) / var,
-    with the softmax weights a and b set to 0 where their log-density is -inf (or the pair is a
-    padding lane) rather than exp(-inf - -inf) = NaN when the whole row is -inf."""
+def _sample_tile(
+    z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask, ik_mask,
+    sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC: tl.constexpr,
+):
+    """What the backward needs of the samples i: z, the saved log_joint and log_marginal, and
+    their incoming gradients."""
+    z = _load_tile(z_ptr + i * sz_b, k, sz_d, ik_mask, ACC)
+    log_joint = _load_rows(joint_ptr + i * sj_b, i_mask, ACC)
+    log_marginal = _load_tile(marginal_ptr + i * smg_b, k, smg_d, ik_mask, ACC)
+    grad_joint = _load_rows(grad_joint_ptr + i * sgj_b, i_mask, ACC)
+    grad_marginal = _load_tile(grad_marginal_ptr + i * sgm_b, k, sgm_d, ik_mask, ACC)
+    return z, log_joint, log_marginal, grad_joint, grad_marginal
+
+
+@triton.jit
+def _pair_weights(
+    z, mean, log_var, inv_var, log_joint, log_marginal, grad_joint, grad_marginal, pair_mask, k_mask,
+    ACC: tl.constexpr,
+):
+    """c[i, j, k] = grad_joint[i] a[i, j] + grad_marginal[i, k] b[i, j, k], r = (z - m) / var and
+    z - m, with the softmax weights a and b set to 0 where their log-density is -inf (or the pair
+    is a padding lane) rather than exp(-inf - -inf) = NaN when the whole row is -inf."""
+    l, diff = _pairwise_log_density(z, mean, log_var, inv_var, ACC)
+    l = tl.where(k_mask[None, None, :], l, 0.0)
     joint_l = tl.sum(l, axis=2)
     a = tl.where(pair_mask & (joint_l != float("-inf")), tl.exp(joint_l - log_joint[:, None]), 0.0)
     b = tl.where(pair_mask[:, :, None] & (l != float("-inf")), tl.exp(l - log_marginal[:, None, :]), 0.0)
     c = grad_joint[:, None, None] * a[:, :, None] + grad_marginal[:, None, :] * b
-    return c, diff * inv_var[None, :, :]
+    return c, diff * inv_var[None, :, :], diff
 
 
 @triton.jit
@@ -406,31 +472,23 @@ def _aggregate_posterior_bwd_z_kernel(
     sgj_b, sgm_b, sgm_d, sz_b, sz_d, sm_n, sm_d, sv_n, sv_d, sj_b, smg_b, smg_d,
     ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i, i_mask = _row_block(B, BLOCK_I)
     k = tl.arange(0, BLOCK_K).to(tl.int64)
-    i_mask = i < B
     k_mask = k < d
     ik_mask = i_mask[:, None] & k_mask[None, :]
-    z = tl.load(z_ptr + i[:, None] * sz_b + k[None, :] * sz_d, mask=ik_mask, other=0.0).to(ACC)
-    log_joint = tl.load(joint_ptr + i * sj_b, mask=i_mask, other=0.0).to(ACC)
-    log_marginal = tl.load(marginal_ptr + i[:, None] * smg_b + k[None, :] * smg_d, mask=ik_mask, other=0.0).to(ACC)
-    grad_joint = tl.load(grad_joint_ptr + i * sgj_b, mask=i_mask, other=0.0).to(ACC)
-    grad_marginal = tl.load(grad_marginal_ptr + i[:, None] * sgm_b + k[None, :] * sgm_d, mask=ik_mask,
-                            other=0.0).to(ACC)
+    z, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
+        z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask, ik_mask,
+        sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC)
     grad_z = tl.zeros([BLOCK_I, BLOCK_K], ACC)
     for j0 in range(0, N, BLOCK_J):
         j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
         j_mask = j < N
-        post_mask = j_mask[:, None] & k_mask[None, :]
-        mean = tl.load(mean_ptr + j[:, None] * sm_n + k[None, :] * sm_d, mask=post_mask, other=0.0).to(ACC)
-        log_var = tl.load(log_var_ptr + j[:, None] * sv_n + k[None, :] * sv_d, mask=post_mask, other=0.0).to(ACC)
-        inv_var = tl.exp(-log_var)
-        l, diff = _pairwise_log_density(z, mean, log_var, inv_var, ACC)
-        l = tl.where(k_mask[None, None, :], l, 0.0)
-        c, r = _pair_weights(l, diff, inv_var, log_joint, log_marginal, grad_joint, grad_marginal,
-                             i_mask[:, None] & j_mask[None, :])
+        mean, log_var, inv_var = _posterior_tile(mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :],
+                                                 sm_n, sm_d, sv_n, sv_d, ACC)
+        c, r, _ = _pair_weights(z, mean, log_var, inv_var, log_joint, log_marginal, grad_joint, grad_marginal,
+                                i_mask[:, None] & j_mask[None, :], k_mask, ACC)
         grad_z -= tl.sum(c * r, axis=1)
-    tl.store(grad_z_ptr + i[:, None] * d + k[None, :], grad_z.to(grad_z_ptr.dtype.element_ty), mask=ik_mask)
+    _store_tile(grad_z_ptr, i, k, d, grad_z, ik_mask)
 
 
 @triton.jit
@@ -440,36 +498,25 @@ def _aggregate_posterior_bwd_posterior_kernel(
     sgj_b, sgm_b, sgm_d, sz_b, sz_d, sm_n, sm_d, sv_n, sv_d, sj_b, smg_b, smg_d,
     ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j, j_mask = _row_block(N, BLOCK_J)
     k = tl.arange(0, BLOCK_K).to(tl.int64)
-    j_mask = j < N
     k_mask = k < d
     jk_mask = j_mask[:, None] & k_mask[None, :]
-    mean = tl.load(mean_ptr + j[:, None] * sm_n + k[None, :] * sm_d, mask=jk_mask, other=0.0).to(ACC)
-    log_var = tl.load(log_var_ptr + j[:, None] * sv_n + k[None, :] * sv_d, mask=jk_mask, other=0.0).to(ACC)
-    inv_var = tl.exp(-log_var)
+    mean, log_var, inv_var = _posterior_tile(mean_ptr, log_var_ptr, j, k, jk_mask, sm_n, sm_d, sv_n, sv_d, ACC)
     grad_mean = tl.zeros([BLOCK_J, BLOCK_K], ACC)
     grad_log_var = tl.zeros([BLOCK_J, BLOCK_K], ACC)
     for i0 in range(0, B, BLOCK_I):
         i = (i0 + tl.arange(0, BLOCK_I)).to(tl.int64)
         i_mask = i < B
-        ik_mask = i_mask[:, None] & k_mask[None, :]
-        z = tl.load(z_ptr + i[:, None] * sz_b + k[None, :] * sz_d, mask=ik_mask, other=0.0).to(ACC)
-        log_joint = tl.load(joint_ptr + i * sj_b, mask=i_mask, other=0.0).to(ACC)
-        log_marginal = tl.load(marginal_ptr + i[:, None] * smg_b + k[None, :] * smg_d, mask=ik_mask,
-                               other=0.0).to(ACC)
-        grad_joint = tl.load(grad_joint_ptr + i * sgj_b, mask=i_mask, other=0.0).to(ACC)
-        grad_marginal = tl.load(grad_marginal_ptr + i[:, None] * sgm_b + k[None, :] * sgm_d, mask=ik_mask,
-                                other=0.0).to(ACC)
-        l, diff = _pairwise_log_density(z, mean, log_var, inv_var, ACC)
-        l = tl.where(k_mask[None, None, :], l, 0.0)
-        c, r = _pair_weights(l, diff, inv_var, log_joint, log_marginal, grad_joint, grad_marginal,
-                             i_mask[:, None] & j_mask[None, :])
+        z, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
+            z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask,
+            i_mask[:, None] & k_mask[None, :], sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC)
+        c, r, diff = _pair_weights(z, mean, log_var, inv_var, log_joint, log_marginal, grad_joint, grad_marginal,
+                                   i_mask[:, None] & j_mask[None, :], k_mask, ACC)
         grad_mean += tl.sum(c * r, axis=0)
         grad_log_var += tl.sum(c * (0.5 * (r * diff - 1.0)), axis=0)
-    tl.store(grad_mean_ptr + j[:, None] * d + k[None, :], grad_mean.to(grad_mean_ptr.dtype.element_ty), mask=jk_mask)
-    tl.store(grad_log_var_ptr + j[:, None] * d + k[None, :], grad_log_var.to(grad_log_var_ptr.dtype.element_ty),
-             mask=jk_mask)
+    _store_tile(grad_mean_ptr, j, k, d, grad_mean, jk_mask)
+    _store_tile(grad_log_var_ptr, j, k, d, grad_log_var, jk_mask)
 
 
 def _aggregate_posterior(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor,
