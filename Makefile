@@ -28,6 +28,8 @@ bench: $(INSTALLED)
 $(VENV_PYTHON):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
+# The venv's bin on PATH: torch's extension builder looks for the ninja installed there.
+$(INSTALLED): export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 $(INSTALLED): $(VENV_PYTHON) $(BUILD_INPUTS)
 	$(VENV_PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_PIN)"
 	$(VENV_PYTHON) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(TORCH_CONSTRAINT)

@@ -13,6 +13,8 @@ Build against the torch already installed: ``pip install --no-build-isolation -e
 import glob
 import os
 import platform
+import re
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -29,6 +31,20 @@ def env_flag(name):
     return None if value is None or value == "" else value not in ("0", "false", "False", "OFF")
 
 
+def cuda_toolkit_problem(torch, cuda_home):
+    """Why the CUDA kernels cannot be built against this torch, or None when they can."""
+    if torch.version.cuda is None:
+        return "torch is a CPU build"
+    nvcc = os.path.join(cuda_home or "", "bin", "nvcc")
+    if cuda_home is None or not os.path.exists(nvcc):
+        return "no nvcc was found (set CUDA_HOME)"
+    release = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    # torch refuses to build with a toolkit of another major version than its own.
+    if release is None or release.group(1) != torch.version.cuda.split(".")[0]:
+        return f"{nvcc} is not CUDA {torch.version.cuda.split('.')[0]}.x, the CUDA of this torch"
+    return None
+
+
 def extensions():
     if env_flag("VAEKERNELS_CPP") is False:
         return [], {}
@@ -39,7 +55,10 @@ def extensions():
     common = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     with_cuda = env_flag("VAEKERNELS_CUDA")
     if with_cuda is None:
-        with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+        problem = cuda_toolkit_problem(torch, CUDA_HOME)
+        with_cuda = problem is None
+        if problem is not None:
+            print(f"vaekernels: building without the CUDA kernels ({problem}); CUDA tensors use Triton")
     if with_cuda:
         schema_ext = CUDAExtension(
             "vaekernels._C",

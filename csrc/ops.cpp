@@ -26,7 +26,10 @@ TORCH_LIBRARY(vaekernels, m) {
   //   joint[i]       = logsumexp_j sum_k log N(z_ik; mean_jk, exp(log_var_jk))   -> [B]
   //   marginal[i, k] = logsumexp_j       log N(z_ik; mean_jk, exp(log_var_jk))   -> [B, d]
   // without materialising the [B, N, d] table; the backward recomputes it block by block.
-  m.def("aggregate_posterior(Tensor z, Tensor mean, Tensor log_var) -> (Tensor, Tensor)");
+  // The marginal costs an exp per (i, j, k) where the joint costs one per (i, j), so a caller that
+  // needs only the joint passes with_marginal=false and gets an empty [B, 0] marginal; the
+  // backward then takes that [B, 0] marginal with a [B, 0] grad_marginal and skips its term.
+  m.def("aggregate_posterior(Tensor z, Tensor mean, Tensor log_var, bool with_marginal) -> (Tensor, Tensor)");
   m.def("aggregate_posterior_backward(Tensor grad_joint, Tensor grad_marginal, Tensor z, Tensor mean, Tensor log_var, Tensor joint, Tensor marginal) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -16,7 +16,7 @@ OP_NAMES = ["log_mean_exp", "log_mean_exp_backward", "bernoulli_log_prob", "bern
             "gaussian_kl", "aggregate_posterior", "aggregate_posterior_backward"]
 
 
-def sample_args(name, dtype=torch.float64):
+def sample_args(name, with_marginal=True, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -40,20 +40,26 @@ def sample_args(name, dtype=torch.float64):
         return randn(2, 3, 5).requires_grad_(), randn(1, 1, 5).expand(2, 3, 5).requires_grad_()
     z, mean, log_var = randn(4, 3).requires_grad_(), randn(5, 3).requires_grad_(), randn(5, 3).requires_grad_()
     if name == "aggregate_posterior":
-        return z, mean, log_var
-    joint, marginal = torch.ops.vaekernels.aggregate_posterior(z.detach(), mean.detach(), log_var.detach())
-    return randn(4), randn(4, 3), z.detach(), mean.detach(), log_var.detach(), joint, marginal
+        return z, mean, log_var, with_marginal
+    joint, marginal = torch.ops.vaekernels.aggregate_posterior(z.detach(), mean.detach(), log_var.detach(),
+                                                               with_marginal)
+    return randn(4), randn(*marginal.shape), z.detach(), mean.detach(), log_var.detach(), joint, marginal
 
 
 def namespace_of(backend):
     return "vaekernels_triton" if backend == "triton" else "vaekernels"
 
 
+# The aggregate posterior ops once more for a joint-only forward, whose marginal is an empty [B, 0].
+OPCHECK_CASES = [pytest.param(name, True, id=name) for name in OP_NAMES] + [
+    pytest.param(name, False, id=f"{name}-joint-only") for name in OP_NAMES if name.startswith("aggregate_posterior")]
+
+
 @pytest.mark.parametrize("backend", [b for b in NATIVE if b in ("cpu", "triton")])
-@pytest.mark.parametrize("name", OP_NAMES)
-def test_opcheck(backend, name):
+@pytest.mark.parametrize("name,with_marginal", OPCHECK_CASES)
+def test_opcheck(backend, name, with_marginal):
     op = getattr(getattr(torch.ops, namespace_of(backend)), name).default
-    torch.library.opcheck(op, sample_args(name))
+    torch.library.opcheck(op, sample_args(name, with_marginal))
 
 
 @pytest.mark.skipif(not _backend.triton_available() or not _backend.native()["schemas"],

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <torch/library.h>
@@ -279,6 +280,44 @@ class PosteriorColumns {
 // Columns of j handled together, so that the per-j joint log-densities stay in L1.
 constexpr int64_t kJointTile = 256;
 
+// Calls body(std::true_type) or body(std::false_type), so that the inner loops in body test the
+// flag at compile time instead of once per element.
+template <typename Body>
+void with_flag(bool flag, const Body& body) {
+  if (flag) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
+// The weight c[i, j, k] = grad_joint[i] a[i, j] + grad_marginal[i, k] b[i, j, k] of the (i, j, k)
+// term in every gradient, for one (i, k), given the joint part. Without the marginal (a forward
+// run for the joint only) there is no b, and no exp per term.
+template <typename T, bool kWithMarginal>
+class PairWeight {
+ public:
+  using Vec = Vectorized<T>;
+
+  PairWeight(const T* grad_marginal, const T* marginal, int64_t ik) {
+    if constexpr (kWithMarginal) {
+      grad_marginal_ = Vec(grad_marginal[ik]);
+      log_marginal_ = Vec(marginal[ik]);
+    }
+  }
+
+  Vec operator()(const Vec& joint_weight, const Vec& log_density) const {
+    if constexpr (kWithMarginal) {
+      return at::vec::fmadd(grad_marginal_, (log_density - log_marginal_).exp(), joint_weight);
+    } else {
+      return joint_weight;
+    }
+  }
+
+ private:
+  Vec grad_marginal_, log_marginal_;
+};
+
 void check_aggregate_inputs(const char* op, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& log_var) {
   check_rank(op, "z", z, 2, "[B, d]");
   check_floating(op, "z", z, kCpu);
@@ -288,13 +327,13 @@ void check_aggregate_inputs(const char* op, const at::Tensor& z, const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, const at::Tensor& mean,
-                                                       const at::Tensor& log_var) {
+                                                       const at::Tensor& log_var, bool with_marginal) {
   constexpr const char* op = "vaekernels::aggregate_posterior";
   check_aggregate_inputs(op, z, mean, log_var);
   const int64_t B = z.size(0), d = z.size(1);
   auto z_c = z.contiguous();
   auto joint = at::empty({B}, z.options());
-  auto marginal = at::empty({B, d}, z.options());
+  auto marginal = at::empty({B, with_marginal ? d : 0}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aggregate_posterior", [&] {
     using LSE = LaneLogSumExp<scalar_t>;
     const PosteriorColumns<scalar_t> columns(mean.contiguous(), log_var.contiguous());
@@ -302,22 +341,28 @@ std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, cons
     const scalar_t* z_ptr = z_c.const_data_ptr<scalar_t>();
     scalar_t* joint_ptr = joint.data_ptr<scalar_t>();
     scalar_t* marginal_ptr = marginal.data_ptr<scalar_t>();
-    at::parallel_for(0, B, row_grain(width * std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> joint_tile(kJointTile);
-      std::vector<LSE> marginal_lse(d);
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* z_i = z_ptr + i * d;
-        std::fill(marginal_lse.begin(), marginal_lse.end(), LSE());
-        LSE joint_lse;
-        for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
-          const int64_t count = std::min(kJointTile, width - j0);
-          columns.joint_log_density(z_i, j0, count, joint_tile.data(),
-                                    [&](int64_t k, const auto& t) { marginal_lse[k].add(t.log_density); });
-          for (int64_t j = 0; j < count; j += LSE::Vec::size()) joint_lse.add(LSE::Vec::loadu(joint_tile.data() + j));
+    with_flag(with_marginal, [&](auto marginal_flag) {
+      constexpr bool kWithMarginal = decltype(marginal_flag)::value;
+      at::parallel_for(0, B, row_grain(width * std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> joint_tile(kJointTile);
+        std::vector<LSE> marginal_lse(kWithMarginal ? d : 0);
+        for (int64_t i = begin; i < end; ++i) {
+          const scalar_t* z_i = z_ptr + i * d;
+          std::fill(marginal_lse.begin(), marginal_lse.end(), LSE());
+          LSE joint_lse;
+          for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
+            const int64_t count = std::min(kJointTile, width - j0);
+            columns.joint_log_density(z_i, j0, count, joint_tile.data(), [&](int64_t k, const auto& t) {
+              if constexpr (kWithMarginal) marginal_lse[k].add(t.log_density);
+            });
+            for (int64_t j = 0; j < count; j += LSE::Vec::size())
+              joint_lse.add(LSE::Vec::loadu(joint_tile.data() + j));
+          }
+          joint_ptr[i] = joint_lse.reduce();
+          if constexpr (kWithMarginal)
+            for (int64_t k = 0; k < d; ++k) marginal_ptr[i * d + k] = marginal_lse[k].reduce();
         }
-        joint_ptr[i] = joint_lse.reduce();
-        for (int64_t k = 0; k < d; ++k) marginal_ptr[i * d + k] = marginal_lse[k].reduce();
-      }
+      });
     });
   });
   return {joint, marginal};
@@ -329,10 +374,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
   constexpr const char* op = "vaekernels::aggregate_posterior_backward";
   check_aggregate_inputs(op, z, mean, log_var);
   const int64_t B = z.size(0), d = z.size(1), N = mean.size(0);
+  // A forward run for the joint only saved a [B, 0] marginal, whose gradient is [B, 0] too.
+  const bool with_marginal = !(marginal.dim() == 2 && marginal.size(1) == 0);
+  const int64_t marginal_dims = with_marginal ? d : 0;
   check_tensor(op, "joint", joint, {B}, z, kCpu);
-  check_tensor(op, "marginal", marginal, {B, d}, z, kCpu);
+  check_tensor(op, "marginal", marginal, {B, marginal_dims}, z, kCpu);
   check_grad(op, "grad_joint", grad_joint, {B}, z);
-  check_grad(op, "grad_marginal", grad_marginal, {B, d}, z);
+  check_grad(op, "grad_marginal", grad_marginal, {B, marginal_dims}, z);
   auto z_c = z.contiguous(), joint_c = joint.contiguous(), marginal_c = marginal.contiguous();
   auto grad_joint_c = grad_joint.to(z.scalar_type()).contiguous();
   auto grad_marginal_c = grad_marginal.to(z.scalar_type()).contiguous();
@@ -350,11 +398,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
     const scalar_t* grad_joint_ptr = grad_joint_c.const_data_ptr<scalar_t>();
     const scalar_t* grad_marginal_ptr = grad_marginal_c.const_data_ptr<scalar_t>();
 
-    // c[i, j, k], the weight of the (i, j, k) term in every gradient, from joint_weight =
-    // grad_joint[i] * a[i, j] and the (i, k) entries of grad_marginal and marginal.
-    auto weight = [](const Vec& joint_weight, const Vec& grad_marginal_ik, const Vec& marginal_ik, const Terms& t) {
-      return at::vec::fmadd(grad_marginal_ik, (t.log_density - marginal_ik).exp(), joint_weight);
-    };
     // Turns the tile's L[i, j] into grad_joint[i] * exp(L[i, j] - joint[i]) in place.
     auto to_joint_weight = [&](int64_t i, int64_t count, scalar_t* tile) {
       const Vec grad(grad_joint_ptr[i]), shift(joint_ptr[i]);
@@ -362,75 +405,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
         (grad * (Vec::loadu(tile + j) - shift).exp()).store(tile + j);
     };
 
-    scalar_t* grad_z_ptr = grad_z.data_ptr<scalar_t>();
-    // grad_z[i, k] = sum_j c (z - mean) / (-var), parallel over i so each row sums on its own.
-    at::parallel_for(0, B, row_grain(2 * width * std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> tile(kJointTile);
-      std::vector<Vec> grad_z_lanes(d);
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* z_i = z_ptr + i * d;
-        std::fill(grad_z_lanes.begin(), grad_z_lanes.end(), Vec(scalar_t(0)));
-        for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
-          const int64_t count = std::min(kJointTile, width - j0);
-          columns.joint_log_density(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
-          to_joint_weight(i, count, tile.data());
-          for (int64_t k = 0; k < d; ++k) {
-            const Vec z_k(z_i[k]), grad_marginal_ik(grad_marginal_ptr[i * d + k]), marginal_ik(marginal_ptr[i * d + k]);
-            Vec acc = grad_z_lanes[k];
-            for (int64_t j = 0; j < count; j += Vec::size()) {
-              const Terms t = columns.terms(k, j0 + j, z_k);
-              const Vec c = weight(Vec::loadu(tile.data() + j), grad_marginal_ik, marginal_ik, t);
-              acc = at::vec::fmadd(c, t.half_precision_diff, acc);
-            }
-            grad_z_lanes[k] = acc;
-          }
-        }
-        // -r = (mean - z) / var = 2 half_precision_diff.
-        for (int64_t k = 0; k < d; ++k)
-          grad_z_ptr[i * d + k] =
-              scalar_t(2) * at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, grad_z_lanes[k]);
-      }
-    });
-
-    // grad_mean and grad_log_var sum over i: parallel over tiles of j, each summing its own
-    // columns over every i, with a second recomputation of the densities instead of a reduction
-    // across threads. Tiles are a few vectors wide so every thread gets several.
-    const int64_t vectors = width / Vec::size();
-    const int64_t tile_vectors = std::clamp<int64_t>(vectors / (4 * at::get_num_threads()), 1, 8);
-    const int64_t tile_width = tile_vectors * Vec::size();
-    const int64_t tiles = (width + tile_width - 1) / tile_width;
-    scalar_t* grad_mean_ptr = grad_mean.data_ptr<scalar_t>();
-    scalar_t* grad_log_var_ptr = grad_log_var.data_ptr<scalar_t>();
-    at::parallel_for(0, tiles, row_grain(2 * B * std::max<int64_t>(d, 1) * tile_width), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> tile(tile_width), mean_acc(d * tile_width), log_var_acc(d * tile_width);
-      for (int64_t t_index = begin; t_index < end; ++t_index) {
-        const int64_t j0 = t_index * tile_width, count = std::min(tile_width, width - j0);
-        std::fill(mean_acc.begin(), mean_acc.end(), scalar_t(0));
-        std::fill(log_var_acc.begin(), log_var_acc.end(), scalar_t(0));
-        for (int64_t i = 0; i < B; ++i) {
+    with_flag(with_marginal, [&](auto marginal_flag) {
+      using Weight = PairWeight<scalar_t, decltype(marginal_flag)::value>;
+      scalar_t* grad_z_ptr = grad_z.data_ptr<scalar_t>();
+      // grad_z[i, k] = sum_j c (z - mean) / (-var), parallel over i so each row sums on its own.
+      at::parallel_for(0, B, row_grain(2 * width * std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> tile(kJointTile);
+        std::vector<Vec> grad_z_lanes(d);
+        for (int64_t i = begin; i < end; ++i) {
           const scalar_t* z_i = z_ptr + i * d;
-          columns.joint_log_density(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
-          to_joint_weight(i, count, tile.data());
-          for (int64_t k = 0; k < d; ++k) {
-            const Vec z_k(z_i[k]), grad_marginal_ik(grad_marginal_ptr[i * d + k]), marginal_ik(marginal_ptr[i * d + k]);
-            const Vec half(scalar_t(0.5));
-            scalar_t* mean_k = mean_acc.data() + k * tile_width;
-            scalar_t* log_var_k = log_var_acc.data() + k * tile_width;
-            for (int64_t j = 0; j < count; j += Vec::size()) {
-              const Terms t = columns.terms(k, j0 + j, z_k);
-              const Vec c = weight(Vec::loadu(tile.data() + j), grad_marginal_ik, marginal_ik, t);
-              at::vec::fmadd(c, t.half_precision_diff, Vec::loadu(mean_k + j)).store(mean_k + j);
-              at::vec::fmadd(c, t.quadratic + half, Vec::loadu(log_var_k + j)).store(log_var_k + j);
+          std::fill(grad_z_lanes.begin(), grad_z_lanes.end(), Vec(scalar_t(0)));
+          for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
+            const int64_t count = std::min(kJointTile, width - j0);
+            columns.joint_log_density(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
+            to_joint_weight(i, count, tile.data());
+            for (int64_t k = 0; k < d; ++k) {
+              const Vec z_k(z_i[k]);
+              const Weight weight(grad_marginal_ptr, marginal_ptr, i * d + k);
+              Vec acc = grad_z_lanes[k];
+              for (int64_t j = 0; j < count; j += Vec::size()) {
+                const Terms t = columns.terms(k, j0 + j, z_k);
+                const Vec c = weight(Vec::loadu(tile.data() + j), t.log_density);
+                acc = at::vec::fmadd(c, t.half_precision_diff, acc);
+              }
+              grad_z_lanes[k] = acc;
             }
           }
+          // -r = (mean - z) / var = 2 half_precision_diff.
+          for (int64_t k = 0; k < d; ++k)
+            grad_z_ptr[i * d + k] =
+                scalar_t(2) * at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, grad_z_lanes[k]);
         }
-        // r = (z - mean) / var = -2 half_precision_diff; 0.5 (r (z - mean) - 1) = -(quadratic + 0.5).
-        for (int64_t j = j0; j < std::min(j0 + count, N); ++j)
-          for (int64_t k = 0; k < d; ++k) {
-            grad_mean_ptr[j * d + k] = scalar_t(-2) * mean_acc[k * tile_width + j - j0];
-            grad_log_var_ptr[j * d + k] = -log_var_acc[k * tile_width + j - j0];
+      });
+
+      // grad_mean and grad_log_var sum over i: parallel over tiles of j, each summing its own
+      // columns over every i, with a second recomputation of the densities instead of a reduction
+      // across threads. Tiles are a few vectors wide so every thread gets several.
+      const int64_t vectors = width / Vec::size();
+      const int64_t tile_vectors = std::clamp<int64_t>(vectors / (4 * at::get_num_threads()), 1, 8);
+      const int64_t tile_width = tile_vectors * Vec::size();
+      const int64_t tiles = (width + tile_width - 1) / tile_width;
+      scalar_t* grad_mean_ptr = grad_mean.data_ptr<scalar_t>();
+      scalar_t* grad_log_var_ptr = grad_log_var.data_ptr<scalar_t>();
+      const int64_t grain = row_grain(2 * B * std::max<int64_t>(d, 1) * tile_width);
+      at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> tile(tile_width), mean_acc(d * tile_width), log_var_acc(d * tile_width);
+        for (int64_t t_index = begin; t_index < end; ++t_index) {
+          const int64_t j0 = t_index * tile_width, count = std::min(tile_width, width - j0);
+          std::fill(mean_acc.begin(), mean_acc.end(), scalar_t(0));
+          std::fill(log_var_acc.begin(), log_var_acc.end(), scalar_t(0));
+          for (int64_t i = 0; i < B; ++i) {
+            const scalar_t* z_i = z_ptr + i * d;
+            columns.joint_log_density(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
+            to_joint_weight(i, count, tile.data());
+            for (int64_t k = 0; k < d; ++k) {
+              const Vec z_k(z_i[k]);
+              const Weight weight(grad_marginal_ptr, marginal_ptr, i * d + k);
+              const Vec half(scalar_t(0.5));
+              scalar_t* mean_k = mean_acc.data() + k * tile_width;
+              scalar_t* log_var_k = log_var_acc.data() + k * tile_width;
+              for (int64_t j = 0; j < count; j += Vec::size()) {
+                const Terms t = columns.terms(k, j0 + j, z_k);
+                const Vec c = weight(Vec::loadu(tile.data() + j), t.log_density);
+                at::vec::fmadd(c, t.half_precision_diff, Vec::loadu(mean_k + j)).store(mean_k + j);
+                at::vec::fmadd(c, t.quadratic + half, Vec::loadu(log_var_k + j)).store(log_var_k + j);
+              }
+            }
           }
-      }
+          // r = (z - mean) / var = -2 half_precision_diff; 0.5 (r (z - mean) - 1) = -(quadratic + 0.5).
+          for (int64_t j = j0; j < std::min(j0 + count, N); ++j)
+            for (int64_t k = 0; k < d; ++k) {
+              grad_mean_ptr[j * d + k] = scalar_t(-2) * mean_acc[k * tile_width + j - j0];
+              grad_log_var_ptr[j * d + k] = -log_var_acc[k * tile_width + j - j0];
+            }
+        }
+      });
     });
   });
   return {grad_z, grad_mean, grad_log_var};

@@ -509,8 +509,9 @@ def importance_sampled_nll(
 # ----------------------------------------------------------------------------- aggregate posterior
 
 
-def _aggregate_posterior_fake(z, mean, log_var):
-    return z.new_empty(z.shape[0]), z.new_empty(z.shape)
+def _aggregate_posterior_fake(z, mean, log_var, with_marginal):
+    B, d = z.shape
+    return z.new_empty(B), z.new_empty(B, d if with_marginal else 0)
 
 
 def _aggregate_posterior_backward_fake(grad_joint, grad_marginal, z, mean, log_var, joint, marginal):
@@ -518,15 +519,19 @@ def _aggregate_posterior_backward_fake(grad_joint, grad_marginal, z, mean, log_v
 
 
 def _save_aggregate_posterior(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
+    z, mean, log_var, _ = inputs
+    ctx.save_for_backward(z, mean, log_var, *output)
 
 
 def _make_aggregate_posterior_backward(ops):
     def backward(ctx, grad_joint, grad_marginal):
         z, mean, log_var, joint, marginal = ctx.saved_tensors
         grad_joint = torch.zeros_like(joint) if grad_joint is None else grad_joint.contiguous()
+        # Shaped like the saved marginal: [B, 0] after a joint-only forward, which tells the
+        # kernels to leave the marginal's term out.
         grad_marginal = torch.zeros_like(marginal) if grad_marginal is None else grad_marginal.contiguous()
-        return ops.aggregate_posterior_backward(grad_joint, grad_marginal, z, mean, log_var, joint, marginal)
+        grads = ops.aggregate_posterior_backward(grad_joint, grad_marginal, z, mean, log_var, joint, marginal)
+        return *grads, None
     return backward
 
 
@@ -535,8 +540,9 @@ register("aggregate_posterior", _aggregate_posterior_fake, _save_aggregate_poste
 register("aggregate_posterior_backward", _aggregate_posterior_backward_fake)
 
 
-def _aggregate_posterior(fn, z, mean, log_var, dataset_size):
-    """(log q(z_i), log q(z_ik)) for the batch, from one fused pass; None when on the reference backend."""
+def _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal):
+    """(log q(z_i), log q(z_ik)) for the batch, from one fused pass; None when on the reference backend.
+    Without ``with_marginal`` the second is empty, [B, 0], and costs nothing."""
     _check_float(fn, "z", z)
     if z.dim() != 2 or z.shape[0] == 0:
         _fail(fn, f"z must have shape [B, d] with B >= 1, got {list(z.shape)}")
@@ -551,7 +557,7 @@ def _aggregate_posterior(fn, z, mean, log_var, dataset_size):
     if backend == "reference":
         return None
     joint, marginal = _backend.ops(backend).aggregate_posterior(z.contiguous(), mean.contiguous(),
-                                                                log_var.contiguous())
+                                                                log_var.contiguous(), with_marginal)
     normaliser = math.log(mean.shape[0] * (dataset_size or 1))
     return joint - normaliser, marginal - normaliser
 
@@ -576,7 +582,7 @@ def aggregate_posterior_log_density(
         torch.Size([4])
     """
     fn = "aggregate_posterior_log_density"
-    fused = _aggregate_posterior(fn, z, mean, log_var, dataset_size)
+    fused = _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal=per_dim)
     if fused is None:
         return reference.aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size,
                                                          per_dim=per_dim)
@@ -620,7 +626,7 @@ def total_correlation(z, mean, log_var, *, dataset_size: int | None = None) -> t
         torch.Size([])
     """
     fn = "total_correlation"
-    fused = _aggregate_posterior(fn, z, mean, log_var, dataset_size)
+    fused = _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal=True)
     if fused is None:
         return reference.total_correlation(z, mean, log_var, dataset_size=dataset_size)
     joint, marginal = fused

@@ -397,6 +397,7 @@ def _aggregate_posterior_fwd_kernel(
     z_ptr, mean_ptr, log_var_ptr, joint_ptr, marginal_ptr, B, N, d,
     sz_b, sz_d, sm_n, sm_d, sv_n, sv_d,
     ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    WITH_MARGINAL: tl.constexpr,
 ):
     i, i_mask = _row_block(B, BLOCK_I)
     k = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -405,8 +406,9 @@ def _aggregate_posterior_fwd_kernel(
     z = _load_tile(z_ptr + i * sz_b, k, sz_d, z_mask, ACC)
     joint_max = tl.full([BLOCK_I], float("-inf"), ACC)
     joint_sum = tl.zeros([BLOCK_I], ACC)
-    marginal_max = tl.full([BLOCK_I, BLOCK_K], float("-inf"), ACC)
-    marginal_sum = tl.zeros([BLOCK_I, BLOCK_K], ACC)
+    if WITH_MARGINAL:
+        marginal_max = tl.full([BLOCK_I, BLOCK_K], float("-inf"), ACC)
+        marginal_sum = tl.zeros([BLOCK_I, BLOCK_K], ACC)
     for j0 in range(0, N, BLOCK_J):
         j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
         j_mask = j < N
@@ -422,46 +424,57 @@ def _aggregate_posterior_fwd_kernel(
         joint_sum = joint_sum * tl.exp(joint_max - shift) + tl.sum(tl.exp(joint_l - shift[:, None]), axis=1)
         joint_max = new_max
 
-        marginal_l = tl.where(j_mask[None, :, None], l, float("-inf"))
-        new_max = tl.maximum(marginal_max, tl.max(marginal_l, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        marginal_sum = marginal_sum * tl.exp(marginal_max - shift) + tl.sum(
-            tl.exp(marginal_l - shift[:, None, :]), axis=1)
-        marginal_max = new_max
+        if WITH_MARGINAL:
+            marginal_l = tl.where(j_mask[None, :, None], l, float("-inf"))
+            new_max = tl.maximum(marginal_max, tl.max(marginal_l, axis=1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            marginal_sum = marginal_sum * tl.exp(marginal_max - shift) + tl.sum(
+                tl.exp(marginal_l - shift[:, None, :]), axis=1)
+            marginal_max = new_max
     # An all -inf row ends with max -inf and sum 0: -inf + log(0) = -inf, not NaN.
     _store_rows(joint_ptr, i, joint_max + tl.log(joint_sum), i_mask)
-    _store_tile(marginal_ptr, i, k, d, marginal_max + tl.log(marginal_sum), z_mask)
+    if WITH_MARGINAL:
+        _store_tile(marginal_ptr, i, k, d, marginal_max + tl.log(marginal_sum), z_mask)
 
 
 @triton.jit
 def _sample_tile(
     z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask, ik_mask,
-    sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC: tl.constexpr,
+    sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC: tl.constexpr, WITH_MARGINAL: tl.constexpr,
 ):
     """What the backward needs of the samples i: z, the saved log_joint and log_marginal, and
     their incoming gradients."""
     z = _load_tile(z_ptr + i * sz_b, k, sz_d, ik_mask, ACC)
     log_joint = _load_rows(joint_ptr + i * sj_b, i_mask, ACC)
-    log_marginal = _load_tile(marginal_ptr + i * smg_b, k, smg_d, ik_mask, ACC)
     grad_joint = _load_rows(grad_joint_ptr + i * sgj_b, i_mask, ACC)
-    grad_marginal = _load_tile(grad_marginal_ptr + i * sgm_b, k, sgm_d, ik_mask, ACC)
+    if WITH_MARGINAL:
+        log_marginal = _load_tile(marginal_ptr + i * smg_b, k, smg_d, ik_mask, ACC)
+        grad_marginal = _load_tile(grad_marginal_ptr + i * sgm_b, k, sgm_d, ik_mask, ACC)
+    else:
+        # A joint-only forward saved a [B, 0] marginal: nothing to read, and `_pair_weights`
+        # leaves these stand-ins unread.
+        log_marginal = tl.zeros([1, 1], ACC)
+        grad_marginal = tl.zeros([1, 1], ACC)
     return z, log_joint, log_marginal, grad_joint, grad_marginal
 
 
 @triton.jit
 def _pair_weights(
     z, mean, log_var, inv_var, log_joint, log_marginal, grad_joint, grad_marginal, pair_mask, k_mask,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, WITH_MARGINAL: tl.constexpr,
 ):
     """c[i, j, k] = grad_joint[i] a[i, j] + grad_marginal[i, k] b[i, j, k], r = (z - m) / var and
     z - m, with the softmax weights a and b set to 0 where their log-density is -inf (or the pair
-    is a padding lane) rather than exp(-inf - -inf) = NaN when the whole row is -inf."""
+    is a padding lane) rather than exp(-inf - -inf) = NaN when the whole row is -inf. Without the
+    marginal there is no b term, and no exp per (i, j, k)."""
     l, diff = _pairwise_log_density(z, mean, log_var, inv_var, ACC)
     l = tl.where(k_mask[None, None, :], l, 0.0)
     joint_l = tl.sum(l, axis=2)
     a = tl.where(pair_mask & (joint_l != float("-inf")), tl.exp(joint_l - log_joint[:, None]), 0.0)
-    b = tl.where(pair_mask[:, :, None] & (l != float("-inf")), tl.exp(l - log_marginal[:, None, :]), 0.0)
-    c = grad_joint[:, None, None] * a[:, :, None] + grad_marginal[:, None, :] * b
+    c = grad_joint[:, None, None] * a[:, :, None]
+    if WITH_MARGINAL:
+        b = tl.where(pair_mask[:, :, None] & (l != float("-inf")), tl.exp(l - log_marginal[:, None, :]), 0.0)
+        c += grad_marginal[:, None, :] * b
     return c, diff * inv_var[None, :, :], diff
 
 
@@ -471,6 +484,7 @@ def _aggregate_posterior_bwd_z_kernel(
     grad_z_ptr, B, N, d,
     sgj_b, sgm_b, sgm_d, sz_b, sz_d, sm_n, sm_d, sv_n, sv_d, sj_b, smg_b, smg_d,
     ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    WITH_MARGINAL: tl.constexpr,
 ):
     i, i_mask = _row_block(B, BLOCK_I)
     k = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -478,7 +492,7 @@ def _aggregate_posterior_bwd_z_kernel(
     ik_mask = i_mask[:, None] & k_mask[None, :]
     z, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
         z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask, ik_mask,
-        sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC)
+        sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC, WITH_MARGINAL)
     grad_z = tl.zeros([BLOCK_I, BLOCK_K], ACC)
     for j0 in range(0, N, BLOCK_J):
         j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
@@ -486,7 +500,7 @@ def _aggregate_posterior_bwd_z_kernel(
         mean, log_var, inv_var = _posterior_tile(mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :],
                                                  sm_n, sm_d, sv_n, sv_d, ACC)
         c, r, _ = _pair_weights(z, mean, log_var, inv_var, log_joint, log_marginal, grad_joint, grad_marginal,
-                                i_mask[:, None] & j_mask[None, :], k_mask, ACC)
+                                i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
         grad_z -= tl.sum(c * r, axis=1)
     _store_tile(grad_z_ptr, i, k, d, grad_z, ik_mask)
 
@@ -497,6 +511,7 @@ def _aggregate_posterior_bwd_posterior_kernel(
     grad_mean_ptr, grad_log_var_ptr, B, N, d,
     sgj_b, sgm_b, sgm_d, sz_b, sz_d, sm_n, sm_d, sv_n, sv_d, sj_b, smg_b, smg_d,
     ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    WITH_MARGINAL: tl.constexpr,
 ):
     j, j_mask = _row_block(N, BLOCK_J)
     k = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -510,21 +525,22 @@ def _aggregate_posterior_bwd_posterior_kernel(
         i_mask = i < B
         z, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
             z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask,
-            i_mask[:, None] & k_mask[None, :], sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC)
+            i_mask[:, None] & k_mask[None, :], sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC,
+            WITH_MARGINAL)
         c, r, diff = _pair_weights(z, mean, log_var, inv_var, log_joint, log_marginal, grad_joint, grad_marginal,
-                                   i_mask[:, None] & j_mask[None, :], k_mask, ACC)
+                                   i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
         grad_mean += tl.sum(c * r, axis=0)
         grad_log_var += tl.sum(c * (0.5 * (r * diff - 1.0)), axis=0)
     _store_tile(grad_mean_ptr, j, k, d, grad_mean, jk_mask)
     _store_tile(grad_log_var_ptr, j, k, d, grad_log_var, jk_mask)
 
 
-def _aggregate_posterior(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor,
+def _aggregate_posterior(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, with_marginal: bool,
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     B, d = z.shape
     N = mean.shape[0]
     joint = torch.empty(B, dtype=dtype, device=z.device)
-    marginal = torch.empty((B, d), dtype=dtype, device=z.device)
+    marginal = torch.empty((B, d if with_marginal else 0), dtype=dtype, device=z.device)
     if B == 0:
         return joint, marginal
     acc = _acc_dtype(z, mean, log_var)
@@ -532,25 +548,26 @@ def _aggregate_posterior(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Ten
     with _on_device(z):
         _aggregate_posterior_fwd_kernel[(triton.cdiv(B, block_i),)](
             z, mean, log_var, joint, marginal, B, N, d, *z.stride(), *mean.stride(), *log_var.stride(),
-            ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k,
+            ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, WITH_MARGINAL=with_marginal,
             num_warps=_num_warps(block_i * block_j * block_k),
         )
     return joint, marginal
 
 
 def aggregate_posterior_fwd(
-    z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
+    z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, with_marginal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For z [B, d] and posteriors (mean, log_var) [N, d], with l[i, j, k] = log N(z_ik; mean_jk,
     exp(log_var_jk)): joint[i] = logsumexp_j sum_k l [B] and marginal[i, k] = logsumexp_j l [B, d],
-    streamed over j (no [B, N, d] tensor).
+    streamed over j (no [B, N, d] tensor). The marginal takes an exp per (i, j, k), the joint one
+    per (i, j): with ``with_marginal=False`` the marginal is skipped and comes back empty, [B, 0].
 
     >>> z = torch.zeros(2, 3, device="cuda")
-    >>> joint, marginal = aggregate_posterior_fwd(z, z, z)  # log 2 + 3 log N(0; 0, 1)
-    >>> joint
-    tensor([-2.0637, -2.0637], device='cuda:0')
+    >>> joint, marginal = aggregate_posterior_fwd(z, z, z, with_marginal=False)  # log 2 + 3 log N(0; 0, 1)
+    >>> joint, marginal.shape
+    (tensor([-2.0637, -2.0637], device='cuda:0'), torch.Size([2, 0]))
     """
-    return _aggregate_posterior(z, mean, log_var, z.dtype)
+    return _aggregate_posterior(z, mean, log_var, with_marginal, z.dtype)
 
 
 def aggregate_posterior_bwd(
@@ -565,11 +582,12 @@ def aggregate_posterior_bwd(
     """Gradients (grad_z [B, d], grad_mean [N, d], grad_log_var [N, d]) of `aggregate_posterior_fwd`
     given those of its outputs, recomputing l block by block from the saved joint and marginal
     (recomputed in float32 for float16/bfloat16 inputs, whose rounding the weights would magnify).
-    One kernel reduces over j for grad_z, one over i for the posterior parameters, so no two
-    programs write the same element.
+    A [B, 0] marginal and grad_marginal (a joint-only forward) leave out the marginal's term. One
+    kernel reduces over j for grad_z, one over i for the posterior parameters, so no two programs
+    write the same element.
 
     >>> z = torch.zeros(2, 3, device="cuda")
-    >>> joint, marginal = aggregate_posterior_fwd(z, z, z)
+    >>> joint, marginal = aggregate_posterior_fwd(z, z, z, with_marginal=True)
     >>> grads = aggregate_posterior_bwd(torch.ones_like(joint), torch.zeros_like(marginal), z, z, z, joint, marginal)
     >>> grads[2]  # two z_i, each with weight a = 1/2 on every j, times 0.5 * (r (z - m) - 1) = -0.5
     tensor([[-0.5000, -0.5000, -0.5000],
@@ -577,6 +595,7 @@ def aggregate_posterior_bwd(
     """
     B, d = z.shape
     N = mean.shape[0]
+    with_marginal = marginal.shape[1] > 0
     grad_z = torch.empty((B, d), dtype=z.dtype, device=z.device)
     grad_mean = torch.empty((N, d), dtype=mean.dtype, device=mean.device)
     grad_log_var = torch.empty((N, d), dtype=log_var.dtype, device=log_var.device)
@@ -584,7 +603,7 @@ def aggregate_posterior_bwd(
         # The weights exp(l - logsumexp) magnify the absolute rounding of a saved half-precision
         # logsumexp (0.06 at |joint| = 20 in bfloat16, a 6% error in every gradient); one extra
         # forward pass gives them in float32.
-        joint, marginal = _aggregate_posterior(z, mean, log_var, torch.float32)
+        joint, marginal = _aggregate_posterior(z, mean, log_var, with_marginal, torch.float32)
     tensors = (grad_joint, grad_marginal, z, mean, log_var, joint, marginal)
     strides = (grad_joint.stride(0), *grad_marginal.stride(), *z.stride(), *mean.stride(), *log_var.stride(),
                joint.stride(0), *marginal.stride())
@@ -594,14 +613,14 @@ def aggregate_posterior_bwd(
             block_i, block_j, block_k = _pair_blocks(B, N, d, acc)
             _aggregate_posterior_bwd_z_kernel[(triton.cdiv(B, block_i),)](
                 *tensors, grad_z, B, N, d, *strides,
-                ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k,
+                ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, WITH_MARGINAL=with_marginal,
                 num_warps=_num_warps(block_i * block_j * block_k),
             )
         if N > 0:
             block_j, block_i, block_k = _pair_blocks(N, B, d, acc)
             _aggregate_posterior_bwd_posterior_kernel[(triton.cdiv(N, block_j),)](
                 *tensors, grad_mean, grad_log_var, B, N, d, *strides,
-                ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k,
+                ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, WITH_MARGINAL=with_marginal,
                 num_warps=_num_warps(block_i * block_j * block_k),
             )
     return grad_z, grad_mean, grad_log_var
