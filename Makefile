@@ -19,8 +19,9 @@ PYTEST_ARGS ?=
 
 .PHONY: test bench clean
 
+# The docstring examples run too, but for the Triton launchers', which need a GPU.
 test: $(INSTALLED)
-	$(VENV_PYTHON) -m pytest tests $(PYTEST_ARGS)
+	$(VENV_PYTHON) -m pytest tests vaekernels --doctest-modules --ignore=vaekernels/triton $(PYTEST_ARGS)
 
 bench: $(INSTALLED)
 	$(VENV_PYTHON) -m pytest bench --benchmark-columns=min,median,max,rounds,iterations $(PYTEST_ARGS)

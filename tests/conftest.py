@@ -26,7 +26,10 @@ def poison_uninitialized_memory():
 
 def device_backends():
     """(device, backend) pairs this machine can run, the reference included."""
-    pairs = [("cpu", b) for b in vaekernels.available_backends() if b in ("cpu", "triton", "reference")]
+    from vaekernels import _backend
+
+    cpu = ("cpu", "reference") + (("triton",) if _backend.triton_interpreted() else ())
+    pairs = [("cpu", b) for b in vaekernels.available_backends() if b in cpu]
     if torch.cuda.is_available():
         pairs += [("cuda", b) for b in vaekernels.available_backends() if b in ("cuda", "triton")]
     return pairs

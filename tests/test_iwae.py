@@ -1,6 +1,9 @@
 """The importance-weighted bound family against its reference, closed forms and exact facts."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -209,7 +212,7 @@ def test_iwae_bound_saves_only_inputs_and_order_b_k(device_backend):
     assert sum(extra) <= 4 * B * K  # log-weights, the bound and such: never a [B, K, D] tensor
 
 
-def linear_gaussian(K, B=64, D=3, dtype=torch.float64, exact=True, seed=0):
+def linear_gaussian(K, B=64, D=3, dtype=torch.float64, exact=True, seed=0, device="cpu"):
     """z ~ N(0, 1), x | z ~ N(w z + b, s^2 I): the posterior and log p(x) are known in closed form."""
     g = torch.Generator().manual_seed(seed)
     w, b, s2 = torch.tensor([0.8, -1.2, 0.5], dtype=dtype), torch.tensor([0.1, 0.3, -0.2], dtype=dtype), 0.25
@@ -218,23 +221,22 @@ def linear_gaussian(K, B=64, D=3, dtype=torch.float64, exact=True, seed=0):
     post_mean = post_var * ((x - b) @ w / s2)
     if not exact:  # a posterior that is off in mean and width
         post_mean, post_var = post_mean + 0.7, post_var * 3
-    q_mean = post_mean.unsqueeze(1).clone().requires_grad_(True)  # [B, 1]
-    q_log_var = torch.full((B, 1), math.log(post_var), dtype=dtype).requires_grad_(True)
-    eps = torch.randn(B, K, 1, generator=g, dtype=dtype)
-    z = q_mean.unsqueeze(1) + torch.exp(0.5 * q_log_var).unsqueeze(1) * eps  # [B, K, 1]
-    decoder_mean = z * w + b
-    log_var = torch.full((D,), math.log(s2), dtype=dtype)
-    zero = torch.zeros((), dtype=dtype)
-    log_pz = vaekernels.gaussian_log_prob(z, zero, zero)
+    eps = torch.randn(B, K, 1, generator=g, dtype=dtype).to(device)
     cov = torch.outer(w, w) + s2 * torch.eye(D, dtype=dtype)
     log_px = torch.distributions.MultivariateNormal(b, cov).log_prob(x)
-    return dict(decoder_mean=decoder_mean, x=x, log_pz=log_pz, log_var=log_var, z=z, q=(q_mean, q_log_var),
-                log_px=log_px)
+    w, b, x = w.to(device), b.to(device), x.to(device)
+    q_mean = post_mean.unsqueeze(1).to(device).requires_grad_(True)  # [B, 1]
+    q_log_var = torch.full((B, 1), math.log(post_var), dtype=dtype, device=device).requires_grad_(True)
+    z = q_mean.unsqueeze(1) + torch.exp(0.5 * q_log_var).unsqueeze(1) * eps  # [B, K, 1]
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return dict(decoder_mean=z * w + b, x=x, log_pz=vaekernels.gaussian_log_prob(z, zero, zero),
+                log_var=torch.full((D,), math.log(s2), dtype=dtype, device=device), z=z, q=(q_mean, q_log_var),
+                log_px=log_px.to(device))
 
 
 @pytest.mark.parametrize("K", [1, 5, 50])
 def test_iwae_bound_with_exact_posterior_is_log_px(device_backend, K):
-    m = linear_gaussian(K)
+    m = linear_gaussian(K, device=device_backend[0])
     bound = vaekernels.iwae_bound(m["decoder_mean"], m["x"], m["log_pz"], None, likelihood="gaussian",
                                   log_var=m["log_var"], z=m["z"], q=m["q"])
     assert torch.allclose(bound, m["log_px"], rtol=0, atol=1e-10)
@@ -243,7 +245,7 @@ def test_iwae_bound_with_exact_posterior_is_log_px(device_backend, K):
 def test_iwae_bound_rises_with_k_for_a_mismatched_posterior(device_backend):
     means = []
     for K in (1, 4, 16):
-        m = linear_gaussian(K, B=400, exact=False)
+        m = linear_gaussian(K, B=400, exact=False, device=device_backend[0])
         with torch.no_grad():
             means.append(vaekernels.iwae_bound(m["decoder_mean"], m["x"], m["log_pz"], None, likelihood="gaussian",
                                                log_var=m["log_var"], z=m["z"], q=m["q"], reduction="mean").item())
@@ -287,10 +289,53 @@ def test_stl_detaches_only_the_score_of_q():
     q_mean, q_log_var = m["q"]
     bound = vaekernels.iwae_bound(m["decoder_mean"], m["x"], m["log_pz"], None, likelihood="gaussian",
                                   log_var=m["log_var"], z=m["z"], q=m["q"], estimator="stl")
-    grad_mean, grad_log_var = torch.autograd.grad(bound.sum(), [q_mean, q_log_var])
+    grad_mean, grad_log_var = torch.autograd.grad(bound.sum(), [q_mean, q_log_var], retain_graph=True)
     # With the exact posterior every log-weight is log p(x) whatever z is: the path gradient is zero
     # (sticking the landing), whereas the IWAE estimator keeps the score term.
     assert grad_mean.abs().max() < 1e-10 and grad_log_var.abs().max() < 1e-10
+    iwae = vaekernels.iwae_bound(m["decoder_mean"], m["x"], m["log_pz"], None, likelihood="gaussian",
+                                 log_var=m["log_var"], z=m["z"], q=m["q"], estimator="iwae")
+    assert torch.autograd.grad(iwae.sum(), q_log_var)[0].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("estimator", ["dreg", "stl"])
+def test_decoder_gradient_is_the_iwae_one_for_every_estimator(estimator):
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(2, 6).double()
+    x = torch.rand(3, 6, dtype=torch.float64).round()
+    mean, log_var = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64) * 0.1
+    eps = torch.randn(3, 4, 2, dtype=torch.float64)
+    grads = {}
+    for name in ("iwae", estimator):
+        q = (mean.clone().requires_grad_(), log_var.clone().requires_grad_())
+        z = q[0].unsqueeze(1) + torch.exp(0.5 * q[1]).unsqueeze(1) * eps
+        zero = z.new_zeros(())
+        bound = vaekernels.iwae_bound(decoder(z), x, vaekernels.gaussian_log_prob(z, zero, zero), None, z=z, q=q,
+                                      estimator=name)
+        grads[name] = torch.autograd.grad(bound.sum(), list(decoder.parameters()))
+    for got, want in zip(grads[estimator], grads["iwae"]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_dreg_matches_the_reference_and_gives_no_nan_for_impossible_rows():
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(2, 5).double()
+    x = torch.rand(3, 5, dtype=torch.float64).round()
+    eps = torch.randn(3, 4, 2, dtype=torch.float64)
+    log_pz_shift = torch.tensor([[0.0], [0.0], [float("-inf")]], dtype=torch.float64)  # row 2: every weight is 0
+    grads = []
+    for implementation in (vaekernels.iwae_bound, ref.iwae_bound):
+        q = (torch.zeros(3, 2, dtype=torch.float64, requires_grad=True),
+             torch.zeros(3, 2, dtype=torch.float64, requires_grad=True))
+        z = q[0].unsqueeze(1) + torch.exp(0.5 * q[1]).unsqueeze(1) * eps
+        zero = z.new_zeros(())
+        bound = implementation(decoder(z), x, vaekernels.gaussian_log_prob(z, zero, zero) + log_pz_shift, None,
+                               z=z, q=q, estimator="dreg")
+        bound[:2].sum().backward()
+        grads.append([t.grad for t in q])
+    for got, want in zip(*grads):
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_extreme_log_weights_give_no_nan(device_backend):
@@ -325,6 +370,28 @@ def test_importance_sampled_nll_streams_chunks_and_equals_log_px_for_the_exact_p
                                             chunk_size=64, likelihood="gaussian", log_var=m["log_var"])
     assert max(seen) == 64 and sum(seen) == 1000
     assert torch.allclose(nll, -m["log_px"], atol=1e-10)
+
+
+def test_importance_sampled_nll_merges_chunks_into_the_bound_over_all_samples():
+    torch.manual_seed(0)
+    encoder, decoder = torch.nn.Linear(6, 4).double(), torch.nn.Linear(2, 6).double()
+    encode = lambda x: encoder(x).chunk(2, dim=-1)  # noqa: E731
+    x = torch.rand(3, 6, dtype=torch.float64).round()
+    samples = []
+
+    def decode(z):
+        samples.append(z)
+        return decoder(z)
+
+    with torch.no_grad():
+        nll = vaekernels.importance_sampled_nll(x, encode, decode, 50, 7)  # chunks of 7, 7, ..., 1
+        z = torch.cat(samples, dim=1)
+        mean, log_var = encode(x)
+        zero = z.new_zeros(())
+        log_qz = ref.gaussian_log_prob(z, mean.unsqueeze(1), log_var.unsqueeze(1))
+        expected = -ref.iwae_bound(decoder(z), x, ref.gaussian_log_prob(z, zero, zero), log_qz)
+    assert [s.shape[1] for s in samples] == [7] * 7 + [1]
+    torch.testing.assert_close(nll, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_importance_sampled_nll_in_one_chunk_equals_the_reference():
@@ -478,3 +545,22 @@ def test_gaussian_log_prob_takes_scalar_parameters(device_backend):
                           ref.gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)), rtol=1e-13)
     with pytest.raises(ValueError, match="must broadcast to at least one dim"):
         vaekernels.gaussian_log_prob(zero, zero, zero)
+
+
+def test_without_the_cpp_extension_the_package_runs_on_the_reference():
+    probe = (
+        "import sys, warnings\n"
+        "for name in ('vaekernels._C', 'vaekernels._cpu_default', 'vaekernels._cpu_avx2', 'vaekernels._cpu_avx512'):\n"
+        "    sys.modules[name] = None  # as if built with VAEKERNELS_CPP=0\n"
+        "import torch, vaekernels\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    out = vaekernels.iwae_bound(torch.zeros(2, 3, 4), torch.ones(2, 4), torch.zeros(2, 3), torch.zeros(2, 3))\n"
+        "print(vaekernels.available_backends()[-1], round(out[0].item(), 4), caught[0].message)\n"
+    )
+    env = {**os.environ, "VAEKERNELS_BACKEND": "auto"}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False)
+    assert run.returncode == 0, run.stderr
+    backend, value, warning = run.stdout.split(" ", 2)
+    assert backend == "reference" and float(value) == round(-4 * math.log(2), 4)
+    assert "running the PyTorch reference because the C++ extension vaekernels._C is not built" in warning

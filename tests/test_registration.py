@@ -2,6 +2,7 @@
 backend, one schema for the C++ and Triton namespaces, and the per-capability CPU builds."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,27 +10,30 @@ import pytest
 import torch
 
 import vaekernels
+from conftest import device_backends
 from vaekernels import _backend
 
-NATIVE = [b for b in vaekernels.available_backends() if b != "reference"]
+# (device, backend) pairs that run native kernels: cpu and the interpreted Triton on CPU tensors,
+# cuda and Triton on CUDA tensors where there is a GPU.
+NATIVE = [pytest.param(pair, id=f"{pair[0]}-{pair[1]}") for pair in device_backends() if pair[1] != "reference"]
 OP_NAMES = ["log_mean_exp", "log_mean_exp_backward", "bernoulli_log_prob", "bernoulli_log_prob_backward", "gaussian_log_prob",
             "gaussian_kl", "aggregate_posterior", "aggregate_posterior_backward"]
 
 
-def sample_args(name, with_marginal=True, dtype=torch.float64):
+def sample_args(name, backend, device, with_marginal=True, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=dtype)
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
 
     logits = randn(2, 3, 5).requires_grad_()
-    x = torch.rand(2, 1, 5, generator=g, dtype=dtype).expand(2, 3, 5).requires_grad_()  # broadcast, stride 0
+    x = torch.rand(2, 1, 5, generator=g, dtype=dtype).to(device).expand(2, 3, 5).requires_grad_()  # stride 0
     if name == "log_mean_exp":
         return (randn(3, 7).requires_grad_(),)
     if name == "log_mean_exp_backward":
         x = randn(3, 7)
         x[1] = float("-inf")
-        return randn(3), x, torch.logsumexp(x, -1) - torch.log(torch.tensor(7.0, dtype=dtype))
+        return randn(3), x, torch.logsumexp(x, -1) - torch.log(torch.tensor(7.0, dtype=dtype, device=device))
     if name == "bernoulli_log_prob":
         return logits, x
     if name == "bernoulli_log_prob_backward":
@@ -41,8 +45,8 @@ def sample_args(name, with_marginal=True, dtype=torch.float64):
     z, mean, log_var = randn(4, 3).requires_grad_(), randn(5, 3).requires_grad_(), randn(5, 3).requires_grad_()
     if name == "aggregate_posterior":
         return z, mean, log_var, with_marginal
-    joint, marginal = torch.ops.vaekernels.aggregate_posterior(z.detach(), mean.detach(), log_var.detach(),
-                                                               with_marginal)
+    joint, marginal = _backend.ops(backend).aggregate_posterior(z.detach(), mean.detach(), log_var.detach(),
+                                                                with_marginal)
     return randn(4), randn(*marginal.shape), z.detach(), mean.detach(), log_var.detach(), joint, marginal
 
 
@@ -55,11 +59,12 @@ OPCHECK_CASES = [pytest.param(name, True, id=name) for name in OP_NAMES] + [
     pytest.param(name, False, id=f"{name}-joint-only") for name in OP_NAMES if name.startswith("aggregate_posterior")]
 
 
-@pytest.mark.parametrize("backend", [b for b in NATIVE if b in ("cpu", "triton")])
+@pytest.mark.parametrize("device_backend", NATIVE)
 @pytest.mark.parametrize("name,with_marginal", OPCHECK_CASES)
-def test_opcheck(backend, name, with_marginal):
+def test_opcheck(device_backend, name, with_marginal):
+    device, backend = device_backend
     op = getattr(getattr(torch.ops, namespace_of(backend)), name).default
-    torch.library.opcheck(op, sample_args(name, with_marginal))
+    torch.library.opcheck(op, sample_args(name, backend, device, with_marginal))
 
 
 @pytest.mark.skipif(not _backend.triton_available() or not _backend.native()["schemas"],
@@ -71,23 +76,23 @@ def test_triton_ops_have_the_cpp_schema(name):
     assert triton.replace("vaekernels_triton::", "vaekernels::") == cpp
 
 
-def _public_calls():
+def _public_calls(device="cpu"):
     g = torch.Generator().manual_seed(1)
 
     def leaf(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device).requires_grad_()
 
-    x = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    x = torch.rand(2, 5, generator=g, dtype=torch.float64).to(device)
     z, mean, log_var = leaf(4, 3), leaf(4, 3), leaf(4, 3, scale=0.3)
+    zeros = torch.zeros(2, 3, dtype=torch.float64, device=device)
     return {
         "log_mean_exp": (lambda t: vaekernels.log_mean_exp(t, dim=0), (leaf(4, 3),)),
         "bernoulli_log_prob": (vaekernels.bernoulli_log_prob, (leaf(2, 3, 5), x.clone().requires_grad_())),
         "gaussian_log_prob": (vaekernels.gaussian_log_prob, (leaf(2, 3, 4), leaf(2, 1, 4), leaf(4, scale=0.3))),
         "gaussian_kl": (vaekernels.gaussian_kl, (leaf(3, 4), leaf(3, 4))),
         "iwae_bound": (lambda l, p, q: vaekernels.iwae_bound(l, x, p, q), (leaf(2, 3, 5), leaf(2, 3), leaf(2, 3))),
-        "iwae_bound_gaussian": (lambda m, v: vaekernels.iwae_bound(m, x, torch.zeros(2, 3, dtype=torch.float64),
-                                                                    torch.zeros(2, 3, dtype=torch.float64),
-                                                                    likelihood="gaussian", log_var=v),
+        "iwae_bound_gaussian": (lambda m, v: vaekernels.iwae_bound(m, x, zeros, zeros, likelihood="gaussian",
+                                                                    log_var=v),
                                 (leaf(2, 3, 5), leaf(5, scale=0.3))),
         "aggregate_posterior_log_density": (vaekernels.aggregate_posterior_log_density, (z, mean, log_var)),
         "aggregate_posterior_per_dim": (lambda *t: vaekernels.aggregate_posterior_log_density(*t, per_dim=True),
@@ -101,24 +106,40 @@ def _public_calls():
 PUBLIC = list(_public_calls())
 
 
-@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("device_backend", NATIVE)
 @pytest.mark.parametrize("name", PUBLIC)
-def test_gradcheck_float64(backend, name):
-    fn, inputs = _public_calls()[name]
+def test_gradcheck_float64(device_backend, name):
+    device, backend = device_backend
+    fn, inputs = _public_calls(device)[name]
     with vaekernels.use_backend(backend):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", NATIVE)
-@pytest.mark.parametrize("name", PUBLIC)
-def test_compile_fullgraph_matches_eager(backend, name):
-    fn, inputs = _public_calls()[name]
+def _dreg_call(device):
+    """The DReG surrogate (not a true gradient, so compiled against eager rather than gradchecked)."""
+    g = torch.Generator().manual_seed(2)
+    mean, log_var = (torch.randn(2, 3, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in "ml")
+    eps, x = torch.randn(2, 4, 3, generator=g, dtype=torch.float64).to(device), torch.rand(2, 5, dtype=torch.float64)
+
+    def dreg(mean, log_var, weight):
+        z = mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps
+        zero = z.new_zeros(())
+        return vaekernels.iwae_bound(z @ weight, x.to(device), vaekernels.gaussian_log_prob(z, zero, zero), None,
+                                     estimator="dreg", z=z, q=(mean, log_var))
+    weight = torch.randn(3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    return dreg, (mean, log_var, weight)
+
+
+@pytest.mark.parametrize("device_backend", NATIVE)
+@pytest.mark.parametrize("name", [*PUBLIC, "iwae_bound_dreg"])
+def test_compile_fullgraph_matches_eager(device_backend, name):
+    device, backend = device_backend
+    fn, inputs = _dreg_call(device) if name == "iwae_bound_dreg" else _public_calls(device)[name]
     torch._dynamo.reset()
     with vaekernels.use_backend(backend):
         eager = fn(*inputs)
         eager_grads = torch.autograd.grad(eager.sum(), inputs, allow_unused=True)
-        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
-        out = compiled(*inputs)
+        out = torch.compile(fn, fullgraph=True)(*inputs)
         out_grads = torch.autograd.grad(out.sum(), inputs, allow_unused=True)
     torch.testing.assert_close(out, eager)
     for got, want in zip(out_grads, eager_grads):
@@ -148,7 +169,7 @@ def test_every_cpu_capability_build_loads_and_agrees():
     capabilities = order[: order.index(machine) + 1] if machine in order else ["DEFAULT"]
     results = {}
     for capability in capabilities:
-        env = {"ATEN_CPU_CAPABILITY": capability.lower(), "PATH": "/usr/bin:/bin"}
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
         run = subprocess.run([sys.executable, "-c", _CAPABILITY_PROBE], env=env, capture_output=True, text=True,
                              check=False)
         assert run.returncode == 0, run.stderr

@@ -42,10 +42,11 @@ _forced = _validated(os.environ.get("VAEKERNELS_BACKEND", "auto") or "auto", "VA
 def native() -> dict:
     """Loads ``vaekernels._C`` and the CPU-capability build of the kernels, once.
 
-    Returns a dict with ``schemas`` (bool), ``cpu_capability`` (str or None), ``cuda`` (bool)
-    and ``error`` (why something could not be loaded, or None).
+    Returns a dict with ``schemas`` (bool), ``cpu_capability`` (str or None), ``cuda`` (bool),
+    ``cuda_ops`` (the ops with a CUDA C++ kernel) and ``error`` (why something could not be
+    loaded, or None).
     """
-    info = {"schemas": False, "cpu_capability": None, "cuda": False, "error": None}
+    info = {"schemas": False, "cpu_capability": None, "cuda": False, "cuda_ops": set(), "error": None}
     try:
         schema_module = importlib.import_module("vaekernels._C")
     except ImportError as error:
@@ -53,6 +54,9 @@ def native() -> dict:
         return info
     info["schemas"] = True
     info["cuda"] = bool(schema_module.built_with_cuda())
+    # Taken before Python registers the Triton launchers for the ops that lack one.
+    info["cuda_ops"] = {name.split("::")[1] for name in torch._C._dispatch_get_registrations_for_dispatch_key("CUDA")
+                        if name.startswith("vaekernels::")}
     machine = torch.backends.cpu.get_cpu_capability()
     usable = _CAPABILITY_ORDER[_CAPABILITY_ORDER.index(machine):] if machine in _CAPABILITY_ORDER else ("DEFAULT",)
     for capability in usable:
@@ -115,29 +119,31 @@ def _fallback(op: str, why: str) -> str:
     return "reference"
 
 
-def _has_cuda_kernel(op: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"vaekernels::{op}", "CUDA")
-
-
 # A pure function of its arguments and of settings fixed before tracing, so torch.compile can call
 # it once while tracing and keep the answer, instead of tracing the extension loading below it.
 @torch.compiler.assume_constant_result
-def choose(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on tensors of ``device``: cuda, triton, cpu or reference."""
+def choose(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` and ``dtype``: cuda, triton, cpu or reference."""
     if _forced == "reference":
         return "reference"
     if device.type == "cuda":
-        if _forced in ("auto", "cuda") and native()["cuda"] and _has_cuda_kernel(op):
+        if _forced == "cpu":
+            return _fallback(op, "VAEKERNELS_BACKEND=cpu was forced and these are CUDA tensors")
+        if _forced in ("auto", "cuda") and op in native()["cuda_ops"]:
             return "cuda"
-        if _forced in ("auto", "triton", "cuda") and triton_available():
+        if triton_available():
             return "triton"
         return _fallback(op, "neither the CUDA kernels nor triton are available for CUDA tensors")
     if device.type != "cpu":
         return _fallback(op, f"no kernels exist for {device.type} tensors")
+    if _forced == "cuda":
+        return _fallback(op, "VAEKERNELS_BACKEND=cuda was forced and these are CPU tensors")
     if _forced == "triton":
         if triton_available() and triton_interpreted():
             return "triton"
         return _fallback(op, "the triton backend needs TRITON_INTERPRET=1 (and triton) to run on CPU tensors")
+    if dtype not in (torch.float32, torch.float64):
+        return _fallback(op, f"the CPU kernels take float32 and float64 tensors, not {dtype}")
     if native()["cpu_capability"] is not None:
         return "cpu"
     return _fallback(op, native()["error"] or "the CPU kernels are not available")

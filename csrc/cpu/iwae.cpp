@@ -3,6 +3,7 @@
 // aggregate posterior streams over the pairs (z_i, posterior_j) instead, never holding the
 // [B, N, d] table of their log-densities.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -39,7 +40,8 @@ template <typename T>
 Vectorized<T> softplus(const Vectorized<T>& l) {
   // max(l, 0) + log1p(exp(-|l|)): exact for |l| up to the dtype's range, never overflows.
   // exp_u20 (float: ATen's 20-ulp exp, double: the exact one) makes the forward and backward
-  // passes 25-35% faster than Sleef's 1-ulp exp; the row sums stay within 1e-7 relative.
+  // passes 25-35% faster than Sleef's 1-ulp exp; the row sums stay within 1e-7 relative. It
+  // clamps a NaN argument to a finite one, but maximum keeps a NaN l NaN.
   return at::vec::maximum(l, Vectorized<T>(T(0))) + log1p_unit(l.abs().neg().exp_u20());
 }
 
@@ -67,12 +69,18 @@ at::Tensor bernoulli_log_prob_backward(const at::Tensor& grad, const at::Tensor&
       const scalar_t g = g_ptr[row];
       scalar_t* o = out_base + row * D;
       const Vec gv(g), one(scalar_t(1));
+      Vec logit_sum(scalar_t(0));
       int64_t d = 0;
       for (; d + Vec::size() <= D; d += Vec::size()) {
         // sigmoid(l) = 1 / (1 + exp(-l)): exp overflows to inf and the quotient to 0, never NaN.
-        const Vec sig = one / (one + Vec::loadu(l + d).neg().exp_u20());
-        (gv * (Vec::loadu(xr + d) - sig)).store(o + d);
+        const Vec l_d = Vec::loadu(l + d);
+        (gv * (Vec::loadu(xr + d) - one / (one + l_d.neg().exp_u20()))).store(o + d);
+        logit_sum += l_d;
       }
+      // The float exp_u20 clamps its argument, turning a NaN logit into a finite gradient. A row
+      // whose logits do not sum to a finite value (a NaN, or an infinity) is redone with std::exp,
+      // which keeps NaN NaN: one add per vector, cheaper than testing and blending every lane.
+      if (!std::isfinite(at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, logit_sum))) d = 0;
       for (; d < D; ++d) o[d] = g * (xr[d] - scalar_t(1) / (scalar_t(1) + std::exp(-l[d])));
     }, logits, x);
   });
@@ -80,6 +88,7 @@ at::Tensor bernoulli_log_prob_backward(const at::Tensor& grad, const at::Tensor&
 }
 
 constexpr double kLog2Pi = 1.83787706640934548356065947281123527;
+constexpr double kSqrtHalf = 0.70710678118654752440084436210484904;
 
 template <typename T>
 Vectorized<T> vec_max(const Vectorized<T>& a, const Vectorized<T>& b) {
@@ -157,13 +166,41 @@ at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const 
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_log_prob", [&] {
     // D log(2 pi) is added once per row, keeping a constant add out of the inner loop.
     const scalar_t row_constant = scalar_t(kLog2Pi) * scalar_t(x.size(2));
+    // (x - mean) exp(-lv / 2), squared: (x - mean)^2 exp(-lv) would be 0 * inf = NaN at x = mean
+    // once exp(-lv) overflows (lv < -88 in float), where this stays 0 down to lv = -176.
     return reduce_rows<scalar_t>(
         [](const auto& x_d, const auto& mean_d, const auto& log_var_d) {
-          const auto diff = x_d - mean_d;
-          return at::vec::fmadd(diff * diff, log_var_d.neg().exp(), log_var_d);
+          const auto scaled_diff = (x_d - mean_d) * (log_var_d * Vectorized<scalar_t>(scalar_t(-0.5))).exp();
+          return at::vec::fmadd(scaled_diff, scaled_diff, log_var_d);
         },
         [&](scalar_t sum) { return scalar_t(-0.5) * (row_constant + sum); }, x, mean, log_var);
   });
+}
+
+// 1 / n! for n = 0 .. kCount - 1, each rounded once from double.
+template <typename T, int kCount>
+constexpr std::array<T, kCount> inverse_factorials() {
+  std::array<T, kCount> coefficients{};
+  double inverse = 1.0;
+  for (int n = 0; n < kCount; ++n) {
+    inverse /= std::max(n, 1);
+    coefficients[n] = static_cast<T>(inverse);
+  }
+  return coefficients;
+}
+
+// exp(x) - 1 - x. Near 0 it is about x^2 / 2, where even expm1(x) - x keeps only the rounding
+// of expm1(x): a relative error of about eps / |x| (7e-4 at x = 1e-4 in float). So |x| < 1 takes
+// the series x^2 sum_{n >= 2} x^(n - 2) / n!, cut where the next term falls below eps x^2 / 2;
+// beyond, exp(x) - 1 - x is within a few ulp, at half the cost of expm1(x) - x.
+template <typename T>
+Vectorized<T> exp_minus_one_minus(const Vectorized<T>& x) {
+  using Vec = Vectorized<T>;
+  static constexpr auto kCoefficients = inverse_factorials<T, std::is_same_v<T, float> ? 12 : 19>();
+  Vec series(kCoefficients.back());
+  for (int n = static_cast<int>(kCoefficients.size()) - 2; n >= 2; --n)
+    series = at::vec::fmadd(series, x, Vec(kCoefficients[n]));
+  return Vec::blendv(x.exp() - Vec(T(1)) - x, x * x * series, x.abs() < Vec(T(1)));
 }
 
 at::Tensor gaussian_kl(const at::Tensor& mean, const at::Tensor& log_var) {
@@ -173,7 +210,7 @@ at::Tensor gaussian_kl(const at::Tensor& mean, const at::Tensor& log_var) {
     // the prior has a KL near 0, which a row sum near D would bury in rounding.
     return reduce_rows<scalar_t>(
         [](const auto& mean_d, const auto& log_var_d) {
-          return at::vec::fmadd(mean_d, mean_d, log_var_d.exp() - Vectorized<scalar_t>(scalar_t(1)) - log_var_d);
+          return at::vec::fmadd(mean_d, mean_d, exp_minus_one_minus(log_var_d));
         },
         [](scalar_t sum) { return scalar_t(0.5) * sum; }, mean, log_var);
   });
@@ -213,11 +250,14 @@ class PosteriorColumns {
  public:
   using Vec = Vectorized<T>;
 
-  // The pieces of log N(z_k; mean_jk, exp(log_var_jk)) for a vector of j, as the gradients reuse them.
+  // The pieces of log N(z_k; mean_jk, exp(log_var_jk)) for a vector of j, as the gradients reuse
+  // them. They are built from w = (z - mean) / sqrt(2 var), never from 1 / var: that overflows
+  // for a tiny variance (log_var < -88 in float) and makes 0 * inf = NaN at z = mean, and so
+  // would (z - mean) / var times a zero weight where z is far from the mean.
   struct Terms {
-    Vec half_precision_diff;  // -(z - mean) / (2 var)
-    Vec quadratic;            // -(z - mean)^2 / (2 var)
-    Vec log_density;
+    Vec inverse_scale;  // 1 / sqrt(2 var)
+    Vec scaled_diff;    // w
+    Vec log_density;    // -log(2 pi var) / 2 - w^2
   };
 
   PosteriorColumns(const at::Tensor& mean, const at::Tensor& log_var)
@@ -234,7 +274,7 @@ class PosteriorColumns {
         for (int64_t k = 0; k < dims_; ++k) {
           const T lv = padding ? T(0) : log_var_ptr[j * dims_ + k];
           table_[k * width_ + j] = padding ? T(0) : mean_ptr[j * dims_ + k];
-          table_[(dims_ + k) * width_ + j] = padding ? T(0) : T(-0.5) * std::exp(-lv);
+          table_[(dims_ + k) * width_ + j] = padding ? T(0) : static_cast<T>(std::exp(-0.5 * lv) * kSqrtHalf);
           table_[(2 * dims_ + k) * width_ + j] = padding ? neg_inf : T(-0.5) * (T(kLog2Pi) + lv);
         }
         table_[3 * dims_ * width_ + j] = padding ? neg_inf : T(0);
@@ -245,10 +285,9 @@ class PosteriorColumns {
   int64_t width() const { return width_; }
 
   Terms terms(int64_t k, int64_t j, const Vec& z_k) const {
-    const Vec diff = z_k - Vec::loadu(row(k) + j);
-    const Vec half_precision_diff = Vec::loadu(row(dims_ + k) + j) * diff;
-    const Vec quadratic = half_precision_diff * diff;
-    return {half_precision_diff, quadratic, Vec::loadu(row(2 * dims_ + k) + j) + quadratic};
+    const Vec inverse_scale = Vec::loadu(row(dims_ + k) + j);
+    const Vec w = (z_k - Vec::loadu(row(k) + j)) * inverse_scale;
+    return {inverse_scale, w, at::vec::fnmadd(w, w, Vec::loadu(row(2 * dims_ + k) + j))};
   }
 
   // Where sum_k log N(z_k; ...) starts: 0 for a posterior, -inf for padding (so padding stays out
@@ -274,7 +313,7 @@ class PosteriorColumns {
   const T* row(int64_t r) const { return table_.data() + r * width_; }
 
   int64_t dims_, width_;
-  std::vector<T> table_;  // rows of width_: mean [d], -1/(2 var) [d], -log(2 pi var)/2 [d], joint_start [1]
+  std::vector<T> table_;  // rows of width_: mean [d], 1/sqrt(2 var) [d], -log(2 pi var)/2 [d], joint_start [1]
 };
 
 // Columns of j handled together, so that the per-j joint log-densities stay in L1.
@@ -426,15 +465,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
               for (int64_t j = 0; j < count; j += Vec::size()) {
                 const Terms t = columns.terms(k, j0 + j, z_k);
                 const Vec c = weight(Vec::loadu(tile.data() + j), t.log_density);
-                acc = at::vec::fmadd(c, t.half_precision_diff, acc);
+                acc = at::vec::fmadd(c * t.scaled_diff, t.inverse_scale, acc);
               }
               grad_z_lanes[k] = acc;
             }
           }
-          // -r = (mean - z) / var = 2 half_precision_diff.
+          // -r = (mean - z) / var = -2 w / sqrt(2 var), summed as (c w) / sqrt(2 var) so that a zero
+          // weight gives 0 even where w / sqrt(2 var) would overflow.
           for (int64_t k = 0; k < d; ++k)
             grad_z_ptr[i * d + k] =
-                scalar_t(2) * at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, grad_z_lanes[k]);
+                scalar_t(-2) * at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, grad_z_lanes[k]);
         }
       });
 
@@ -467,16 +507,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
               for (int64_t j = 0; j < count; j += Vec::size()) {
                 const Terms t = columns.terms(k, j0 + j, z_k);
                 const Vec c = weight(Vec::loadu(tile.data() + j), t.log_density);
-                at::vec::fmadd(c, t.half_precision_diff, Vec::loadu(mean_k + j)).store(mean_k + j);
-                at::vec::fmadd(c, t.quadratic + half, Vec::loadu(log_var_k + j)).store(log_var_k + j);
+                const Vec c_w = c * t.scaled_diff;
+                at::vec::fmadd(c_w, t.inverse_scale, Vec::loadu(mean_k + j)).store(mean_k + j);
+                at::vec::fmadd(c_w, t.scaled_diff, at::vec::fnmadd(c, half, Vec::loadu(log_var_k + j)))
+                    .store(log_var_k + j);
               }
             }
           }
-          // r = (z - mean) / var = -2 half_precision_diff; 0.5 (r (z - mean) - 1) = -(quadratic + 0.5).
+          // r = (z - mean) / var = 2 w / sqrt(2 var); 0.5 (r (z - mean) - 1) = w^2 - 0.5, summed as
+          // (c w) w - c / 2 for the reason of grad_z's (c w) / sqrt(2 var).
           for (int64_t j = j0; j < std::min(j0 + count, N); ++j)
             for (int64_t k = 0; k < d; ++k) {
-              grad_mean_ptr[j * d + k] = scalar_t(-2) * mean_acc[k * tile_width + j - j0];
-              grad_log_var_ptr[j * d + k] = -log_var_acc[k * tile_width + j - j0];
+              grad_mean_ptr[j * d + k] = scalar_t(2) * mean_acc[k * tile_width + j - j0];
+              grad_log_var_ptr[j * d + k] = log_var_acc[k * tile_width + j - j0];
             }
         }
       });

@@ -28,8 +28,14 @@ def namespaces() -> list[str]:
 
 
 def define_triton_op(name: str, launcher: Callable) -> None:
-    """Wraps a Triton launcher as ``vaekernels_triton::<name>``; its annotations give the schema."""
+    """Wraps a Triton launcher as ``vaekernels_triton::<name>``; its annotations give the schema.
+
+    It also becomes the CUDA kernel of ``vaekernels::<name>`` where no CUDA C++ kernel was built,
+    so the C++-declared op runs on CUDA tensors either way.
+    """
     torch.library.custom_op(f"{TRITON_NAMESPACE}::{name}", launcher, mutates_args=(), device_types=("cpu", "cuda"))
+    if _backend.native()["schemas"] and name not in _backend.native()["cuda_ops"]:
+        torch.library.register_kernel(f"vaekernels::{name}", "cuda", launcher)
 
 
 def register(name: str, fake: Callable, setup_context: Callable | None = None,

@@ -168,7 +168,7 @@ def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch
         _fail(fn, f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {list(x.shape)}, got {dim}", IndexError)
     if x.shape[dim] == 0:
         _fail(fn, f"x must have at least one element along dim {dim}, got shape {list(x.shape)}")
-    backend = _backend.choose(fn, x.device)
+    backend = _backend.choose(fn, x.device, x.dtype)
     if backend == "reference":
         return reference.log_mean_exp(x, dim=dim, keepdim=keepdim)
     moved = x.movedim(dim, -1)
@@ -221,7 +221,7 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     fn = "bernoulli_log_prob"
     rows, x_rows = _event_rows(fn, logits, x)
-    backend = _backend.choose(fn, logits.device)
+    backend = _backend.choose(fn, logits.device, logits.dtype)
     if backend == "reference":
         return reference.bernoulli_log_prob(logits, x)
     return _backend.ops(backend).bernoulli_log_prob(rows, x_rows)
@@ -238,10 +238,13 @@ def _make_gaussian_log_prob_backward(ops):
     def backward(ctx, grad):
         x, mean, log_var = ctx.saved_tensors
         grad = grad.unsqueeze(-1)
-        scaled = (x - mean) * torch.exp(-log_var)
+        # (x - mean) / std first: (x - mean)^2 exp(-log_var) would be 0 * inf for log_var < -88 in float32.
+        inverse_std = torch.exp(-0.5 * log_var)
+        standardised = (x - mean) * inverse_std
+        scaled = standardised * inverse_std
         grad_x = -grad * scaled if ctx.needs_input_grad[0] else None
         grad_mean = grad * scaled if ctx.needs_input_grad[1] else None
-        grad_log_var = 0.5 * grad * (scaled * (x - mean) - 1) if ctx.needs_input_grad[2] else None
+        grad_log_var = 0.5 * grad * (standardised * standardised - 1) if ctx.needs_input_grad[2] else None
         return grad_x, grad_mean, grad_log_var
     return backward
 
@@ -262,7 +265,7 @@ def _row_reduction(fn: str, names: tuple[str, ...], tensors: tuple) -> tuple[str
             _fail(fn, f"{', '.join(names)} must broadcast together, got {shapes}")
     if len(shape) == 0:
         _fail(fn, f"{', '.join(names)} must broadcast to at least one dim (the one summed over), got 0-dim tensors")
-    backend = _backend.choose(fn, tensors[0].device)
+    backend = _backend.choose(fn, tensors[0].device, tensors[0].dtype)
     if backend == "reference":
         return backend, [], torch.Size()
     rows, lead = _as_rows(list(tensors), shape)
@@ -367,8 +370,9 @@ def iwae_bound(
             (sticking the landing): log q(z | x) is evaluated with q's parameters detached, so
             the encoder is reached only through z. ``"dreg"`` (doubly reparameterised, Tucker
             et al. 2018): as STL, and the gradient reaching z is weighted by the normalised
-            weights once more, so the encoder's path gradient carries w~^2. Both need ``z`` and
-            ``q``. The decoder's gradient is the IWAE one for every estimator.
+            weights once more, so the encoder's path gradient carries w~^2 (a hook on z: z must
+            feed this one bound, and be passed to one call). Both need ``z`` and ``q``. The
+            decoder's gradient is the IWAE one for every estimator.
         reduction: ``"none"`` ([B]), ``"mean"`` or ``"sum"`` over the batch.
         log_var: the Gaussian likelihood's log-variance.
         z: the reparameterised samples [B, K, d] (``"dreg"``, ``"stl"``).
@@ -416,11 +420,24 @@ def iwae_bound(
     log_w = log_px + log_pz - log_qz
     bound = log_mean_exp(log_w, dim=1)
     if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
-        weights = torch.softmax(log_w.detach(), dim=1).unsqueeze(-1)
-        z.register_hook(lambda grad: grad * weights)
+        _reweight_path_gradient(z, log_w.detach())
     if reduction == "mean":
         return bound.mean()
     return bound.sum() if reduction == "sum" else bound
+
+
+def _normalised_weights(log_w: torch.Tensor) -> torch.Tensor:
+    """softmax over K of the log-weights [B, K]; 0 (not NaN) on a row whose weights are all zero."""
+    return torch.where(torch.isneginf(log_w).all(1, keepdim=True), 0.0, torch.softmax(log_w, dim=1))
+
+
+def _reweight_path_gradient(z: torch.Tensor, log_w: torch.Tensor) -> None:
+    """DReG: the gradient reaching z, already weighted by w~ through the bound, gets w~ once more.
+
+    A hook on z: every gradient that reaches z is reweighted, so z must feed this one bound.
+    """
+    weights = _normalised_weights(log_w).unsqueeze(-1)
+    z.register_hook(lambda grad: grad * weights)
 
 
 def _posterior_log_prob(fn, z, q, log_qz, batch, samples, detach):
@@ -481,7 +498,7 @@ def importance_sampled_nll(
     """
     fn = "importance_sampled_nll"
     for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(fn, f"{name} must be a positive int, got {value!r}")
     _check_choice(fn, "likelihood", likelihood, LIKELIHOODS)
     mean, q_log_var = encode(x)
@@ -551,9 +568,10 @@ def _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal):
         if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] != z.shape[1]:
             _fail(fn, f"{name} must have shape [N, d] with N >= 1 and d = {z.shape[1]}, got {list(t.shape)}")
     _check_shape(fn, "log_var", log_var, tuple(mean.shape), "mean's shape")
-    if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
+    if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
+                                     or dataset_size < 1):
         _fail(fn, f"dataset_size must be a positive int or None, got {dataset_size!r}")
-    backend = _backend.choose("aggregate_posterior", z.device)
+    backend = _backend.choose("aggregate_posterior", z.device, z.dtype)
     if backend == "reference":
         return None
     joint, marginal = _backend.ops(backend).aggregate_posterior(z.contiguous(), mean.contiguous(),
@@ -604,7 +622,10 @@ def marginal_kl(z, mean, log_var, *, dataset_size: int | None = None) -> torch.T
 
 
 def mutual_information(z, mean, log_var, *, dataset_size: int | None = None) -> torch.Tensor:
-    """Index-code mutual information I(x; z) = mean_i [log q(z_i | x_i) - log q(z_i)], in [0, log N].
+    """Index-code mutual information I(x; z) = mean_i [log q(z_i | x_i) - log q(z_i)].
+
+    At most log N (log(N * dataset_size) with ``dataset_size``); the estimate can dip below 0
+    by sampling noise where the true value is near 0.
 
     Example:
         >>> import torch, vaekernels
@@ -613,6 +634,9 @@ def mutual_information(z, mean, log_var, *, dataset_size: int | None = None) -> 
         1.3863
     """
     log_qz = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size)
+    if z.shape[0] != mean.shape[0]:
+        _fail("mutual_information", f"z must pair each sample z_i with the posterior of x_i: z has {z.shape[0]} rows "
+                                    f"where mean has {mean.shape[0]}")
     return (gaussian_log_prob(z, mean, log_var) - log_qz).mean()
 
 

@@ -30,12 +30,12 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, exp(log_var)) summed over the last dim, with broadcasting."""
-    return -0.5 * (LOG_2PI + log_var + (x - mean) ** 2 * torch.exp(-log_var)).sum(-1)
+    return -0.5 * (LOG_2PI + log_var + ((x - mean) * torch.exp(-0.5 * log_var)) ** 2).sum(-1)
 
 
 def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(log_var)) || N(0, I)) summed over the last dim."""
-    return 0.5 * (torch.exp(log_var) + mean**2 - 1 - log_var).sum(-1)
+    return 0.5 * (torch.expm1(log_var) - log_var + mean**2).sum(-1)
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -59,7 +59,8 @@ def iwae_bound(
         log_qz = gaussian_log_prob(z, q_mean, q_log_var)
     log_w = log_px + log_pz - log_qz
     if estimator == "dreg":
-        weights = torch.softmax(log_w, dim=1).detach()
+        empty = torch.isneginf(log_w).all(1, keepdim=True)
+        weights = torch.where(empty, 0.0, torch.softmax(log_w, dim=1)).detach()
         z.register_hook(lambda grad: grad * weights.unsqueeze(-1))
     return _reduce(log_mean_exp(log_w, dim=1), reduction)
 

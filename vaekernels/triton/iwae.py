@@ -281,13 +281,29 @@ def _gaussian_log_prob_fwd_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
         cols, mask = _col_block(d0, D, row_mask, BLOCK_D)
-        # Masked lanes load 0 everywhere, where the summand lv + (x - m)^2 exp(-lv) is exactly 0.
+        # Masked lanes load 0 everywhere, where the summand lv + ((x - m) exp(-lv / 2))^2 is exactly
+        # 0. Squaring after scaling: (x - m)^2 exp(-lv) would be 0 * inf = NaN at x = m once exp(-lv)
+        # overflows (lv < -88 in float32), where this stays 0 down to lv = -176.
         diff = _load_tile(x_rows, cols, sx_d, mask, ACC) - _load_tile(m_rows, cols, sm_d, mask, ACC)
         log_var = _load_tile(v_rows, cols, sv_d, mask, ACC)
-        acc += log_var + diff * diff * tl.exp(-log_var)
+        scaled_diff = diff * tl.exp(-0.5 * log_var)
+        acc += log_var + scaled_diff * scaled_diff
     # log(2 pi) as an ACC scalar: a Python float literal would be rounded to float32 first.
     log_2pi = tl.full([], _LOG_2PI, ACC)
     _store_rows(out_ptr, rows, -0.5 * (D * log_2pi + tl.sum(acc, axis=1)), row_mask)
+
+
+@triton.jit
+def _exp_minus_one_minus(x, ACC: tl.constexpr):
+    # exp(x) - 1 - x. Near 0 it is about x^2 / 2, below the rounding of exp(x) itself (5e-9
+    # against 6e-8 at x = 1e-4 in float32), and tl has no expm1. So |x| < 1 takes the series
+    # x^2 / 2 (1 + x / 3 (1 + x / 4 (...))), through the x^n / n! past which terms fall below
+    # the dtype's epsilon.
+    LAST_TERM: tl.constexpr = 18 if ACC == tl.float64 else 11
+    series = 1.0 + x * tl.full([], 1.0 / LAST_TERM, ACC)
+    for n in tl.static_range(LAST_TERM - 1, 2, -1):
+        series = 1.0 + x * series * tl.full([], 1.0 / n, ACC)
+    return tl.where(tl.abs(x) < 1.0, 0.5 * x * x * series, tl.exp(x) - 1.0 - x)
 
 
 @triton.jit
@@ -302,10 +318,10 @@ def _gaussian_kl_fwd_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
         cols, mask = _col_block(d0, D, row_mask, BLOCK_D)
-        # Masked lanes load 0, where exp(lv) + m^2 - 1 - lv is exactly 0.
+        # Masked lanes load 0, where exp(lv) - 1 - lv + m^2 is exactly 0.
         mean = _load_tile(m_rows, cols, sm_d, mask, ACC)
         log_var = _load_tile(v_rows, cols, sv_d, mask, ACC)
-        acc += tl.exp(log_var) + mean * mean - 1.0 - log_var
+        acc += _exp_minus_one_minus(log_var, ACC) + mean * mean
     _store_rows(out_ptr, rows, 0.5 * tl.sum(acc, axis=1), row_mask)
 
 
@@ -377,19 +393,21 @@ def gaussian_kl_fwd(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _posterior_tile(mean_ptr, log_var_ptr, j, k, mask, sm_n, sm_d, sv_n, sv_d, ACC: tl.constexpr):
-    """mean, log_var and 1 / var [BJ, BK] of the posteriors j."""
+    """mean, log_var and 1 / std [BJ, BK] of the posteriors j. Never 1 / var: it overflows for a
+    tiny variance (log_var < -88 in float32), where 1 / std stays finite down to log_var = -176."""
     mean = _load_tile(mean_ptr + j * sm_n, k, sm_d, mask, ACC)
     log_var = _load_tile(log_var_ptr + j * sv_n, k, sv_d, mask, ACC)
-    return mean, log_var, tl.exp(-log_var)
+    return mean, log_var, tl.exp(-0.5 * log_var)
 
 
 @triton.jit
-def _pairwise_log_density(z, mean, log_var, inv_var, ACC: tl.constexpr):
+def _pairwise_log_density(z, mean, log_var, inv_std, ACC: tl.constexpr):
     """l[i, j, k] = log N(z_ik; mean_jk, exp(log_var_jk)) for a [BI, BK] z tile and [BJ, BK]
-    posterior tiles -> ([BI, BJ, BK] l, [BI, BJ, BK] z - mean)."""
-    diff = z[:, None, :] - mean[None, :, :]
+    posterior tiles -> ([BI, BJ, BK] l, [BI, BJ, BK] w = (z - mean) / std). With w, z = mean
+    gives 0 where (z - mean)^2 / var would be 0 * inf for a tiny variance."""
+    w = (z[:, None, :] - mean[None, :, :]) * inv_std[None, :, :]
     log_2pi = tl.full([], _LOG_2PI, ACC)
-    return -0.5 * (log_2pi + log_var[None, :, :] + diff * diff * inv_var[None, :, :]), diff
+    return -0.5 * (log_2pi + log_var[None, :, :] + w * w), w
 
 
 @triton.jit
@@ -412,9 +430,9 @@ def _aggregate_posterior_fwd_kernel(
     for j0 in range(0, N, BLOCK_J):
         j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
         j_mask = j < N
-        mean, log_var, inv_var = _posterior_tile(mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :],
+        mean, log_var, inv_std = _posterior_tile(mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :],
                                                  sm_n, sm_d, sv_n, sv_d, ACC)
-        l, diff = _pairwise_log_density(z, mean, log_var, inv_var, ACC)
+        l, _ = _pairwise_log_density(z, mean, log_var, inv_std, ACC)
 
         # Online logsumexp over j; an all -inf prefix is shifted by 0 instead of -inf (which
         # would make exp(-inf - -inf) = NaN) and keeps a sum of exactly 0.
@@ -460,14 +478,16 @@ def _sample_tile(
 
 @triton.jit
 def _pair_weights(
-    z, mean, log_var, inv_var, log_joint, log_marginal, grad_joint, grad_marginal, pair_mask, k_mask,
+    z, mean, log_var, inv_std, log_joint, log_marginal, grad_joint, grad_marginal, pair_mask, k_mask,
     ACC: tl.constexpr, WITH_MARGINAL: tl.constexpr,
 ):
-    """c[i, j, k] = grad_joint[i] a[i, j] + grad_marginal[i, k] b[i, j, k], r = (z - m) / var and
-    z - m, with the softmax weights a and b set to 0 where their log-density is -inf (or the pair
-    is a padding lane) rather than exp(-inf - -inf) = NaN when the whole row is -inf. Without the
-    marginal there is no b term, and no exp per (i, j, k)."""
-    l, diff = _pairwise_log_density(z, mean, log_var, inv_var, ACC)
+    """c[i, j, k] = grad_joint[i] a[i, j] + grad_marginal[i, k] b[i, j, k] and c w, w = (z - m) / std,
+    with the softmax weights a and b set to 0 where their log-density is -inf (or the pair is a
+    padding lane) rather than exp(-inf - -inf) = NaN when the whole row is -inf. Without the
+    marginal there is no b term, and no exp per (i, j, k). The gradients take r = (z - m) / var
+    as (c w) / std and r (z - m) as (c w) w: a zero weight then gives 0 even where w / std or w^2
+    overflows for a tiny variance."""
+    l, w = _pairwise_log_density(z, mean, log_var, inv_std, ACC)
     l = tl.where(k_mask[None, None, :], l, 0.0)
     joint_l = tl.sum(l, axis=2)
     a = tl.where(pair_mask & (joint_l != float("-inf")), tl.exp(joint_l - log_joint[:, None]), 0.0)
@@ -475,7 +495,7 @@ def _pair_weights(
     if WITH_MARGINAL:
         b = tl.where(pair_mask[:, :, None] & (l != float("-inf")), tl.exp(l - log_marginal[:, None, :]), 0.0)
         c += grad_marginal[:, None, :] * b
-    return c, diff * inv_var[None, :, :], diff
+    return c, c * w, w
 
 
 @triton.jit
@@ -497,11 +517,11 @@ def _aggregate_posterior_bwd_z_kernel(
     for j0 in range(0, N, BLOCK_J):
         j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
         j_mask = j < N
-        mean, log_var, inv_var = _posterior_tile(mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :],
+        mean, log_var, inv_std = _posterior_tile(mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :],
                                                  sm_n, sm_d, sv_n, sv_d, ACC)
-        c, r, _ = _pair_weights(z, mean, log_var, inv_var, log_joint, log_marginal, grad_joint, grad_marginal,
-                                i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
-        grad_z -= tl.sum(c * r, axis=1)
+        _, c_w, _ = _pair_weights(z, mean, log_var, inv_std, log_joint, log_marginal, grad_joint, grad_marginal,
+                                  i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
+        grad_z -= tl.sum(c_w * inv_std[None, :, :], axis=1)
     _store_tile(grad_z_ptr, i, k, d, grad_z, ik_mask)
 
 
@@ -517,7 +537,7 @@ def _aggregate_posterior_bwd_posterior_kernel(
     k = tl.arange(0, BLOCK_K).to(tl.int64)
     k_mask = k < d
     jk_mask = j_mask[:, None] & k_mask[None, :]
-    mean, log_var, inv_var = _posterior_tile(mean_ptr, log_var_ptr, j, k, jk_mask, sm_n, sm_d, sv_n, sv_d, ACC)
+    mean, log_var, inv_std = _posterior_tile(mean_ptr, log_var_ptr, j, k, jk_mask, sm_n, sm_d, sv_n, sv_d, ACC)
     grad_mean = tl.zeros([BLOCK_J, BLOCK_K], ACC)
     grad_log_var = tl.zeros([BLOCK_J, BLOCK_K], ACC)
     for i0 in range(0, B, BLOCK_I):
@@ -527,10 +547,10 @@ def _aggregate_posterior_bwd_posterior_kernel(
             z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask,
             i_mask[:, None] & k_mask[None, :], sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC,
             WITH_MARGINAL)
-        c, r, diff = _pair_weights(z, mean, log_var, inv_var, log_joint, log_marginal, grad_joint, grad_marginal,
-                                   i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
-        grad_mean += tl.sum(c * r, axis=0)
-        grad_log_var += tl.sum(c * (0.5 * (r * diff - 1.0)), axis=0)
+        c, c_w, w = _pair_weights(z, mean, log_var, inv_std, log_joint, log_marginal, grad_joint, grad_marginal,
+                                  i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
+        grad_mean += tl.sum(c_w * inv_std[None, :, :], axis=0)
+        grad_log_var += tl.sum(0.5 * (c_w * w - c), axis=0)
     _store_tile(grad_mean_ptr, j, k, d, grad_mean, jk_mask)
     _store_tile(grad_log_var_ptr, j, k, d, grad_log_var, jk_mask)
 
