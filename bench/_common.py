@@ -16,6 +16,12 @@ Memory readings (in ``benchmark.extra_info``):
   inputs themselves, counted with ``torch.autograd.graph.saved_tensors_hooks``.
 - :func:`peak_bytes_in_subprocess`: the resident-memory peak (VmHWM) of one call in a fresh
   interpreter, for whole-pipeline readings such as NLL evaluation against K.
+
+Bandwidth readings (in ``benchmark.extra_info``, for ops bound by memory, when the case passes
+``bytes_moved``, e.g. from :func:`streamed_bytes`): ``bytes_moved``, the bytes a fused
+implementation must move at least; ``achieved_GBps``, those bytes over the median time;
+``attainable_GBps``, what :func:`attainable_bandwidth` measured on the device; and
+``bandwidth_fraction``, achieved over attainable.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ def run_contenders(
     min_rounds: int = 3,
     max_rounds: int = 200,
     measure_memory: bool = True,
+    bytes_moved: int | None = None,
     **extra_info,
 ) -> None:
     """Times one contender of the group ``"<op> <shape> <mode>"`` and records its memory.
@@ -81,7 +88,8 @@ def run_contenders(
     ``mode="forward"`` times ``fn(*inputs)`` under ``torch.no_grad()``; ``"forward+backward"``
     times the forward and the backward of its sum into every input that requires grad. The
     ``warmup_calls + 1`` calls before (compilation included), the fastest of which sizes the
-    rounds to about ``time_budget_s``, stay out of the timing. Keyword arguments left over go
+    rounds to about ``time_budget_s``, stay out of the timing. ``bytes_moved`` (ops bound by
+    memory) adds the bandwidth readings of the module docstring. Keyword arguments left over go
     to ``extra_info``.
 
     Example:
@@ -108,6 +116,11 @@ def run_contenders(
     rounds = min(max_rounds, max(min_rounds, int(time_budget_s / (seconds * iterations))))
     benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1 if seconds < 0.1 else 0)
 
+    # benchmark.stats is None under --benchmark-disable.
+    if bytes_moved is not None and benchmark.stats:
+        achieved, attainable = bytes_moved / benchmark.stats.stats.median, attainable_bandwidth(device.type)
+        benchmark.extra_info.update(bytes_moved=bytes_moved, achieved_GBps=achieved / 1e9,
+                                    attainable_GBps=attainable / 1e9, bandwidth_fraction=achieved / attainable)
     if measure_memory:
         benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
     if mode == "forward+backward":
@@ -120,11 +133,15 @@ def _timed(step: Callable[[], None]) -> float:
     return time.perf_counter() - started
 
 
+def _synchronizer(device: torch.device | str) -> Callable[[], None]:
+    # Kernels return before the device finishes; a timed call must include the work.
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def _step(fn: Callable, inputs: Sequence, mode: str, device: torch.device) -> Callable[[], None]:
     if mode not in MODES:
         raise ValueError(f"run_contenders: mode must be one of {', '.join(MODES)}, got {mode!r}")
-    # Kernels return before the device finishes; a timed call must include the work.
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = _synchronizer(device)
     if mode == "forward":
         def forward():
             with torch.no_grad():
@@ -146,6 +163,33 @@ def _total(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out.sum()
     return sum(t.sum() for t in out)
+
+
+BANDWIDTH_PROBE = "torch.add(a, 1, out=b) over 256 MB of float32 (a read, b written), median of 5 runs"
+
+
+@functools.cache
+def attainable_bandwidth(device: str) -> float:
+    """The memory bandwidth ``device`` attains, in bytes/s, measured once per session: see
+    :data:`BANDWIDTH_PROBE`. 256 MB is far beyond any cache; the CPU runs torch's threads."""
+    a = torch.ones(256 * 10**6 // 4, device=device)
+    b = torch.empty_like(a)
+    synchronize = _synchronizer(device)
+
+    def add():
+        torch.add(a, 1, out=b)
+        synchronize()
+
+    add()  # b's pages are touched, the kernel loaded
+    seconds = sorted(_timed(add) for _ in range(5))[2]
+    return (a.nbytes + b.nbytes) / seconds
+
+
+def streamed_bytes(read: int, written: int, grads: int) -> dict[str, int]:
+    """Per mode, the bytes an op bound by memory must move at least when fused: the forward reads
+    its inputs (``read`` bytes) and writes its outputs (``written``) once; the backward reads the
+    inputs again and the outputs' gradients, and writes the inputs' gradients (``grads``)."""
+    return {"forward": read + written, "forward+backward": 2 * (read + written) + grads}
 
 
 def saved_bytes(forward: Callable, keep: Sequence[torch.Tensor] = ()) -> int:

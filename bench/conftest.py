@@ -2,8 +2,9 @@
 
 Each benchmark that carries ``extra_info["contender"]`` (see ``_common.run_contenders``) is one
 cell of a table: a row per op/shape/mode and device, the median milliseconds of ``reference``,
-``compiled`` and ``fused``, the speed-up of fused over the other two, and fused's memory over
-the reference's. The table follows pytest-benchmark's own and is written as markdown to
+``compiled`` and ``fused``, the speed-up of fused over the other two, fused's memory over the
+reference's, and, for ops bound by memory, the fraction of the machine's bandwidth fused attains.
+The table follows pytest-benchmark's own and is written as markdown to
 ``.benchmarks/last_run.md``.
 """
 
@@ -20,7 +21,7 @@ import _common
 
 COLUMNS = (
     "op / shape / mode", "device", "fused backend", "reference ms", "compiled ms", "fused ms",
-    "× reference", "× compiled", "peak mem fused/ref", "saved fused/ref",
+    "× reference", "× compiled", "peak mem fused/ref", "saved fused/ref", "fused % of bandwidth",
 )
 LEGEND = (
     "ms: the median of one call; compilation and warm-up are not timed.",
@@ -38,6 +39,7 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     table = [_row(key, cells) for key, cells in rows.items()]
     notes = list(dict.fromkeys(info["note"] for cells in rows.values() for _, info in cells.values() if "note" in info))
+    legend = [*LEGEND, *_bandwidth_legend(rows)]
 
     terminalreporter.write_sep("=", "vaekernels: fused against the PyTorch reference and torch.compile")
     terminalreporter.write_line(_machine())
@@ -45,12 +47,12 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(line)
     for note in notes:
         terminalreporter.write_line(note)
-    for line in LEGEND:
+    for line in legend:
         terminalreporter.write_line(line)
 
     path = config.rootpath / ".benchmarks" / "last_run.md"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(_markdown(table, notes))
+    path.write_text(_markdown(table, notes, legend))
     terminalreporter.write_line(f"(the table, as markdown: {path.relative_to(config.rootpath)})")
 
 
@@ -81,6 +83,21 @@ def _row(key, cells) -> list[str]:
         _speedup(seconds.get("compiled"), seconds.get("fused")),
         _ratio(cells, "peak_bytes"),
         _ratio(cells, "saved_bytes"),
+        "—" if "bandwidth_fraction" not in fused else f"{100 * fused['bandwidth_fraction']:.0f}%",
+    ]
+
+
+def _bandwidth_legend(rows) -> list[str]:
+    attainable = {info["device"]: info["attainable_GBps"]
+                  for cells in rows.values() for _, info in cells.values() if "attainable_GBps" in info}
+    if not attainable:
+        return []
+    measured = ", ".join(f"{device} {gbps:.1f} GB/s" for device, gbps in attainable.items())
+    return [
+        "fused % of bandwidth: the bytes a fused op must move at least (forward: inputs read and outputs written"
+        " once; backward: inputs and output gradients read again, input gradients written) over fused's median"
+        f" time, against the attainable bandwidth: {measured} ({_common.BANDWIDTH_PROBE}; 1 GB = 10⁹ B)."
+        " Working sets that fit in the last-level cache can pass 100%. —: bound by compute or latency.",
     ]
 
 
@@ -113,7 +130,7 @@ def _aligned(table: list[list[str]]) -> list[str]:
     return [line(COLUMNS), line(["-" * w for w in widths]), *(line(row) for row in table)]
 
 
-def _markdown(table: list[list[str]], notes: list[str]) -> str:
+def _markdown(table: list[list[str]], notes: list[str], legend: list[str]) -> str:
     lines = [
         "# vaekernels benchmarks",
         "",
@@ -125,7 +142,7 @@ def _markdown(table: list[list[str]], notes: list[str]) -> str:
         "",
         *(f"- {note}" for note in notes),
         *([""] if notes else []),
-        *(f"{line}  " for line in LEGEND),
+        *(f"{line}  " for line in legend),
         "",
     ]
     return "\n".join(lines)

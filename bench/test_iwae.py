@@ -26,9 +26,18 @@ from _common import (
     format_bytes,
     peak_bytes_in_subprocess,
     run_contenders,
+    streamed_bytes,
 )
 
 BATCH, SAMPLES, PIXELS = 128, 50, 784
+LME_COLUMNS = 5000
+# Bytes of the float32 tensors of the cases.
+F32 = 4
+LOGITS_BYTES = F32 * BATCH * SAMPLES * PIXELS  # logits [B, K, D]
+DATA_BYTES = F32 * BATCH * PIXELS  # x [B, D]
+PER_SAMPLE_BYTES = F32 * BATCH * SAMPLES  # [B, K]
+PER_EXAMPLE_BYTES = F32 * BATCH  # [B]
+LME_BYTES = F32 * BATCH * LME_COLUMNS  # log_mean_exp's x
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,10 @@ class Case:
     shape: str
     kernel: str  # the op in csrc/ whose backend runs the fused function
     make_inputs: Callable[[str], tuple]
+    # Per mode, the bytes a fused implementation must move at least (_common.streamed_bytes);
+    # None where the op is bound by compute (aggregate posterior: B² pairs) or by latency
+    # (gaussian_kl at d = 50: 50 kB).
+    bytes_moved: dict[str, int] | None = None
 
 
 def _leaf(*shape, device, scale=1.0):
@@ -51,14 +64,19 @@ CASES = {
         f"B{BATCH} K{SAMPLES} D{PIXELS}", "bernoulli_log_prob",
         lambda device: (_leaf(BATCH, SAMPLES, PIXELS, device=device), _binary(BATCH, PIXELS, device=device),
                         _leaf(BATCH, SAMPLES, device=device), _leaf(BATCH, SAMPLES, device=device)),
+        # logits, x, log p(z), log q(z) in; the bound per example out; gradients of all but x.
+        streamed_bytes(read=LOGITS_BYTES + DATA_BYTES + 2 * PER_SAMPLE_BYTES, written=PER_EXAMPLE_BYTES,
+                       grads=LOGITS_BYTES + 2 * PER_SAMPLE_BYTES),
     ),
     "bernoulli_log_prob": Case(
         f"B{BATCH} K{SAMPLES} D{PIXELS}", "bernoulli_log_prob",
         lambda device: (_leaf(BATCH, SAMPLES, PIXELS, device=device), _binary(BATCH, PIXELS, device=device)),
+        streamed_bytes(read=LOGITS_BYTES + DATA_BYTES, written=PER_SAMPLE_BYTES, grads=LOGITS_BYTES),
     ),
     "log_mean_exp": Case(
-        f"{BATCH}x5000", "log_mean_exp",
-        lambda device: (_leaf(BATCH, 5000, device=device),),
+        f"{BATCH}x{LME_COLUMNS}", "log_mean_exp",
+        lambda device: (_leaf(BATCH, LME_COLUMNS, device=device),),
+        streamed_bytes(read=LME_BYTES, written=PER_EXAMPLE_BYTES, grads=LME_BYTES),
     ),
     "gaussian_kl": Case(
         f"B{BATCH} d50", "gaussian_kl",
@@ -86,7 +104,8 @@ def test_iwae_op(benchmark, op, mode, contender, device):
     torch.manual_seed(0)
     fn = contender_fn(contender, getattr(reference, op), getattr(vaekernels, op))
     run_contenders(benchmark, fn, case.make_inputs(device), op=op, shape=case.shape, mode=mode,
-                   contender=contender, **_fused_backend(contender, case.kernel, device))
+                   contender=contender, bytes_moved=None if case.bytes_moved is None else case.bytes_moved[mode],
+                   **_fused_backend(contender, case.kernel, device))
 
 
 # ----------------------------------------------------------------------------- NLL, K = 5000
