@@ -378,8 +378,9 @@ def iwae_bound(
         z: the reparameterised samples [B, K, d] (``"dreg"``, ``"stl"``).
         q: ``(mean, log_var)`` of the diagonal-Gaussian posterior, each [B, d] or [B, 1, d].
 
-    The forward reads the [B, K, D] decoder output once; the backward writes
-    d(logits) = w~ * (x - sigmoid(l)) in one pass with w~ = softmax_K(log weights). Saved for
+    The forward reads the [B, K, D] decoder output once; for the Bernoulli likelihood the
+    backward writes d(logits) = w~ * (x - sigmoid(l)) in one fused pass with
+    w~ = softmax_K(log weights) (the Gaussian one is composed of PyTorch ops). Saved for
     backward beyond the inputs: O(B * K). K = 1 gives the ELBO.
 
     Example (IWAE):
