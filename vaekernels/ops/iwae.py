@@ -180,8 +180,9 @@ def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch
 # ----------------------------------------------------------------------------- bernoulli_log_prob
 
 
-def _bernoulli_log_prob_fake(logits, x):
-    return logits.new_empty(logits.shape[:2])
+def _row_reduction_fake(first, *rest):
+    """[P, Q, D] views in, [P, Q] out: the shape of every row-reduction op."""
+    return first.new_empty(first.shape[:2])
 
 
 def _bernoulli_log_prob_backward_fake(grad, logits, x):
@@ -201,7 +202,7 @@ def _make_bernoulli_log_prob_backward(ops):
     return backward
 
 
-register("bernoulli_log_prob", _bernoulli_log_prob_fake, _save_inputs, _make_bernoulli_log_prob_backward)
+register("bernoulli_log_prob", _row_reduction_fake, _save_inputs, _make_bernoulli_log_prob_backward)
 register("bernoulli_log_prob_backward", _bernoulli_log_prob_backward_fake)
 
 
@@ -228,10 +229,6 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- gaussian_log_prob
-
-
-def _row_reduction_fake(first, *rest):
-    return first.new_empty(first.shape[:2])
 
 
 def _make_gaussian_log_prob_backward(ops):
