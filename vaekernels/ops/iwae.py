@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import _backend
 from ..reference import iwae as reference
+from ._checks import check_choice, check_float, check_shape, fail
 from ._registry import define_triton_op, register
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -37,35 +38,6 @@ if _backend.triton_available():
         "aggregate_posterior_backward": _triton.aggregate_posterior_bwd,
     }.items():
         define_triton_op(_name, _launcher)
-
-
-# ----------------------------------------------------------------------------- argument checks
-
-
-def _fail(fn: str, message: str, error: type = ValueError):
-    raise error(f"vaekernels.{fn}: {message}")
-
-
-def _check_float(fn: str, arg: str, t, like: torch.Tensor | None = None, like_name: str = "") -> None:
-    if not isinstance(t, torch.Tensor):
-        _fail(fn, f"{arg} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    if not t.is_floating_point():
-        _fail(fn, f"{arg} must be a floating-point tensor, got dtype {t.dtype}", TypeError)
-    if like is not None:
-        if t.dtype != like.dtype:
-            _fail(fn, f"{arg} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}", TypeError)
-        if t.device != like.device:
-            _fail(fn, f"{arg} must be on the device of {like_name} ({like.device}), got {t.device}")
-
-
-def _check_shape(fn: str, arg: str, t: torch.Tensor, expected: tuple, description: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        _fail(fn, f"{arg} must have shape {description} = {list(expected)}, got {list(t.shape)}")
-
-
-def _check_choice(fn: str, arg: str, value, choices: tuple) -> None:
-    if value not in choices:
-        _fail(fn, f"{arg} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- [P, Q, D] views
@@ -104,16 +76,16 @@ def _as_rows(tensors: list[torch.Tensor], shape: torch.Size) -> tuple[list[torch
 
 def _event_rows(fn: str, logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, K, *event] and x [B, *event] as [B, K, D] views; x is broadcast over K, not copied."""
-    _check_float(fn, "logits", logits)
-    _check_float(fn, "x", x, logits, "logits")
+    check_float(fn, "logits", logits)
+    check_float(fn, "x", x, logits, "logits")
     if logits.dim() < 3:
-        _fail(fn, f"logits must have shape [B, K, *event] with at least one event dim, got {list(logits.shape)}")
+        fail(fn, f"logits must have shape [B, K, *event] with at least one event dim, got {list(logits.shape)}")
     batch, samples, event = logits.shape[0], logits.shape[1], logits.shape[2:]
     if batch == 0:
-        _fail(fn, "logits must have a non-empty batch (B >= 1), got B = 0")
+        fail(fn, "logits must have a non-empty batch (B >= 1), got B = 0")
     if samples == 0:
-        _fail(fn, "logits must have K >= 1 samples, got K = 0")
-    _check_shape(fn, "x", x, (batch, *event), "[B, *event]")
+        fail(fn, "logits must have K >= 1 samples, got K = 0")
+    check_shape(fn, "x", x, (batch, *event), "[B, *event]")
     flat = logits.flatten(2)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
@@ -161,13 +133,13 @@ def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch
         [0.0, 1.0]
     """
     fn = "log_mean_exp"
-    _check_float(fn, "x", x)
+    check_float(fn, "x", x)
     if x.dim() == 0:
-        _fail(fn, "x must have at least one dim, got a 0-dim tensor")
+        fail(fn, "x must have at least one dim, got a 0-dim tensor")
     if not -x.dim() <= dim < x.dim():
-        _fail(fn, f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {list(x.shape)}, got {dim}", IndexError)
+        fail(fn, f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {list(x.shape)}, got {dim}", IndexError)
     if x.shape[dim] == 0:
-        _fail(fn, f"x must have at least one element along dim {dim}, got shape {list(x.shape)}")
+        fail(fn, f"x must have at least one element along dim {dim}, got shape {list(x.shape)}")
     backend = _backend.choose(fn, x.device, x.dtype)
     if backend == "reference":
         return reference.log_mean_exp(x, dim=dim, keepdim=keepdim)
@@ -252,16 +224,16 @@ register("gaussian_log_prob", _row_reduction_fake, _save_inputs, _make_gaussian_
 def _row_reduction(fn: str, names: tuple[str, ...], tensors: tuple) -> tuple[str, list[torch.Tensor], torch.Size]:
     """Checks and lays out the inputs of a last-dim reduction; returns the backend, views and output shape."""
     for name, t in zip(names, tensors):
-        _check_float(fn, name, t, tensors[0], names[0])
+        check_float(fn, name, t, tensors[0], names[0])
     shape = tensors[0].shape
     if any(t.shape != shape for t in tensors):  # torch.broadcast_shapes costs more than a small op
         try:
             shape = torch.broadcast_shapes(*(t.shape for t in tensors))
         except RuntimeError:
             shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors))
-            _fail(fn, f"{', '.join(names)} must broadcast together, got {shapes}")
+            fail(fn, f"{', '.join(names)} must broadcast together, got {shapes}")
     if len(shape) == 0:
-        _fail(fn, f"{', '.join(names)} must broadcast to at least one dim (the one summed over), got 0-dim tensors")
+        fail(fn, f"{', '.join(names)} must broadcast to at least one dim (the one summed over), got 0-dim tensors")
     backend = _backend.choose(fn, tensors[0].device, tensors[0].dtype)
     if backend == "reference":
         return backend, [], torch.Size()
@@ -326,14 +298,14 @@ def _gaussian_event_log_prob(fn: str, x: torch.Tensor, mean: torch.Tensor, log_v
     """Gaussian log p(x | z_k) over event dims: mean [B, K, *event], log_var broadcastable to it."""
     mean_rows, x_rows = _event_rows(fn, mean, x)
     if log_var is None:
-        _fail(fn, "log_var must be given (a tensor broadcastable to logits) when likelihood='gaussian', got None")
-    _check_float(fn, "log_var", log_var, mean, "logits")
+        fail(fn, "log_var must be given (a tensor broadcastable to logits) when likelihood='gaussian', got None")
+    check_float(fn, "log_var", log_var, mean, "logits")
     try:
         broadcasts = torch.broadcast_shapes(log_var.shape, mean.shape) == mean.shape
     except RuntimeError:
         broadcasts = False
     if not broadcasts:
-        _fail(fn, f"log_var must broadcast to logits' shape {list(mean.shape)}, got {list(log_var.shape)}")
+        fail(fn, f"log_var must broadcast to logits' shape {list(mean.shape)}, got {list(log_var.shape)}")
     # Laid out over the event dims only: a log-variance shared across examples or samples stays
     # one row, broadcast over B and K inside the kernel.
     log_var = log_var.reshape((1,) * (mean.dim() - log_var.dim()) + tuple(log_var.shape))
@@ -398,9 +370,9 @@ def iwae_bound(
         >>> loss.backward()
     """
     fn = "iwae_bound"
-    _check_choice(fn, "likelihood", likelihood, LIKELIHOODS)
-    _check_choice(fn, "estimator", estimator, ESTIMATORS)
-    _check_choice(fn, "reduction", reduction, REDUCTIONS)
+    check_choice(fn, "likelihood", likelihood, LIKELIHOODS)
+    check_choice(fn, "estimator", estimator, ESTIMATORS)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
     if likelihood == "bernoulli":
         log_px = bernoulli_log_prob(logits, x)
     else:
@@ -409,12 +381,12 @@ def iwae_bound(
     if q is not None:
         log_qz = _posterior_log_prob(fn, z, q, log_qz, batch, samples, detach=estimator != "iwae")
     elif estimator != "iwae":
-        _fail(fn, f"estimator {estimator!r} needs z= (the samples) and q=(mean, log_var) of the posterior, got q=None")
+        fail(fn, f"estimator {estimator!r} needs z= (the samples) and q=(mean, log_var) of the posterior, got q=None")
     elif log_qz is None:
-        _fail(fn, "log_qz must be a [B, K] tensor (or pass z= and q=(mean, log_var)), got None")
+        fail(fn, "log_qz must be a [B, K] tensor (or pass z= and q=(mean, log_var)), got None")
     for name, t in (("log_pz", log_pz), ("log_qz", log_qz)):
-        _check_float(fn, name, t, log_px, "logits")
-        _check_shape(fn, name, t, (batch, samples), "[B, K]")
+        check_float(fn, name, t, log_px, "logits")
+        check_shape(fn, name, t, (batch, samples), "[B, K]")
     log_w = log_px + log_pz - log_qz
     bound = log_mean_exp(log_w, dim=1)
     if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
@@ -440,17 +412,17 @@ def _reweight_path_gradient(z: torch.Tensor, log_w: torch.Tensor) -> None:
 
 def _posterior_log_prob(fn, z, q, log_qz, batch, samples, detach):
     if log_qz is not None:
-        _fail(fn, "log_qz must be None when q=(mean, log_var) is given (log q(z | x) is computed from q), got a tensor")
+        fail(fn, "log_qz must be None when q=(mean, log_var) is given (log q(z | x) is computed from q), got a tensor")
     if not (isinstance(q, (tuple, list)) and len(q) == 2):
-        _fail(fn, f"q must be a (mean, log_var) pair, got {type(q).__name__}", TypeError)
-    _check_float(fn, "z", z)
+        fail(fn, f"q must be a (mean, log_var) pair, got {type(q).__name__}", TypeError)
+    check_float(fn, "z", z)
     if z.dim() != 3 or tuple(z.shape[:2]) != (batch, samples):
-        _fail(fn, f"z must have shape [B, K, d] with B, K = {batch}, {samples}, got {list(z.shape)}")
+        fail(fn, f"z must have shape [B, K, d] with B, K = {batch}, {samples}, got {list(z.shape)}")
     mean, log_var = (t.unsqueeze(1) if isinstance(t, torch.Tensor) and t.dim() == 2 else t for t in q)
     for name, t in (("q[0] (mean)", mean), ("q[1] (log_var)", log_var)):
-        _check_float(fn, name, t, z, "z")
+        check_float(fn, name, t, z, "z")
         if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != z.shape[2]:
-            _fail(fn, f"{name} must have shape [B, d] or [B, 1, d] = [{batch}, {z.shape[2]}], got {list(t.shape)}")
+            fail(fn, f"{name} must have shape [B, d] or [B, 1, d] = [{batch}, {z.shape[2]}], got {list(t.shape)}")
     if detach:
         mean, log_var = mean.detach(), log_var.detach()
     return gaussian_log_prob(z, mean, log_var)
@@ -497,15 +469,15 @@ def importance_sampled_nll(
     fn = "importance_sampled_nll"
     for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(fn, f"{name} must be a positive int, got {value!r}")
-    _check_choice(fn, "likelihood", likelihood, LIKELIHOODS)
+            fail(fn, f"{name} must be a positive int, got {value!r}")
+    check_choice(fn, "likelihood", likelihood, LIKELIHOODS)
     mean, q_log_var = encode(x)
-    _check_float(fn, "encode(x)[0] (mean)", mean)
+    check_float(fn, "encode(x)[0] (mean)", mean)
     if mean.dim() != 2 or mean.shape[0] != x.shape[0]:
-        _fail(fn, f"encode(x) must return (mean, log_var) of shape [B, d] with B = {x.shape[0]}, "
+        fail(fn, f"encode(x) must return (mean, log_var) of shape [B, d] with B = {x.shape[0]}, "
                   f"got {list(mean.shape)}")
-    _check_float(fn, "encode(x)[1] (log_var)", q_log_var, mean, "mean")
-    _check_shape(fn, "encode(x)[1] (log_var)", q_log_var, tuple(mean.shape), "[B, d]")
+    check_float(fn, "encode(x)[1] (log_var)", q_log_var, mean, "mean")
+    check_shape(fn, "encode(x)[1] (log_var)", q_log_var, tuple(mean.shape), "[B, d]")
     std, zero = torch.exp(0.5 * q_log_var).unsqueeze(1), mean.new_zeros(())
     total = torch.full((x.shape[0],), float("-inf"), dtype=mean.dtype, device=mean.device)
     for start in tqdm(range(0, num_samples, chunk_size), desc=f"NLL, K={num_samples}", disable=not progress):
@@ -558,17 +530,17 @@ register("aggregate_posterior_backward", _aggregate_posterior_backward_fake)
 def _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal):
     """(log q(z_i), log q(z_ik)) for the batch, from one fused pass; None when on the reference backend.
     Without ``with_marginal`` the second is empty, [B, 0], and costs nothing."""
-    _check_float(fn, "z", z)
+    check_float(fn, "z", z)
     if z.dim() != 2 or z.shape[0] == 0:
-        _fail(fn, f"z must have shape [B, d] with B >= 1, got {list(z.shape)}")
+        fail(fn, f"z must have shape [B, d] with B >= 1, got {list(z.shape)}")
     for name, t in (("mean", mean), ("log_var", log_var)):
-        _check_float(fn, name, t, z, "z")
+        check_float(fn, name, t, z, "z")
         if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] != z.shape[1]:
-            _fail(fn, f"{name} must have shape [N, d] with N >= 1 and d = {z.shape[1]}, got {list(t.shape)}")
-    _check_shape(fn, "log_var", log_var, tuple(mean.shape), "mean's shape")
+            fail(fn, f"{name} must have shape [N, d] with N >= 1 and d = {z.shape[1]}, got {list(t.shape)}")
+    check_shape(fn, "log_var", log_var, tuple(mean.shape), "mean's shape")
     if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
                                      or dataset_size < 1):
-        _fail(fn, f"dataset_size must be a positive int or None, got {dataset_size!r}")
+        fail(fn, f"dataset_size must be a positive int or None, got {dataset_size!r}")
     backend = _backend.choose("aggregate_posterior", z.device, z.dtype)
     if backend == "reference":
         return None
@@ -633,7 +605,7 @@ def mutual_information(z, mean, log_var, *, dataset_size: int | None = None) -> 
     """
     log_qz = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size)
     if z.shape[0] != mean.shape[0]:
-        _fail("mutual_information", f"z must pair each sample z_i with the posterior of x_i: z has {z.shape[0]} rows "
+        fail("mutual_information", f"z must pair each sample z_i with the posterior of x_i: z has {z.shape[0]} rows "
                                     f"where mean has {mean.shape[0]}")
     return (gaussian_log_prob(z, mean, log_var) - log_qz).mean()
 
