@@ -31,6 +31,12 @@ TORCH_LIBRARY(vaekernels, m) {
   // backward then takes that [B, 0] marginal with a [B, 0] grad_marginal and skips its term.
   m.def("aggregate_posterior(Tensor z, Tensor mean, Tensor log_var, bool with_marginal) -> (Tensor, Tensor)");
   m.def("aggregate_posterior_backward(Tensor grad_joint, Tensor grad_marginal, Tensor z, Tensor mean, Tensor log_var, Tensor joint, Tensor marginal) -> (Tensor, Tensor, Tensor)");
+
+  // Reversible family. One step of a coupling block's backward walk, in place on two
+  // contiguous tensors of one shape: stream -= update (a half of the block's input rebuilt from
+  // its output, e.g. x2 = y2 - G(y1)) and grad += grad_update (the gradient the recomputed
+  // branch sent to the other half). update and grad_update are read only.
+  m.def("coupling_backward_step(Tensor(a!) stream, Tensor update, Tensor(b!) grad, Tensor grad_update) -> ()");
 }
 
 namespace {

@@ -17,6 +17,7 @@ from .ops.iwae import (
     mutual_information,
     total_correlation,
 )
+from .ops.reversible import coupling_backward_step, reversible_sequential
 from . import nn  # noqa: E402  (the modules are built on the functions above)
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "aggregate_posterior_log_density",
     "available_backends",
     "bernoulli_log_prob",
+    "coupling_backward_step",
     "gaussian_kl",
     "gaussian_log_prob",
     "importance_sampled_nll",
@@ -33,6 +35,7 @@ __all__ = [
     "marginal_kl",
     "mutual_information",
     "nn",
+    "reversible_sequential",
     "total_correlation",
     "use_backend",
 ]

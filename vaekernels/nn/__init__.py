@@ -1,5 +1,6 @@
 """nn.Modules over the vaekernels ops."""
 
 from .iwae import IWAEBound
+from .reversible import AdditiveCoupling, AffineCoupling, InvertibleDownsample, ReversibleSequential
 
-__all__ = ["IWAEBound"]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "IWAEBound", "InvertibleDownsample", "ReversibleSequential"]

@@ -27,13 +27,15 @@ def namespaces() -> list[str]:
     return found
 
 
-def define_triton_op(name: str, launcher: Callable) -> None:
-    """Wraps a Triton launcher as ``vaekernels_triton::<name>``; its annotations give the schema.
+def define_triton_op(name: str, launcher: Callable, mutates_args: tuple[str, ...] = ()) -> None:
+    """Wraps a Triton launcher as ``vaekernels_triton::<name>``; its annotations give the schema
+    (``mutates_args``: the arguments it writes in place).
 
     It also becomes the CUDA kernel of ``vaekernels::<name>`` where no CUDA C++ kernel was built,
     so the C++-declared op runs on CUDA tensors either way.
     """
-    torch.library.custom_op(f"{TRITON_NAMESPACE}::{name}", launcher, mutates_args=(), device_types=("cpu", "cuda"))
+    torch.library.custom_op(f"{TRITON_NAMESPACE}::{name}", launcher, mutates_args=mutates_args,
+                            device_types=("cpu", "cuda"))
     if _backend.native()["schemas"] and name not in _backend.native()["cuda_ops"]:
         torch.library.register_kernel(f"vaekernels::{name}", "cuda", launcher)
 
