@@ -17,7 +17,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from ..ops._checks import fail
-from ..ops.reversible import _grads, coupling_backward_step, reversible_sequential
+from ..ops.reversible import _grads, _halves, coupling_backward_step, reversible_sequential
 
 
 def _split(cls: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +25,13 @@ def _split(cls: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fail(f"nn.{cls}", f"input must have shape [B, C, ...] with an even channel count C to split into "
                           f"halves, got {list(x.shape)}")
     return x.chunk(2, 1)
+
+
+def _check_pair(cls: str, x1: torch.Tensor, x2: torch.Tensor) -> None:
+    if x1.shape != x2.shape:
+        shape = [x1.shape[0], x1.shape[1] + x2.shape[1], *x1.shape[2:]]
+        fail(f"nn.{cls}", f"input must have shape [B, C, ...] with an even channel count C to split into halves, "
+                          f"got {shape}")
 
 
 def _branch(cls: str, name: str, module: nn.Module, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -85,6 +92,7 @@ class AdditiveCoupling(nn.Module):
         return torch.cat([x1, x2], 1)
 
     def forward_pair(self, x1: torch.Tensor, x2: torch.Tensor, rng):
+        _check_pair("AdditiveCoupling", x1, x2)
         rng.mark()
         x1.add_(_branch("AdditiveCoupling", "F", self.F, x2, x1))
         if self.G is not None:
@@ -165,6 +173,7 @@ class AffineCoupling(nn.Module):
         return torch.cat([y1, (y2 - t) * torch.exp(-s)], 1)
 
     def forward_pair(self, x1: torch.Tensor, x2: torch.Tensor, rng):
+        _check_pair("AffineCoupling", x1, x2)
         rng.mark()
         s, t = self._scale_shift(x1)
         x2.mul_(torch.exp(s)).add_(t)
@@ -218,15 +227,14 @@ class InvertibleDownsample(nn.Module):
         return nnf.pixel_shuffle(y, r)
 
     def forward_pair(self, x1: torch.Tensor, x2: torch.Tensor, rng):
-        x1, x2 = _split("InvertibleDownsample", self(torch.cat([x1, x2], 1)))
-        return x1.contiguous(), x2.contiguous(), None
+        return (*_halves("nn.InvertibleDownsample", self(torch.cat([x1, x2], 1)), "the output"), None)
 
     def reverse_pair(self, y1, y2, g1, g2, grad_logdet, params, rng):
         # A permutation: its input and its gradient are the inverse permutation of the output and
         # of the output's gradient, with nothing to recompute.
-        x1, x2 = _split("InvertibleDownsample", self.inverse(torch.cat([y1, y2], 1)))
-        gx1, gx2 = _split("InvertibleDownsample", self.inverse(torch.cat([g1, g2], 1)))
-        return x1.contiguous(), x2.contiguous(), gx1.contiguous(), gx2.contiguous(), [None] * len(params)
+        x1, x2 = _halves("nn.InvertibleDownsample", self.inverse(torch.cat([y1, y2], 1)), "the input")
+        gx1, gx2 = _halves("nn.InvertibleDownsample", self.inverse(torch.cat([g1, g2], 1)), "the input gradient")
+        return x1, x2, gx1, gx2, [None] * len(params)
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}"
@@ -238,8 +246,8 @@ class ReversibleSequential(nn.Module):
     See :func:`vaekernels.reversible_sequential`.
 
     ``forward`` returns ``y``, or ``(y, logdet)`` when a block has a log-determinant
-    (:class:`AffineCoupling`). Blocks must be invertible (have ``inverse``); the input needs an
-    even channel count.
+    (:class:`AffineCoupling`). Blocks must be invertible (have ``inverse``); a coupling needs an
+    even channel count where it stands.
 
     Example:
         >>> import torch, vaekernels

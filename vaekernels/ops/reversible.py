@@ -89,14 +89,14 @@ def coupling_backward_step(stream: torch.Tensor, update: torch.Tensor, grad: tor
 
 
 def _halves(fn: str, x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x split along dim 1 into two new contiguous tensors the walk owns and may overwrite."""
+    """x split along dim 1 (the first C // 2 channels, the rest) into two new contiguous tensors
+    the walk owns and may overwrite. An odd C is left to the blocks: a space-to-depth block takes
+    one, a coupling refuses it."""
     if x.dim() < 2:
         fail(fn, f"{what} must have a channel dim (shape [B, C, ...]), got shape {list(x.shape)}")
-    if x.shape[1] % 2:
-        fail(fn, f"{what} must have an even number of channels to split into two halves, got C = {x.shape[1]}")
     half = x.shape[1] // 2
     return (x.narrow(1, 0, half).clone(memory_format=torch.contiguous_format),
-            x.narrow(1, half, half).clone(memory_format=torch.contiguous_format))
+            x.narrow(1, half, x.shape[1] - half).clone(memory_format=torch.contiguous_format))
 
 
 def _frozen_batch_norms(block: nn.Module) -> list[nn.Module]:
@@ -159,17 +159,34 @@ def _grads(outputs, inputs, grad_outputs):
 
 
 class _Walk:
-    """What the autograd function needs besides tensors: the blocks, their parameters, options."""
+    """What the autograd function needs besides tensors: the blocks, the parameter tensors each
+    block computed with (where they live in its modules), and the options."""
 
-    def __init__(self, blocks: Sequence[nn.Module], params: list[torch.Tensor], preserve_rng_state: bool,
-                 stream_dtype: torch.dtype | None):
+    def __init__(self, blocks: Sequence[nn.Module], preserve_rng_state: bool, stream_dtype: torch.dtype | None):
         self.blocks = list(blocks)
-        self.params = params
-        index = {id(p): i for i, p in enumerate(params)}
-        self.block_params = [[p for p in dict.fromkeys(b.parameters()) if id(p) in index] for b in self.blocks]
+        # The tensors in the modules now, not module.parameters() later: under
+        # torch.func.functional_call they are swapped in for the call and gone by backward.
+        self.slots = [[(m, name, t) for m in block.modules() for name, t in m._parameters.items()
+                       if t is not None and t.requires_grad] for block in self.blocks]
+        self.params = list(dict.fromkeys(t for slots in self.slots for _, _, t in slots))
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.block_params = [list(dict.fromkeys(t for _, _, t in slots)) for slots in self.slots]
         self.block_index = [[index[id(p)] for p in ps] for ps in self.block_params]
         self.preserve_rng_state = preserve_rng_state
         self.stream_dtype = stream_dtype
+
+    @contextlib.contextmanager
+    def bound(self, i: int):
+        """Block i's modules holding the tensors its forward used, for its recomputation."""
+        swapped = [(m, name, m._parameters.get(name)) for m, name, t in self.slots[i] if m._parameters.get(name) is not t]
+        for m, name, t in self.slots[i]:
+            if m._parameters.get(name) is not t:
+                m._parameters[name] = t
+        try:
+            yield
+        finally:
+            for m, name, t in swapped:
+                m._parameters[name] = t
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -211,6 +228,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 stack.enter_context(torch.enable_grad())
                 for device_type, enabled, dtype in ctx.autocast:
                     stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+                stack.enter_context(walk.bound(i))
                 stack.enter_context(_running_stats_kept(_frozen_batch_norms(block)))
                 y1, y2, g1, g2, grads = _reverse_pair(block, y1, y2, g1, g2, grad_logdet, params, ctx.tapes[i])
             for j, grad in zip(walk.block_index[i], grads):
@@ -287,8 +305,7 @@ def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, prese
     blocks = list(blocks)
     _check_blocks(fn, blocks)
     check_float(fn, "x", x)
-    if x.dim() < 2 or x.shape[1] % 2:
-        fail(fn, f"x must have shape [B, C, ...] with an even channel count C, got {list(x.shape)}")
-    params = [p for p in dict.fromkeys(p for b in blocks for p in b.parameters()) if p.requires_grad]
-    walk = _Walk(blocks, params, preserve_rng_state, stream_dtype)
-    return _ReversibleFunction.apply(x, walk, *params)
+    if x.dim() < 2:
+        fail(fn, f"x must have shape [B, C, ...], got {list(x.shape)}")
+    walk = _Walk(blocks, preserve_rng_state, stream_dtype)
+    return _ReversibleFunction.apply(x, walk, *walk.params)
