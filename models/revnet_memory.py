@@ -9,8 +9,9 @@ on a fixed random batch. Readings:
 - ``peak``: how far the memory PyTorch's allocator hands out rose above its level before the
   step, at its highest point anywhere in the forward or the backward: CUDA
   ``max_memory_allocated``; CPU, the running total the profiler's allocation events carry (the
-  process's tensor memory peak). Parameters exist before the step and do not count; their
-  gradients, made during the step, do.
+  process's tensor memory), taken relative to its value just before the step's first
+  allocation, since that running total drifts upwards from one profiled call to the next.
+  Parameters exist before the step and do not count; their gradients, made during the step, do.
 - ``activations``: ``peak`` less the parameter gradients' bytes: the memory that depends on how
   activations are kept.
 - ``saved``: bytes the autograd graph holds for backward after the forward, counted with
@@ -35,10 +36,32 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 
-from bench._common import peak_bytes, saved_bytes
+from bench._common import _walk, peak_bytes, saved_bytes
 from models.revnet import MODES, RevNet, new_run_dir, write_json
 
 LABELS = {"reversible": "RevNet (reversible)", "resnet": "matched ResNet", "checkpoint": "ResNet + checkpoint/block"}
+
+
+def step_peak(step, device: torch.device) -> int | None:
+    """How far allocated memory rose above its level before one ``step()``."""
+    if device.type == "cuda":
+        return peak_bytes(step, device)
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            step()
+        events = sorted((e for e in _walk(profiler.profiler.kineto_results.experimental_event_tree())
+                         if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"),
+                        key=lambda e: e.start_time_ns)
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    if not events:
+        return 0
+    before = events[0].extra_fields.total_allocated - events[0].extra_fields.alloc_size
+    return max(e.extra_fields.total_allocated for e in events) - before
 
 
 def _step(model, x, y, synchronize):
@@ -73,19 +96,28 @@ def measure(depths, *, width, stages, batch, size, repeats, device, seed=0, log=
         for mode, model in models.items():
             model.zero_grad(set_to_none=True)
             grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            peak = peak_bytes(steps[mode], device)
+            peak = step_peak(steps[mode], device)
             keep = [x, *model.parameters()]
             saved = saved_bytes(lambda: nnf.cross_entropy(model(x), y), keep=keep)
             row = {"depth": depth, "mode": mode, "peak_bytes": peak, "grad_bytes": grad_bytes,
                    "activation_bytes": None if peak is None else peak - grad_bytes, "saved_bytes": saved,
-                   "ms": 1e3 * statistics.median(times[mode]), "ms_all": [1e3 * t for t in times[mode]]}
+                   "ms": 1e3 * statistics.median(times[mode]) if repeats else None,
+                   "ms_all": [1e3 * t for t in times[mode]]}
             rows.append(row)
-            log(f"depth {depth:3d} {mode:10s} peak {_mb(peak)} MB  saved {_mb(saved)} MB  {row['ms']:.0f} ms")
+            log(f"depth {depth:3d} {mode:10s} peak {_mb(peak)} MB  saved {_mb(saved)} MB  {_ms(row['ms'])} ms")
     return rows
 
 
 def _mb(n) -> str:
     return "—" if n is None else f"{n / 2**20:.2f}"
+
+
+def _ms(t) -> str:
+    return "—" if t is None else f"{t:.1f}"
+
+
+def _ratio(a, b) -> str:
+    return "—" if a is None or b is None else f"{a / b:.2f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -98,9 +130,9 @@ def table(rows: list[dict]) -> str:
         rev = by[(depth, "reversible")]
         for mode in MODES:
             r = by[(depth, mode)]
-            peak_ratio = "—" if r["peak_bytes"] is None else f"{r['peak_bytes'] / rev['peak_bytes']:.2f}"
             lines.append(f"| {depth} | {LABELS[mode]} | {_mb(r['peak_bytes'])} | {_mb(r['activation_bytes'])} | "
-                         f"{_mb(r['saved_bytes'])} | {r['ms']:.1f} | {peak_ratio} | {r['ms'] / rev['ms']:.2f} |")
+                         f"{_mb(r['saved_bytes'])} | {_ms(r['ms'])} | {_ratio(r['peak_bytes'], rev['peak_bytes'])} | "
+                         f"{_ratio(r['ms'], rev['ms'])} |")
     revs = [by[(d, "reversible")] for d in depths]
     if revs[0]["peak_bytes"] is not None:
         growth = revs[-1]["peak_bytes"] / revs[0]["peak_bytes"] - 1
@@ -112,8 +144,10 @@ def table(rows: list[dict]) -> str:
                       f"(activations {by[(last, 'resnet')]['activation_bytes'] / revs[-1]['activation_bytes']:.1f}x)."]
     for depth in depths:
         rev = by[(depth, "reversible")]
-        lines.append(f"depth {depth}: RevNet step time {rev['ms'] / by[(depth, 'resnet')]['ms']:.2f}x the ResNet, "
-                     f"{rev['ms'] / by[(depth, 'checkpoint')]['ms']:.2f}x per-block checkpointing (medians)")
+        if rev["ms"] is not None:
+            lines.append(f"depth {depth}: RevNet step time {_ratio(rev['ms'], by[(depth, 'resnet')]['ms'])}x the "
+                         f"ResNet, {_ratio(rev['ms'], by[(depth, 'checkpoint')]['ms'])}x per-block checkpointing "
+                         f"(medians)")
     return "\n".join(lines)
 
 
@@ -129,7 +163,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         depths = [r["depth"] for r in mine]
         if mine[0]["peak_bytes"] is not None:
             memory.plot(depths, [r["peak_bytes"] / 2**20 for r in mine], "o-", label=LABELS[mode])
-        speed.plot(depths, [r["ms"] for r in mine], "o-", label=LABELS[mode])
+        if mine[0]["ms"] is not None:
+            speed.plot(depths, [r["ms"] for r in mine], "o-", label=LABELS[mode])
     memory.set(xlabel="depth (coupling blocks)", ylabel="peak memory of a step (MB)", title="memory")
     speed.set(xlabel="depth (coupling blocks)", ylabel="step time (ms, median)", title="time")
     for axis in (memory, speed):
@@ -145,11 +180,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m models.revnet_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64], help="coupling blocks in all")
-    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=16, help="input images are size x size, one channel")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant and depth")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant and depth (0: memory only)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/revnet_memory"))

@@ -120,20 +120,37 @@ def _running_stats_kept(norms: list[nn.Module]):
 
 
 class _RngTape:
-    """The CPU (and CUDA) generator states at the points of one block's forward where a branch
-    begins (``mark``), replayed in the recomputation (``replay(k)``), which runs the branches in
-    another order (G before F)."""
+    """The generator states at the points of one block's forward where a branch begins
+    (``mark``), replayed in the recomputation (``replay(k)``), which runs the branches in another
+    order (G before F). A CPU state is 5 kB: one that the branch after it left unchanged (no
+    dropout, nothing random) is dropped when the next mark or ``close`` sees so, so that a
+    network without randomness keeps nothing per block."""
 
     def __init__(self, enabled: bool, cuda_devices: list[int]):
         self.enabled, self.cuda_devices, self.states = enabled, cuda_devices, []
 
+    def _now(self):
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
+
+    def _drop_unused(self, now) -> None:
+        if self.states and self.states[-1] is not None:
+            cpu, cuda = self.states[-1]
+            if torch.equal(cpu, now[0]) and all(torch.equal(a, b) for a, b in zip(cuda, now[1])):
+                self.states[-1] = None
+
     def mark(self) -> None:
         if self.enabled:
-            self.states.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.cuda_devices]))
+            now = self._now()
+            self._drop_unused(now)
+            self.states.append(now)
+
+    def close(self) -> None:
+        if self.enabled and self.states:
+            self._drop_unused(self._now())
 
     @contextlib.contextmanager
     def replay(self, k: int):
-        if not self.enabled:
+        if not self.enabled or self.states[k] is None:
             yield
             return
         cpu, cuda = self.states[k]
@@ -199,6 +216,7 @@ class _ReversibleFunction(torch.autograd.Function):
         for i, block in enumerate(walk.blocks):
             tapes.append(_RngTape(walk.preserve_rng_state, cuda_devices))
             x1, x2, block_logdet = _forward_pair(block, x1, x2, tapes[-1], f"{fn}: blocks[{i}]")
+            tapes[-1].close()
             if block_logdet is not None:
                 logdet = block_logdet if logdet is None else logdet + block_logdet
         y = torch.cat([x1, x2], 1)
