@@ -374,7 +374,7 @@ def test_bad_inputs_raise_clear_errors():
         net(torch.randn(4))
     with pytest.raises(TypeError, match=r"blocks\[1\] must be an invertible nn.Module .* got Linear"):
         ReversibleSequential(AdditiveCoupling(nn.Linear(2, 2)), nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="needs at least one block"):
+    with pytest.raises(ValueError, match="ReversibleSequential: blocks must hold at least one block, got none"):
         ReversibleSequential()
     with pytest.raises(ValueError, match=r"F must map a half .* shape \[3, 2\], got \[3, 3\]"):
         ReversibleSequential(AdditiveCoupling(nn.Linear(2, 3)))(torch.randn(3, 4))

@@ -17,7 +17,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from ..ops._checks import fail
-from ..ops.reversible import _grads, _halves, coupling_backward_step, reversible_sequential
+from ..ops.reversible import _grads, _halves, check_blocks, coupling_backward_step, reversible_sequential
 
 
 def _split(cls: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,13 +265,7 @@ class ReversibleSequential(nn.Module):
         super().__init__()
         if len(blocks) == 1 and isinstance(blocks[0], (list, tuple, nn.ModuleList)):
             blocks = tuple(blocks[0])
-        for i, block in enumerate(blocks):
-            if not isinstance(block, nn.Module) or not callable(getattr(block, "inverse", None)):
-                fail("nn.ReversibleSequential", f"blocks[{i}] must be an invertible nn.Module (AdditiveCoupling, "
-                     f"AffineCoupling, InvertibleDownsample, or a module with forward and inverse), "
-                     f"got {type(block).__name__}", TypeError)
-        if not blocks:
-            fail("nn.ReversibleSequential", "needs at least one block, got none")
+        check_blocks("nn.ReversibleSequential", blocks)
         self.blocks = nn.ModuleList(blocks)
         self.preserve_rng_state, self.stream_dtype = preserve_rng_state, stream_dtype
         self.returns_logdet = any(getattr(b, "returns_logdet", False) for b in blocks)

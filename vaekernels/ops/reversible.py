@@ -195,9 +195,10 @@ class _Walk:
     @contextlib.contextmanager
     def bound(self, i: int):
         """Block i's modules holding the tensors its forward used, for its recomputation."""
-        swapped = [(m, name, m._parameters.get(name)) for m, name, t in self.slots[i] if m._parameters.get(name) is not t]
+        swapped = []
         for m, name, t in self.slots[i]:
             if m._parameters.get(name) is not t:
+                swapped.append((m, name, m._parameters.get(name)))
                 m._parameters[name] = t
         try:
             yield
@@ -289,7 +290,8 @@ def _reverse_pair(block: nn.Module, y1, y2, g1, g2, grad_logdet, params, rng: _R
     return x1, x2, gx1, gx2, grads[1:]
 
 
-def _check_blocks(fn: str, blocks) -> None:
+def check_blocks(fn: str, blocks) -> None:
+    """Raises a clear error unless ``blocks`` is a non-empty sequence of invertible modules."""
     if len(blocks) == 0:
         fail(fn, "blocks must hold at least one block, got none")
     for i, block in enumerate(blocks):
@@ -304,8 +306,8 @@ def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, prese
     """Applies invertible ``blocks`` in order, keeping only the output for backward.
 
     Returns ``(y, logdet)``: the output and the summed log-determinant of the blocks ([B], zeros
-    for volume-preserving stacks). ``x`` is [B, C, ...] with C even; the walk splits it into
-    halves along dim 1. ``preserve_rng_state`` replays each block's random numbers in the
+    for volume-preserving stacks). ``x`` is [B, C, ...]; the walk splits it into halves along
+    dim 1 (a coupling needs C even where it stands). ``preserve_rng_state`` replays each block's random numbers in the
     recomputation (needed with dropout). ``stream_dtype`` keeps the two residual streams in that
     dtype (e.g. float32 while F and G run in bf16 under autocast).
 
@@ -321,7 +323,7 @@ def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, prese
     """
     fn = "reversible_sequential"
     blocks = list(blocks)
-    _check_blocks(fn, blocks)
+    check_blocks(fn, blocks)
     check_float(fn, "x", x)
     if x.dim() < 2:
         fail(fn, f"x must have shape [B, C, ...], got {list(x.shape)}")
