@@ -56,8 +56,12 @@ def test_nice_is_invertible_and_its_density_counts_the_scaling():
 
 def test_memory_study_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "study"
-    rows = revnet_memory.main(["--depths", "2", "4", "--width", "4", "--batch", "4", "--size", "8", "--repeats", "1",
-                               "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        rows = revnet_memory.main(["--depths", "2", "4", "--width", "4", "--batch", "4", "--size", "8", "--repeats",
+                                   "1", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     assert {(r["depth"], r["mode"]) for r in rows} == {(d, m) for d in (2, 4) for m in MODES}
     assert (out / "revnet_memory.png").stat().st_size > 0
     assert "| 4 | matched ResNet |" in (out / "table.md").read_text()
