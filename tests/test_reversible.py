@@ -160,9 +160,7 @@ def test_reconstruction_after_64_float32_blocks():
     with torch.no_grad():
         y = net(x)
         assert rel_err(net.inverse(y), x) <= 1e-5
-    # The walk rebuilds the input on its own: the input gradient of sum(y) through the identity
-    # check y - net(x) is exact only if every block's input was rebuilt, checked by the gradients
-    # above; here the explicit inverse is checked block by block too.
+    # Block by block too (the walk's own rebuild, in place, is checked through the gradients above).
     h = x
     for block in net.blocks:
         h2 = block(h)
