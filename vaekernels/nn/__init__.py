@@ -1,5 +1,6 @@
 """nn.Modules over the vaekernels ops."""
 
 from .iwae import IWAEBound
+from .jacobian import GRAERegularizer
 
-__all__ = ["IWAEBound"]
+__all__ = ["GRAERegularizer", "IWAEBound"]
