@@ -114,9 +114,17 @@ def test_jacobian_column_sq_norms(benchmark, device, shape_name, contender):
     extra = {}
     if contender == "fused":
         extra = {"backend": _backend.choose("jacobian_tangent_step", torch.device(device))}
-    run_contenders(benchmark, lambda z, *params: fn(decoder, z), (z, *decoder.parameters()),
-                   op="jacobian_column_sq_norms", shape=shape_name, mode="forward+backward", contender=contender,
-                   jacobian_bytes=4 * batch * outputs * d, **extra)
+    # Every parameter but the last bias, which does not move the Jacobian.
+    weights = [p for p in decoder.parameters() if p is not decoder[-1].bias]
+    try:
+        run_contenders(benchmark, lambda z, *params: fn(decoder, z), (z, *weights),
+                       op="jacobian_column_sq_norms", shape=shape_name, mode="forward+backward", contender=contender,
+                       jacobian_bytes=4 * batch * outputs * d, **extra)
+    except RuntimeError as error:
+        # The last reading, saved_bytes, cannot see the storage of the tensors that vmap(jacfwd)
+        # saves (functorch wrappers); the timing and peak memory before it stand.
+        if contender != "reference" or "invalid python storage" not in str(error):
+            raise
     if contender == "fused" and benchmark.stats:
         flops, rate = fused_flops(shape), gemm_rate(device)
         achieved = flops / benchmark.stats.stats.median

@@ -29,7 +29,7 @@ def activation_and_derivative(pre: torch.Tensor, activation: str, p0: float, p1:
     if activation == "softplus":
         return F.softplus(pre, p0, p1), torch.where(pre * p0 > p1, 1.0, torch.sigmoid(pre * p0)).to(pre.dtype)
     if activation == "elu":
-        return F.elu(pre, p0), torch.where(pre > 0, 1.0, p0 * torch.exp(pre)).to(pre.dtype)
+        return F.elu(pre, p0), torch.where(pre > 0, 1.0, p0 * torch.exp(pre.clamp(max=0)))
     if activation == "gelu":
         cdf = 0.5 * (1 + torch.erf(pre * 0.5**0.5))
         density = torch.exp(-0.5 * pre * pre) * (2 * torch.pi) ** -0.5
