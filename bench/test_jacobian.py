@@ -69,11 +69,12 @@ def forward_mode_metric(decoder, z):
 
 
 def fused_flops(shape) -> float:
-    """Multiply-adds x 2 of the fused path's matrix products, forward and backward: per hidden
-    GEMM after the first and for T M, one product forward and two backward (2·B·d·h² each);
-    WᵀW and its backward (2·D·h² each)."""
+    """2 x the multiply-adds of the fused path's matrix products, forward and backward, 2·B·d·h²
+    each: per hidden layer after the first, one product forward and two backward; T M forward and
+    the metric's gradient Tᵀ(g ⊙ T) backward (the tangent's gradient 2 g (T M) needs none).
+    And 2·D·h² each: WᵀW forward and W (G + Gᵀ) backward."""
     batch, d, width, depth, outputs = shape
-    return 3 * depth * 2 * batch * d * width**2 + 2 * 2 * outputs * width**2
+    return (3 * (depth - 1) + 2) * 2 * batch * d * width**2 + 2 * 2 * outputs * width**2
 
 
 @functools.cache

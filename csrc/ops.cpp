@@ -42,8 +42,9 @@ TORCH_LIBRARY(vaekernels, m) {
   m.def("jacobian_tangent_step(Tensor pre, Tensor tangent, str activation, float p0, float p1) -> (Tensor, Tensor)");
   m.def("jacobian_tangent_step_backward(Tensor? grad_out, Tensor grad_tangent, Tensor pre, Tensor tangent, str activation, float p0, float p1) -> (Tensor, Tensor)");
   // tangent T [B, k, h], symmetric metric M [h, h] (WᵀW of the last linear layer): T M Tᵀ per
-  // example [B, k, k], or with diagonal=true only its diagonal [B, k] (the squared column norms).
-  m.def("jacobian_gram_reduce(Tensor tangent, Tensor metric, bool diagonal) -> Tensor");
+  // example [B, k, k], or with diagonal=true only its diagonal [B, k] (the squared column norms);
+  // second output T M [B, k, h], which the backward reuses: d/dT of the norms is 2 g (T M).
+  m.def("jacobian_gram_reduce(Tensor tangent, Tensor metric, bool diagonal) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -94,7 +94,7 @@ class Autoencoder(nn.Module):
 def save_pictures(model: Autoencoder, x_test: torch.Tensor, out: Path, generator: torch.Generator) -> None:
     model.eval()
     columns = 10
-    x = x_test[: 5 * columns]
+    x = x_test[: min(5, len(x_test) // columns) * columns]
     reconstruction = model.decoder(model.encode(x)).clamp(0, 1)
     pairs = torch.stack([x.reshape(-1, columns, PIXELS), reconstruction.reshape(-1, columns, PIXELS)], 1)
     save_grid(out / "reconstructions.png", pairs.reshape(-1, PIXELS), columns)

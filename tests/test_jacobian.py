@@ -77,10 +77,9 @@ def step_inputs(device, dtype, batch=3, k=5, h=37, shared=False, scale=2.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("device_backend", NATIVE)
 def test_tangent_step_matches_reference(device_backend, activation, shared, dtype):
     device, backend = device_backend
-    if backend == "reference":
-        pytest.skip("the reference is the oracle")
     step = _backend.ops(backend).jacobian_tangent_step
     p0, p1 = PARAMS.get(activation, (0.0, 0.0))
     pre, tangent = step_inputs(device, dtype, shared=shared)
@@ -98,21 +97,23 @@ def test_tangent_step_matches_reference(device_backend, activation, shared, dtyp
 
 @pytest.mark.parametrize("diagonal", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 37), (2, 17, 70)])
+@pytest.mark.parametrize("device_backend", NATIVE)
 def test_gram_reduce_matches_reference(device_backend, shape, diagonal):
     device, backend = device_backend
-    if backend == "reference":
-        pytest.skip("the reference is the oracle")
     batch, k, h = shape
     for dtype in (torch.float32, torch.float64):
         tangent = randn(batch, k, h, device=device, dtype=dtype, seed=1).requires_grad_()
         factor = randn(h + 3, h, device=device, dtype=dtype, seed=2).requires_grad_()
-        out = _backend.ops(backend).jacobian_gram_reduce(tangent, factor.t() @ factor, diagonal)
+        out, tm = _backend.ops(backend).jacobian_gram_reduce(tangent, factor.t() @ factor, diagonal)
         cotangent = randn(*out.shape, device=device, dtype=dtype, seed=3)
-        grads = torch.autograd.grad((out * cotangent).sum(), [tangent, factor])
+        cotangent_tm = randn(*tm.shape, device=device, dtype=dtype, seed=4)
+        grads = torch.autograd.grad((out * cotangent).sum() + (tm * cotangent_tm).sum(), [tangent, factor])
         leaves = [tangent.detach().double().requires_grad_(), factor.detach().double().requires_grad_()]
-        expected = ref.jacobian_gram_reduce(leaves[0], leaves[1].t() @ leaves[1], diagonal)
-        expected_grads = torch.autograd.grad((expected * cotangent.double()).sum(), leaves)
+        expected, expected_tm = ref.jacobian_gram_reduce(leaves[0], leaves[1].t() @ leaves[1], diagonal)
+        expected_grads = torch.autograd.grad((expected * cotangent.double()).sum()
+                                             + (expected_tm * cotangent_tm.double()).sum(), leaves)
         assert_rel(out, expected, dtype)
+        assert_rel(tm, expected_tm, dtype)
         for got, want in zip(grads, expected_grads):
             assert_rel(got, want, dtype)
 
@@ -157,6 +158,8 @@ def test_gradcheck_float64(device_backend):
     factor = randn(4, 3, device=device, seed=3).requires_grad_()
     for diagonal in (True, False):
         assert torch.autograd.gradcheck(lambda t, f: ops.jacobian_gram_reduce(t, f.t() @ f, diagonal),
+                                        (tangent, factor))
+        assert torch.autograd.gradcheck(lambda t, f: ops.jacobian_gram_reduce(t, f.t() @ f, diagonal)[0],
                                         (tangent, factor))
 
 

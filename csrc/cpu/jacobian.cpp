@@ -1,8 +1,7 @@
 // CPU kernels of the decoder-Jacobian family. The matrix products of forward-mode propagation
 // stay in ATen's GEMM; these kernels fuse what sits between them: an activation, its first and
 // second derivative and the scaling of the whole [B, k, h] tangent block in one pass (and its
-// backward in one pass), and the row-wise reduction of T M against T, so that the block T M is
-// never held whole.
+// backward in one pass), and the row-wise reduction of T M against T.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -222,41 +221,33 @@ std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step_backward(const std::opt
   return {grad_pre, grad_tangent_out};
 }
 
-// Rows of T per GEMM block of the reduction: T M for 1024 rows at a time, so the [B, k, h]
-// product is never held whole; large enough that each GEMM runs at full rate.
-constexpr int64_t kReduceRows = 1024;
-
-at::Tensor jacobian_gram_reduce(const at::Tensor& tangent_in, const at::Tensor& metric_in, bool diagonal) {
+// T M in one GEMM (it is an output: the backward scales it instead of multiplying again), then
+// the row-wise dots with T in one vectorised pass, or the per-example products with Tᵀ.
+std::tuple<at::Tensor, at::Tensor> jacobian_gram_reduce(const at::Tensor& tangent_in, const at::Tensor& metric_in,
+                                                        bool diagonal) {
   constexpr const char* op = "vaekernels::jacobian_gram_reduce";
   check_rank(op, "tangent", tangent_in, 3, "[B, k, h]");
   check_floating(op, "tangent", tangent_in, kCpu);
   const int64_t B = tangent_in.size(0), k = tangent_in.size(1), h = tangent_in.size(2);
   check_tensor(op, "metric", metric_in, {h, h}, tangent_in, kCpu);
-  const at::Tensor tangent = tangent_in.contiguous(), metric = metric_in.contiguous();
-  if (!diagonal) return at::bmm(at::matmul(tangent, metric), tangent.transpose(1, 2));
-  const int64_t rows = B * k;
-  const at::Tensor flat = tangent.view({rows, h});
+  const at::Tensor tangent = tangent_in.contiguous();
+  const at::Tensor tm = at::matmul(tangent, metric_in);
+  if (!diagonal) return {at::bmm(tm, tangent.transpose(1, 2)), tm};
   at::Tensor norms = at::empty({B, k}, tangent.options());
-  at::Tensor block = at::empty({std::min(rows, kReduceRows), h}, tangent.options());
   AT_DISPATCH_FLOATING_TYPES(tangent.scalar_type(), "jacobian_gram_reduce", [&] {
     using Vec = Vectorized<scalar_t>;
     scalar_t* out = norms.data_ptr<scalar_t>();
-    for (int64_t start = 0; start < rows; start += kReduceRows) {
-      const int64_t n = std::min(kReduceRows, rows - start);
-      at::Tensor tm = block.narrow(0, 0, n);
-      at::mm_out(tm, flat.narrow(0, start, n), metric);
-      const scalar_t* tm_ptr = tm.const_data_ptr<scalar_t>();
-      const scalar_t* t_ptr = flat.const_data_ptr<scalar_t>() + start * h;
-      at::parallel_for(0, n, row_grain(h), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          out[start + r] = at::vec::map2_reduce_all<scalar_t>(
-              [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, tm_ptr + r * h, t_ptr + r * h,
-              h);
-        }
-      });
-    }
+    const scalar_t* tm_ptr = tm.const_data_ptr<scalar_t>();
+    const scalar_t* t_ptr = tangent.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B * k, row_grain(h), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        out[r] = at::vec::map2_reduce_all<scalar_t>([](Vec a, Vec b) { return a * b; },
+                                                    [](Vec a, Vec b) { return a + b; }, tm_ptr + r * h,
+                                                    t_ptr + r * h, h);
+      }
+    });
   });
-  return norms;
+  return {norms, tm};
 }
 
 }  // namespace

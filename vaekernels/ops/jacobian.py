@@ -82,39 +82,69 @@ register("jacobian_tangent_step_backward", _tangent_step_backward_fake)
 
 def _gram_reduce_fake(tangent, metric, diagonal):
     batch, k = tangent.shape[:2]
-    return tangent.new_empty(batch, k) if diagonal else tangent.new_empty(batch, k, k)
+    out = tangent.new_empty(batch, k) if diagonal else tangent.new_empty(batch, k, k)
+    return out, tangent.new_empty(tangent.shape)
 
 
 def _save_gram_reduce(ctx, inputs, output):
     tangent, metric, ctx.diagonal = inputs
-    ctx.save_for_backward(tangent, metric)
+    ctx.save_for_backward(tangent, metric, output[1])
 
 
 def _make_gram_reduce_backward(ops):
-    # Matrix products only, so ATen's GEMM (cuBLAS on CUDA) serves both namespaces. The tangent
-    # gradient uses the symmetry of the metric (WᵀW); the metric's gradient is exact for any M.
-    def backward(ctx, grad):
-        tangent, metric = ctx.saved_tensors
+    # Elementwise work and matrix products only, so ATen's GEMM (cuBLAS on CUDA) serves both
+    # namespaces. The tangent gradient uses the symmetry of the metric (WᵀW) and reuses T M: for
+    # the norms it is 2 g (T M), no product at all. The metric's gradient is exact for any M.
+    def backward(ctx, grad, grad_tm):
+        tangent, metric, tm = ctx.saved_tensors
         h = tangent.shape[-1]
-        grad = grad.to(tangent.dtype)
         rows = tangent.reshape(-1, h)
         grad_tangent = grad_metric = None
         if ctx.diagonal:
-            scaled = tangent * (2 * grad).unsqueeze(-1)  # 2 g_i T_i
+            grad = grad.to(tangent.dtype).unsqueeze(-1)
             if ctx.needs_input_grad[0]:
-                grad_tangent = scaled @ metric
+                grad_tangent = tm * (2 * grad)
             if ctx.needs_input_grad[1]:
-                grad_metric = (scaled.reshape(-1, h).t() @ rows).mul_(0.5)
+                grad_metric = rows.t() @ (tangent * grad).reshape(-1, h)
         else:
+            grad = grad.to(tangent.dtype)
             if ctx.needs_input_grad[0]:
-                grad_tangent = (grad + grad.transpose(1, 2)) @ (tangent @ metric)
+                grad_tangent = (grad + grad.transpose(1, 2)) @ tm
             if ctx.needs_input_grad[1]:
                 grad_metric = rows.t() @ (grad @ tangent).reshape(-1, h)
+        if grad_tm is not None:
+            grad_tm = grad_tm.to(tangent.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_tangent = grad_tangent + grad_tm @ metric.t()
+            if ctx.needs_input_grad[1]:
+                grad_metric = grad_metric + rows.t() @ grad_tm.reshape(-1, h)
         return grad_tangent, grad_metric, None
     return backward
 
 
 register("jacobian_gram_reduce", _gram_reduce_fake, _save_gram_reduce, _make_gram_reduce_backward)
+
+
+class _SelfGram(torch.autograd.Function):
+    """WᵀW with the backward of a symmetric product: dW = W (G + Gᵀ), one GEMM where autograd's
+    matmul backward takes two."""
+
+    @staticmethod
+    def forward(weight):
+        return weight.t() @ weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return weight @ (grad + grad.t())
+
+
+def _self_gram(weight: torch.Tensor) -> torch.Tensor:
+    return _SelfGram.apply(weight)
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -215,8 +245,7 @@ def _propagate(fn: str, plan: list, z: torch.Tensor, columns: torch.Tensor | Non
     tangent = identity_columns() if tangent is None else tangent
     if tangent.shape[0] != batch:
         tangent = tangent.expand(batch, -1, -1).contiguous()
-    weight = plan[-1].weight
-    return reduce(tangent, weight.t() @ weight, diagonal)
+    return reduce(tangent, _self_gram(plan[-1].weight), diagonal)[0]
 
 
 def _jvp_along(fn: str, decoder, z: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

@@ -46,14 +46,15 @@ def jacobian_tangent_step(pre: torch.Tensor, tangent: torch.Tensor, activation: 
     return out, slope.unsqueeze(1) * tangent
 
 
-def jacobian_gram_reduce(tangent: torch.Tensor, metric: torch.Tensor, diagonal: bool) -> torch.Tensor:
-    """For a tangent block T [B, k, h] and a metric M [h, h]: T M Tᵀ per example, [B, k, k], or only
-    its diagonal, [B, k]. With M = WᵀW of the last linear layer, these are JᵀJ and the squared
-    column norms of J = T Wᵀ."""
+def jacobian_gram_reduce(tangent: torch.Tensor, metric: torch.Tensor,
+                         diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a tangent block T [B, k, h] and a metric M [h, h]: (T M Tᵀ per example, [B, k, k], or only
+    its diagonal, [B, k]; and T M). With M = WᵀW of the last linear layer, the first is JᵀJ or the
+    squared column norms of J = T Wᵀ."""
     tm = tangent @ metric
     if diagonal:
-        return (tm * tangent).sum(-1)
-    return tm @ tangent.transpose(-1, -2)
+        return (tm * tangent).sum(-1), tm
+    return tm @ tangent.transpose(-1, -2), tm
 
 
 def jacobian(decoder, z: torch.Tensor) -> torch.Tensor:

@@ -201,11 +201,12 @@ def _tile_times_metric(t_ptr, rows, row_mask, metric_ptr, kc, h, IS_FP64: tl.con
 
 
 @triton.jit
-def _jacobian_gram_reduce_fwd_kernel(tangent_ptr, metric_ptr, out_ptr, rows_total, k, h, DIAGONAL: tl.constexpr,
+def _jacobian_gram_reduce_fwd_kernel(tangent_ptr, metric_ptr, out_ptr, tm_ptr, rows_total, k, h, DIAGONAL: tl.constexpr,
                                      IS_FP64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_J: tl.constexpr,
                                      BLOCK_K: tl.constexpr):
     """DIAGONAL: one program per BLOCK_ROWS rows of T viewed as [B·k, h], out[r] = (T M)_r · T_r.
-    Otherwise one program per example b, out[b] = T_b M T_bᵀ with its k rows in one block."""
+    Otherwise one program per example b, out[b] = T_b M T_bᵀ with its k rows in one block. Either
+    way T M is written out too, block by block, for the backward."""
     pid = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_ROWS)
     if DIAGONAL:
@@ -221,8 +222,10 @@ def _jacobian_gram_reduce_fwd_kernel(tangent_ptr, metric_ptr, out_ptr, rows_tota
         tm = _tile_times_metric(tangent_ptr, rows, row_mask, metric_ptr, kc, h, IS_FP64, BLOCK_ROWS, BLOCK_J,
                                 BLOCK_K)
         k_cols = kc + tl.arange(0, BLOCK_K)
-        t = tl.load(tangent_ptr + rows[:, None] * h + k_cols[None, :],
-                    mask=row_mask[:, None] & (k_cols[None, :] < h), other=0.0).to(acc_dtype)
+        tile = rows[:, None] * h + k_cols[None, :]
+        tile_mask = row_mask[:, None] & (k_cols[None, :] < h)
+        tl.store(tm_ptr + tile, tm.to(tm_ptr.dtype.element_ty), mask=tile_mask)
+        t = tl.load(tangent_ptr + tile, mask=tile_mask, other=0.0).to(acc_dtype)
         if DIAGONAL:
             diag += tl.sum(tm * t, axis=1)
         elif IS_FP64:
@@ -236,8 +239,9 @@ def _jacobian_gram_reduce_fwd_kernel(tangent_ptr, metric_ptr, out_ptr, rows_tota
         tl.store(out_ptr + pairs, gram.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & row_mask[None, :])
 
 
-def jacobian_gram_reduce_fwd(tangent: torch.Tensor, metric: torch.Tensor, diagonal: bool) -> torch.Tensor:
-    """T M Tᵀ per example [B, k, k], or its diagonal [B, k], for T [B, k, h] and M [h, h]."""
+def jacobian_gram_reduce_fwd(tangent: torch.Tensor, metric: torch.Tensor,
+                             diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T M Tᵀ per example [B, k, k], or its diagonal [B, k]; T M [B, k, h]) for T [B, k, h], M [h, h]."""
     tangent, metric = tangent.contiguous(), metric.contiguous()
     batch, k, h = tangent.shape
     is_fp64 = tangent.dtype == torch.float64
@@ -250,10 +254,11 @@ def jacobian_gram_reduce_fwd(tangent: torch.Tensor, metric: torch.Tensor, diagon
     else:
         block_rows, grid = max(_MIN_DOT, triton.next_power_of_2(k)), batch
         out = tangent.new_empty(batch, k, k)
-    if out.numel() == 0:
-        return out.zero_()
+    tm = torch.empty_like(tangent)
+    if tm.numel() == 0:
+        return out.zero_(), tm
     with _on_device(tangent):
-        _jacobian_gram_reduce_fwd_kernel[(grid,)](tangent, metric, out, batch * k, k, h, DIAGONAL=diagonal,
+        _jacobian_gram_reduce_fwd_kernel[(grid,)](tangent, metric, out, tm, batch * k, k, h, DIAGONAL=diagonal,
                                                   IS_FP64=is_fp64, BLOCK_ROWS=block_rows, BLOCK_J=block_j,
                                                   BLOCK_K=block_k)
-    return out
+    return out, tm
