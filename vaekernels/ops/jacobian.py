@@ -58,6 +58,8 @@ def _tangent_step_backward_fake(grad_out, grad_tangent, pre, tangent, activation
 def _save_tangent_step(ctx, inputs, output):
     pre, tangent, ctx.activation, ctx.p0, ctx.p1 = inputs
     ctx.save_for_backward(pre, tangent)
+    # The last hidden layer's activations feed nothing: their gradient stays None, not zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _make_tangent_step_backward(ops):
@@ -89,6 +91,8 @@ def _gram_reduce_fake(tangent, metric, diagonal):
 def _save_gram_reduce(ctx, inputs, output):
     tangent, metric, ctx.diagonal = inputs
     ctx.save_for_backward(tangent, metric, output[1])
+    # T M is rarely used downstream: its gradient stays None, not a [B, k, h] block of zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _make_gram_reduce_backward(ops):
@@ -100,6 +104,8 @@ def _make_gram_reduce_backward(ops):
         h = tangent.shape[-1]
         rows = tangent.reshape(-1, h)
         grad_tangent = grad_metric = None
+        if grad is None:
+            grad = tangent.new_zeros(tangent.shape[:2] if ctx.diagonal else (*tangent.shape[:2], tangent.shape[1]))
         if ctx.diagonal:
             grad = grad.to(tangent.dtype).unsqueeze(-1)
             if ctx.needs_input_grad[0]:
