@@ -26,7 +26,7 @@ import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import jacobian as reference
 
-from _common import devices, format_bytes, run_contenders
+from _common import BENCH_DIR, devices, format_bytes, run_contenders
 
 # (batch, latent d, hidden width, hidden layers, outputs D): MNIST-sized and CIFAR-sized decoders.
 SHAPES = {"B128 d32 h512x2 D784": (128, 32, 512, 2, 784), "B64 d64 h1024x2 D3072": (64, 64, 1024, 2, 3072)}
@@ -120,7 +120,8 @@ def test_jacobian_column_sq_norms(benchmark, device, shape_name, contender):
     try:
         run_contenders(benchmark, lambda z, *params: fn(decoder, z), (z, *weights),
                        op="jacobian_column_sq_norms", shape=shape_name, mode="forward+backward", contender=contender,
-                       jacobian_bytes=4 * batch * outputs * d, **extra)
+                       jacobian_bytes=4 * batch * outputs * d, warmup_calls=2, min_rounds=5, time_budget_s=3.0,
+                       **extra)
     except RuntimeError as error:
         # The last reading, saved_bytes, cannot see the storage of the tensors that vmap(jacfwd)
         # saves (functorch wrappers); the timing and peak memory before it stand.
@@ -135,3 +136,42 @@ def test_jacobian_column_sq_norms(benchmark, device, shape_name, contender):
             f"jacobian_column_sq_norms {shape_name} ({device}): fused {flops / 1e9:.1f} GFLOP at "
             f"{achieved / 1e9:.0f} GFLOP/s, {100 * achieved / rate:.0f}% of {GEMM_PROBE} ({rate / 1e9:.0f} GFLOP/s); "
             f"the [B, D, d] Jacobian of the reference is {format_bytes(4 * batch * outputs * d)}")
+
+
+INTERLEAVED_ROUNDS = 7
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("device", devices())
+def test_jacobian_column_sq_norms_interleaved(device, shape_name):
+    """The same contenders timed round-robin, one call each per round, for INTERLEAVED_ROUNDS
+    rounds: on a machine shared with other work, load that comes and goes then falls on every
+    contender alike, where the groups above time one contender after another. Medians and the
+    fused speed-ups are printed (``-s``) and appended to ``.benchmarks/jacobian_interleaved.md``."""
+    decoder, z = decoder_of(SHAPES[shape_name], device)
+    weights = [p for p in decoder.parameters() if p is not decoder[-1].bias]
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def call(fn):
+        started = time.perf_counter()
+        torch.autograd.grad(fn(decoder, z).sum(), [z, *weights])
+        synchronize()
+        return time.perf_counter() - started
+
+    functions = {name: _function(name) for name in CONTENDERS}
+    for fn in functions.values():
+        call(fn), call(fn)  # compilation and warm-up
+    times = {name: [] for name in functions}
+    for _ in range(INTERLEAVED_ROUNDS):
+        for name, fn in functions.items():
+            times[name].append(call(fn))
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    line = (f"| {shape_name} | {device} | " + " | ".join(f"{1e3 * medians[n]:.0f}" for n in CONTENDERS) + " | "
+            + " | ".join(f"{medians[n] / medians['fused']:.2f}×" for n in CONTENDERS if n != "fused") + " |")
+    print(f"\njacobian_column_sq_norms forward+backward, interleaved medians of {INTERLEAVED_ROUNDS} rounds (ms): "
+          + ", ".join(f"{n} {1e3 * m:.0f}" for n, m in medians.items()) + "; fused speed-up: "
+          + ", ".join(f"{m / medians['fused']:.2f}× {n}" for n, m in medians.items() if n != "fused"))
+    path = BENCH_DIR.parent / ".benchmarks" / "jacobian_interleaved.md"
+    path.parent.mkdir(exist_ok=True)
+    with path.open("a") as table:
+        table.write(line + "\n")
