@@ -257,7 +257,8 @@ def test_sampled_columns_estimate_is_unbiased():
     standard_error = draws.std(0) / 1000**0.5
     assert ((draws.mean(0) - bound).abs() <= 4 * standard_error).all()
     # And the reference draws the same columns.
-    assert_rel(draws[3], ref.grae_regularizer(decoder, z, beta, num_columns=2, generator=torch.Generator().manual_seed(3)))
+    assert_rel(draws[3], ref.grae_regularizer(decoder, z, beta, num_columns=2,
+                                              generator=torch.Generator().manual_seed(3)))
 
 
 class ConvDecoder(nn.Module):
@@ -363,8 +364,10 @@ class Rounding(nn.Module):
     (lambda g, z: vaekernels.jacobian_gram(g, z.long()), TypeError, "z must be a floating-point tensor"),
     (lambda g, z: vaekernels.jacobian_gram("decoder", z), TypeError, "decoder must be an nn.Module"),
     (lambda g, z: vaekernels.grae_regularizer(g, z, 0.0), ValueError, "beta must be a positive number"),
-    (lambda g, z: vaekernels.grae_regularizer(g, z, 1.0, num_columns=4), ValueError, "num_columns must be an integer in [1, 3]"),
-    (lambda g, z: vaekernels.grae_regularizer(g, z, 1.0, exact=True, num_columns=1), ValueError, "exact=True takes none"),
+    (lambda g, z: vaekernels.grae_regularizer(g, z, 1.0, num_columns=4), ValueError,
+     "num_columns must be an integer in [1, 3]"),
+    (lambda g, z: vaekernels.grae_regularizer(g, z, 1.0, exact=True, num_columns=1), ValueError,
+     "exact=True takes none"),
 ])
 def test_bad_input_raises_a_clear_error(call, error, message):
     decoder = mlp([3, 4, 2], "tanh", dtype=torch.float32)

@@ -294,12 +294,11 @@ def _general_gram(fn: str, decoder, z: torch.Tensor) -> torch.Tensor:
 
     def gram(chunk_z):
         jac = _jvp_along(fn, decoder, chunk_z, _unit_directions(chunk_z, columns))  # [d, b, D]
-        return torch.einsum("ibn,jbn->bij", jac, jac)
+        return torch.einsum("ibn,jbn->bij", jac, jac), jac.shape[-1]
 
-    first = gram(z[:1])
-    outputs = _jvp_along(fn, decoder, z[:1], _unit_directions(z[:1], columns[:1])).shape[-1]
+    first, outputs = gram(z[:1])
     chunk = max(1, GENERAL_CHUNK_ELEMENTS // (d * outputs))
-    return torch.cat([first, *(gram(part) for part in z[1:].split(chunk))])
+    return torch.cat([first, *(gram(part)[0] for part in z[1:].split(chunk))])
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -319,7 +318,7 @@ def jacobian_column_sq_norms(decoder, z: torch.Tensor, columns: Sequence[int] | 
         >>> vaekernels.jacobian_column_sq_norms(decoder, torch.zeros(3, 2)).shape
         torch.Size([3, 2])
         >>> linear = torch.nn.Sequential(torch.nn.Linear(2, 4, bias=False))
-        >>> torch.nn.init.ones_(linear[0].weight)
+        >>> _ = torch.nn.init.ones_(linear[0].weight)
         >>> vaekernels.jacobian_column_sq_norms(linear, torch.zeros(1, 2), columns=[1]).tolist()
         [[4.0]]
     """
@@ -374,6 +373,7 @@ def grae_regularizer(decoder, z: torch.Tensor, beta: float, *, exact: bool = Fal
         True
     """
     fn = "grae_regularizer"
+    _check_decoder(fn, decoder)
     _check_z(fn, z)
     d = z.shape[1]
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
