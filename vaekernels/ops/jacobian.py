@@ -52,7 +52,7 @@ def _tangent_step_fake(pre, tangent, activation, p0, p1):
 
 
 def _tangent_step_backward_fake(grad_out, grad_tangent, pre, tangent, activation, p0, p1):
-    return pre.new_empty(pre.shape), pre.new_empty(pre.shape[0], tangent.shape[1], pre.shape[1])
+    return _tangent_step_fake(pre, tangent, activation, p0, p1)  # the shapes of pre and of a [B, k, h] block
 
 
 def _save_tangent_step(ctx, inputs, output):
