@@ -52,10 +52,10 @@ def test_grae_objectives_train(method, arch):
     torch.manual_seed(0)
     model = grae.Autoencoder(method, arch, latent=3, hidden=16)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = torch.rand(16, grae.PIXELS, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(8, grae.PIXELS, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(8):
+    for _ in range(4):
         loss = model.loss(x, beta=0.2, columns=1 if method == "grae-star" else None, generator=generator)
         optimizer.zero_grad()
         loss.backward()
