@@ -7,7 +7,8 @@ are one block T [B, k, h], pushed through each linear layer by one matrix produc
 and through each activation by the fused op ``jacobian_tangent_step`` (act, act' and the scaling
 of T in one pass, act'' in its backward). The last layer W [D, h] is never applied: J = T Wᵀ, so
 JᵀJ = T (WᵀW) Tᵀ and the column norms are its diagonal, which ``jacobian_gram_reduce`` computes
-with T M built block by block. No [B, D, d] tensor exists at any point, forward or backward.
+and returns T M besides, so that the backward scales it (2 g (T M)) instead of multiplying again.
+No [B, D, d] tensor exists at any point, forward or backward.
 
 Any other decoder (convolutional ones included) takes the general path: ``torch.func.jvp`` along
 a chunk of columns at a time (norms), or for a chunk of examples at a time (Gram), sized so that

@@ -2,8 +2,8 @@
 
 - ``jacobian_tangent_step``: one program per (example, block of h units) computes act, act' (and
   act'' in backward) once and streams the k tangent rows of that example through them.
-- ``jacobian_gram_reduce``: T M Tᵀ, or its diagonal, with T M built block by block in registers
-  and reduced against T at once, so the [B, k, h] product never reaches memory.
+- ``jacobian_gram_reduce``: T M Tᵀ, or its diagonal, with each block of T M reduced against T
+  in registers as it is built (and stored once, for the backward).
 
 Loads in the input dtype, computes in float32 (float64 for float64 inputs). On CPU tensors they run
 through the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported)::
