@@ -37,6 +37,19 @@ TORCH_LIBRARY(vaekernels, m) {
   // its output, e.g. x2 = y2 - G(y1)) and grad += grad_update (the gradient the recomputed
   // branch sent to the other half). update and grad_update are read only.
   m.def("coupling_backward_step(Tensor(a!) stream, Tensor update, Tensor(b!) grad, Tensor grad_update) -> ()");
+  // Decoder Jacobians (forward mode through an MLP decoder, ops/jacobian.py).
+  // One activation layer: pre [B, h], tangent [P, k, h] with P = B, or 1 for a tangent shared by
+  // the batch -> (act(pre) [B, h], act'(pre)[:, None, :] * tangent [B, k, h]). activation is one of
+  // tanh, sigmoid, relu, leaky_relu, softplus, elu, gelu; p0 is leaky_relu's slope, elu's alpha or
+  // softplus's beta, p1 softplus's threshold. The backward takes the output gradients (grad_out
+  // may be None: the output fed nothing) and returns the pre gradient and a [B, k, h] tangent
+  // gradient (summed over the batch by the caller when P = 1).
+  m.def("jacobian_tangent_step(Tensor pre, Tensor tangent, str activation, float p0, float p1) -> (Tensor, Tensor)");
+  m.def("jacobian_tangent_step_backward(Tensor? grad_out, Tensor grad_tangent, Tensor pre, Tensor tangent, str activation, float p0, float p1) -> (Tensor, Tensor)");
+  // tangent T [B, k, h], symmetric metric M [h, h] (WᵀW of the last linear layer): T M Tᵀ per
+  // example [B, k, k], or with diagonal=true only its diagonal [B, k] (the squared column norms);
+  // second output T M [B, k, h], which the backward reuses: d/dT of the norms is 2 g (T M).
+  m.def("jacobian_gram_reduce(Tensor tangent, Tensor metric, bool diagonal) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -18,6 +18,7 @@ from .ops.iwae import (
     total_correlation,
 )
 from .ops.reversible import coupling_backward_step, reversible_sequential
+from .ops.jacobian import grae_regularizer, jacobian_column_sq_norms, jacobian_gram
 from . import nn  # noqa: E402  (the modules are built on the functions above)
 
 __version__ = "0.1.0"
@@ -29,8 +30,11 @@ __all__ = [
     "coupling_backward_step",
     "gaussian_kl",
     "gaussian_log_prob",
+    "grae_regularizer",
     "importance_sampled_nll",
     "iwae_bound",
+    "jacobian_column_sq_norms",
+    "jacobian_gram",
     "log_mean_exp",
     "marginal_kl",
     "mutual_information",

@@ -1,0 +1,394 @@
+"""Decoder Jacobians without the Jacobian: squared column norms, Gram matrices JᵀJ and the GRAE /
+GRAE* regulariser of Kumar & Poole (2020), for a decoder g and a batch of codes z [B, d].
+
+An MLP decoder (``nn.Sequential`` of ``nn.Linear`` and elementwise activations, ending with an
+``nn.Linear``) runs in forward mode: the tangents of every hidden layer along the wanted columns
+are one block T [B, k, h], pushed through each linear layer by one matrix product (ATen's GEMM)
+and through each activation by the fused op ``jacobian_tangent_step`` (act, act' and the scaling
+of T in one pass, act'' in its backward). The last layer W [D, h] is never applied: J = T Wᵀ, so
+JᵀJ = T (WᵀW) Tᵀ and the column norms are its diagonal, which ``jacobian_gram_reduce`` computes
+and returns T M besides, so that the backward scales it (2 g (T M)) instead of multiplying again.
+No [B, D, d] tensor exists at any point, forward or backward.
+
+Any other decoder (convolutional ones included) takes the general path: ``torch.func.jvp`` along
+a chunk of columns at a time (norms), or for a chunk of examples at a time (Gram), sized so that
+at most ``GENERAL_CHUNK_ELEMENTS`` Jacobian entries exist at once.
+
+Kernels: csrc/cpu/jacobian.cpp and vaekernels/triton/jacobian.py; the readable oracle with the
+same signatures is :mod:`vaekernels.reference.jacobian`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _backend
+from ..reference import jacobian as reference
+from ._checks import check_float, fail
+from ._registry import define_triton_op, register
+
+# Jacobian entries (batch x columns x outputs) the general path holds at once.
+GENERAL_CHUNK_ELEMENTS = 1 << 22
+
+if _backend.triton_available():
+    from ..triton import jacobian as _triton
+
+    for _name, _launcher in {
+        "jacobian_tangent_step": _triton.jacobian_tangent_step_fwd,
+        "jacobian_tangent_step_backward": _triton.jacobian_tangent_step_bwd,
+        "jacobian_gram_reduce": _triton.jacobian_gram_reduce_fwd,
+    }.items():
+        define_triton_op(_name, _launcher)
+
+
+# ----------------------------------------------------------------------------- jacobian_tangent_step
+
+
+def _tangent_step_fake(pre, tangent, activation, p0, p1):
+    return pre.new_empty(pre.shape), pre.new_empty(pre.shape[0], tangent.shape[1], pre.shape[1])
+
+
+def _tangent_step_backward_fake(grad_out, grad_tangent, pre, tangent, activation, p0, p1):
+    return _tangent_step_fake(pre, tangent, activation, p0, p1)  # the shapes of pre and of a [B, k, h] block
+
+
+def _save_tangent_step(ctx, inputs, output):
+    pre, tangent, ctx.activation, ctx.p0, ctx.p1 = inputs
+    ctx.save_for_backward(pre, tangent)
+    # The last hidden layer's activations feed nothing: their gradient stays None, not zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _make_tangent_step_backward(ops):
+    def backward(ctx, grad_out, grad_tangent):
+        pre, tangent = ctx.saved_tensors
+        if grad_tangent is None:
+            grad_tangent = pre.new_zeros(pre.shape[0], tangent.shape[1], pre.shape[1])
+        grad_pre, grad_tangent_in = ops.jacobian_tangent_step_backward(
+            grad_out, grad_tangent, pre, tangent, ctx.activation, ctx.p0, ctx.p1)
+        if tangent.shape[0] != pre.shape[0]:
+            grad_tangent_in = grad_tangent_in.sum(0, keepdim=True)
+        return grad_pre, grad_tangent_in, None, None, None
+    return backward
+
+
+register("jacobian_tangent_step", _tangent_step_fake, _save_tangent_step, _make_tangent_step_backward)
+register("jacobian_tangent_step_backward", _tangent_step_backward_fake)
+
+
+# ----------------------------------------------------------------------------- jacobian_gram_reduce
+
+
+def _gram_reduce_fake(tangent, metric, diagonal):
+    batch, k = tangent.shape[:2]
+    out = tangent.new_empty(batch, k) if diagonal else tangent.new_empty(batch, k, k)
+    return out, tangent.new_empty(tangent.shape)
+
+
+def _save_gram_reduce(ctx, inputs, output):
+    tangent, metric, ctx.diagonal = inputs
+    ctx.save_for_backward(tangent, metric, output[1])
+    # T M is rarely used downstream: its gradient stays None, not a [B, k, h] block of zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _make_gram_reduce_backward(ops):
+    # Elementwise work and matrix products only, so ATen's GEMM (cuBLAS on CUDA) serves both
+    # namespaces. The tangent gradient uses the symmetry of the metric (WᵀW) and reuses T M: for
+    # the norms it is 2 g (T M), no product at all. The metric's gradient is exact for any M.
+    def backward(ctx, grad, grad_tm):
+        tangent, metric, tm = ctx.saved_tensors
+        h = tangent.shape[-1]
+        rows = tangent.reshape(-1, h)
+        grad_tangent = grad_metric = None
+        if grad is None:
+            grad = tangent.new_zeros(tangent.shape[:2] if ctx.diagonal else (*tangent.shape[:2], tangent.shape[1]))
+        if ctx.diagonal:
+            grad = grad.to(tangent.dtype).unsqueeze(-1)
+            if ctx.needs_input_grad[0]:
+                grad_tangent = tm * (2 * grad)
+            if ctx.needs_input_grad[1]:
+                grad_metric = rows.t() @ (tangent * grad).reshape(-1, h)
+        else:
+            grad = grad.to(tangent.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_tangent = (grad + grad.transpose(1, 2)) @ tm
+            if ctx.needs_input_grad[1]:
+                grad_metric = rows.t() @ (grad @ tangent).reshape(-1, h)
+        if grad_tm is not None:
+            grad_tm = grad_tm.to(tangent.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_tangent = grad_tangent + grad_tm @ metric.t()
+            if ctx.needs_input_grad[1]:
+                grad_metric = grad_metric + rows.t() @ grad_tm.reshape(-1, h)
+        return grad_tangent, grad_metric, None
+    return backward
+
+
+register("jacobian_gram_reduce", _gram_reduce_fake, _save_gram_reduce, _make_gram_reduce_backward)
+
+
+class _SelfGram(torch.autograd.Function):
+    """WᵀW with the backward of a symmetric product: dW = W (G + Gᵀ), one GEMM where autograd's
+    matmul backward takes two."""
+
+    @staticmethod
+    def forward(weight):
+        return weight.t() @ weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return weight @ (grad + grad.t())
+
+
+def _self_gram(weight: torch.Tensor) -> torch.Tensor:
+    return _SelfGram.apply(weight)
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+_ACTIVATION_MODULES: dict[type, Callable[[nn.Module], tuple[str, float, float] | None]] = {
+    nn.Tanh: lambda m: ("tanh", 0.0, 0.0),
+    nn.Sigmoid: lambda m: ("sigmoid", 0.0, 0.0),
+    nn.ReLU: lambda m: ("relu", 0.0, 0.0),
+    nn.LeakyReLU: lambda m: ("leaky_relu", float(m.negative_slope), 0.0),
+    nn.Softplus: lambda m: ("softplus", float(m.beta), float(m.threshold)),
+    nn.ELU: lambda m: ("elu", float(m.alpha), 0.0),
+    nn.GELU: lambda m: ("gelu", 0.0, 0.0) if m.approximate == "none" else None,
+}
+
+
+def _flatten(module: nn.Module) -> list[nn.Module]:
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _flatten(child)]
+    return [] if isinstance(module, nn.Identity) else [module]
+
+
+def mlp_plan(decoder) -> list | None:
+    """The layers of an MLP decoder the fused path runs, as ``nn.Linear`` modules and
+    (activation, p0, p1) triples; None when the decoder is anything else (the general path)."""
+    if not isinstance(decoder, nn.Sequential):
+        return None
+    plan = []
+    for module in _flatten(decoder):
+        if isinstance(module, nn.Linear):
+            plan.append(module)
+            continue
+        spec = _ACTIVATION_MODULES.get(type(module))
+        spec = spec(module) if spec is not None else None
+        if spec is None:
+            return None
+        plan.append(spec)
+    return plan if plan and isinstance(plan[-1], nn.Linear) else None
+
+
+def _check_z(fn: str, z) -> None:
+    check_float(fn, "z", z)
+    if z.dim() != 2:
+        fail(fn, f"z must have shape [B, d], got {list(z.shape)}")
+    if z.shape[0] == 0 or z.shape[1] == 0:
+        fail(fn, f"z must have a non-empty batch and latent dim, got shape {list(z.shape)}")
+
+
+def _check_decoder(fn: str, decoder) -> None:
+    if not callable(decoder):
+        fail(fn, f"decoder must be an nn.Module or a callable, got {type(decoder).__name__}", TypeError)
+
+
+def _column_index(fn: str, columns, d: int, device: torch.device) -> torch.Tensor | None:
+    if columns is None:
+        return None
+    index = torch.as_tensor(columns, device=device)
+    if index.dim() != 1 or index.numel() == 0 or index.dtype.is_floating_point or index.dtype == torch.bool:
+        fail(fn, f"columns must be a non-empty 1-d sequence of integer column indices, got {columns!r}")
+    if not torch.compiler.is_compiling():
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= d:
+            fail(fn, f"columns must lie in [0, {d - 1}] (z has d = {d} columns), got {low if low < 0 else high}",
+                 IndexError)
+    return index.long()
+
+
+def _propagate(fn: str, plan: list, z: torch.Tensor, columns: torch.Tensor | None, diagonal: bool) -> torch.Tensor:
+    """Forward mode through the MLP ``plan``: T M Tᵀ (or its diagonal) of the last hidden layer's
+    tangents T along ``columns`` (all when None) and M = WᵀW of the last linear layer."""
+    batch, d = z.shape
+    first = plan[0]
+    width = first.in_features if isinstance(first, nn.Linear) else None
+    if width is not None and width != d:
+        fail(fn, f"z must have shape [B, {width}] (the decoder's first nn.Linear takes {width} features), "
+                 f"got {list(z.shape)}")
+    backend = _backend.choose("jacobian_tangent_step", z.device, z.dtype)
+    if backend == "reference":
+        step, reduce = reference.jacobian_tangent_step, reference.jacobian_gram_reduce
+    else:
+        step, reduce = _backend.ops(backend).jacobian_tangent_step, _backend.ops(backend).jacobian_gram_reduce
+
+    def identity_columns():
+        eye = torch.eye(d, dtype=z.dtype, device=z.device)
+        return (eye if columns is None else eye[columns]).unsqueeze(0)
+
+    hidden, tangent = z, None  # None: the tangent of z itself, the selected unit vectors
+    for layer in plan[:-1]:
+        if isinstance(layer, nn.Linear):
+            hidden = F.linear(hidden, layer.weight, layer.bias)
+            if tangent is None:
+                weight = layer.weight if columns is None else layer.weight[:, columns]
+                tangent = weight.t().unsqueeze(0)  # shared by the batch until an activation
+            else:
+                tangent = tangent @ layer.weight.t()
+        else:
+            hidden, tangent = step(hidden, identity_columns() if tangent is None else tangent, *layer)
+    tangent = identity_columns() if tangent is None else tangent
+    if tangent.shape[0] != batch:
+        tangent = tangent.expand(batch, -1, -1).contiguous()
+    return reduce(tangent, _self_gram(plan[-1].weight), diagonal)[0]
+
+
+def _jvp_along(fn: str, decoder, z: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """The decoder's output tangents along ``directions`` [c, B, d]: [c, B, D], output flattened."""
+    def along(direction):
+        return torch.func.jvp(decoder, (z,), (direction,))[1]
+
+    try:
+        tangents = torch.func.vmap(along)(directions)
+    except (RuntimeError, NotImplementedError, TypeError) as error:
+        fail(fn, f"decoder could not be differentiated in forward mode (torch.func.jvp) at z of shape "
+                 f"{list(z.shape)}: {error}")
+    if not tangents.is_floating_point():
+        fail(fn, f"decoder must return a floating-point tensor to be differentiable, got {tangents.dtype}")
+    return tangents.flatten(2)
+
+
+def _unit_directions(z: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """[c, B, d]: the unit vector of column columns[j] for every example, for each j."""
+    directions = z.new_zeros(len(columns), *z.shape)
+    directions[torch.arange(len(columns), device=z.device), :, columns] = 1
+    return directions
+
+
+def _general_column_norms(fn: str, decoder, z: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    batch = z.shape[0]
+    first = _jvp_along(fn, decoder, z, _unit_directions(z, columns[:1]))
+    chunk = max(1, GENERAL_CHUNK_ELEMENTS // (batch * first.shape[-1]))
+    norms = [first.square().sum(-1)]
+    for start in range(1, len(columns), chunk):
+        norms.append(_jvp_along(fn, decoder, z, _unit_directions(z, columns[start:start + chunk])).square().sum(-1))
+    return torch.cat(norms).t()
+
+
+def _general_gram(fn: str, decoder, z: torch.Tensor) -> torch.Tensor:
+    # Chunks of examples with all d columns each: every example's decoder output must depend on
+    # its own code only (no batch statistics), as for any per-example Jacobian.
+    d = z.shape[1]
+    columns = torch.arange(d, device=z.device)
+
+    def gram(chunk_z):
+        jac = _jvp_along(fn, decoder, chunk_z, _unit_directions(chunk_z, columns))  # [d, b, D]
+        return torch.einsum("ibn,jbn->bij", jac, jac), jac.shape[-1]
+
+    first, outputs = gram(z[:1])
+    chunk = max(1, GENERAL_CHUNK_ELEMENTS // (d * outputs))
+    return torch.cat([first, *(gram(part)[0] for part in z[1:].split(chunk))])
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def jacobian_column_sq_norms(decoder, z: torch.Tensor, columns: Sequence[int] | torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """‖∂g(z)/∂z_i‖² per example for every column i of the decoder Jacobian, or those in ``columns``.
+
+    ``decoder`` maps z [B, d] to [B, *out] (flattened to D); returns [B, d] (or [B, len(columns)]).
+    Differentiable in z and in the decoder's parameters, and never builds the [B, D, d] Jacobian:
+    see the module docstring for the MLP and the general paths.
+
+    Example:
+        >>> import torch, vaekernels
+        >>> decoder = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+        >>> vaekernels.jacobian_column_sq_norms(decoder, torch.zeros(3, 2)).shape
+        torch.Size([3, 2])
+        >>> linear = torch.nn.Sequential(torch.nn.Linear(2, 4, bias=False))
+        >>> _ = torch.nn.init.ones_(linear[0].weight)
+        >>> vaekernels.jacobian_column_sq_norms(linear, torch.zeros(1, 2), columns=[1]).tolist()
+        [[4.0]]
+    """
+    fn = "jacobian_column_sq_norms"
+    _check_decoder(fn, decoder)
+    _check_z(fn, z)
+    index = _column_index(fn, columns, z.shape[1], z.device)
+    plan = mlp_plan(decoder)
+    if plan is not None:
+        return _propagate(fn, plan, z, index, diagonal=True)
+    return _general_column_norms(fn, decoder, z, torch.arange(z.shape[1], device=z.device) if index is None else index)
+
+
+def jacobian_gram(decoder, z: torch.Tensor) -> torch.Tensor:
+    """JᵀJ [B, d, d] of the decoder Jacobian J [D, d] at each code; its diagonal is
+    :func:`jacobian_column_sq_norms`. Differentiable; never builds the [B, D, d] Jacobian.
+
+    Example:
+        >>> import torch, vaekernels
+        >>> decoder = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+        >>> gram = vaekernels.jacobian_gram(decoder, torch.randn(4, 3))
+        >>> gram.shape, torch.allclose(gram, gram.transpose(1, 2))
+        (torch.Size([4, 3, 3]), True)
+    """
+    fn = "jacobian_gram"
+    _check_decoder(fn, decoder)
+    _check_z(fn, z)
+    plan = mlp_plan(decoder)
+    if plan is not None:
+        return _propagate(fn, plan, z, None, diagonal=False)
+    return _general_gram(fn, decoder, z)
+
+
+def grae_regularizer(decoder, z: torch.Tensor, beta: float, *, exact: bool = False, num_columns: int | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The decoder-Jacobian regulariser of GRAE / GRAE* (Kumar & Poole 2020), per example [B].
+
+    - default (GRAE*): Σ_i log(1 + ‖J_i‖²/β), the upper bound of the log-determinant;
+    - ``num_columns=m``: its unbiased estimate from m distinct columns drawn uniformly (with
+      ``generator``), shared by the batch, scaled by d / m;
+    - ``exact=True`` (GRAE): log det(I + JᵀJ/β), through a Cholesky factor of the Gram matrix.
+
+    The GRAE objective adds (β/2) times this to ½‖x − g(h(x))‖² + (β/2)‖h(x)‖².
+
+    Example:
+        >>> import torch, vaekernels
+        >>> decoder = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+        >>> z = torch.randn(3, 2)
+        >>> exact = vaekernels.grae_regularizer(decoder, z, 0.5, exact=True)
+        >>> bound = vaekernels.grae_regularizer(decoder, z, 0.5)
+        >>> bool((exact <= bound + 1e-5).all())
+        True
+    """
+    fn = "grae_regularizer"
+    _check_decoder(fn, decoder)
+    _check_z(fn, z)
+    d = z.shape[1]
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        fail(fn, f"beta must be a positive number, got {beta!r}")
+    if exact and num_columns is not None:
+        fail(fn, f"num_columns samples the columns of the GRAE* bound; exact=True takes none, got {num_columns!r}")
+    if num_columns is not None and (isinstance(num_columns, bool) or not isinstance(num_columns, int)
+                                    or not 1 <= num_columns <= d):
+        fail(fn, f"num_columns must be an integer in [1, {d}] (z has d = {d} columns), got {num_columns!r}")
+    if exact:
+        eye = torch.eye(d, dtype=z.dtype, device=z.device)
+        factor = torch.linalg.cholesky(eye + jacobian_gram(decoder, z) / beta)
+        return 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    if num_columns is None:
+        return torch.log1p(jacobian_column_sq_norms(decoder, z) / beta).sum(-1)
+    columns = reference.sample_columns(d, num_columns, generator).to(z.device)
+    return torch.log1p(jacobian_column_sq_norms(decoder, z, columns) / beta).sum(-1) * (d / num_columns)
