@@ -31,6 +31,13 @@ TORCH_LIBRARY(vaekernels, m) {
   // backward then takes that [B, 0] marginal with a [B, 0] grad_marginal and skips its term.
   m.def("aggregate_posterior(Tensor z, Tensor mean, Tensor log_var, bool with_marginal) -> (Tensor, Tensor)");
   m.def("aggregate_posterior_backward(Tensor grad_joint, Tensor grad_marginal, Tensor z, Tensor mean, Tensor log_var, Tensor joint, Tensor marginal) -> (Tensor, Tensor, Tensor)");
+
+  // PixelCNN family: the gated activation (csrc/cpu/pixelcnn.cpp). x [B, 2C, N] (rows contiguous,
+  // batch and channel strides free), cond [B, 2C] or none, gate 'tanh' | 'linear' ->
+  // tanh(a + c_a) * sigmoid(b + c_b) [B, C, N]. The backward recomputes the gate from x and returns
+  // (grad_x [B, 2C, N], grad_cond [B, 2C], or an empty [0] tensor without a condition).
+  m.def("gated_activation(Tensor x, Tensor? cond, str gate) -> Tensor");
+  m.def("gated_activation_backward(Tensor grad, Tensor x, Tensor? cond, str gate) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -17,6 +17,7 @@ from .ops.iwae import (
     mutual_information,
     total_correlation,
 )
+from .ops.pixelcnn import gated_activation, masked_conv2d
 from . import nn  # noqa: E402  (the modules are built on the functions above)
 
 __version__ = "0.1.0"
@@ -25,12 +26,14 @@ __all__ = [
     "aggregate_posterior_log_density",
     "available_backends",
     "bernoulli_log_prob",
+    "gated_activation",
     "gaussian_kl",
     "gaussian_log_prob",
     "importance_sampled_nll",
     "iwae_bound",
     "log_mean_exp",
     "marginal_kl",
+    "masked_conv2d",
     "mutual_information",
     "nn",
     "total_correlation",
