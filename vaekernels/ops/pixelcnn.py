@@ -37,67 +37,49 @@ class _CausalConv(torch.autograd.Function):
     input rows i - top_p .. i - top_p + kh_p - 1 and columns j - left_p .. j - left_p + kw_p - 1
     (zero outside the image); the output has x's height and width.
 
-    The parts share one zero-padded copy of x, which is rebuilt in backward instead of saved, so
-    the graph keeps only x and the weights, as a convolution with built-in padding would."""
+    Each part convolves its own zero-padded (or cropped) copy of x, contiguous so that oneDNN
+    reads it without a reorder; the copies are rebuilt in backward instead of saved, so the graph
+    keeps only x and the weights, as a convolution with built-in padding would."""
 
     @staticmethod
     def forward(x, bias, offsets, *weights):
-        padded, views = _padded_views(x, offsets, weights)
-        out = F.conv2d(padded[views[0]], weights[0], bias)
-        for view, weight in zip(views[1:], weights[1:]):
-            out.add_(F.conv2d(padded[view], weight))
+        out = None
+        for (top, left), weight in zip(offsets, weights):
+            part = F.conv2d(_shifted(x, top, left, weight), weight, bias if out is None else None)
+            out = part if out is None else out.add_(part)
         return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, bias, offsets, *weights = inputs
         ctx.offsets, ctx.has_bias = offsets, bias is not None
-        top, _, left, _ = _pads(offsets, weights)
-        ctx.pads = (top, left)
         ctx.save_for_backward(x, *weights)
 
     @staticmethod
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
-        padded, views = _padded_views(x, ctx.offsets, weights)
         need_x = ctx.needs_input_grad[0]
-        grad_padded = torch.zeros_like(padded) if need_x else None
-        grad_weights = []
-        for index, (view, weight) in enumerate(zip(views, weights)):
+        grad_x, grad_weights = None, []
+        for index, ((top, left), weight) in enumerate(zip(ctx.offsets, weights)):
             grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad, padded[view], weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                grad, _shifted(x, top, left, weight), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                 [need_x, ctx.needs_input_grad[3 + index], False])
             if need_x:
-                grad_padded[view] += grad_in
+                # The inverse of the shift: crop what was padded, pad what was cropped.
+                kh, kw = weight.shape[-2:]
+                grad_in = F.pad(grad_in, (-left, left + 1 - kw, -top, top + 1 - kh))
+                grad_x = grad_in if grad_x is None else grad_x.add_(grad_in)
             grad_weights.append(grad_w)
-        grad_x = None
-        if need_x:
-            top, left = ctx.pads
-            grad_x = grad_padded[..., top: top + x.shape[-2], left: left + x.shape[-1]]
         grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, None, *grad_weights
 
 
-def _pads(offsets, weights):
-    """(top, bottom, left, right) zero padding that every part's window fits in."""
-    tops = [top for top, _ in offsets]
-    lefts = [left for _, left in offsets]
-    bottoms = [w.shape[-2] - 1 - top for (top, _), w in zip(offsets, weights)]
-    rights = [w.shape[-1] - 1 - left for (_, left), w in zip(offsets, weights)]
-    return max(0, *tops), max(0, *bottoms), max(0, *lefts), max(0, *rights)
-
-
-def _padded_views(x, offsets, weights):
-    """x zero-padded once for all parts, and each part's window of it as an index."""
-    top, bottom, left, right = _pads(offsets, weights)
-    padded = F.pad(x, (left, right, top, bottom)) if (top, bottom, left, right) != (0, 0, 0, 0) else x
-    height, width = x.shape[-2:]
-    views = []
-    for (part_top, part_left), weight in zip(offsets, weights):
-        kh, kw = weight.shape[-2:]
-        row, col = top - part_top, left - part_left
-        views.append((Ellipsis, slice(row, row + height + kh - 1), slice(col, col + width + kw - 1)))
-    return padded, views
+def _shifted(x: torch.Tensor, top: int, left: int, weight: torch.Tensor) -> torch.Tensor:
+    """x padded (negative amounts crop) so that a valid convolution with weight reads rows from
+    i - top and columns from j - left for output pixel (i, j)."""
+    kh, kw = weight.shape[-2:]
+    pads = (left, kw - 1 - left, top, kh - 1 - top)
+    return F.pad(x, pads) if any(pads) else x
 
 
 def causal_conv2d(x: torch.Tensor, parts, bias: torch.Tensor | None = None) -> torch.Tensor:
