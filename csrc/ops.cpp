@@ -32,6 +32,18 @@ TORCH_LIBRARY(vaekernels, m) {
   m.def("aggregate_posterior(Tensor z, Tensor mean, Tensor log_var, bool with_marginal) -> (Tensor, Tensor)");
   m.def("aggregate_posterior_backward(Tensor grad_joint, Tensor grad_marginal, Tensor z, Tensor mean, Tensor log_var, Tensor joint, Tensor marginal) -> (Tensor, Tensor, Tensor)");
 
+  // PixelCNN family: the discretised logistic mixture and causal attention (csrc/cpu/logistic_mixture.cpp,
+  // csrc/cpu/causal_attention.cpp).
+  // params [B, P, H, W] (P = 10 M for x [B, 3, H, W], 3 M for x [B, 1, H, W]) -> the per-pixel NLL [B, H, W];
+  // the backward recomputes every pixel's mixture from the inputs and that NLL.
+  m.def("discretized_logistic_mixture_nll(Tensor params, Tensor x, int num_mixtures) -> Tensor");
+  m.def("discretized_logistic_mixture_nll_backward(Tensor grad, Tensor params, Tensor x, Tensor nll, int num_mixtures) -> Tensor");
+  // Strictly causal softmax attention over q, k [N, L, D], v [N, L, Dv]: position i attends to j < i
+  // (position 0 to nothing: zeros). Returns the output [N, L, Dv] and the row log-sum-exp [N, L]
+  // (-inf on row 0), all the backward keeps besides the inputs; it recomputes the scores block by block.
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+
   // PixelCNN family: the gated activation (csrc/cpu/pixelcnn.cpp). x [B, 2C, N] (rows contiguous,
   // batch and channel strides free), cond [B, 2C] or none, gate 'tanh' | 'linear' ->
   // tanh(a + c_a) * sigmoid(b + c_b) [B, C, N]. The backward recomputes the gate from x and returns

@@ -17,6 +17,8 @@ from .ops.iwae import (
     mutual_information,
     total_correlation,
 )
+from .ops.causal_attention import causal_attention
+from .ops.logistic_mixture import discretized_logistic_mixture_nll, discretized_logistic_mixture_sample
 from .ops.pixelcnn import gated_activation, masked_conv2d
 from . import nn  # noqa: E402  (the modules are built on the functions above)
 
@@ -26,6 +28,9 @@ __all__ = [
     "aggregate_posterior_log_density",
     "available_backends",
     "bernoulli_log_prob",
+    "causal_attention",
+    "discretized_logistic_mixture_nll",
+    "discretized_logistic_mixture_sample",
     "gated_activation",
     "gaussian_kl",
     "gaussian_log_prob",
