@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.pixelcnn import GATES, MASK_TYPES, causal_conv2d, gated_activation, gated_conv1x1, masked_conv2d
+from ..ops.pixelcnn import GATES, MASK_TYPES, gated_activation, gated_conv1x1, masked_conv2d
 from ..reference.pixelcnn import causal_mask
 
 
@@ -138,12 +138,17 @@ class GatedPixelCNNLayer(nn.Module):
 
     def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None):
         half = self.kernel_size // 2
+        height, width = h.shape[-2:]
         cond_v, cond_h = self.conditions(cond)
-        v_pre = causal_conv2d(v, [(self.v_weight, half, half)], self.v_bias)
+        # Convolutions with their own symmetric zero padding, cropped to the causal window: the
+        # graph keeps their unpadded inputs, never a padded copy. Row i of the vertical output
+        # reads rows i - k//2 .. i; column j of the horizontal one columns j - k//2 .. .
+        v_full = F.conv2d(v, self.v_weight, self.v_bias, padding=(half, half))
+        v_pre = v_full[:, :, :height]
         v_out = gated_activation(v_pre, cond_v, self.gate)
-        # The link reads v_pre one row up: the kernel of row i sits at row i - 1.
-        h_pre = causal_conv2d(h, [(self.h_weight, 0, half)], self.h_bias) + causal_conv2d(
-            v_pre, [(self.link_weight, 1, 0)])
+        # The link reads the vertical pre-activation one row up.
+        link = F.conv2d(v_full, self.link_weight, padding=(1, 0))[:, :, :height]
+        h_pre = F.conv2d(h, self.h_weight, self.h_bias, padding=(0, half))[..., :width] + link
         out = gated_conv1x1(h_pre, cond_h, self.out_weight, self.out_bias, self.gate)
         res, skip = out[:, :self.channels], out[:, self.channels:]
         h_out = h + res if self.residual else res
