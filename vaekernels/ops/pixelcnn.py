@@ -87,8 +87,8 @@ def causal_conv2d(x: torch.Tensor, parts, bias: torch.Tensor | None = None) -> t
     ``(weight, top, left)``, where output pixel (i, j) reads input rows from i - top and columns
     from j - left, as far as the weight's kernel reaches; zero outside the image.
 
-    The building block of the masked and the gated convolutions: each part is a block of causal
-    taps, so no masked tap is ever multiplied.
+    The building block of :func:`masked_conv2d`: each part is a block of causal taps, so no
+    masked tap is ever multiplied.
 
     Example:
         >>> import torch
