@@ -5,8 +5,8 @@ layers (vertical and horizontal stacks, fused gates, the class as a one-hot cond
 gate), skip connections into a 1x1 head. ``--levels 2`` (default) models binary pixels with a
 Bernoulli per pixel: training images are binarised afresh each epoch (pixel ~ Bernoulli(intensity
 / 255)), the test set once with a fixed seed. ``--levels 256`` models the raw bytes with a 256-way
-softmax. Reports the test NLL in nats per image and writes a 10x10 grid of samples (one row per
-class), drawn with the cached sampler::
+softmax. Reports the test NLL in nats per image and writes a grid of samples (a column per class),
+drawn with the cached sampler::
 
     python -m models.gated_pixelcnn --data-dir ../shared/data --epochs 1 --out runs/gated_pixelcnn
 """
@@ -64,6 +64,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images")
     parser.add_argument("--limit-test", type=int, metavar="N", help="evaluate on the first N test images")
     parser.add_argument("--eval-batch-size", type=int, default=250)
+    parser.add_argument("--sample-rows", type=int, default=10, help="rows of the sample grid, one image per class each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
             break
 
     metrics["test_nll_nats"] = evaluate(model, x_test, y_test, args.levels, args.eval_batch_size, progress)
-    labels = torch.arange(CLASSES, device=device).repeat_interleave(CLASSES)
+    labels = torch.arange(CLASSES, device=device).repeat(args.sample_rows)
     started = time.perf_counter()
     samples = model.sample(len(labels), (28, 28), labels, generator=torch.Generator().manual_seed(args.seed))
     metrics["sampling_seconds"] = time.perf_counter() - started

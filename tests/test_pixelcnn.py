@@ -277,6 +277,11 @@ def test_gated_pixelcnn_nll_is_the_likelihood_of_its_logits():
     p = torch.sigmoid(model(x, y))
     expected = -(x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(1)
     assert torch.allclose(model.nll(x, y), expected, rtol=1e-10)
+    model = pixelcnn(levels=256)
+    x = torch.randint(0, 256, (2, 1, 4, 4)).double()
+    log_p = torch.log_softmax(model(x, y), dim=2)  # [B, C, 256, H, W]
+    expected = -log_p.gather(2, x.long().unsqueeze(2)).flatten(1).sum(1)
+    assert torch.allclose(model.nll(x, y), expected, rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------- registration

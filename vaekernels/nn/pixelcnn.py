@@ -230,7 +230,7 @@ class GatedPixelCNN(nn.Module):
         logits = self(x, y)
         if self.levels == 2:
             return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-        return F.cross_entropy(logits, x.long(), reduction="none").flatten(1).sum(1)
+        return F.cross_entropy(logits.transpose(1, 2), x.long(), reduction="none").flatten(1).sum(1)
 
     def _draw(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Pixel values for logits [n, C] or [n, C, levels] by inverse-CDF with uniforms u [n, C]."""
@@ -255,11 +255,19 @@ class GatedPixelCNN(nn.Module):
                              dtype=param.dtype, device=param.device)
         cond = self._condition(y, n, x)
         step = self._cached_sampler(x, cond) if cached else None
-        for i in range(height):
-            for j in range(width):
-                pixel = step(i, j) if cached else self(x, y)[..., i, j]
-                logits[..., i, j] = pixel
-                x[..., i, j] = self._draw(pixel, u[..., i, j])
+        # The cached steps are products of a few thousand elements, too small to share across
+        # threads: on a busy machine the hand-offs would cost a hundred times their arithmetic.
+        threads = torch.get_num_threads()
+        if cached and x.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            for i in range(height):
+                for j in range(width):
+                    pixel = step(i, j) if cached else self(x, y)[..., i, j]
+                    logits[..., i, j] = pixel
+                    x[..., i, j] = self._draw(pixel, u[..., i, j])
+        finally:
+            torch.set_num_threads(threads)
         return (x, logits) if return_logits else x
 
     def _cached_sampler(self, x: torch.Tensor, cond: torch.Tensor | None):
@@ -312,6 +320,11 @@ class GatedPixelCNN(nn.Module):
                 if index + 1 < len(layers):
                     h_in[index + 1][:, i, j + halves[index + 1]] = h_out
                 skips = skips + skip
-            return self._logits(skips[:, :, None, None])[..., 0, 0]
+            # The head's 1x1 convolutions as matrix products: a convolution call on one pixel costs
+            # far more than its arithmetic.
+            out = skips
+            for module in self.head:
+                out = F.linear(out, module.weight.flatten(1), module.bias) if isinstance(module, nn.Conv2d) else module(out)
+            return out if self.levels == 2 else out.unflatten(1, (self.in_channels, self.levels))
 
         return step
