@@ -22,8 +22,8 @@ Vectorized<T> sigmoid(const Vectorized<T>& v) {
 }
 
 bool is_linear(const char* op, c10::string_view gate) {
-  TORCH_CHECK(gate == "tanh" || gate == "linear", op, ": gate must be 'tanh' or 'linear', got '", std::string(gate.data(), gate.size()),
-              "'");
+  TORCH_CHECK(gate == "tanh" || gate == "linear", op, ": gate must be 'tanh' or 'linear', got '",
+              std::string(gate.data(), gate.size()), "'");
   return gate == "linear";
 }
 

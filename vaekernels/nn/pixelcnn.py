@@ -324,7 +324,8 @@ class GatedPixelCNN(nn.Module):
             # far more than its arithmetic.
             out = skips
             for module in self.head:
-                out = F.linear(out, module.weight.flatten(1), module.bias) if isinstance(module, nn.Conv2d) else module(out)
+                is_conv = isinstance(module, nn.Conv2d)
+                out = F.linear(out, module.weight.flatten(1), module.bias) if is_conv else module(out)
             return out if self.levels == 2 else out.unflatten(1, (self.in_channels, self.levels))
 
         return step

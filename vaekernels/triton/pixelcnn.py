@@ -135,7 +135,8 @@ def gated_activation_bwd(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tensor
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     grad_cond = torch.empty(cond.shape if cond is not None else (0,), device=x.device, dtype=x.dtype)
     if x.numel():
-        _launch(_gated_activation_bwd_kernel, (grad,), x, cond, gate, (grad_x, grad_cond if cond is not None else grad_x))
+        trailing = (grad_x, grad_cond if cond is not None else grad_x)
+        _launch(_gated_activation_bwd_kernel, (grad,), x, cond, gate, trailing)
     elif cond is not None:
         grad_cond.zero_()
     return grad_x, grad_cond
