@@ -3,7 +3,7 @@ line, the data, a training loop under a wall-clock budget, test evaluation, samp
 checkpoints that never overwrite an earlier run, and metrics.json.
 
 A model plugs in with ``loss(x) -> per-image loss in nats [B]`` (the NLL, or the negative ELBO:
-an upper bound on it) and ``sample(n, generator) -> images in [0, 1], [n, 1, 28, 28]``.
+an upper bound on it) and ``sample(n, generator, size) -> images in [0, 1], [n, 1, size, size]``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def parse_args(prog: str, description: str, argv=None, *, batch_size: int = 32, 
     parser.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images")
     parser.add_argument("--limit-test", type=int, default=1000, metavar="N", help="evaluate on the first N test images")
     parser.add_argument("--samples", type=int, default=16, help="images in samples.png")
+    parser.add_argument("--sample-size", type=int, default=28, help=argparse.SUPPRESS)  # small canvases for tests
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -113,8 +114,9 @@ def train(model: nn.Module, train_images: torch.Tensor, test_images: torch.Tenso
     }
     if bits_per_dim:
         metrics["test_bits_per_dim"] = test_nats / (PIXELS * math.log(2))
-    images = model.sample(args.samples, torch.Generator(device).manual_seed(args.seed))
-    save_grid(args.out / "samples.png", images.flatten(1), columns=int(math.ceil(math.sqrt(args.samples))))
+    images = model.sample(args.samples, torch.Generator(device).manual_seed(args.seed), args.sample_size)
+    save_grid(args.out / "samples.png", images.flatten(1), columns=int(math.ceil(math.sqrt(args.samples))),
+              shape=images.shape[-2:])
     torch.save({"model": model.state_dict(), "metrics": metrics}, args.out / "checkpoint.pt")
     _write_json(args.out / "metrics.json", metrics)
     return metrics
@@ -122,11 +124,11 @@ def train(model: nn.Module, train_images: torch.Tensor, test_images: torch.Tenso
 
 @torch.no_grad()
 def sample_autoregressively(step: Callable[[torch.Tensor, int, int], torch.Tensor], n: int, device,
-                            start: float = 0.0) -> torch.Tensor:
-    """Fills an [n, 1, 28, 28] canvas pixel by pixel in raster order: ``step(canvas, i, j)``
+                            start: float = 0.0, size: int = 28) -> torch.Tensor:
+    """Fills an [n, 1, size, size] canvas pixel by pixel in raster order: ``step(canvas, i, j)``
     returns the values of pixel (i, j) for the whole batch (one full forward per pixel)."""
-    canvas = torch.full((n, 1, 28, 28), start, device=device)
-    for i in range(28):
-        for j in range(28):
+    canvas = torch.full((n, 1, size, size), start, device=device)
+    for i in range(size):
+        for j in range(size):
             canvas[:, :, i, j] = step(canvas, i, j)
     return canvas

@@ -106,7 +106,7 @@ class MixtureModel(nn.Module):
         params = self.network(x)
         return vaekernels.discretized_logistic_mixture_nll(params, x, self.network.mixtures, "none").sum((1, 2))
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, size: int = 28) -> torch.Tensor:
         device = next(self.parameters()).device
         net = self.network
 
@@ -114,7 +114,7 @@ class MixtureModel(nn.Module):
             params = net(canvas)[:, :, i:i + 1, j:j + 1]
             return vaekernels.discretized_logistic_mixture_sample(params, net.channels, net.mixtures, generator)[..., 0, 0]
 
-        return (sample_autoregressively(step, n, device, start=-1.0) + 1) / 2
+        return (sample_autoregressively(step, n, device, start=-1.0, size=size) + 1) / 2
 
 
 def main(argv=None) -> dict:

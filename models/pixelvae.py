@@ -52,7 +52,7 @@ class LatentAutoregressiveModel(nn.Module):
         log_px = vaekernels.bernoulli_log_prob(logits.flatten(1).unsqueeze(1), x.flatten(1)).squeeze(1)
         return vaekernels.gaussian_kl(mean, log_var) - log_px
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, size: int = 28) -> torch.Tensor:
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, generator=generator, device=device)
 
@@ -60,7 +60,7 @@ class LatentAutoregressiveModel(nn.Module):
             probs = torch.sigmoid(self.decoder(canvas, z)[:, :, i, j])
             return torch.bernoulli(probs, generator=generator)
 
-        return sample_autoregressively(step, n, device)
+        return sample_autoregressively(step, n, device, size=size)
 
 
 class GatedDecoder(nn.Module):
