@@ -8,7 +8,7 @@ and the gate a * sigmoid(b) (:func:`vaekernels.gated_activation`, ``gate="linear
 gives a mixture of M logistics per pixel. This small version keeps one resolution (no
 down/up-sampling) and no dropout or weight normalisation.
 
-Train for a stated wall-clock budget, then evaluate the test NLL in bits/dim and draw samples::
+Train for a stated budget of CPU minutes, then evaluate the test NLL in bits/dim and draw samples::
 
     nice -n 10 python -m models.pixelcnnpp --minutes 2 --out runs/pixelcnnpp
 """
