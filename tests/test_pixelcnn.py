@@ -175,6 +175,17 @@ def test_gated_activation_reads_a_cropped_conv_output_in_place(device_backend):
         <= RTOL[torch.float32]
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_gated_activation_backward_reads_an_expanded_gradient(device_backend, reduce):
+    """The gradient of a sum or a mean arrives with stride 0 and is read in place."""
+    device, _ = device_backend
+    x, cond = randn(2, 6, 3, 5, device=device, scale=2), randn(2, 6, device=device, seed=1)
+    got = grads(lambda *t: getattr(vaekernels.gated_activation(*t), reduce)().unsqueeze(0), [x, cond])[1]
+    want = grads(lambda *t: getattr(ref.gated_activation(*t), reduce)().unsqueeze(0), [x, cond])[1]
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= RTOL[torch.float64]
+
+
 def test_gated_activation_saves_only_its_input():
     x = randn(2, 8, 5, 5, dtype=torch.float32).requires_grad_()
     saved = []

@@ -92,7 +92,10 @@ std::tuple<at::Tensor, at::Tensor> gated_activation_backward(const at::Tensor& g
   const bool linear = is_linear(op, gate);
   const int64_t B = x.size(0), C = x.size(1) / 2, N = x.size(2);
   check_grad(op, "grad", grad, {B, C, N}, x);
-  const at::Tensor grad_c = grad.to(x.scalar_type()).contiguous();
+  // The gradient of a sum or a mean arrives expanded (stride 0): read in place, not materialised.
+  at::Tensor grad_c = grad.to(x.scalar_type());
+  if (N > 1 && grad_c.stride(2) != 0 && grad_c.stride(2) != 1) grad_c = grad_c.contiguous();
+  const bool grad_per_row = N > 1 && grad_c.stride(2) == 0;
   at::Tensor grad_x = at::empty({B, 2 * C, N}, x.options());
   at::Tensor grad_cond = cond.has_value() ? at::empty({B, 2 * C}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gated_activation_backward", [&] {
@@ -103,14 +106,14 @@ std::tuple<at::Tensor, at::Tensor> gated_activation_backward(const at::Tensor& g
     for_each_gate_row<scalar_t>(x, cond, [&](int64_t row, const scalar_t* a, const scalar_t* b, scalar_t c_a,
                                              scalar_t c_b) {
       const int64_t batch = row / C, c = row % C;
-      const scalar_t* g = g_base + row * N;
+      const scalar_t* g = g_base + batch * grad_c.stride(0) + c * grad_c.stride(1);
       scalar_t* ga_out = gx_base + (batch * 2 * C + c) * N;
       scalar_t* gb_out = ga_out + C * N;
       const Vec ca(c_a), cb(c_b), one(scalar_t(1));
       Vec sum_a(scalar_t(0)), sum_b(scalar_t(0));
       // Lanes past the row's end load zeros, so their gradient terms are zero in the sums too.
       auto step = [&](int64_t d, int64_t count) {
-        const Vec g_d = Vec::loadu(g + d, count);
+        const Vec g_d = grad_per_row ? Vec::set(Vec(scalar_t(0)), Vec(g[0]), count) : Vec::loadu(g + d, count);
         const Vec pre = Vec::loadu(a + d, count) + ca;
         const Vec s = sigmoid(Vec::loadu(b + d, count) + cb);
         const Vec t = linear ? pre : pre.tanh();

@@ -75,8 +75,8 @@ def _gated_activation_fwd_kernel(x_ptr, cond_ptr, out_ptr, C, N, stride_b, strid
 
 @triton.jit
 def _gated_activation_bwd_kernel(grad_ptr, x_ptr, cond_ptr, grad_x_ptr, grad_cond_ptr, C, N, stride_b, stride_c,
-                                 HAS_COND: tl.constexpr, LINEAR: tl.constexpr, ACC: tl.constexpr,
-                                 BLOCK: tl.constexpr):
+                                 grad_stride_b, grad_stride_c, grad_stride_n, HAS_COND: tl.constexpr,
+                                 LINEAR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // C
     c = row % C
@@ -87,7 +87,8 @@ def _gated_activation_bwd_kernel(grad_ptr, x_ptr, cond_ptr, grad_x_ptr, grad_con
         cols = start + tl.arange(0, BLOCK)
         mask = cols < N
         t, s = _gate_terms(x_ptr, cond_ptr, row, cols, mask, C, stride_b, stride_c, HAS_COND, LINEAR, ACC)
-        gs = tl.load(grad_ptr + row * N + cols, mask=mask, other=0.0).to(ACC) * s
+        g_ptrs = grad_ptr + b * grad_stride_b + c * grad_stride_c + cols * grad_stride_n
+        gs = tl.load(g_ptrs, mask=mask, other=0.0).to(ACC) * s
         if LINEAR:
             ga = gs
         else:
@@ -106,15 +107,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[2] <= 1 or x.stride(2) == 1 else x.contiguous()
 
 
-def _launch(kernel, leading: tuple, x: torch.Tensor, cond: torch.Tensor | None, gate: str, trailing: tuple) -> None:
-    """kernel(*leading, x, cond, *trailing, C, N, strides...) over one program per (batch, channel) row."""
+def _launch(kernel, leading: tuple, x: torch.Tensor, cond: torch.Tensor | None, gate: str, trailing: tuple,
+            extra: tuple = ()) -> None:
+    """kernel(*leading, x, cond, *trailing, C, N, x's strides, *extra) over one program per (batch, channel) row."""
     batch, channels, n = x.shape
     block = min(triton.next_power_of_2(max(n, 1)), _MAX_BLOCK)
     # Without a condition the pointer is never read; x stands in for it.
     cond_arg = cond.contiguous() if cond is not None else x
     with _on_device(x):
         kernel[(batch * (channels // 2),)](*leading, x, cond_arg, *trailing, channels // 2, n, x.stride(0), x.stride(1),
-                                           HAS_COND=cond is not None, LINEAR=gate == "linear", ACC=_acc_dtype(x),
+                                           *extra, HAS_COND=cond is not None, LINEAR=gate == "linear", ACC=_acc_dtype(x),
                                            BLOCK=block, num_warps=4 if block >= 512 else 1)
 
 
@@ -131,12 +133,13 @@ def gated_activation_bwd(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tensor
                          gate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x [B, 2C, N], grad_cond [B, 2C] or an empty [0] tensor without a condition), recomputing the gate."""
     x = _rows(x)
-    grad = grad.to(x.dtype).contiguous()
+    # Any strides: the gradient of a sum arrives expanded (stride 0) and is read in place.
+    grad = grad.to(x.dtype)
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     grad_cond = torch.empty(cond.shape if cond is not None else (0,), device=x.device, dtype=x.dtype)
     if x.numel():
         trailing = (grad_x, grad_cond if cond is not None else grad_x)
-        _launch(_gated_activation_bwd_kernel, (grad,), x, cond, gate, trailing)
+        _launch(_gated_activation_bwd_kernel, (grad,), x, cond, gate, trailing, tuple(grad.stride()))
     elif cond is not None:
         grad_cond.zero_()
     return grad_x, grad_cond
