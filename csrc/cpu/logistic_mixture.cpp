@@ -34,47 +34,56 @@ struct BinTerm {
   Vec<T> log_prob, d_centred, d_log_scale;
 };
 
-// log sigmoid(y) = min(y, 0) - log1p(exp(-|y|)); also returns exp(-|y|) for the sigmoids.
+// log sigmoid(y) = min(y, 0) - log1p(exp(-|y|)), for the density branch.
 template <typename T>
-Vec<T> log_sigmoid(const Vec<T>& y, Vec<T>& e) {
-  e = y.abs().neg().exp();
-  return at::vec::minimum(y, Vec<T>(T(0))) - e.log1p();
+Vec<T> log_sigmoid(const Vec<T>& y) {
+  return at::vec::minimum(y, Vec<T>(T(0))) - y.abs().neg().exp_u20().log1p();
 }
 
-// See vaekernels.reference.logistic_mixture.bin_log_probs for the formula and its branches.
+// See vaekernels.reference.logistic_mixture.bin_log_probs for the formula and its branches. The bin
+// mass log sigmoid(plus) + log sigmoid(-minus) + log(1 - exp(-width)) is written as
+// min(plus, 0) + min(-minus, 0) - width + log(expm1(width) / ((1 + e_plus) (1 + e_minus))), with
+// e = exp(-|.|): one log where the three terms take two log1p and a log, the kernel's main cost.
+// An edge bin drops the end it does not have (its e set to 0) and the width term. exp_u20 (float:
+// ATen's faster exp; double: the exact one) serves the e's, whose error is scaled down by log1p.
 template <typename T, bool kGrad>
 BinTerm<T> bin_term(const Vec<T>& x, const Vec<T>& centred, const Vec<T>& log_scale) {
   using V = Vec<T>;
   const V zero(T(0)), one(T(1)), half_bin{T(kHalfBin)};
   const V inv_scale = log_scale.neg().exp();
   const V plus = inv_scale * (centred + half_bin), minus = inv_scale * (centred - half_bin);
-  const V mid = inv_scale * centred;
-  V e_plus, e_minus;
-  const V log_cdf_plus = log_sigmoid(plus, e_plus);
-  const V log_survival_minus = log_sigmoid(minus.neg(), e_minus);
+  const V lower = x < V(T(-kEdge)), upper = x > V(T(kEdge));
+  const V edge = lower | upper;
+  const V e_plus = V::blendv(plus.abs().neg().exp_u20(), zero, upper);
+  const V e_minus = V::blendv(minus.abs().neg().exp_u20(), zero, lower);
+  const V one_plus = one + e_plus, one_minus = one + e_minus;
   const V width = at::vec::maximum(V(T(2 * kHalfBin)) * inv_scale, V(T(kMinWidth)));
   const V expm1_width = width.expm1();
-  const V log_mass = log_cdf_plus + log_survival_minus + expm1_width.log() - width;
-  const V softplus_mid = at::vec::maximum(mid, zero) + mid.abs().neg().exp().log1p();
-  const V log_density = mid - log_scale - V(T(2)) * softplus_mid - V(T(kLogHalfLevels));
-  const V use_mass = log_mass > V(T(kTinyLogProb));
-  const V lower = x < V(T(-kEdge)), upper = x > V(T(kEdge));
-  BinTerm<T> term;
-  term.log_prob = V::blendv(V::blendv(V::blendv(log_density, log_mass, use_mass), log_survival_minus, upper),
-                            log_cdf_plus, lower);
-  if constexpr (kGrad) {
-    // sigmoid(-plus) and sigmoid(minus) from exp(-|.|), exact in both tails.
-    const V sig_neg_plus = V::blendv(one / (one + e_plus), e_plus / (one + e_plus), plus > zero);
-    const V sig_minus = V::blendv(e_minus / (one + e_minus), one / (one + e_minus), minus > zero);
+  const V log_main = V::blendv(at::vec::minimum(plus, zero), zero, upper) +
+                     V::blendv(at::vec::minimum(minus.neg(), zero), zero, lower) - V::blendv(width, zero, edge) +
+                     (V::blendv(expm1_width, one, edge) / (one_plus * one_minus)).log();
+  const V take_main = (log_main > V(T(kTinyLogProb))) | edge;
+  // The density branch (a bin of mass below 1e-5) is rare: evaluated only when a lane takes it.
+  const bool any_density = take_main.zero_mask() != 0;
+  const V mid = inv_scale * centred;
+  V log_density = zero, density_slope = zero;
+  if (any_density) {
+    log_density = mid - log_scale + V(T(2)) * log_sigmoid(mid.neg()) - V(T(kLogHalfLevels));
     // 1 - 2 sigmoid(mid) = -tanh(mid / 2).
-    const V density_slope = (mid * V(T(-0.5))).tanh();
-    V d_centred = V::blendv(inv_scale * density_slope, inv_scale * (sig_neg_plus - sig_minus), use_mass);
-    V d_log_scale = V::blendv(mid.neg() * density_slope - one,
-                              (plus * sig_neg_plus - minus * sig_minus + width / expm1_width).neg(), use_mass);
-    d_centred = V::blendv(V::blendv(d_centred, (inv_scale * sig_minus).neg(), upper), inv_scale * sig_neg_plus, lower);
-    d_log_scale = V::blendv(V::blendv(d_log_scale, minus * sig_minus, upper), (plus * sig_neg_plus).neg(), lower);
-    term.d_centred = d_centred;
-    term.d_log_scale = d_log_scale;
+    if constexpr (kGrad) density_slope = (mid * V(T(-0.5))).tanh();
+  }
+  BinTerm<T> term;
+  term.log_prob = V::blendv(log_density, log_main, take_main);
+  if constexpr (kGrad) {
+    // sigmoid(-plus) (0 at the upper edge) and sigmoid(minus) (0 at the lower edge) from the e's,
+    // exact in both tails; with them one formula covers the middle and both edges.
+    const V inv_plus = one / one_plus, inv_minus = one / one_minus;
+    const V sig_neg_plus = V::blendv(V::blendv(inv_plus, e_plus * inv_plus, plus > zero), zero, upper);
+    const V sig_minus = V::blendv(V::blendv(e_minus * inv_minus, inv_minus, minus > zero), zero, lower);
+    const V width_term = V::blendv(width / expm1_width, zero, edge);
+    term.d_centred = V::blendv(inv_scale * density_slope, inv_scale * (sig_neg_plus - sig_minus), take_main);
+    term.d_log_scale = V::blendv(mid.neg() * density_slope - one,
+                                 (plus * sig_neg_plus - minus * sig_minus + width_term).neg(), take_main);
   }
   return term;
 }
