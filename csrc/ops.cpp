@@ -37,6 +37,7 @@ TORCH_LIBRARY(vaekernels, m) {
   // its output, e.g. x2 = y2 - G(y1)) and grad += grad_update (the gradient the recomputed
   // branch sent to the other half). update and grad_update are read only.
   m.def("coupling_backward_step(Tensor(a!) stream, Tensor update, Tensor(b!) grad, Tensor grad_update) -> ()");
+
   // Decoder Jacobians (forward mode through an MLP decoder, ops/jacobian.py).
   // One activation layer: pre [B, h], tangent [P, k, h] with P = B, or 1 for a tangent shared by
   // the batch -> (act(pre) [B, h], act'(pre)[:, None, :] * tangent [B, k, h]). activation is one of
@@ -50,6 +51,25 @@ TORCH_LIBRARY(vaekernels, m) {
   // example [B, k, k], or with diagonal=true only its diagonal [B, k] (the squared column norms);
   // second output T M [B, k, h], which the backward reuses: d/dT of the norms is 2 g (T M).
   m.def("jacobian_gram_reduce(Tensor tangent, Tensor metric, bool diagonal) -> (Tensor, Tensor)");
+
+  // PixelCNN family: the discretised logistic mixture and causal attention (csrc/cpu/logistic_mixture.cpp,
+  // csrc/cpu/causal_attention.cpp).
+  // params [B, P, H, W] (P = 10 M for x [B, 3, H, W], 3 M for x [B, 1, H, W]) -> the per-pixel NLL [B, H, W];
+  // the backward recomputes every pixel's mixture from the inputs and that NLL.
+  m.def("discretized_logistic_mixture_nll(Tensor params, Tensor x, int num_mixtures) -> Tensor");
+  m.def("discretized_logistic_mixture_nll_backward(Tensor grad, Tensor params, Tensor x, Tensor nll, int num_mixtures) -> Tensor");
+  // Strictly causal softmax attention over q, k [N, L, D], v [N, L, Dv]: position i attends to j < i
+  // (position 0 to nothing: zeros). Returns the output [N, L, Dv] and the row log-sum-exp [N, L]
+  // (-inf on row 0), all the backward keeps besides the inputs; it recomputes the scores block by block.
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+
+  // PixelCNN family: the gated activation (csrc/cpu/pixelcnn.cpp). x [B, 2C, N] (rows contiguous,
+  // batch and channel strides free), cond [B, 2C] or none, gate 'tanh' | 'linear' ->
+  // tanh(a + c_a) * sigmoid(b + c_b) [B, C, N]. The backward recomputes the gate from x and returns
+  // (grad_x [B, 2C, N], grad_cond [B, 2C], or an empty [0] tensor without a condition).
+  m.def("gated_activation(Tensor x, Tensor? cond, str gate) -> Tensor");
+  m.def("gated_activation_backward(Tensor grad, Tensor x, Tensor? cond, str gate) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -17,8 +17,11 @@ from .ops.iwae import (
     mutual_information,
     total_correlation,
 )
-from .ops.reversible import coupling_backward_step, reversible_sequential
+from .ops.causal_attention import causal_attention
 from .ops.jacobian import grae_regularizer, jacobian_column_sq_norms, jacobian_gram
+from .ops.logistic_mixture import discretized_logistic_mixture_nll, discretized_logistic_mixture_sample
+from .ops.pixelcnn import gated_activation, masked_conv2d
+from .ops.reversible import coupling_backward_step, reversible_sequential
 from . import nn  # noqa: E402  (the modules are built on the functions above)
 
 __version__ = "0.1.0"
@@ -27,7 +30,11 @@ __all__ = [
     "aggregate_posterior_log_density",
     "available_backends",
     "bernoulli_log_prob",
+    "causal_attention",
     "coupling_backward_step",
+    "discretized_logistic_mixture_nll",
+    "discretized_logistic_mixture_sample",
+    "gated_activation",
     "gaussian_kl",
     "gaussian_log_prob",
     "grae_regularizer",
@@ -37,6 +44,7 @@ __all__ = [
     "jacobian_gram",
     "log_mean_exp",
     "marginal_kl",
+    "masked_conv2d",
     "mutual_information",
     "nn",
     "reversible_sequential",

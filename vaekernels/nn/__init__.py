@@ -1,8 +1,10 @@
 """nn.Modules over the vaekernels ops."""
 
+from .causal_attention import CausalAttention2d
 from .iwae import IWAEBound
 from .jacobian import GRAERegularizer
+from .pixelcnn import GatedPixelCNN, GatedPixelCNNLayer, MaskedConv2d
 from .reversible import AdditiveCoupling, AffineCoupling, InvertibleDownsample, ReversibleSequential
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "GRAERegularizer", "IWAEBound", "InvertibleDownsample",
-           "ReversibleSequential"]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "CausalAttention2d", "GRAERegularizer", "GatedPixelCNN",
+           "GatedPixelCNNLayer", "IWAEBound", "InvertibleDownsample", "MaskedConv2d", "ReversibleSequential"]

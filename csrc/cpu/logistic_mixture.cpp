@@ -1,0 +1,254 @@
+// CPU kernels of the PixelCNN++ discretised logistic mixture likelihood. params [B, P, H, W] is
+// read in its own layout: for one image and one parameter channel the H*W pixels are contiguous,
+// so a vector holds the same parameter of neighbouring pixels and every pixel's whole mixture
+// (all channels, all components) is evaluated in registers. Nothing of size B*C*M*H*W is
+// written: the forward writes the per-pixel NLL, the backward recomputes each pixel's terms
+// from the inputs and that NLL and writes the parameter gradient in the same pass.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <torch/library.h>
+
+#include "rows.h"
+
+namespace vaekernels::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+constexpr double kLogScaleMin = -7.0;
+constexpr double kHalfBin = 1.0 / 255.0;
+constexpr double kEdge = 0.999;
+constexpr double kTinyLogProb = -11.512925464970229;  // log(1e-5)
+constexpr double kLogHalfLevels = 4.848116364598481;   // log(127.5)
+// Floor of the standardised bin width: a log-scale past ~88 would make it 0 and its log -inf.
+constexpr double kMinWidth = 1e-30;
+
+template <typename T>
+using Vec = Vectorized<T>;
+
+// The log-probability of one channel's value under one logistic component, and its derivatives
+// with respect to the centred value u = x - mean and to the clamped log-scale.
+template <typename T>
+struct BinTerm {
+  Vec<T> log_prob, d_centred, d_log_scale;
+};
+
+// log sigmoid(y) = min(y, 0) - log1p(exp(-|y|)), for the density branch.
+template <typename T>
+Vec<T> log_sigmoid(const Vec<T>& y) {
+  return at::vec::minimum(y, Vec<T>(T(0))) - y.abs().neg().exp_u20().log1p();
+}
+
+// See vaekernels.reference.logistic_mixture.bin_log_probs for the formula and its branches. The bin
+// mass log sigmoid(plus) + log sigmoid(-minus) + log(1 - exp(-width)) is written as
+// min(plus, 0) + min(-minus, 0) - width + log(expm1(width) / ((1 + e_plus) (1 + e_minus))), with
+// e = exp(-|.|): one log where the three terms take two log1p and a log, the kernel's main cost.
+// An edge bin drops the end it does not have (its e set to 0) and the width term. exp_u20 (float:
+// ATen's faster exp; double: the exact one) serves the e's, whose error is scaled down by log1p.
+template <typename T, bool kGrad>
+BinTerm<T> bin_term(const Vec<T>& x, const Vec<T>& centred, const Vec<T>& log_scale) {
+  using V = Vec<T>;
+  const V zero(T(0)), one(T(1)), half_bin{T(kHalfBin)};
+  const V inv_scale = log_scale.neg().exp();
+  const V plus = inv_scale * (centred + half_bin), minus = inv_scale * (centred - half_bin);
+  const V lower = x < V(T(-kEdge)), upper = x > V(T(kEdge));
+  const V edge = lower | upper;
+  const V e_plus = V::blendv(plus.abs().neg().exp_u20(), zero, upper);
+  const V e_minus = V::blendv(minus.abs().neg().exp_u20(), zero, lower);
+  const V one_plus = one + e_plus, one_minus = one + e_minus;
+  const V width = at::vec::maximum(V(T(2 * kHalfBin)) * inv_scale, V(T(kMinWidth)));
+  const V expm1_width = width.expm1();
+  const V log_main = V::blendv(at::vec::minimum(plus, zero), zero, upper) +
+                     V::blendv(at::vec::minimum(minus.neg(), zero), zero, lower) - V::blendv(width, zero, edge) +
+                     (V::blendv(expm1_width, one, edge) / (one_plus * one_minus)).log();
+  const V take_main = (log_main > V(T(kTinyLogProb))) | edge;
+  // The density branch (a bin of mass below 1e-5) is rare: evaluated only when a lane takes it.
+  const bool any_density = take_main.zero_mask() != 0;
+  const V mid = inv_scale * centred;
+  V log_density = zero, density_slope = zero;
+  if (any_density) {
+    log_density = mid - log_scale + V(T(2)) * log_sigmoid(mid.neg()) - V(T(kLogHalfLevels));
+    // 1 - 2 sigmoid(mid) = -tanh(mid / 2).
+    if constexpr (kGrad) density_slope = (mid * V(T(-0.5))).tanh();
+  }
+  BinTerm<T> term;
+  term.log_prob = V::blendv(log_density, log_main, take_main);
+  if constexpr (kGrad) {
+    // sigmoid(-plus) (0 at the upper edge) and sigmoid(minus) (0 at the lower edge) from the e's,
+    // exact in both tails; with them one formula covers the middle and both edges.
+    const V inv_plus = one / one_plus, inv_minus = one / one_minus;
+    const V sig_neg_plus = V::blendv(V::blendv(inv_plus, e_plus * inv_plus, plus > zero), zero, upper);
+    const V sig_minus = V::blendv(V::blendv(e_minus * inv_minus, inv_minus, minus > zero), zero, lower);
+    const V width_term = V::blendv(width / expm1_width, zero, edge);
+    term.d_centred = V::blendv(inv_scale * density_slope, inv_scale * (sig_neg_plus - sig_minus), take_main);
+    term.d_log_scale = V::blendv(mid.neg() * density_slope - one,
+                                 (plus * sig_neg_plus - minus * sig_minus + width_term).neg(), take_main);
+  }
+  return term;
+}
+
+// Where a parameter of a pixel block lives: channel k of image b is at base + (b * P + k) * HW.
+struct Layout {
+  int64_t B, C, M, P, HW, block;  // block: the per-colour-channel stride, 3 M (with coefficients) or 2 M
+  int64_t mean(int64_t c, int64_t m) const { return M + c * block + m; }
+  int64_t log_scale(int64_t c, int64_t m) const { return M + c * block + M + m; }
+  int64_t coeff(int64_t c, int64_t m) const { return M + c * block + 2 * M + m; }
+};
+
+Layout layout_of(const char* op, const at::Tensor& params, const at::Tensor& x, int64_t num_mixtures) {
+  check_floating(op, "params", params, kCpu);
+  check_rank(op, "params", params, 4, "[B, P, H, W]");
+  check_rank(op, "x", x, 4, "[B, C, H, W]");
+  const int64_t B = params.size(0), C = x.size(1), H = params.size(2), W = params.size(3), M = num_mixtures;
+  TORCH_CHECK(M >= 1, op, ": num_mixtures must be >= 1, got ", M);
+  TORCH_CHECK(C == 1 || C == 3, op, ": x must have 1 or 3 channels, got ", C);
+  const int64_t P = C == 3 ? 10 * M : 3 * M;
+  check_tensor(op, "params", params, {B, P, H, W}, params, kCpu);
+  check_tensor(op, "x", x, {B, C, H, W}, params, kCpu);
+  TORCH_CHECK(params.is_contiguous() && x.is_contiguous(), op, ": params and x must be contiguous");
+  return {B, C, M, P, H * W, C == 3 ? 3 * M : 2 * M};
+}
+
+// Calls body(b, offset, count) for every block of up to Vec::size() pixels of every image, in parallel.
+template <typename T, typename Body>
+void for_each_pixel_block(const Layout& l, Body body) {
+  const int64_t lanes = Vec<T>::size(), blocks = (l.HW + lanes - 1) / lanes;
+  // A block costs ~C*M logistic terms of a dozen transcendental functions each.
+  const int64_t grain = std::max<int64_t>(1, 256 / (l.C * l.M));
+  at::parallel_for(0, l.B * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / blocks, offset = (i % blocks) * lanes;
+      body(b, offset, std::min(lanes, l.HW - offset));
+    }
+  });
+}
+
+// log sum exp over the M vectors of one pixel block.
+template <typename T>
+Vec<T> log_sum_exp(const std::vector<Vec<T>>& values) {
+  Vec<T> top = values[0];
+  for (size_t m = 1; m < values.size(); ++m) top = at::vec::maximum(top, values[m]);
+  Vec<T> sum(T(0));
+  for (const Vec<T>& v : values) sum += (v - top).exp();
+  return top + sum.log();
+}
+
+// The mixture terms of component m at one pixel block: its channels' log-probabilities summed
+// (returned) and, with kGrad, their derivatives in terms[c].
+template <typename T, bool kGrad, typename Load>
+Vec<T> component(const Layout& l, int64_t m, const T* pb, const Vec<T>* xs, const Vec<T>* tanh_coeffs,
+                 BinTerm<T>* terms, const Load& load) {
+  Vec<T> sum(T(0));
+  for (int64_t c = 0; c < l.C; ++c) {
+    Vec<T> mean = load(pb, l.mean(c, m));
+    if (c == 1) mean = mean + tanh_coeffs[0] * xs[0];
+    if (c == 2) mean = mean + tanh_coeffs[1] * xs[0] + tanh_coeffs[2] * xs[1];
+    const Vec<T> log_scale = at::vec::maximum(load(pb, l.log_scale(c, m)), Vec<T>(T(kLogScaleMin)));
+    const BinTerm<T> term = bin_term<T, kGrad>(xs[c], xs[c] - mean, log_scale);
+    sum += term.log_prob;
+    if constexpr (kGrad) terms[c] = term;
+  }
+  return sum;
+}
+
+at::Tensor discretized_logistic_mixture_nll(const at::Tensor& params, const at::Tensor& x, int64_t num_mixtures) {
+  const Layout l = layout_of("vaekernels::discretized_logistic_mixture_nll", params, x, num_mixtures);
+  at::Tensor nll = at::empty({l.B, params.size(2), params.size(3)}, params.options());
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "discretized_logistic_mixture_nll", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* p_ptr = params.const_data_ptr<scalar_t>();
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = nll.data_ptr<scalar_t>();
+    for_each_pixel_block<scalar_t>(l, [&](int64_t b, int64_t offset, int64_t count) {
+      const auto load = [&](const scalar_t* base, int64_t channel) {
+        return count == V::size() ? V::loadu(base + channel * l.HW + offset)
+                                  : V::loadu(base + channel * l.HW + offset, count);
+      };
+      const scalar_t* pb = p_ptr + b * l.P * l.HW;
+      V xs[3], tanh_coeffs[3];
+      for (int64_t c = 0; c < l.C; ++c) xs[c] = load(x_ptr + b * l.C * l.HW, c);
+      std::vector<V> logits(l.M), joint(l.M);
+      for (int64_t m = 0; m < l.M; ++m) {
+        if (l.C == 3)
+          for (int64_t c = 0; c < 3; ++c) tanh_coeffs[c] = load(pb, l.coeff(c, m)).tanh();
+        logits[m] = load(pb, m);
+        joint[m] = logits[m] + component<scalar_t, false>(l, m, pb, xs, tanh_coeffs, nullptr, load);
+      }
+      const V out = log_sum_exp(logits) - log_sum_exp(joint);
+      out.store(out_ptr + b * l.HW + offset, count);
+    });
+  });
+  return nll;
+}
+
+at::Tensor discretized_logistic_mixture_nll_backward(const at::Tensor& grad, const at::Tensor& params,
+                                                     const at::Tensor& x, const at::Tensor& nll,
+                                                     int64_t num_mixtures) {
+  constexpr const char* op = "vaekernels::discretized_logistic_mixture_nll_backward";
+  const Layout l = layout_of(op, params, x, num_mixtures);
+  const std::vector<int64_t> pixels{l.B, params.size(2), params.size(3)};
+  check_grad(op, "grad", grad, pixels, params);
+  check_tensor(op, "nll", nll, pixels, params, kCpu);
+  const at::Tensor grad_c = grad.to(params.scalar_type()).contiguous(), nll_c = nll.contiguous();
+  at::Tensor grad_params = at::empty_like(params);
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "discretized_logistic_mixture_nll_backward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* p_ptr = params.const_data_ptr<scalar_t>();
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* g_ptr = grad_c.const_data_ptr<scalar_t>();
+    const scalar_t* nll_ptr = nll_c.const_data_ptr<scalar_t>();
+    scalar_t* gp_ptr = grad_params.data_ptr<scalar_t>();
+    for_each_pixel_block<scalar_t>(l, [&](int64_t b, int64_t offset, int64_t count) {
+      const auto load = [&](const scalar_t* base, int64_t channel) {
+        return count == V::size() ? V::loadu(base + channel * l.HW + offset)
+                                  : V::loadu(base + channel * l.HW + offset, count);
+      };
+      const auto store = [&](const V& v, int64_t channel) {
+        v.store(gp_ptr + (b * l.P + channel) * l.HW + offset, count);
+      };
+      const scalar_t* pb = p_ptr + b * l.P * l.HW;
+      V xs[3], tanh_coeffs[3];
+      for (int64_t c = 0; c < l.C; ++c) xs[c] = load(x_ptr + b * l.C * l.HW, c);
+      std::vector<V> logits(l.M);
+      for (int64_t m = 0; m < l.M; ++m) logits[m] = load(pb, m);
+      const V g = load(g_ptr + b * l.HW, 0);
+      const V log_norm = log_sum_exp(logits);
+      // The forward's log sum_m pi_m p_m(x), recovered from its output.
+      const V log_joint = log_norm - load(nll_ptr + b * l.HW, 0);
+      const V one(scalar_t(1)), log_scale_min{scalar_t(kLogScaleMin)};
+      BinTerm<scalar_t> terms[3];
+      for (int64_t m = 0; m < l.M; ++m) {
+        if (l.C == 3)
+          for (int64_t c = 0; c < 3; ++c) tanh_coeffs[c] = load(pb, l.coeff(c, m)).tanh();
+        const V log_prob = component<scalar_t, true>(l, m, pb, xs, tanh_coeffs, terms, load);
+        // d nll / d logit_m = pi_m - r_m; d nll / d log p_cm(x) = -r_m (r: the posterior of m).
+        const V r = (logits[m] + log_prob - log_joint).exp();
+        store(g * ((logits[m] - log_norm).exp() - r), m);
+        const V gr = g * r;
+        for (int64_t c = 0; c < l.C; ++c) {
+          store(gr * terms[c].d_centred, l.mean(c, m));
+          // The clamp at -7 passes the gradient where the raw log-scale is at or above it.
+          const V raw = load(pb, l.log_scale(c, m));
+          store(V::blendv(V(scalar_t(0)), (gr * terms[c].d_log_scale).neg(), raw >= log_scale_min),
+                l.log_scale(c, m));
+        }
+        if (l.C == 3) {
+          store(gr * terms[1].d_centred * xs[0] * (one - tanh_coeffs[0] * tanh_coeffs[0]), l.coeff(0, m));
+          store(gr * terms[2].d_centred * xs[0] * (one - tanh_coeffs[1] * tanh_coeffs[1]), l.coeff(1, m));
+          store(gr * terms[2].d_centred * xs[1] * (one - tanh_coeffs[2] * tanh_coeffs[2]), l.coeff(2, m));
+        }
+      }
+    });
+  });
+  return grad_params;
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace vaekernels::cpu
+
+TORCH_LIBRARY_IMPL(vaekernels, CPU, m) {
+  m.impl("discretized_logistic_mixture_nll", &vaekernels::cpu::discretized_logistic_mixture_nll);
+  m.impl("discretized_logistic_mixture_nll_backward", &vaekernels::cpu::discretized_logistic_mixture_nll_backward);
+}

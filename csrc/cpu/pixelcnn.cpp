@@ -1,0 +1,147 @@
+// CPU kernels of the PixelCNN gated activation: out = tanh(a + c_a) * sigmoid(b + c_b) (or
+// (a + c_a) * sigmoid(b + c_b)), where a and b are the two channel halves of x [B, 2C, N] and the
+// condition c [B, 2C] is broadcast over the N pixels here instead of being added as a tensor.
+// One vectorised pass per (b, c) row of N pixels; the backward recomputes the gate from x rather
+// than reading saved tanh / sigmoid tensors, and sums the condition's gradient in the same pass.
+#include <optional>
+#include <string>
+
+#include <torch/library.h>
+
+#include "rows.h"
+
+namespace vaekernels::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+Vectorized<T> sigmoid(const Vectorized<T>& v) {
+  // exp(-v) overflows to inf for very negative v and the quotient to 0, never NaN.
+  const Vectorized<T> one(T(1));
+  return one / (one + v.neg().exp());
+}
+
+bool is_linear(const char* op, c10::string_view gate) {
+  TORCH_CHECK(gate == "tanh" || gate == "linear", op, ": gate must be 'tanh' or 'linear', got '",
+              std::string(gate.data(), gate.size()), "'");
+  return gate == "linear";
+}
+
+// x is [B, 2C, N] with contiguous rows (its batch and channel strides are free, so a cropped
+// convolution output is read in place); cond, when given, [B, 2C].
+void check_gated(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& cond) {
+  check_rank(op, "x", x, 3, "[B, 2C, N]");
+  check_floating(op, "x", x, kCpu);
+  TORCH_CHECK(x.size(1) % 2 == 0, op, ": x must have an even number of channels (2C), got ", x.size(1));
+  TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == 1, op, ": x must be contiguous in its last dim, got strides ",
+              x.strides());
+  if (cond.has_value()) check_tensor(op, "cond", *cond, {x.size(0), x.size(1)}, x, kCpu);
+}
+
+// Calls body(row, a, b, c_a, c_b) for every (batch, channel) row of the first half, in parallel.
+template <typename scalar_t, typename Body>
+void for_each_gate_row(const at::Tensor& x, const std::optional<at::Tensor>& cond, Body body) {
+  const int64_t B = x.size(0), C = x.size(1) / 2, N = x.size(2);
+  const scalar_t* base = x.const_data_ptr<scalar_t>();
+  const at::Tensor cond_c = cond.has_value() ? cond->contiguous() : at::Tensor();
+  const scalar_t* c_ptr = cond.has_value() ? cond_c.const_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, B * C, row_grain(N), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / C, c = row % C;
+      const scalar_t* a = base + b * x.stride(0) + c * x.stride(1);
+      const scalar_t c_a = c_ptr ? c_ptr[b * 2 * C + c] : scalar_t(0);
+      const scalar_t c_b = c_ptr ? c_ptr[b * 2 * C + C + c] : scalar_t(0);
+      body(row, a, a + C * x.stride(1), c_a, c_b);
+    }
+  });
+}
+
+at::Tensor gated_activation(const at::Tensor& x, const std::optional<at::Tensor>& cond, c10::string_view gate) {
+  constexpr const char* op = "vaekernels::gated_activation";
+  check_gated(op, x, cond);
+  const bool linear = is_linear(op, gate);
+  const int64_t B = x.size(0), C = x.size(1) / 2, N = x.size(2);
+  at::Tensor out = at::empty({B, C, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gated_activation", [&] {
+    using Vec = Vectorized<scalar_t>;
+    scalar_t* out_base = out.data_ptr<scalar_t>();
+    for_each_gate_row<scalar_t>(x, cond, [&](int64_t row, const scalar_t* a, const scalar_t* b, scalar_t c_a,
+                                             scalar_t c_b) {
+      scalar_t* o = out_base + row * N;
+      const Vec ca(c_a), cb(c_b);
+      auto value = [&](int64_t d, int64_t count) {
+        const Vec pre = Vec::loadu(a + d, count) + ca;
+        return (linear ? pre : pre.tanh()) * sigmoid(Vec::loadu(b + d, count) + cb);
+      };
+      int64_t d = 0;
+      for (; d + Vec::size() <= N; d += Vec::size()) value(d, Vec::size()).store(o + d);
+      if (d < N) value(d, N - d).store(o + d, N - d);
+    });
+  });
+  return out;
+}
+
+// d/da = g * s * (1 - t^2) (tanh) or g * s (linear), d/db = g * t * s * (1 - s), with t the
+// (tanh of the) first half and s the sigmoid of the second; the condition's gradient is their
+// row sum. Returns an empty [0] tensor for it when there is no condition.
+std::tuple<at::Tensor, at::Tensor> gated_activation_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                             const std::optional<at::Tensor>& cond,
+                                                             c10::string_view gate) {
+  constexpr const char* op = "vaekernels::gated_activation_backward";
+  check_gated(op, x, cond);
+  const bool linear = is_linear(op, gate);
+  const int64_t B = x.size(0), C = x.size(1) / 2, N = x.size(2);
+  check_grad(op, "grad", grad, {B, C, N}, x);
+  // The gradient of a sum or a mean arrives expanded (stride 0): read in place, not materialised.
+  at::Tensor grad_c = grad.to(x.scalar_type());
+  if (N > 1 && grad_c.stride(2) != 0 && grad_c.stride(2) != 1) grad_c = grad_c.contiguous();
+  const bool grad_per_row = N > 1 && grad_c.stride(2) == 0;
+  at::Tensor grad_x = at::empty({B, 2 * C, N}, x.options());
+  at::Tensor grad_cond = cond.has_value() ? at::empty({B, 2 * C}, x.options()) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gated_activation_backward", [&] {
+    using Vec = Vectorized<scalar_t>;
+    const scalar_t* g_base = grad_c.const_data_ptr<scalar_t>();
+    scalar_t* gx_base = grad_x.data_ptr<scalar_t>();
+    scalar_t* gc_base = cond.has_value() ? grad_cond.data_ptr<scalar_t>() : nullptr;
+    for_each_gate_row<scalar_t>(x, cond, [&](int64_t row, const scalar_t* a, const scalar_t* b, scalar_t c_a,
+                                             scalar_t c_b) {
+      const int64_t batch = row / C, c = row % C;
+      const scalar_t* g = g_base + batch * grad_c.stride(0) + c * grad_c.stride(1);
+      scalar_t* ga_out = gx_base + (batch * 2 * C + c) * N;
+      scalar_t* gb_out = ga_out + C * N;
+      const Vec ca(c_a), cb(c_b), one(scalar_t(1));
+      Vec sum_a(scalar_t(0)), sum_b(scalar_t(0));
+      // Lanes past the row's end load zeros, so their gradient terms are zero in the sums too.
+      auto step = [&](int64_t d, int64_t count) {
+        const Vec g_d = grad_per_row ? Vec::set(Vec(scalar_t(0)), Vec(g[0]), count) : Vec::loadu(g + d, count);
+        const Vec pre = Vec::loadu(a + d, count) + ca;
+        const Vec s = sigmoid(Vec::loadu(b + d, count) + cb);
+        const Vec t = linear ? pre : pre.tanh();
+        const Vec gs = g_d * s;
+        const Vec ga = linear ? gs : gs * (one - t * t);
+        const Vec gb = gs * t * (one - s);
+        ga.store(ga_out + d, count);
+        gb.store(gb_out + d, count);
+        sum_a += ga;
+        sum_b += gb;
+      };
+      int64_t d = 0;
+      for (; d + Vec::size() <= N; d += Vec::size()) step(d, Vec::size());
+      if (d < N) step(d, N - d);
+      if (gc_base) {
+        gc_base[batch * 2 * C + c] = at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, sum_a);
+        gc_base[batch * 2 * C + C + c] = at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, sum_b);
+      }
+    });
+  });
+  return {grad_x, grad_cond};
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace vaekernels::cpu
+
+TORCH_LIBRARY_IMPL(vaekernels, CPU, m) {
+  m.impl("gated_activation", &vaekernels::cpu::gated_activation);
+  m.impl("gated_activation_backward", &vaekernels::cpu::gated_activation_backward);
+}

@@ -1,0 +1,306 @@
+"""PixelCNN: masked convolutions that touch only the causal taps, and the fused gated activation.
+
+Masked convolutions are compositions of ATen convolutions over the causal taps only (the rows
+above the centre as one convolution with a cropped kernel, the centre row's left part as
+another), so a masked tap is never multiplied, its weight never read, and its gradient exactly
+zero; ATen's convolutions (oneDNN on the CPU, cuDNN on CUDA) are the cheapest correct route on
+either device. The gated activation is a custom op with C++ (csrc/cpu/pixelcnn.cpp) and Triton
+(vaekernels/triton/pixelcnn.py) kernels whose backward recomputes the gate instead of saving it.
+The readable oracle with the same signatures is :mod:`vaekernels.reference.pixelcnn`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ..reference import pixelcnn as reference
+from ._checks import check_choice, check_float, check_shape, fail
+from ._registry import define_triton_op, register
+
+MASK_TYPES = ("A", "B")
+GATES = ("tanh", "linear")
+
+if _backend.triton_available():
+    from ..triton import pixelcnn as _triton
+
+    define_triton_op("gated_activation", _triton.gated_activation_fwd)
+    define_triton_op("gated_activation_backward", _triton.gated_activation_bwd)
+
+
+# ----------------------------------------------------------------------------- causal convolution
+
+
+class _CausalConv(torch.autograd.Function):
+    """sum over parts of conv(x shifted, weight_p) + bias, where part p's output pixel (i, j) reads
+    input rows i - top_p .. i - top_p + kh_p - 1 and columns j - left_p .. j - left_p + kw_p - 1
+    (zero outside the image); the output has x's height and width.
+
+    Each part convolves its own zero-padded (or cropped) copy of x, contiguous so that oneDNN
+    reads it without a reorder; the copies are rebuilt in backward instead of saved, so the graph
+    keeps only x and the weights, as a convolution with built-in padding would."""
+
+    @staticmethod
+    def forward(x, bias, offsets, *weights):
+        out = None
+        for (top, left), weight in zip(offsets, weights):
+            part = F.conv2d(_shifted(x, top, left, weight), weight, bias if out is None else None)
+            out = part if out is None else out.add_(part)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bias, offsets, *weights = inputs
+        ctx.offsets, ctx.has_bias = offsets, bias is not None
+        ctx.save_for_backward(x, *weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        grad_x, grad_weights = None, []
+        for index, ((top, left), weight) in enumerate(zip(ctx.offsets, weights)):
+            grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad, _shifted(x, top, left, weight), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [need_x, ctx.needs_input_grad[3 + index], False])
+            if need_x:
+                # The inverse of the shift: crop what was padded, pad what was cropped.
+                kh, kw = weight.shape[-2:]
+                grad_in = F.pad(grad_in, (-left, left + 1 - kw, -top, top + 1 - kh))
+                grad_x = grad_in if grad_x is None else grad_x.add_(grad_in)
+            grad_weights.append(grad_w)
+        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None, *grad_weights
+
+
+def _shifted(x: torch.Tensor, top: int, left: int, weight: torch.Tensor) -> torch.Tensor:
+    """x padded (negative amounts crop) so that a valid convolution with weight reads rows from
+    i - top and columns from j - left for output pixel (i, j)."""
+    kh, kw = weight.shape[-2:]
+    pads = (left, kw - 1 - left, top, kh - 1 - top)
+    return F.pad(x, pads) if any(pads) else x
+
+
+def causal_conv2d(x: torch.Tensor, parts, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of convolutions of ``x`` over windows at fixed offsets: ``parts`` is a list of
+    ``(weight, top, left)``, where output pixel (i, j) reads input rows from i - top and columns
+    from j - left, as far as the weight's kernel reaches; zero outside the image.
+
+    The building block of :func:`masked_conv2d`: each part is a block of causal taps, so no
+    masked tap is ever multiplied.
+
+    Example:
+        >>> import torch
+        >>> x = torch.arange(4.0).view(1, 1, 1, 4)
+        >>> causal_conv2d(x, [(torch.ones(1, 1, 1, 1), 0, 1)]).tolist()  # the left neighbour
+        [[[[0.0, 0.0, 1.0, 2.0]]]]
+    """
+    weights = tuple(weight for weight, _, _ in parts)
+    offsets = tuple((top, left) for _, top, left in parts)
+    return _CausalConv.apply(x, bias, offsets, *weights)
+
+
+# ----------------------------------------------------------------------------- masked_conv2d
+
+
+def _check_masked_conv(fn: str, x, weight, bias, mask_type: str, channel_groups: int) -> None:
+    check_float(fn, "x", x)
+    check_float(fn, "weight", weight, x, "x")
+    check_choice(fn, "mask_type", mask_type, MASK_TYPES)
+    if x.dim() != 4:
+        fail(fn, f"x must have shape [B, C, H, W], got {list(x.shape)}")
+    if weight.dim() != 4:
+        fail(fn, f"weight must have shape [out_channels, in_channels, kh, kw], got {list(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        fail(fn, f"weight must have in_channels = x.shape[1] = {x.shape[1]}, got weight shape {list(weight.shape)}")
+    kh, kw = weight.shape[-2:]
+    if kh % 2 == 0 or kw % 2 == 0:
+        fail(fn, f"weight must have an odd kernel size (a centre tap), got {kh}x{kw}")
+    if bias is not None:
+        check_float(fn, "bias", bias, x, "x")
+        if tuple(bias.shape) != (weight.shape[0],):
+            fail(fn, f"bias must have shape [out_channels] = [{weight.shape[0]}], got {list(bias.shape)}")
+    if not isinstance(channel_groups, int) or channel_groups < 1:
+        fail(fn, f"channel_groups must be a positive int, got {channel_groups!r}")
+    if weight.shape[0] % channel_groups or weight.shape[1] % channel_groups:
+        fail(fn, f"channel_groups must divide in_channels and out_channels, got {channel_groups} for weight "
+                 f"shape {list(weight.shape)}")
+
+
+def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, mask_type: str = "B",
+                  *, channel_groups: int = 1) -> torch.Tensor:
+    """PixelCNN masked convolution ("same" padding, stride 1) that reads only the causal taps.
+
+    Output pixel (i, j) sees the input rows above i and, in row i, the pixels left of j; type
+    "B" adds the centre pixel, type "A" (the first layer) does not. With ``channel_groups`` G the
+    channels form G contiguous blocks (e.g. R, G, B) and at the centre pixel output block g sees
+    input blocks < g (type A) or <= g (type B). The weight has the dense ``[out, in, kh, kw]``
+    shape of ``nn.Conv2d``, but its masked taps are never read: their gradient is exactly zero.
+    Equal to :func:`vaekernels.reference.pixelcnn.masked_conv2d` (dense weight times the mask).
+
+    Example:
+        >>> import torch, vaekernels
+        >>> x = torch.ones(1, 1, 2, 3)
+        >>> vaekernels.masked_conv2d(x, torch.ones(1, 1, 3, 3), mask_type="A")[0, 0].tolist()
+        [[0.0, 1.0, 1.0], [2.0, 4.0, 3.0]]
+    """
+    fn = "masked_conv2d"
+    _check_masked_conv(fn, x, weight, bias, mask_type, channel_groups)
+    kh, kw = weight.shape[-2:]
+    ch, cw = kh // 2, kw // 2
+    centre_in_row = mask_type == "B" and channel_groups == 1
+    parts = []
+    if ch:
+        parts.append((weight[:, :, :ch], ch, cw))
+    if cw or centre_in_row:
+        parts.append((weight[:, :, ch:ch + 1, :cw + centre_in_row], 0, cw))
+    if channel_groups > 1:
+        out = _centre_taps(x, weight[:, :, ch, cw], mask_type, channel_groups)
+        return out + causal_conv2d(x, parts, bias) if parts else _plus_bias(out, bias)
+    if parts:
+        return causal_conv2d(x, parts, bias)
+    # A 1x1 type-A kernel with one channel group sees nothing.
+    return _plus_bias(x.new_zeros(x.shape[0], weight.shape[0], *x.shape[2:]), bias)
+
+
+def _plus_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias.view(-1, 1, 1)
+
+
+def _centre_taps(x: torch.Tensor, centre: torch.Tensor, mask_type: str, groups: int) -> torch.Tensor:
+    """The centre-pixel term of a channel-grouped mask: output block g reads the input channels
+    of blocks < g (type A) or <= g (type B), a prefix of them, as one 1x1 convolution."""
+    out_block, in_block = centre.shape[0] // groups, centre.shape[1] // groups
+    blocks = []
+    for g in range(groups):
+        seen = (g + (mask_type == "B")) * in_block
+        rows = centre[g * out_block:(g + 1) * out_block]
+        if seen == 0:
+            blocks.append(x.new_zeros(x.shape[0], out_block, *x.shape[2:]))
+        else:
+            blocks.append(F.conv2d(x[:, :seen], rows[:, :seen, None, None]))
+    return torch.cat(blocks, 1)
+
+
+# ----------------------------------------------------------------------------- gated_activation
+
+
+def _gated_activation_fake(x, cond, gate):
+    return x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2])
+
+
+def _gated_activation_backward_fake(grad, x, cond, gate):
+    return x.new_empty(x.shape), x.new_empty(cond.shape if cond is not None else (0,))
+
+
+def _gated_activation_setup(ctx, inputs, output):
+    x, cond, gate = inputs
+    ctx.gate, ctx.has_cond = gate, cond is not None
+    ctx.save_for_backward(x, cond)
+
+
+def _make_gated_activation_backward(ops):
+    def backward(ctx, grad):
+        x, cond = ctx.saved_tensors
+        grad_x, grad_cond = ops.gated_activation_backward(grad, x, cond, ctx.gate)
+        return grad_x, grad_cond if ctx.has_cond else None, None
+    return backward
+
+
+register("gated_activation", _gated_activation_fake, _gated_activation_setup, _make_gated_activation_backward)
+register("gated_activation_backward", _gated_activation_backward_fake)
+
+
+def _gate_rows(fn: str, x: torch.Tensor, cond: torch.Tensor | None, gate: str) -> torch.Tensor:
+    """Checks the arguments and views x [B, 2C, *spatial] as [B, 2C, N] with contiguous rows,
+    without a copy where its layout allows (a cropped convolution output does)."""
+    check_float(fn, "x", x)
+    check_choice(fn, "gate", gate, GATES)
+    if x.dim() < 2 or x.shape[1] % 2:
+        fail(fn, f"x must have shape [B, 2C, *spatial] with an even channel count, got {list(x.shape)}")
+    if cond is not None:
+        check_float(fn, "cond", cond, x, "x")
+        check_shape(fn, "cond", cond, x.shape[:2], "[B, 2C]")
+    rows = x.reshape(x.shape[0], x.shape[1], -1) if x.dim() != 3 else x
+    return rows if rows.shape[2] <= 1 or rows.stride(2) == 1 else rows.contiguous()
+
+
+def gated_activation(x: torch.Tensor, cond: torch.Tensor | None = None, gate: str = "tanh") -> torch.Tensor:
+    """The gated activation of the Gated PixelCNN, fused: tanh(a + c_a) * sigmoid(b + c_b).
+
+    a, b are the channel halves of x [B, 2C, *spatial]; c_a, c_b the halves of the optional
+    condition ``cond`` [B, 2C] (e.g. a class embedding), broadcast over the spatial dims inside
+    the kernel. ``gate="linear"`` gives (a + c_a) * sigmoid(b + c_b). Returns [B, C, *spatial].
+    The backward recomputes tanh and sigmoid from x, so only x is kept for it.
+
+    Example:
+        >>> import torch, vaekernels
+        >>> x = torch.zeros(1, 2, 3, 3)
+        >>> vaekernels.gated_activation(x, torch.tensor([[20.0, 0.0]]))[0, 0, 0].tolist()
+        [0.5, 0.5, 0.5]
+    """
+    fn = "gated_activation"
+    rows = _gate_rows(fn, x, cond, gate)
+    backend = _backend.choose(fn, x.device, x.dtype)
+    if backend == "reference":
+        return reference.gated_activation(x, cond, gate)
+    out = _backend.ops(backend).gated_activation(rows, None if cond is None else cond.contiguous(), gate)
+    return out.view(x.shape[0], x.shape[1] // 2, *x.shape[2:])
+
+
+def _gated_activation_vjp(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tensor | None, gate: str):
+    """(grad_x, grad_cond) of :func:`gated_activation` at (x, cond), recomputing the gate."""
+    backend = _backend.choose("gated_activation", x.device, x.dtype)
+    if backend == "reference":
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, cond)]
+            out = reference.gated_activation(leaves[0], leaves[1], gate)
+            found = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
+        return found[0], (found[1] if cond is not None else None)
+    rows = _gate_rows("gated_activation", x, cond, gate)
+    grad_rows = grad.reshape(rows.shape[0], rows.shape[1] // 2, rows.shape[2])
+    grad_x, grad_cond = _backend.ops(backend).gated_activation_backward(
+        grad_rows, rows, None if cond is None else cond.contiguous(), gate)
+    return grad_x.view(x.shape), (grad_cond if cond is not None else None)
+
+
+class _GatedConv1x1(torch.autograd.Function):
+    """conv1x1(gated_activation(x, cond), weight, bias), keeping only x (not the gated tensor)
+    for backward: the gate is recomputed there, an elementwise pass, instead of saved."""
+
+    @staticmethod
+    def forward(x, cond, weight, bias, gate):
+        return F.conv2d(gated_activation(x, cond, gate), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, cond, weight, bias, gate = inputs
+        ctx.gate, ctx.bias_sizes = gate, (None if bias is None else list(bias.shape))
+        ctx.save_for_backward(x, cond, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, cond, weight = ctx.saved_tensors
+        gated = gated_activation(x, cond, ctx.gate)
+        need = ctx.needs_input_grad
+        grad_gated, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, gated, weight, ctx.bias_sizes, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [need[0] or need[1], need[2], ctx.bias_sizes is not None and need[3]])
+        grad_x = grad_cond = None
+        if need[0] or need[1]:
+            grad_x, grad_cond = _gated_activation_vjp(grad_gated, x, cond, ctx.gate)
+        return grad_x, grad_cond, grad_weight, grad_bias, None
+
+
+def gated_conv1x1(x: torch.Tensor, cond: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                  gate: str = "tanh") -> torch.Tensor:
+    """A 1x1 convolution of :func:`gated_activation`, whose backward recomputes the gated tensor
+    instead of keeping it: the output half of a Gated PixelCNN layer (residual and skip).
+
+    Example:
+        >>> import torch
+        >>> gated_conv1x1(torch.zeros(1, 4, 2, 2), None, torch.ones(3, 2, 1, 1), None).shape
+        torch.Size([1, 3, 2, 2])
+    """
+    return _GatedConv1x1.apply(x, cond, weight, bias, gate)

@@ -1,0 +1,145 @@
+"""Triton kernels of the PixelCNN gated activation, and their launchers.
+
+x is viewed as [B, 2C, N] with contiguous rows of N pixels (its batch and channel strides are
+free, so a cropped convolution output is read in place); the condition [B, 2C] is broadcast over
+the row inside the kernel. One program per (batch, channel) row loops over the row in blocks,
+computing in float32 (float64 for float64 inputs); the backward recomputes the gate and sums the
+condition's gradient over the row in registers.
+
+The launchers are pure (tensors in, new tensors out) so that the op layer can register them as
+custom-op implementations; on CPU tensors they run through the Triton interpreter::
+
+    >>> x = torch.randn(2, 8, 16, device="cuda")
+    >>> gated_activation_fwd(x, None, "tanh").shape
+    torch.Size([2, 4, 16])
+"""
+
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_BLOCK = 1024
+
+
+def _acc_dtype(x: torch.Tensor) -> tl.dtype:
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    # Triton launches on the current CUDA device, which need not be the tensor's.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@triton.jit
+def _sigmoid(v):
+    # From exp(-|v|) <= 1: no overflow, and full relative precision for very negative v.
+    e = tl.exp(-tl.abs(v))
+    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _gate_terms(x_ptr, cond_ptr, row, cols, mask, C, stride_b, stride_c, HAS_COND: tl.constexpr,
+                LINEAR: tl.constexpr, ACC: tl.constexpr):
+    """(t, s): the (tanh of the) first half plus its condition, and the sigmoid of the second."""
+    b = row // C
+    c = row % C
+    a_ptr = x_ptr + b * stride_b + c * stride_c
+    pre_a = tl.load(a_ptr + cols, mask=mask, other=0.0).to(ACC)
+    pre_b = tl.load(a_ptr + C * stride_c + cols, mask=mask, other=0.0).to(ACC)
+    if HAS_COND:
+        pre_a += tl.load(cond_ptr + b * 2 * C + c).to(ACC)
+        pre_b += tl.load(cond_ptr + b * 2 * C + C + c).to(ACC)
+    if LINEAR:
+        t = pre_a
+    else:
+        # tanh(|a|) = (1 - e) / (1 + e) with e = exp(-2|a|) <= 1: no overflow, exact limits.
+        e = tl.exp(-2.0 * tl.abs(pre_a))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(pre_a < 0, -t, t)
+    return t, _sigmoid(pre_b)
+
+
+@triton.jit
+def _gated_activation_fwd_kernel(x_ptr, cond_ptr, out_ptr, C, N, stride_b, stride_c, HAS_COND: tl.constexpr,
+                                 LINEAR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    for start in range(0, N, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < N
+        t, s = _gate_terms(x_ptr, cond_ptr, row, cols, mask, C, stride_b, stride_c, HAS_COND, LINEAR, ACC)
+        tl.store(out_ptr + row * N + cols, (t * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_activation_bwd_kernel(grad_ptr, x_ptr, cond_ptr, grad_x_ptr, grad_cond_ptr, C, N, stride_b, stride_c,
+                                 grad_stride_b, grad_stride_c, grad_stride_n, HAS_COND: tl.constexpr,
+                                 LINEAR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // C
+    c = row % C
+    ga_ptr = grad_x_ptr + (b * 2 * C + c) * N
+    sum_a = tl.zeros([BLOCK], ACC)
+    sum_b = tl.zeros([BLOCK], ACC)
+    for start in range(0, N, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < N
+        t, s = _gate_terms(x_ptr, cond_ptr, row, cols, mask, C, stride_b, stride_c, HAS_COND, LINEAR, ACC)
+        g_ptrs = grad_ptr + b * grad_stride_b + c * grad_stride_c + cols * grad_stride_n
+        gs = tl.load(g_ptrs, mask=mask, other=0.0).to(ACC) * s
+        if LINEAR:
+            ga = gs
+        else:
+            ga = gs * (1.0 - t * t)
+        gb = gs * t * (1.0 - s)
+        tl.store(ga_ptr + cols, ga.to(grad_x_ptr.dtype.element_ty), mask=mask)
+        tl.store(ga_ptr + C * N + cols, gb.to(grad_x_ptr.dtype.element_ty), mask=mask)
+        sum_a += tl.where(mask, ga, 0.0)
+        sum_b += tl.where(mask, gb, 0.0)
+    if HAS_COND:
+        tl.store(grad_cond_ptr + b * 2 * C + c, tl.sum(sum_a, 0).to(grad_cond_ptr.dtype.element_ty))
+        tl.store(grad_cond_ptr + b * 2 * C + C + c, tl.sum(sum_b, 0).to(grad_cond_ptr.dtype.element_ty))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.shape[2] <= 1 or x.stride(2) == 1 else x.contiguous()
+
+
+def _launch(kernel, leading: tuple, x: torch.Tensor, cond: torch.Tensor | None, gate: str, trailing: tuple,
+            extra: tuple = ()) -> None:
+    """kernel(*leading, x, cond, *trailing, C, N, x's strides, *extra) over one program per (batch, channel) row."""
+    batch, channels, n = x.shape
+    block = min(triton.next_power_of_2(max(n, 1)), _MAX_BLOCK)
+    # Without a condition the pointer is never read; x stands in for it.
+    cond_arg = cond.contiguous() if cond is not None else x
+    with _on_device(x):
+        kernel[(batch * (channels // 2),)](*leading, x, cond_arg, *trailing, channels // 2, n, x.stride(0), x.stride(1),
+                                           *extra, HAS_COND=cond is not None, LINEAR=gate == "linear", ACC=_acc_dtype(x),
+                                           BLOCK=block, num_warps=4 if block >= 512 else 1)
+
+
+def gated_activation_fwd(x: torch.Tensor, cond: torch.Tensor | None, gate: str) -> torch.Tensor:
+    """tanh(a + c_a) * sigmoid(b + c_b) (``gate="linear"``: without the tanh) for x [B, 2C, N], cond [B, 2C]."""
+    x = _rows(x)
+    out = torch.empty(x.shape[0], x.shape[1] // 2, x.shape[2], device=x.device, dtype=x.dtype)
+    if out.numel():
+        _launch(_gated_activation_fwd_kernel, (), x, cond, gate, (out,))
+    return out
+
+
+def gated_activation_bwd(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tensor | None,
+                         gate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x [B, 2C, N], grad_cond [B, 2C] or an empty [0] tensor without a condition), recomputing the gate."""
+    x = _rows(x)
+    # Any strides: the gradient of a sum arrives expanded (stride 0) and is read in place.
+    grad = grad.to(x.dtype)
+    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    grad_cond = torch.empty(cond.shape if cond is not None else (0,), device=x.device, dtype=x.dtype)
+    if x.numel():
+        trailing = (grad_x, grad_cond if cond is not None else grad_x)
+        _launch(_gated_activation_bwd_kernel, (grad,), x, cond, gate, trailing, tuple(grad.stride()))
+    elif cond is not None:
+        grad_cond.zero_()
+    return grad_x, grad_cond
