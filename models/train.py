@@ -97,7 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume:
         if args.out is None or not (args.out / "checkpoint.pt").is_file():
             parser.error(f"--resume needs --out RUN_DIR holding checkpoint.pt; {args.out}/checkpoint.pt does not exist")
-    elif args.out is not None and args.out.is_dir() and any(args.out.iterdir()):
+    # Only rank 0 checks: the other processes would find the directory it has just started.
+    elif args.out is not None and args.out.is_dir() and any(args.out.iterdir()) and os.environ.get("RANK", "0") == "0":
         parser.error(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
     return args
 
