@@ -22,9 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 import vaekernels
+from .iwae import ACTIVE_UNIT_THRESHOLD  # Burda et al.: unit u is active when Var_x(E_q[z_u]) > 0.01
 from .zoo import VAE, reparameterize, standard_normal_log_prob
-
-ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al.: unit u is active when Cov_x(E_q[z_u]) > 0.01
 
 
 def _batches(x, y, batch_size):
@@ -94,8 +93,8 @@ def elbo_surgery(z, mean, log_var, log_prior=standard_normal_log_prob) -> dict:
 
     >>> mean = torch.zeros(5, 2)  # every posterior the same: no information about the index
     >>> parts = elbo_surgery(torch.randn(5, 2), mean, torch.zeros(5, 2))
-    >>> round(parts["mutual_information"], 5), round(parts["average_kl"] - parts["marginal_kl"], 5)
-    (0.0, 0.0)
+    >>> abs(parts["mutual_information"]) < 1e-6, abs(parts["average_kl"] - parts["marginal_kl"]) < 1e-6
+    (True, True)
     """
     log_q_joint = vaekernels.aggregate_posterior_log_density(z, mean, log_var)
     log_q_conditional = vaekernels.gaussian_log_prob(z, mean, log_var)
