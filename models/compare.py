@@ -112,7 +112,8 @@ def tables(results: dict, args) -> str:
              f"{args.batch_size}); NLL with K={args.num_samples} over {args.nll_limit} test images; "
              f"marginal KL over {args.surgery_limit}.", ""]
     if any(name in results for name in SEED_TAMING):
-        lines += ["| model | marginal KL | reconstruction loss | avg KL | MI | seed: marginal KL | seed: reconstruction |",
+        lines += ["| model | marginal KL | reconstruction loss | avg KL | MI | seed: marginal KL "
+                  "| seed: reconstruction |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, (seed_kl, seed_recon) in SEED_TAMING.items():
             if name in results:
@@ -130,7 +131,8 @@ def tables(results: dict, args) -> str:
                 r = results.get(name)
                 cells += [f"{r['nll']:.2f}", str(r["active_units"])] if r else ["-", "-"]
             (seed_vae, seed_iwae) = SEED_BURDA[k]
-            lines.append(f"| {k} | {' | '.join(cells)} | {seed_vae[0]} / {seed_vae[1]} | {seed_iwae[0]} / {seed_iwae[1]} |")
+            lines.append(f"| {k} | {' | '.join(cells)} | {seed_vae[0]} / {seed_vae[1]} "
+                         f"| {seed_iwae[0]} / {seed_iwae[1]} |")
         lines.append("")
     lines += ["| run | train s | eval s (NLL s) |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {r.get('train_seconds', 0):.0f} | {r.get('eval_seconds', 0):.0f} ({r['nll_seconds']:.0f}) |"

@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
-        parser.error(f"checkpoint {args.checkpoint} does not exist (python -m models.train writes RUN_DIR/checkpoint.pt)")
+        parser.error(f"checkpoint {args.checkpoint} does not exist "
+                     "(python -m models.train writes RUN_DIR/checkpoint.pt)")
     for name in ("num_samples", "nll_limit", "surgery_limit", "batch_size", "chunk_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
