@@ -5,6 +5,8 @@ and evaluate / compare run on the result."""
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -124,14 +126,27 @@ def test_download_places_the_canonical_file(tmp_path, monkeypatch):
     assert (tmp_path / "frey_faces" / "frey_rawface.mat").is_file()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_gloo_processes_train_with_ddp(mnist_dir, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               "-m", "models.train", "--data-dir", str(mnist_dir), "--out", str(out), "--model", "iwae",
-               "--k", "2", "--steps", "3", "--device", "cpu", *TINY]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "models.train", "--data-dir", str(mnist_dir), "--out", str(out),
+               "--model", "iwae", "--k", "2", "--steps", "3", "--device", "cpu", *TINY]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
-    result = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # A session of its own, so a timeout ends the workers too, not only torchrun.
+    process = subprocess.Popen(command, cwd=REPOSITORY, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+    assert process.returncode == 0, stderr[-3000:]
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert checkpoint["world_size"] == 2 and checkpoint["step"] == 3 and len(checkpoint["noise"]) == 2
 
