@@ -288,6 +288,7 @@ def main(argv=None) -> dict:
     bar.close()
     save()
     if world > 1:
+        dist.barrier()  # the others wait while rank 0 writes, then all leave together
         dist.destroy_process_group()
     if rank == 0 and progress:
         print(f"trained {settings['model']} for {step} steps; run written to {out} "
