@@ -99,7 +99,7 @@ def test_missing_files_error_says_what_to_place_where(tmp_path):
         data.load_mnist("test", tmp_path)
     message = str(error.value)
     assert "t10k-images-idx3-ubyte.gz" in message and "t10k-labels-idx1-ubyte.gz" in message
-    assert str(tmp_path / "mnist") in message and "does not download" in message
+    assert str(tmp_path / "mnist") in message and "--download" in message
     with pytest.raises(FileNotFoundError, match="binarized_mnist_valid.mat"):
         data.load_binarized_mnist("valid", tmp_path)
 

@@ -1,0 +1,160 @@
+"""Reproduce the seed tables' rows side by side: ``python -m models.compare --budget 0.5``.
+
+Trains, on dynamically binarised MNIST with the IWAE paper's MLP (784-200-200-50 tanh), each
+model for ``--budget`` epochs (the same number of optimiser steps for all), evaluates it on the
+test set, and prints two tables next to the seeds' numbers:
+
+1. "Taming VAEs" (seed 000): VAE, beta-VAE (beta = 0.5), GECO and GECO + IWAE (k = 5) by marginal
+   KL (ELBO surgery, aggregate posterior over the first ``--surgery-limit`` test images) and
+   reconstruction loss (-log p(x|z), nats per image).
+2. Burda et al. (seed 001): VAE (k-sample ELBO) against IWAE for k = 1, 5, 50 by test NLL
+   (K = ``--num-samples`` importance samples over the first ``--nll-limit`` test images) and active
+   units. At k = 1 the two objectives coincide, so one model fills both columns.
+
+The seeds' models trained for hundreds to thousands of epochs; at a CPU budget the absolute
+numbers are far from theirs and only the orderings can be compared. Each model's run lies in
+``--out``/<name>; a rerun skips a model whose evaluation is already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import metrics as zoo_metrics
+from . import train as zoo_train
+from .evaluate import load_run
+from .train import free_run_dir, test_input
+
+# name -> (train arguments, seed reference)
+RUNS = {
+    "vae": ["--model", "vae", "--k", "1"],
+    "beta-vae": ["--model", "beta-vae", "--beta", "0.5"],
+    "geco": ["--model", "geco"],
+    "geco-iwae": ["--model", "geco-iwae", "--k", "5"],
+    "vae-k5": ["--model", "vae", "--k", "5"],
+    "vae-k50": ["--model", "vae", "--k", "50"],
+    "iwae-k5": ["--model", "iwae", "--k", "5"],
+    "iwae-k50": ["--model", "iwae", "--k", "50"],
+}
+# Seed 000 (MNIST): model -> (marginal KL, reconstruction loss).
+SEED_TAMING = {"vae": (1.5813, 55.8484), "beta-vae": (10.5938, 15.1434), "geco": (10.4975, 14.6269),
+               "geco-iwae": (1.3640, 12.9214)}
+# Seed 001 / Burda et al. Table 1 (MNIST, one stochastic layer): k -> ((VAE NLL, AU), (IWAE NLL, AU)).
+SEED_BURDA = {1: ((86.76, 19), (86.76, 19)), 5: ((86.47, 20), (85.54, 22)), 50: ((86.35, 20), (84.78, 25))}
+TAMING_LABELS = {"vae": "VAE", "beta-vae": "beta-VAE (beta=0.5)", "geco": "GECO", "geco-iwae": "GECO + IWAE (k=5)"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m models.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=0.5,
+                        help="training epochs per model (0.5 = 300 steps of 100 images; about 25 CPU-minutes "
+                             "on 2 quiet cores for all eight models, k = 50 taking most)")
+    parser.add_argument("--num-samples", type=int, default=5000, help="importance samples K of the test NLL")
+    parser.add_argument("--nll-limit", type=int, default=1000, help="test images in the NLL (10000: all)")
+    parser.add_argument("--surgery-limit", type=int, default=2000, help="test images in the ELBO surgery")
+    parser.add_argument("--tolerance", type=float, default=80.0,
+                        help="GECO's kappa^2 in nats per image, below the VAE's reconstruction loss at this budget")
+    parser.add_argument("--only", nargs="+", choices=sorted(RUNS), help="train and evaluate only these models")
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--out", type=Path, help="directory of the runs (default: runs/compare-<n>)")
+    parser.add_argument("--limit-train", type=int, help="train on the first N training images (tests)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.budget > 0:
+        parser.error(f"--budget must be a positive number of epochs, got {args.budget}")
+    for name in ("num_samples", "nll_limit", "surgery_limit", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    return args
+
+
+def run_one(name: str, args, out: Path) -> dict:
+    """Train ``name`` (unless done) and evaluate it; the metrics with training and evaluation times."""
+    run_dir = out / name
+    evaluation = run_dir / "evaluation.json"
+    if evaluation.is_file():
+        return json.loads(evaluation.read_text())
+    steps = max(1, round(args.budget * (args.limit_train or 60000) / args.batch_size))
+    argv = RUNS[name] + ["--data", "mnist", "--steps", str(steps), "--batch-size", str(args.batch_size),
+                         "--tolerance", str(args.tolerance), "--seed", str(args.seed), "--checkpoint-every",
+                         str(10 * steps)]
+    argv += ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    argv += ["--limit-train", str(args.limit_train)] if args.limit_train else []
+    argv += ["--no-progress"] if args.no_progress else []
+    started = time.perf_counter()
+    if (run_dir / "checkpoint.pt").is_file():
+        zoo_train.main(argv + ["--out", str(run_dir), "--resume"])
+    else:
+        zoo_train.main(argv + ["--out", str(run_dir)])
+    train_seconds = time.perf_counter() - started
+    model, settings, data = load_run(run_dir / "checkpoint.pt", data_dir=args.data_dir)
+    x, _ = test_input(data, settings)
+    started = time.perf_counter()
+    results = zoo_metrics.evaluate_model(model, x, num_samples=args.num_samples, nll_limit=args.nll_limit,
+                                         surgery_limit=args.surgery_limit,
+                                         generator=torch.Generator().manual_seed(args.seed),
+                                         progress=not args.no_progress)
+    results.update(train_seconds=train_seconds, eval_seconds=time.perf_counter() - started, steps=steps)
+    evaluation.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def tables(results: dict, args) -> str:
+    """The two tables as Markdown, ours next to the seeds'."""
+    lines = [f"Budget: {args.budget} epoch(s) per model ({results[next(iter(results))]['steps']} steps of "
+             f"{args.batch_size}); NLL with K={args.num_samples} over {args.nll_limit} test images; "
+             f"marginal KL over {args.surgery_limit}.", ""]
+    if any(name in results for name in SEED_TAMING):
+        lines += ["| model | marginal KL | reconstruction loss | avg KL | MI | seed: marginal KL "
+                  "| seed: reconstruction |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, (seed_kl, seed_recon) in SEED_TAMING.items():
+            if name in results:
+                r = results[name]
+                lines.append(f"| {TAMING_LABELS[name]} | {r['marginal_kl']:.4f} | {r['reconstruction']:.4f} | "
+                             f"{r['average_kl']:.2f} | {r['mutual_information']:.2f} | {seed_kl} | {seed_recon} |")
+        lines.append("")
+    names = {1: ("vae", "vae"), 5: ("vae-k5", "iwae-k5"), 50: ("vae-k50", "iwae-k50")}
+    if any(name in results for pair in names.values() for name in pair):
+        lines += ["| k | VAE NLL | VAE AU | IWAE NLL | IWAE AU | seed: VAE NLL / AU | seed: IWAE NLL / AU |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for k, (vae, iwae) in names.items():
+            cells = []
+            for name in (vae, iwae):
+                r = results.get(name)
+                cells += [f"{r['nll']:.2f}", str(r["active_units"])] if r else ["-", "-"]
+            (seed_vae, seed_iwae) = SEED_BURDA[k]
+            lines.append(f"| {k} | {' | '.join(cells)} | {seed_vae[0]} / {seed_vae[1]} "
+                         f"| {seed_iwae[0]} / {seed_iwae[1]} |")
+        lines.append("")
+    lines += ["| run | train s | eval s (NLL s) |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {r.get('train_seconds', 0):.0f} | {r.get('eval_seconds', 0):.0f} ({r['nll_seconds']:.0f}) |"
+              for name, r in results.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    """The CLI; returns {run name: metrics}."""
+    args = parse_args(argv)
+    out = args.out or free_run_dir(Path("runs"), "compare")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = {name: run_one(name, args, out) for name in (args.only or RUNS)}
+    text = tables(results, args) + f"\n\nWall time: {time.perf_counter() - started:.0f} s.\n"
+    (out / "tables.md").write_text(text)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FileNotFoundError as error:
+        raise SystemExit(f"python -m models.compare: {error}") from None
