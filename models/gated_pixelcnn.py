@@ -14,9 +14,7 @@ drawn with the cached sampler::
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vaekernels
+from ._cli import check_run_dir, json_settings, load_training_state, save_training_state, write_json
 from .data import default_data_dir, dynamic_binarize, load_mnist
 from .iwae import save_grid
 
@@ -69,17 +68,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.resume and not (args.out / "checkpoint.pt").is_file():
-        parser.error(f"--resume: {args.out / 'checkpoint.pt'} does not exist")
-    if not args.resume and args.out.is_dir() and any(args.out.iterdir()):
-        parser.error(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
+    check_run_dir(parser, args.out, args.resume)
     return args
-
-
-def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)  # a run killed mid-write keeps the previous file
 
 
 def main(argv=None) -> dict:
@@ -97,16 +87,11 @@ def main(argv=None) -> dict:
                                         num_classes=CLASSES).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
-    history = []
+    generators = {"generator": generator}
     checkpoint_path = args.out / "checkpoint.pt"
-    if args.resume:
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        generator.set_state(checkpoint["generator"])
-        history = checkpoint["history"]
+    history = load_training_state(checkpoint_path, device, model, optimizer, generators) if args.resume else []
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    settings = json_settings(args)
     metrics = {"settings": settings, "history": history}
     progress = not args.no_progress
     deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes else math.inf
@@ -129,11 +114,8 @@ def main(argv=None) -> dict:
                 break
         history.append({"epoch": epoch + 1, "train_nll": sum(losses) / len(losses), "batches": len(losses),
                         "seconds": time.perf_counter() - started})
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(), "history": history, "settings": settings},
-                   checkpoint_path.with_name("checkpoint.pt.tmp"))
-        os.replace(checkpoint_path.with_name("checkpoint.pt.tmp"), checkpoint_path)
-        _write_json(args.out / "metrics.json", metrics)
+        save_training_state(checkpoint_path, model, optimizer, generators, history, settings)
+        write_json(args.out / "metrics.json", metrics)
         if time.perf_counter() > deadline:
             break
 
@@ -143,7 +125,7 @@ def main(argv=None) -> dict:
     samples = model.sample(len(labels), (28, 28), labels, generator=torch.Generator().manual_seed(args.seed))
     metrics["sampling_seconds"] = time.perf_counter() - started
     save_grid(args.out / "samples.png", samples.flatten(1) / (args.levels - 1), CLASSES)
-    _write_json(args.out / "metrics.json", metrics)
+    write_json(args.out / "metrics.json", metrics)
     print(f"test NLL: {metrics['test_nll_nats']:.2f} nats per image "
           f"({len(x_test)} test images, {sum(h['batches'] for h in history)} training batches)")
     return metrics

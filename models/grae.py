@@ -21,8 +21,6 @@ after the third epoch)::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import vaekernels
+from models._cli import add_training_args, check_run_dir, write_json
 from models.data import default_data_dir, load_mnist
 from models.iwae import save_grid
 
@@ -113,18 +112,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
                         help="GRAE*: Jacobian columns sampled per step (0: all of them)")
     parser.add_argument("--latent-dim", type=int, default=8)
     parser.add_argument("--hidden-dim", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images")
-    parser.add_argument("--data-dir", type=Path, help="holds mnist/*.gz (default: $VAEKERNELS_DATA or ../shared/data)")
-    parser.add_argument("--out", type=Path, default=Path("runs/grae"))
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_args(parser, out="runs/grae", batch_size=100, epochs=2, limit_test=False)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.out.is_dir() and any(args.out.iterdir()):
-        parser.error(f"{args.out} already holds a run; choose another --out")
+    check_run_dir(parser, args.out)
     if not 0 <= args.columns <= args.latent_dim:
         parser.error(f"--columns must be in [0, {args.latent_dim}], got {args.columns}")
     return args
@@ -162,9 +154,7 @@ def main(argv=None) -> dict:
     save_pictures(model, x_test, args.out, torch.Generator().manual_seed(args.seed))
     torch.save({"model": model.state_dict(), "settings": vars(args), "history": history}, args.out / "checkpoint.pt")
     metrics = {"settings": {k: str(v) for k, v in vars(args).items()}, "history": history}
-    temporary = args.out / "metrics.json.tmp"
-    temporary.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(temporary, args.out / "metrics.json")
+    write_json(args.out / "metrics.json", metrics)
     print(f"written to {args.out}")
     return metrics
 

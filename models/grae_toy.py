@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import vaekernels
+from models._cli import check_run_dir
 
 NONLINEARITIES = {"tanh": nn.Tanh, "softplus": nn.Softplus, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
 FAMILIES = ("mean-field", "full")
@@ -133,8 +134,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.out.is_dir() and any(args.out.iterdir()):
-        parser.error(f"{args.out} already holds a run; choose another --out")
+    check_run_dir(parser, args.out)
     return args
 
 

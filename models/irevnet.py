@@ -16,16 +16,14 @@ features)::
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import vaekernels
+from models._cli import add_training_args, finish_run, json_settings, new_run_dir
 from models.iwae import save_grid
-from models.revnet import accuracy, mnist_tensors, new_run_dir, train_classifier, write_json
+from models.revnet import accuracy, fit_on_mnist
 
 
 def bottleneck(channels: int, hidden: int) -> nn.Sequential:
@@ -68,38 +66,22 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m models.irevnet", description="Train an i-RevNet on MNIST.")
     parser.add_argument("--blocks", type=int, default=4, help="couplings per stage")
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--limit-train", type=int, metavar="N")
-    parser.add_argument("--limit-test", type=int, metavar="N")
-    parser.add_argument("--data-dir", type=Path, help="holds mnist/*.gz (default: $VAEKERNELS_DATA or ../shared/data)")
-    parser.add_argument("--out", type=Path, default=Path("runs/irevnet"))
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_args(parser, out="runs/irevnet", batch_size=64)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = new_run_dir(parser, args.out)
     torch.manual_seed(args.seed)
-    train_x, train_y = mnist_tensors(args.data_dir, "train", args.limit_train)
-    test_x, test_y = mnist_tensors(args.data_dir, "test", args.limit_test)
     model = IRevNet(args.blocks, args.hidden)
-    started = time.perf_counter()
-    history = train_classifier(model, train_x, train_y, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               seed=args.seed, progress=not args.no_progress)
-    seconds = time.perf_counter() - started
+    history, seconds, test_x, test_y = fit_on_mnist(model, args)
     model.eval()
     with torch.no_grad():
         x = test_x[:500]
         rebuilt = model.inverse(model.features(x))
-    metrics = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "train_loss": history, "train_seconds": seconds, "test_accuracy": accuracy(model, test_x, test_y),
+    metrics = {"settings": json_settings(args), "train_loss": history, "train_seconds": seconds, "test_accuracy": accuracy(model, test_x, test_y),
                "reconstruction_rel_err": ((rebuilt - x).norm() / x.norm()).item()}
     pairs = torch.stack([x[:50].flatten(1), rebuilt[:50].flatten(1)], 1).reshape(100, 784)
     save_grid(out / "reconstructions.png", pairs.clamp(0, 1), 10)
-    torch.save({"model": model.state_dict(), "metrics": metrics}, out / "checkpoint.pt")
-    write_json(out / "metrics.json", metrics)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "settings"}))
-    return metrics
+    return finish_run(out, model, metrics)
 
 
 if __name__ == "__main__":

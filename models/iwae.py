@@ -16,9 +16,7 @@ The paper's numbers (``BURDA_MNIST_IWAE``) come after 3280 epochs of its learnin
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import vaekernels
+from ._cli import check_run_dir, json_settings, load_training_state, save_training_state, write_json
 from .data import default_data_dir, dynamic_binarize, load_mnist
 
 ESTIMATORS = ("iwae", "dreg", "stl")
@@ -244,18 +243,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--verify-md5", action="store_true", help="check the MNIST files' MD5 sums first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    checkpoint = args.out / "checkpoint.pt"
-    if args.resume and not checkpoint.is_file():
-        parser.error(f"--resume: {checkpoint} does not exist")
-    if not args.resume and args.out.is_dir() and any(args.out.iterdir()):
-        parser.error(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
+    check_run_dir(parser, args.out, args.resume)
     return args
-
-
-def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)  # a run killed mid-write keeps the previous file
 
 
 def main(argv=None) -> dict:
@@ -273,17 +262,11 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, eps=1e-4)  # eps as in Burda et al.
     data_generator = torch.Generator().manual_seed(args.seed)
     noise_generator = torch.Generator(device).manual_seed(args.seed)
-    history = []
+    generators = {"data_generator": data_generator, "noise_generator": noise_generator}
     checkpoint_path = args.out / "checkpoint.pt"
-    if args.resume:
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        data_generator.set_state(checkpoint["data_generator"])
-        noise_generator.set_state(checkpoint["noise_generator"])
-        history = checkpoint["history"]
+    history = load_training_state(checkpoint_path, device, model, optimizer, generators) if args.resume else []
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    settings = json_settings(args)
     metrics = {"settings": settings, "history": history}
 
     batches = BinarizedBatches(train_images, args.batch_size, data_generator, device)
@@ -306,18 +289,9 @@ def main(argv=None) -> dict:
         history.append(
             {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "lr": lr, "seconds": time.perf_counter() - started}
         )
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "data_generator": data_generator.get_state(),
-            "noise_generator": noise_generator.get_state(),
-            "history": history,
-            "settings": settings,
-        }
-        torch.save(state, checkpoint_path.with_name("checkpoint.pt.tmp"))
-        os.replace(checkpoint_path.with_name("checkpoint.pt.tmp"), checkpoint_path)
+        save_training_state(checkpoint_path, model, optimizer, generators, history, settings)
         save_pictures(model, x_test, args.out, torch.Generator(device).manual_seed(args.seed))
-        _write_json(args.out / "metrics.json", metrics)
+        write_json(args.out / "metrics.json", metrics)
 
     metrics["test"] = evaluate(
         model,
@@ -331,7 +305,7 @@ def main(argv=None) -> dict:
     if args.estimator == "iwae" and args.k in BURDA_MNIST_IWAE:
         nll, active_units = BURDA_MNIST_IWAE[args.k]
         metrics["burda2016"] = {"nll": nll, "active_units": active_units, "after": "3280 epochs, --schedule burda"}
-    _write_json(args.out / "metrics.json", metrics)
+    write_json(args.out / "metrics.json", metrics)
     test = metrics["test"]
     print(
         f"test NLL {test['nll']:.2f} nats ({test['num_samples']} samples, {test['size']} digits), "

@@ -17,10 +17,8 @@ Reports the test NLL in nats (of the dequantised data on [0, 1]^784) and in bits
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as nnf
@@ -28,9 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import vaekernels
+from models._cli import add_training_args, finish_run, json_settings, new_run_dir
 from models.data import default_data_dir, load_mnist
 from models.iwae import save_grid
-from models.revnet import new_run_dir, write_json
 
 D = 784
 LOGIT_ALPHA = 1e-6
@@ -103,13 +101,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--blocks", type=int, default=2, help="AdditiveCoupling blocks (two NICE layers each)")
     parser.add_argument("--hidden", type=int, default=500)
     parser.add_argument("--layers", type=int, default=4, help="hidden layers per coupling MLP")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--limit-train", type=int, metavar="N")
-    parser.add_argument("--data-dir", type=Path, help="holds mnist/*.gz (default: $VAEKERNELS_DATA or ../shared/data)")
-    parser.add_argument("--out", type=Path, default=Path("runs/nice"))
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_args(parser, out="runs/nice", batch_size=100, limit_test=False)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = new_run_dir(parser, args.out)
@@ -136,14 +128,10 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - started
     with torch.no_grad():
         nll = -torch.cat([model.log_prob(x) for x in test.split(1000)]).mean().item()
-    metrics = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "train_nll": history, "train_seconds": seconds, "test_nll_nats": nll,
+    metrics = {"settings": json_settings(args), "train_nll": history, "train_seconds": seconds, "test_nll_nats": nll,
                "test_bits_per_dim": bits_per_dim(nll)}
     save_grid(out / "samples.png", model.sample(100, torch.Generator().manual_seed(args.seed)).clamp(0, 1), 10)
-    torch.save({"model": model.state_dict(), "metrics": metrics}, out / "checkpoint.pt")
-    write_json(out / "metrics.json", metrics)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "settings"}))
-    return metrics
+    return finish_run(out, model, metrics)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._cli import check_run_dir, json_settings, write_json
 from .data import default_data_dir, dynamic_binarize, load_mnist
-from .iwae import _write_json, save_grid
+from .iwae import save_grid
 
 PIXELS = 28 * 28
 
@@ -46,8 +47,7 @@ def parse_args(prog: str, description: str, argv=None, *, batch_size: int = 32, 
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
-    if args.out.is_dir() and any(args.out.iterdir()):
-        parser.error(f"{args.out} already holds a run; choose another --out")
+    check_run_dir(parser, args.out)
     return args
 
 
@@ -107,7 +107,7 @@ def train(model: nn.Module, train_images: torch.Tensor, test_images: torch.Tenso
     test_nats = evaluate(model.loss, test_images, 100, device)
     metrics = {
         "model": describe,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": json_settings(args),
         "train_steps": steps,
         "train_images_seen": steps * args.batch_size,
         "train_cpu_seconds": cpu_seconds,
@@ -122,7 +122,7 @@ def train(model: nn.Module, train_images: torch.Tensor, test_images: torch.Tenso
     save_grid(args.out / "samples.png", images.flatten(1), columns=int(math.ceil(math.sqrt(args.samples))),
               shape=images.shape[-2:])
     torch.save({"model": model.state_dict(), "metrics": metrics}, args.out / "checkpoint.pt")
-    _write_json(args.out / "metrics.json", metrics)
+    write_json(args.out / "metrics.json", metrics)
     return metrics
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import vaekernels
 from vaekernels.nn import GatedPixelCNNLayer
-from .iwae import _write_json
+from ._cli import write_json
 from .pixel_training import evaluate, mnist, parse_args, sample_autoregressively, train
 
 
@@ -96,7 +96,7 @@ def run(argv, prog: str, description: str, make_decoder, describe: str) -> dict:
     # The nats that go through z: how much of the image the decoder leaves to the latent code.
     metrics["test_kl_nats"] = evaluate(lambda x: vaekernels.gaussian_kl(*model.encoder(x)), test_images, 100,
                                        args.device)
-    _write_json(args.out / "metrics.json", metrics)
+    write_json(args.out / "metrics.json", metrics)
     print({k: v for k, v in metrics.items() if k != "settings"})
     return metrics
 

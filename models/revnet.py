@@ -21,8 +21,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import vaekernels
+from models._cli import add_training_args, finish_run, json_settings, new_run_dir
 from models.data import default_data_dir, load_mnist
 
 MODES = ("reversible", "resnet", "checkpoint")
@@ -110,20 +109,6 @@ class RevNet(nn.Module):
 # ----------------------------------------------------------------------------- training
 
 
-def new_run_dir(parser: argparse.ArgumentParser, out: Path) -> Path:
-    """``out``, created; a directory that already holds a run is refused, never overwritten."""
-    if out.is_dir() and any(out.iterdir()):
-        parser.error(f"{out} already holds a run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
 def mnist_tensors(data_dir: Path | None, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST images as float [N, 1, 28, 28] in [0, 1] and labels [N]."""
     images, labels = load_mnist(split, data_dir or default_data_dir())
@@ -158,6 +143,17 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return history
 
 
+def fit_on_mnist(model: nn.Module, args) -> tuple[list[float], float, torch.Tensor, torch.Tensor]:
+    """Trains ``model`` on the CLI's slice of MNIST; the epochs' mean losses, the seconds they took, and the test
+    images and labels."""
+    train_x, train_y = mnist_tensors(args.data_dir, "train", args.limit_train)
+    test_x, test_y = mnist_tensors(args.data_dir, "test", args.limit_test)
+    started = time.perf_counter()
+    history = train_classifier(model, train_x, train_y, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               seed=args.seed, progress=not args.no_progress)
+    return history, time.perf_counter() - started, test_x, test_y
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     model.eval()
@@ -174,31 +170,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images")
-    parser.add_argument("--limit-test", type=int, metavar="N", help="test on the first N images")
-    parser.add_argument("--data-dir", type=Path, help="holds mnist/*.gz (default: $VAEKERNELS_DATA or ../shared/data)")
-    parser.add_argument("--out", type=Path, default=Path("runs/revnet"))
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_args(parser, out="runs/revnet", batch_size=64)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = new_run_dir(parser, args.out)
     torch.manual_seed(args.seed)
-    train_x, train_y = mnist_tensors(args.data_dir, "train", args.limit_train)
-    test_x, test_y = mnist_tensors(args.data_dir, "test", args.limit_test)
     model = RevNet(args.depth, args.width, args.stages, mode=args.mode, dropout=args.dropout)
-    started = time.perf_counter()
-    history = train_classifier(model, train_x, train_y, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               seed=args.seed, progress=not args.no_progress)
-    metrics = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "train_loss": history, "train_seconds": time.perf_counter() - started,
+    history, seconds, test_x, test_y = fit_on_mnist(model, args)
+    metrics = {"settings": json_settings(args), "train_loss": history, "train_seconds": seconds,
                "test_accuracy": accuracy(model, test_x, test_y)}
-    torch.save({"model": model.state_dict(), "metrics": metrics}, out / "checkpoint.pt")
-    write_json(out / "metrics.json", metrics)
-    print(json.dumps({k: metrics[k] for k in ("train_loss", "train_seconds", "test_accuracy")}))
-    return metrics
+    return finish_run(out, model, metrics)
 
 
 if __name__ == "__main__":

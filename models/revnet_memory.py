@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as nnf
 
 from bench._common import _walk, peak_bytes, saved_bytes
-from models.revnet import MODES, RevNet, new_run_dir, write_json
+from models._cli import json_settings, new_run_dir, write_json
+from models.revnet import MODES, RevNet
 
 LABELS = {"reversible": "RevNet (reversible)", "resnet": "matched ResNet", "checkpoint": "ResNet + checkpoint/block"}
 
@@ -203,8 +204,7 @@ def main(argv=None) -> list[dict]:
     text = f"{setting}\n\n{table(rows)}\n"
     print(text)
     (out / "table.md").write_text(text)
-    write_json(out / "results.json", {"settings": {k: str(v) if isinstance(v, Path) else v
-                                                    for k, v in vars(args).items()}, "device": name, "rows": rows})
+    write_json(out / "results.json", {"settings": json_settings(args), "device": name, "rows": rows})
     plot(rows, out / "revnet_memory.png", f"RevNet vs matched ResNet: {setting}")
     return rows
 
