@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import vaekernels  # noqa: E402
+from vaekernels import _backend  # noqa: E402
+
+needs_cpp_and_triton = pytest.mark.skipif(not _backend.triton_available() or not _backend.native()["schemas"],
+                                          reason="needs both the C++ schemas and triton")
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +44,20 @@ def device_backend(request):
     device, backend = request.param
     with vaekernels.use_backend(backend):
         yield torch.device(device), backend
+
+
+def namespace(backend):
+    """torch.ops.<namespace> of a native backend's ops."""
+    return torch.ops.vaekernels_triton if backend == "triton" else torch.ops.vaekernels
+
+
+def rel_err(out, expected):
+    out, expected = out.double(), expected.double()
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def assert_triton_schema_is_cpp(name):
+    """The Triton op registers the C++ op's schema, so either can stand in for the other."""
+    cpp = str(getattr(torch.ops.vaekernels, name).default._schema)
+    triton = str(getattr(torch.ops.vaekernels_triton, name).default._schema)
+    assert triton.replace("vaekernels_triton::", "vaekernels::") == cpp

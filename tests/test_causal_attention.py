@@ -9,19 +9,10 @@ import torch
 import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import causal_attention as ref
-from conftest import device_backends
+from conftest import device_backends, namespace, rel_err
 
 RTOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 NATIVE = [pair for pair in device_backends() if pair[1] != "reference"]
-
-
-def namespace(backend):
-    return torch.ops.vaekernels_triton if backend == "triton" else torch.ops.vaekernels
-
-
-def rel_err(out, expected):
-    out, expected = out.double(), expected.double()
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def qkv(*lead, L, D, Dv=None, dtype=torch.float64, device="cpu", seed=0, scale=1.0):

@@ -9,17 +9,13 @@ import pytest
 import torch
 
 import vaekernels
+from conftest import rel_err
 from vaekernels import reference
 from vaekernels.reference import iwae as ref
 
 # ||out - ref|| / ||ref|| bounds against a float64 reference.
 RTOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 DTYPES = [torch.float32, torch.float64]
-
-
-def rel_err(out, expected):
-    out, expected = out.double(), expected.double()
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def assert_rel(out, expected, dtype):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import vaekernels
-from conftest import device_backends
+from conftest import assert_triton_schema_is_cpp, device_backends, namespace, needs_cpp_and_triton, rel_err
 from vaekernels import _backend
 from vaekernels.ops import jacobian as ops_jacobian
 from vaekernels.reference import jacobian as ref
@@ -19,11 +19,6 @@ PARAMS = {"leaky_relu": (0.1, 0.0), "softplus": (1.5, 3.0), "elu": (0.7, 0.0)}
 RTOL = {torch.float32: 5e-6, torch.float64: 1e-11}
 NATIVE = [pytest.param(pair, id=f"{pair[0]}-{pair[1]}") for pair in device_backends() if pair[1] != "reference"]
 OP_NAMES = ["jacobian_tangent_step", "jacobian_tangent_step_backward", "jacobian_gram_reduce"]
-
-
-def rel_err(out, expected):
-    out, expected = out.double(), expected.double()
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def assert_rel(out, expected, dtype=torch.float64):
@@ -132,18 +127,14 @@ def sample_args(name, device):
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_opcheck(device_backend, name):
     device, backend = device_backend
-    namespace = "vaekernels_triton" if backend == "triton" else "vaekernels"
-    op = getattr(getattr(torch.ops, namespace), name).default
+    op = getattr(namespace(backend), name).default
     torch.library.opcheck(op, sample_args(name, device))
 
 
-@pytest.mark.skipif(not _backend.triton_available() or not _backend.native()["schemas"],
-                    reason="needs both the C++ schemas and triton")
+@needs_cpp_and_triton
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_triton_ops_have_the_cpp_schema(name):
-    cpp = str(getattr(torch.ops.vaekernels, name).default._schema)
-    triton = str(getattr(torch.ops.vaekernels_triton, name).default._schema)
-    assert triton.replace("vaekernels_triton::", "vaekernels::") == cpp
+    assert_triton_schema_is_cpp(name)
 
 
 @pytest.mark.parametrize("device_backend", NATIVE)

@@ -10,20 +10,11 @@ import torch.nn.functional as F
 import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import logistic_mixture as ref
-from conftest import device_backends
+from conftest import device_backends, namespace, rel_err
 
 # ||out - ref|| / ||ref|| bounds against a float64 reference.
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 NATIVE = [pair for pair in device_backends() if pair[1] != "reference"]
-
-
-def namespace(backend):
-    return torch.ops.vaekernels_triton if backend == "triton" else torch.ops.vaekernels
-
-
-def rel_err(out, expected):
-    out, expected = out.double(), expected.double()
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def make_inputs(B, C, M, H, W, *, dtype=torch.float64, device="cpu", seed=0, scale=1.0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vaekernels
-from conftest import device_backends
+from conftest import device_backends, rel_err
 from vaekernels import _backend
 from vaekernels.ops.pixelcnn import causal_conv2d, gated_conv1x1
 from vaekernels.reference import pixelcnn as ref
@@ -14,11 +14,6 @@ from vaekernels.reference import pixelcnn as ref
 RTOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 DTYPES = [torch.float32, torch.float64]
 NATIVE = [pytest.param(pair, id=f"{pair[0]}-{pair[1]}") for pair in device_backends() if pair[1] != "reference"]
-
-
-def rel_err(out, expected):
-    out, expected = out.double(), expected.double()
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def randn(*shape, device="cpu", dtype=torch.float64, seed=0, scale=1.0):

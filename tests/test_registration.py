@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vaekernels
-from conftest import device_backends
+from conftest import assert_triton_schema_is_cpp, device_backends, namespace, needs_cpp_and_triton
 from vaekernels import _backend
 
 # (device, backend) pairs that run native kernels: cpu and the interpreted Triton on CPU tensors,
@@ -50,10 +50,6 @@ def sample_args(name, backend, device, with_marginal=True, dtype=torch.float64):
     return randn(4), randn(*marginal.shape), z.detach(), mean.detach(), log_var.detach(), joint, marginal
 
 
-def namespace_of(backend):
-    return "vaekernels_triton" if backend == "triton" else "vaekernels"
-
-
 # The aggregate posterior ops once more for a joint-only forward, whose marginal is an empty [B, 0].
 OPCHECK_CASES = [pytest.param(name, True, id=name) for name in OP_NAMES] + [
     pytest.param(name, False, id=f"{name}-joint-only") for name in OP_NAMES if name.startswith("aggregate_posterior")]
@@ -63,17 +59,14 @@ OPCHECK_CASES = [pytest.param(name, True, id=name) for name in OP_NAMES] + [
 @pytest.mark.parametrize("name,with_marginal", OPCHECK_CASES)
 def test_opcheck(device_backend, name, with_marginal):
     device, backend = device_backend
-    op = getattr(getattr(torch.ops, namespace_of(backend)), name).default
+    op = getattr(namespace(backend), name).default
     torch.library.opcheck(op, sample_args(name, backend, device, with_marginal))
 
 
-@pytest.mark.skipif(not _backend.triton_available() or not _backend.native()["schemas"],
-                    reason="needs both the C++ schemas and triton")
+@needs_cpp_and_triton
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_triton_ops_have_the_cpp_schema(name):
-    cpp = str(getattr(torch.ops.vaekernels, name).default._schema)
-    triton = str(getattr(torch.ops.vaekernels_triton, name).default._schema)
-    assert triton.replace("vaekernels_triton::", "vaekernels::") == cpp
+    assert_triton_schema_is_cpp(name)
 
 
 def _public_calls(device="cpu"):

@@ -13,17 +13,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import vaekernels
-from conftest import device_backends
+from conftest import device_backends, needs_cpp_and_triton, rel_err
 from vaekernels import _backend
 from vaekernels.nn import AdditiveCoupling, AffineCoupling, InvertibleDownsample, ReversibleSequential
 from vaekernels.reference import reversible as ref
 
 NATIVE = [pytest.param(pair, id=f"{pair[0]}-{pair[1]}") for pair in device_backends() if pair[1] != "reference"]
-
-
-def rel_err(out, expected):
-    out, expected = out.double(), expected.double()
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def mlp(width, dropout=0.0, norm=False):
@@ -108,8 +103,7 @@ def test_coupling_backward_step_compiles_fullgraph(device_backend):
         assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not _backend.triton_available() or not _backend.native()["schemas"],
-                    reason="needs both the C++ schemas and triton")
+@needs_cpp_and_triton
 def test_triton_op_has_the_cpp_schema():
     cpp = str(torch.ops.vaekernels.coupling_backward_step.default._schema)
     triton = str(torch.ops.vaekernels_triton.coupling_backward_step.default._schema)

@@ -18,6 +18,20 @@ _BLOCK_N = 32
 
 
 @triton.jit
+def _load_rows(ptr, n, L, rows, row_mask, cols, width, ACC: tl.constexpr):
+    """Tile [rows, cols] of example n of a contiguous [N, L, width] tensor, 0 outside, in ACC."""
+    return tl.load(ptr + (n * L + rows)[:, None] * width + cols[None, :],
+                   mask=row_mask[:, None] & (cols[None, :] < width), other=0.0).to(ACC)
+
+
+@triton.jit
+def _store_rows(ptr, n, L, rows, row_mask, cols, width, value):
+    """Writes value into tile [rows, cols] of example n of a contiguous [N, L, width] tensor."""
+    tl.store(ptr + (n * L + rows)[:, None] * width + cols[None, :], value.to(ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (cols[None, :] < width))
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, L, scale):
     """scale * q k^T on the allowed pairs (key before query, both in range), -inf elsewhere."""
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -35,8 +49,7 @@ def _causal_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_mask = offs_m < L
-    q = tl.load(q_ptr + (n * L + offs_m)[:, None] * D + offs_d[None, :],
-                mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
+    q = _load_rows(q_ptr, n, L, offs_m, row_mask, offs_d, D, ACC)
     top = tl.full([BLOCK_M], float("-inf"), ACC)
     total = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
@@ -44,10 +57,8 @@ def _causal_attention_fwd_kernel(
     for start in range(0, tl.program_id(0) * BLOCK_M + BLOCK_M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N).to(tl.int64)
         key_mask = offs_n < L
-        k = tl.load(k_ptr + (n * L + offs_n)[:, None] * D + offs_d[None, :],
-                    mask=key_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
-        v = tl.load(v_ptr + (n * L + offs_n)[:, None] * DV + offs_dv[None, :],
-                    mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
+        k = _load_rows(k_ptr, n, L, offs_n, key_mask, offs_d, D, ACC)
+        v = _load_rows(v_ptr, n, L, offs_n, key_mask, offs_dv, DV, ACC)
         s, allowed = _scores(q, k, offs_m, offs_n, L, scale)
         new_top = tl.maximum(top, tl.max(s, 1))
         # A row with no key yet keeps -inf; shift it by 0 so that no -inf - -inf arises.
@@ -59,18 +70,30 @@ def _causal_attention_fwd_kernel(
         top = new_top
     has_keys = total > 0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, total, 1.0)[:, None], 0.0)
-    tl.store(out_ptr + (n * L + offs_m)[:, None] * DV + offs_dv[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (offs_dv[None, :] < DV))
+    _store_rows(out_ptr, n, L, offs_m, row_mask, offs_dv, DV, out)
     lse = tl.where(has_keys, top + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
     tl.store(lse_ptr + n * L + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
-def _probabilities(q, k, offs_m, offs_n, L, lse, scale):
-    """P_ij = exp(s_ij - lse_i) on the allowed pairs, 0 elsewhere (and on row 0, lse = -inf)."""
+def _load_query_rows(q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d, offs_dv, D, DV,
+                     ACC: tl.constexpr):
+    """q, dO, lse and delta of query rows offs_m of example n, in ACC."""
+    q = _load_rows(q_ptr, n, L, offs_m, row_mask, offs_d, D, ACC)
+    g = _load_rows(g_ptr, n, L, offs_m, row_mask, offs_dv, DV, ACC)
+    lse = tl.load(lse_ptr + n * L + offs_m, mask=row_mask, other=float("-inf")).to(ACC)
+    delta = tl.load(delta_ptr + n * L + offs_m, mask=row_mask, other=0.0).to(ACC)
+    return q, g, lse, delta
+
+
+@triton.jit
+def _probabilities_and_score_grads(q, k, v, g, lse, delta, offs_m, offs_n, L, scale):
+    """P_ij = exp(s_ij - lse_i) on the allowed pairs, 0 elsewhere (and on row 0, lse = -inf), and
+    dS = P * (dO V^T - delta), the softmax backward: the gradient with respect to s."""
     s, allowed = _scores(q, k, offs_m, offs_n, L, scale)
     safe_lse = tl.where(lse == float("-inf"), 0.0, lse)
-    return tl.where(allowed, tl.exp(s - safe_lse[:, None]), 0.0)
+    p = tl.where(allowed, tl.exp(s - safe_lse[:, None]), 0.0)
+    return p, p * (tl.dot(g, tl.trans(v), input_precision="ieee") - delta[:, None])
 
 
 @triton.jit
@@ -83,25 +106,17 @@ def _causal_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_mask = offs_m < L
-    q = tl.load(q_ptr + (n * L + offs_m)[:, None] * D + offs_d[None, :],
-                mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
-    g = tl.load(g_ptr + (n * L + offs_m)[:, None] * DV + offs_dv[None, :],
-                mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
-    lse = tl.load(lse_ptr + n * L + offs_m, mask=row_mask, other=float("-inf")).to(ACC)
-    delta = tl.load(delta_ptr + n * L + offs_m, mask=row_mask, other=0.0).to(ACC)
+    q, g, lse, delta = _load_query_rows(q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d, offs_dv,
+                                        D, DV, ACC)
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start in range(0, tl.program_id(0) * BLOCK_M + BLOCK_M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N).to(tl.int64)
         key_mask = offs_n < L
-        k = tl.load(k_ptr + (n * L + offs_n)[:, None] * D + offs_d[None, :],
-                    mask=key_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
-        v = tl.load(v_ptr + (n * L + offs_n)[:, None] * DV + offs_dv[None, :],
-                    mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
-        p = _probabilities(q, k, offs_m, offs_n, L, lse, scale)
-        ds = p * (tl.dot(g, tl.trans(v), input_precision="ieee") - delta[:, None])
+        k = _load_rows(k_ptr, n, L, offs_n, key_mask, offs_d, D, ACC)
+        v = _load_rows(v_ptr, n, L, offs_n, key_mask, offs_dv, DV, ACC)
+        p, ds = _probabilities_and_score_grads(q, k, v, g, lse, delta, offs_m, offs_n, L, scale)
         grad_q += tl.dot(ds.to(ACC), k, input_precision="ieee")
-    tl.store(gq_ptr + (n * L + offs_m)[:, None] * D + offs_d[None, :], (grad_q * scale).to(gq_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (offs_d[None, :] < D))
+    _store_rows(gq_ptr, n, L, offs_m, row_mask, offs_d, D, grad_q * scale)
 
 
 @triton.jit
@@ -114,10 +129,8 @@ def _causal_attention_bwd_dkv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_mask = offs_n < L
-    k = tl.load(k_ptr + (n * L + offs_n)[:, None] * D + offs_d[None, :],
-                mask=key_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
-    v = tl.load(v_ptr + (n * L + offs_n)[:, None] * DV + offs_dv[None, :],
-                mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
+    k = _load_rows(k_ptr, n, L, offs_n, key_mask, offs_d, D, ACC)
+    v = _load_rows(v_ptr, n, L, offs_n, key_mask, offs_dv, DV, ACC)
     grad_k = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     grad_v = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
     # Query blocks from the one holding this block's first key: earlier rows never see it.
@@ -125,20 +138,13 @@ def _causal_attention_bwd_dkv_kernel(
     for start in range(first, L, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_mask = offs_m < L
-        q = tl.load(q_ptr + (n * L + offs_m)[:, None] * D + offs_d[None, :],
-                    mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
-        g = tl.load(g_ptr + (n * L + offs_m)[:, None] * DV + offs_dv[None, :],
-                    mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0).to(ACC)
-        lse = tl.load(lse_ptr + n * L + offs_m, mask=row_mask, other=float("-inf")).to(ACC)
-        delta = tl.load(delta_ptr + n * L + offs_m, mask=row_mask, other=0.0).to(ACC)
-        p = _probabilities(q, k, offs_m, offs_n, L, lse, scale)
+        q, g, lse, delta = _load_query_rows(q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d,
+                                            offs_dv, D, DV, ACC)
+        p, ds = _probabilities_and_score_grads(q, k, v, g, lse, delta, offs_m, offs_n, L, scale)
         grad_v += tl.dot(tl.trans(p).to(ACC), g, input_precision="ieee")
-        ds = p * (tl.dot(g, tl.trans(v), input_precision="ieee") - delta[:, None])
         grad_k += tl.dot(tl.trans(ds).to(ACC), q, input_precision="ieee")
-    tl.store(gk_ptr + (n * L + offs_n)[:, None] * D + offs_d[None, :], (grad_k * scale).to(gk_ptr.dtype.element_ty),
-             mask=key_mask[:, None] & (offs_d[None, :] < D))
-    tl.store(gv_ptr + (n * L + offs_n)[:, None] * DV + offs_dv[None, :], grad_v.to(gv_ptr.dtype.element_ty),
-             mask=key_mask[:, None] & (offs_dv[None, :] < DV))
+    _store_rows(gk_ptr, n, L, offs_n, key_mask, offs_d, D, grad_k * scale)
+    _store_rows(gv_ptr, n, L, offs_n, key_mask, offs_dv, DV, grad_v)
 
 
 def _blocks(q: torch.Tensor, v: torch.Tensor) -> dict:

@@ -101,14 +101,21 @@ def _step_grid(pre: torch.Tensor) -> tuple[tuple[int, int], int]:
 
 
 @triton.jit
-def _jacobian_tangent_step_fwd_kernel(pre_ptr, tangent_ptr, out_ptr, tangent_out_ptr, h, k, tangent_batch_stride,
-                                      params_ptr, ACT: tl.constexpr, BLOCK_H: tl.constexpr):
+def _step_block(pre_ptr, params_ptr, h, ACT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's example b, its block of h units (cols, mask), and act, act', act'' of pre there."""
     b = tl.program_id(0).to(tl.int64)
     p0, p1 = tl.load(params_ptr), tl.load(params_ptr + 1)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < h
     pre = tl.load(pre_ptr + b * h + cols, mask=mask, other=0.0)
-    out, d1, _ = _activation(pre, p0, p1, ACT)
+    out, d1, d2 = _activation(pre, p0, p1, ACT)
+    return b, cols, mask, out, d1, d2
+
+
+@triton.jit
+def _jacobian_tangent_step_fwd_kernel(pre_ptr, tangent_ptr, out_ptr, tangent_out_ptr, h, k, tangent_batch_stride,
+                                      params_ptr, ACT: tl.constexpr, BLOCK_H: tl.constexpr):
+    b, cols, mask, out, d1, _ = _step_block(pre_ptr, params_ptr, h, ACT, BLOCK_H)
     tl.store(out_ptr + b * h + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
     src = tangent_ptr + b * tangent_batch_stride + cols
     dst = tangent_out_ptr + b * k * h + cols
@@ -138,12 +145,7 @@ def jacobian_tangent_step_fwd(pre: torch.Tensor, tangent: torch.Tensor, activati
 def _jacobian_tangent_step_bwd_kernel(grad_out_ptr, grad_tangent_ptr, pre_ptr, tangent_ptr, grad_pre_ptr,
                                       grad_tangent_in_ptr, h, k, tangent_batch_stride, params_ptr, ACT: tl.constexpr,
                                       HAS_GRAD_OUT: tl.constexpr, BLOCK_H: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    p0, p1 = tl.load(params_ptr), tl.load(params_ptr + 1)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = cols < h
-    pre = tl.load(pre_ptr + b * h + cols, mask=mask, other=0.0)
-    _, d1, d2 = _activation(pre, p0, p1, ACT)
+    b, cols, mask, _, d1, d2 = _step_block(pre_ptr, params_ptr, h, ACT, BLOCK_H)
     acc = tl.zeros_like(d1)
     src = tangent_ptr + b * tangent_batch_stride + cols
     grads = grad_tangent_ptr + b * k * h + cols
