@@ -175,6 +175,12 @@ def test_every_cpu_capability_build_loads_and_agrees():
                                        rtol=2e-6, atol=1e-5)
 
 
+def test_triton_of_the_test_extra_is_importable():
+    """The [test] extra installs triton, so the tests marked needs_cpp_and_triton are skipped only
+    where someone ran the suite without it, never silently in CI."""
+    assert _backend.triton_available(), "triton is missing: install the [test] extra (pip install -e '.[test]')"
+
+
 @pytest.mark.skipif(__import__("os").environ.get("VAEKERNELS_CPP") == "0", reason="built without C++")
 def test_native_build_is_loaded_on_this_machine():
     info = _backend.native()
