@@ -10,7 +10,7 @@ and a representation that carries no information scores exactly 1/F.
 
 Protocols (the defaults; Higgins et al. 2017 and Kim & Mnih 2018 used more points, at GPU cost):
 
-* beta-VAE metric: ``train_points`` = 400 and ``eval_points`` = 200 points, each the mean of
+* beta-VAE metric: ``train_points`` = 500 and ``eval_points`` = 300 points, each the mean of
   z_diff = |z_1 - z_2| over ``pairs`` = 32 pairs of posterior means whose factor rows share
   factor y and are otherwise independent; a linear softmax classifier (standardised inputs,
   full-batch L-BFGS, 200 iterations) predicts y; the score is its evaluation accuracy.
@@ -18,8 +18,8 @@ Protocols (the defaults; Higgins et al. 2017 and Kim & Mnih 2018 used more point
   points (the global variance); dimensions with global variance below ``collapsed`` = 0.05 are
   dropped; a vote fixes factor k at one random value over ``batch_size`` = 64 points, divides
   each code by its global standard deviation and takes the argmin over the kept dimensions of
-  the batch's variances; ``train_points`` = 400 votes fit the majority-vote classifier
-  (dimension -> its most frequent factor), ``eval_points`` = 200 fresh votes measure its accuracy.
+  the batch's variances; ``train_points`` = 500 votes fit the majority-vote classifier
+  (dimension -> its most frequent factor), ``eval_points`` = 300 fresh votes measure its accuracy.
 
 Example::
 
@@ -101,7 +101,7 @@ def linear_classifier_accuracy(train_x, train_y, eval_x, eval_y, classes: int, i
 
 
 @torch.no_grad()
-def beta_vae_metric(represent: Representation, shapes: Shapes, *, train_points: int = 400, eval_points: int = 200,
+def beta_vae_metric(represent: Representation, shapes: Shapes, *, train_points: int = 500, eval_points: int = 300,
                     pairs: int = 32, seed: int = 0) -> dict:
     """Higgins et al.'s metric: accuracy of a linear classifier predicting the shared factor y from z_diff.
 
@@ -125,7 +125,7 @@ def beta_vae_metric(represent: Representation, shapes: Shapes, *, train_points: 
 
 
 @torch.no_grad()
-def factor_vae_metric(represent: Representation, shapes: Shapes, *, train_points: int = 400, eval_points: int = 200,
+def factor_vae_metric(represent: Representation, shapes: Shapes, *, train_points: int = 500, eval_points: int = 300,
                       batch_size: int = 64, variance_points: int = 4096, collapsed: float = 0.05,
                       seed: int = 0) -> dict:
     """Kim & Mnih's metric: accuracy of the majority-vote classifier from argmin normalised variance to the
