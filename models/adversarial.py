@@ -184,9 +184,6 @@ class Optimizers:
     def __init__(self, groups: dict, lr: float, betas=(0.5, 0.999)):
         self.optimizers = {name: torch.optim.Adam(params, lr=lr, betas=betas) for name, params in groups.items()}
 
-    def __getitem__(self, name: str) -> torch.optim.Optimizer:
-        return self.optimizers[name]
-
     def step(self, name: str, loss: torch.Tensor) -> None:
         """One update of player ``name`` on ``loss``; only that player's gradients are zeroed first."""
         optimizer = self.optimizers[name]
@@ -255,7 +252,8 @@ class AdversarialModel(nn.Module):
         the loss without the penalty, detached."""
         total = loss
         if self.techniques.historical_averaging:
-            total = loss + self.techniques.historical_averaging * self.histories[name].penalty(self._parameters_of(name))
+            penalty = self.histories[name].penalty(self._parameters_of(name))
+            total = loss + self.techniques.historical_averaging * penalty
         optimizers.step(name, total)
         if self.techniques.historical_averaging:
             self.histories[name].update(self._parameters_of(name))

@@ -3,9 +3,9 @@ disentanglement metrics: ``python -m models.disentangle --budget 18``.
 
 Trains each of the three models (:mod:`models.train_adversarial`, Burgess et al.'s conv64
 network, 10 latents, VAE updates on batches of 64, Adam 1e-3, one thread) for an equal share of
-``--budget`` CPU minutes of this process, then scores its posterior means with the beta-VAE metric and the FactorVAE metric
-(:mod:`models.disentanglement`, the protocol stated there, ``--metric-seed`` fixed) and measures its
-reconstruction loss (-log p(x|z) in nats per image, z = E_q[z], on 1000 fixed shapes). Prints one
+``--budget`` CPU minutes of this process, then scores its posterior means with the beta-VAE
+metric and the FactorVAE metric (:mod:`models.disentanglement`, the protocol stated there,
+``--metric-seed`` fixed) and measures its reconstruction loss (-log p(x|z) in nats per image, z = E_q[z], on 1000 fixed shapes). Prints one
 table, the seed's qualitative claims beside it, and whether they hold here. Each model's run lies
 in ``--out``/<name>; a rerun with the same ``--out`` skips a model whose scores are already there.
 
@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
                              str(args.seed), "--threads", str(args.threads), "--out", str(out / name)]
         argv += ["--no-progress"] if args.no_progress else []
         model, metrics = train_adversarial.main(argv)
-        results[name] = {"label": label, "steps": metrics["steps"], "train_cpu_minutes": metrics["train_cpu_seconds"] / 60,
+        results[name] = {"label": label, "steps": metrics["steps"],
+                         "train_cpu_minutes": metrics["train_cpu_seconds"] / 60,
                          **score(model, args), "seconds": time.perf_counter() - model_started}
         _cli.write_json(done, results[name])
     print_table(results, args, time.perf_counter() - started)
@@ -129,7 +130,8 @@ def print_table(results: dict, args, seconds: float) -> None:
     print(f"\nDisentanglement on the shapes dataset (metric protocol: {args.train_points} train / {args.eval_points} "
           f"eval points, {args.pairs} pairs per beta-VAE point, {args.vote_batch} points per FactorVAE vote, "
           f"seed {args.metric_seed}); {seconds / 60:.1f} wall minutes\n")
-    print("| model | steps | train CPU min | beta-VAE metric | FactorVAE metric | reconstruction (nats) | seed's claim |")
+    print("| model | steps | train CPU min | beta-VAE metric | FactorVAE metric | reconstruction (nats) "
+          "| seed's claim |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, r in results.items():
         print(f"| {r['label']} | {r['steps']} | {r['train_cpu_minutes']:.1f} | {r['beta_vae_metric']:.3f} | "

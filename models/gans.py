@@ -150,7 +150,8 @@ class InfoGAN(_ImageGAN):
         if categories < 2:
             _fail("InfoGAN", f"categories must be >= 2, got {categories}")
         self.data_dim, self.image_shape = data_dim, tuple(image_shape)
-        self.noise_dim, self.categories, self.continuous, self.info_weight = noise_dim, categories, continuous, info_weight
+        self.noise_dim, self.categories, self.continuous = noise_dim, categories, continuous
+        self.info_weight = info_weight
         self._build_generator(noise_dim + categories + continuous, hidden_dim, data_dim)
         self.body = features_net(data_dim, hidden_dim)
         self.real_head = nn.Linear(hidden_dim, 1)
@@ -220,7 +221,8 @@ class _Autoencoder(AdversarialModel):
         reconstructions.png (rows of test images, each followed by its reconstructions)."""
         labels = torch.arange(10).repeat_interleave(10)
         samples = torch.sigmoid(self.decode(self.sample_latents(100, labels, generator), labels))
-        return {"samples.png": (samples, 10), "reconstructions.png": (reconstruction_rows(x, self.reconstruct(x, y, generator)), 10)}
+        reconstructions = reconstruction_rows(x, self.reconstruct(x, y, generator))
+        return {"samples.png": (samples, 10), "reconstructions.png": (reconstructions, 10)}
 
 
 class AAE(_Autoencoder):
@@ -263,7 +265,8 @@ class AAE(_Autoencoder):
         return sample_prior(self.prior, n, self.latent_dim, given, generator, self.classes)
 
     def train_step(self, x, y, generator, optimizers: Optimizers) -> dict:
-        reconstruction = self.update(optimizers, "autoencoder", self._reconstruction(self.decode(self.encoder(x), y), x))
+        reconstruction = self.update(optimizers, "autoencoder",
+                                     self._reconstruction(self.decode(self.encoder(x), y), x))
         z = self.encoder(x)
         prior = self.sample_latents(len(x), y, generator)
         discriminator = self.update(optimizers, "discriminator", discriminator_loss(

@@ -113,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.data = "shapes" if args.model in VAE_MODELS else "mnist"
     if args.model not in VAE_MODELS and args.data != "mnist":
         parser.error(f"--model {args.model} trains on --data mnist, got {args.data}")
+    if args.model in VAE_MODELS and args.data != "shapes":
+        parser.error(f"--model {args.model} (the 64x64 conv64 network) trains on --data shapes, got {args.data}; "
+                     f"python -m models.train has the zoo's VAEs for MNIST")
     if args.model == "factor-vae" and args.batch_size < 4:
         parser.error(f"--model factor-vae needs --batch-size >= 4 (two halves), got {args.batch_size}")
     if args.model == "aae" and args.prior != "gaussian" and args.latent_dim not in (None, 2):

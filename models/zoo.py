@@ -19,7 +19,8 @@ importance weights the test NLL is estimated from), ``reconstruct`` and ``sample
 
 Architectures: ``mlp`` (the IWAE paper's 784-200-200-d tanh), ``conv`` (two stride-2 convolutions
 each way), ``conv64`` (four each way and a 256-unit layer, for 64x64 images) and ``linear``.
-Likelihoods: ``bernoulli`` (logits), ``gaussian`` (learned per-pixel log-variance) and ``logistic`` (discretised logistic over 256 levels, learned per-pixel scale).
+Likelihoods: ``bernoulli`` (logits), ``gaussian`` (learned per-pixel log-variance) and
+``logistic`` (discretised logistic over 256 levels, learned per-pixel scale).
 
 Example::
 

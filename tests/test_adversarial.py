@@ -15,6 +15,15 @@ from models.gans import AAE, AVB, BiGAN, InfoGAN, sample_prior
 from test_models import write_fake_mnist
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and on a busy machine a second one spins waiting for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def prototypes(n=96, dim=16, seed=0):
     """Noisy copies of four binary prototypes (labels: which one)."""
     generator = torch.Generator().manual_seed(seed)
@@ -247,6 +256,7 @@ def test_resume_continues_exactly(mnist_dir, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "infogan", "--data", "shapes"], "--model infogan trains on --data mnist, got shapes"),
+    (["--model", "beta-vae", "--data", "mnist"], "--model beta-vae (the 64x64 conv64 network) trains on --data shapes"),
     (["--model", "aae", "--prior", "mixture", "--latent-dim", "3"], "--prior mixture is 2-D: --latent-dim must be 2"),
     (["--model", "avb", "--label-smoothing", "0.1"], "--model avb does not take --label-smoothing (it takes none"),
     (["--model", "aae", "--feature-matching"], "(it takes --historical-averaging, --label-smoothing)"),
