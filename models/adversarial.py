@@ -21,10 +21,13 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .zoo import mlp
 
 
 def _fail(fn: str, message: str, error: type = ValueError):
@@ -57,16 +60,12 @@ def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tens
 
 
 def leaky_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """``layers`` LeakyReLU(0.2) hidden layers, then a linear output: the discriminators' and encoders' net.
+    """The zoo's :func:`~models.zoo.mlp` with LeakyReLU(0.2): the discriminators' and encoders' net.
 
     >>> leaky_mlp(3, 8, 1)(torch.zeros(2, 3)).shape
     torch.Size([2, 1])
     """
-    modules, width = [], in_dim
-    for _ in range(layers):
-        modules += [nn.Linear(width, hidden_dim), nn.LeakyReLU(0.2)]
-        width = hidden_dim
-    return nn.Sequential(*modules, nn.Linear(width, out_dim))
+    return mlp(in_dim, hidden_dim, out_dim, layers, partial(nn.LeakyReLU, 0.2))
 
 
 def reconstruction_rows(x: torch.Tensor, reconstruction: torch.Tensor, columns: int = 10) -> torch.Tensor:

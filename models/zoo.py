@@ -49,15 +49,16 @@ ESTIMATORS = ("iwae", "dreg", "stl")
 MIN_LOG_SCALE = -6.0  # a pixel that never varies would otherwise drive its Gaussian variance to zero
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """``layers`` tanh hidden layers of ``hidden_dim`` units, then a linear output.
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, activation=nn.Tanh) -> nn.Sequential:
+    """``layers`` hidden layers of ``hidden_dim`` units (``activation()`` after each: tanh by default), then a
+    linear output.
 
     >>> mlp(4, 8, 2)(torch.zeros(3, 4)).shape
     torch.Size([3, 2])
     """
     modules, width = [], in_dim
     for _ in range(layers):
-        modules += [nn.Linear(width, hidden_dim), nn.Tanh()]
+        modules += [nn.Linear(width, hidden_dim), activation()]
         width = hidden_dim
     return nn.Sequential(*modules, nn.Linear(width, out_dim))
 
