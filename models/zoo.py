@@ -18,8 +18,9 @@ importance weights the test NLL is estimated from), ``reconstruct`` and ``sample
 ========================  =====================================================================
 
 Architectures: ``mlp`` (the IWAE paper's 784-200-200-d tanh), ``conv`` (two stride-2 convolutions
-each way) and ``linear``. Likelihoods: ``bernoulli`` (logits), ``gaussian`` (learned per-pixel
-log-variance) and ``logistic`` (discretised logistic over 256 levels, learned per-pixel scale).
+each way), ``conv64`` (four each way and a 256-unit layer, for 64x64 images) and ``linear``.
+Likelihoods: ``bernoulli`` (logits), ``gaussian`` (learned per-pixel log-variance) and
+``logistic`` (discretised logistic over 256 levels, learned per-pixel scale).
 
 Example::
 
@@ -39,21 +40,25 @@ from torch import nn
 import vaekernels
 from vaekernels.ops.iwae import _reweight_path_gradient
 
-ARCHITECTURES = ("mlp", "conv", "linear")
+ARCHITECTURES = ("mlp", "conv", "linear", "conv64")
+# Convolutional architectures: (channels of the stride-2 4x4 layers, width of a dense layer after them or None).
+# conv64 is Burgess et al.'s (2018) dSprites network, for 64x64 images.
+CONV_LAYERS = {"conv": ((32, 64), None), "conv64": ((32, 32, 64, 64), 256)}
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
 ESTIMATORS = ("iwae", "dreg", "stl")
 MIN_LOG_SCALE = -6.0  # a pixel that never varies would otherwise drive its Gaussian variance to zero
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """``layers`` tanh hidden layers of ``hidden_dim`` units, then a linear output.
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, activation=nn.Tanh) -> nn.Sequential:
+    """``layers`` hidden layers of ``hidden_dim`` units (``activation()`` after each: tanh by default), then a
+    linear output.
 
     >>> mlp(4, 8, 2)(torch.zeros(3, 4)).shape
     torch.Size([3, 2])
     """
     modules, width = [], in_dim
     for _ in range(layers):
-        modules += [nn.Linear(width, hidden_dim), nn.Tanh()]
+        modules += [nn.Linear(width, hidden_dim), activation()]
         width = hidden_dim
     return nn.Sequential(*modules, nn.Linear(width, out_dim))
 
@@ -65,14 +70,17 @@ class Encoder(nn.Module):
         super().__init__()
         height, width = image_shape
         data_dim = height * width
-        if arch == "conv":
-            self.body = nn.Sequential(
-                nn.Unflatten(-1, (1, height, width)),
-                nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(),
-                nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
-                nn.Flatten(),
-            )
-            self.head = nn.Linear(64 * (height // 4) * (width // 4) + cond_dim, 2 * latent_dim)
+        if arch in CONV_LAYERS:
+            channels, dense = CONV_LAYERS[arch]
+            layers = [nn.Unflatten(-1, (1, height, width))]
+            for c_in, c_out in zip((1,) + channels, channels):
+                layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.ReLU()]
+            features = channels[-1] * (height >> len(channels)) * (width >> len(channels))
+            layers.append(nn.Flatten())
+            if dense:
+                layers += [nn.Linear(features, dense), nn.ReLU()]
+            self.body = nn.Sequential(*layers)
+            self.head = nn.Linear((dense or features) + cond_dim, 2 * latent_dim)
             self.condition_first = False
         else:  # the condition joins the data at the input, as in Sohn et al.
             self.body = nn.Identity()
@@ -95,14 +103,15 @@ class Decoder(nn.Module):
     def __init__(self, arch: str, image_shape, latent_dim: int, hidden_dim: int, cond_dim: int = 0):
         super().__init__()
         height, width = image_shape
-        if arch == "conv":
-            self.net = nn.Sequential(
-                nn.Linear(latent_dim + cond_dim, 64 * (height // 4) * (width // 4)), nn.ReLU(),
-                nn.Unflatten(-1, (64, height // 4, width // 4)),
-                nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
-                nn.ConvTranspose2d(32, 1, 4, 2, 1),
-                nn.Flatten(),
-            )
+        if arch in CONV_LAYERS:
+            channels, dense = CONV_LAYERS[arch]
+            small = (channels[-1], height >> len(channels), width >> len(channels))
+            layers = [nn.Linear(latent_dim + cond_dim, dense), nn.ReLU()] if dense else []
+            layers += [nn.Linear(dense or latent_dim + cond_dim, math.prod(small)), nn.ReLU(), nn.Unflatten(-1, small)]
+            widths = channels[::-1] + (1,)
+            for c_in, c_out in zip(widths, widths[1:]):
+                layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.ReLU()]
+            self.net = nn.Sequential(*layers[:-1], nn.Flatten())  # no ReLU on the likelihood's parameters
         else:
             self.net = mlp(latent_dim + cond_dim, hidden_dim, height * width, 2 if arch == "mlp" else 0)
 
@@ -196,8 +205,11 @@ class VAE(nn.Module):
         image_shape = tuple(image_shape) if image_shape else (1, data_dim)
         if image_shape[0] * image_shape[1] != data_dim:
             raise ValueError(f"models.zoo: image_shape {image_shape} must hold data_dim = {data_dim} pixels")
-        if arch == "conv" and (image_shape[0] % 4 or image_shape[1] % 4):
-            raise ValueError(f"models.zoo: arch='conv' needs height and width divisible by 4, got {image_shape}")
+        if arch in CONV_LAYERS:
+            factor = 2 ** len(CONV_LAYERS[arch][0])
+            if image_shape[0] % factor or image_shape[1] % factor:
+                raise ValueError(f"models.zoo: arch={arch!r} needs height and width divisible by {factor}, "
+                                 f"got {image_shape}")
         self.data_dim, self.image_shape, self.latent_dim = data_dim, image_shape, latent_dim
         self.num_classes, self.k, self.beta = num_classes, k, beta
         self.encoder = Encoder(arch, image_shape, latent_dim, hidden_dim, num_classes)
