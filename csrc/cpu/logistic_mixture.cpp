@@ -61,17 +61,20 @@ BinTerm<T> bin_term(const Vec<T>& x, const Vec<T>& centred, const Vec<T>& log_sc
   const V expm1_width = expm1_of(width);
   // Where plus and minus = plus - width have one sign, exp(-|minus|) is exp(-|plus|) times
   // exp(+-width): one exponential less; a bin around the mean (minus < 0 < plus) needs its own.
+  // Divisions are shared through reciprocals of products: 1 / (expm1(w) exp(w)) serves exp(-w)
+  // and w / expm1(w); 1 / ((1 + e_plus) (1 + e_minus)) the bin mass and both sigmoids.
+  const V exp_width = one + expm1_width, inv_expm1_exp = one / (expm1_width * exp_width);
   const V e_abs_plus = plus.abs().neg().exp_u20();
   const V positive = minus >= zero, straddle = (minus < zero) & (plus > zero);
-  V e_abs_minus = V::blendv(e_abs_plus / (one + expm1_width), e_abs_plus * (one + expm1_width), positive);
+  V e_abs_minus = V::blendv(e_abs_plus * expm1_width * inv_expm1_exp, e_abs_plus * exp_width, positive);
   if (straddle.zero_mask() != (1 << V::size()) - 1)
     e_abs_minus = V::blendv(e_abs_minus, minus.abs().neg().exp_u20(), straddle);
   const V e_plus = V::blendv(e_abs_plus, zero, upper);
   const V e_minus = V::blendv(e_abs_minus, zero, lower);
-  const V one_plus = one + e_plus, one_minus = one + e_minus;
+  const V one_plus = one + e_plus, one_minus = one + e_minus, inv_both = one / (one_plus * one_minus);
   const V log_main = V::blendv(at::vec::minimum(plus, zero), zero, upper) +
                      V::blendv(at::vec::minimum(minus.neg(), zero), zero, lower) - V::blendv(width, zero, edge) +
-                     log_of(V::blendv(expm1_width, one, edge) / (one_plus * one_minus));
+                     log_of(V::blendv(expm1_width, one, edge) * inv_both);
   const V take_main = (log_main > V(T(kTinyLogProb))) | edge;
   // The density branch (a bin of mass below 1e-5) is rare: evaluated only when a lane takes it.
   const bool any_density = take_main.zero_mask() != 0;
@@ -87,10 +90,10 @@ BinTerm<T> bin_term(const Vec<T>& x, const Vec<T>& centred, const Vec<T>& log_sc
   if constexpr (kGrad) {
     // sigmoid(-plus) (0 at the upper edge) and sigmoid(minus) (0 at the lower edge) from the e's,
     // exact in both tails; with them one formula covers the middle and both edges.
-    const V inv_plus = one / one_plus, inv_minus = one / one_minus;
+    const V inv_plus = one_minus * inv_both, inv_minus = one_plus * inv_both;
     const V sig_neg_plus = V::blendv(V::blendv(inv_plus, e_plus * inv_plus, plus > zero), zero, upper);
     const V sig_minus = V::blendv(V::blendv(e_minus * inv_minus, inv_minus, minus > zero), zero, lower);
-    const V width_term = V::blendv(width / expm1_width, zero, edge);
+    const V width_term = V::blendv(width * exp_width * inv_expm1_exp, zero, edge);
     term.d_centred = V::blendv(inv_scale * density_slope, inv_scale * (sig_neg_plus - sig_minus), take_main);
     term.d_log_scale = V::blendv(mid.neg() * density_slope - one,
                                  (plus * sig_neg_plus - minus * sig_minus + width_term).neg(), take_main);
