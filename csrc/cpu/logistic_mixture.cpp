@@ -10,6 +10,7 @@
 
 #include <torch/library.h>
 
+#include "fast_math.h"
 #include "rows.h"
 
 namespace vaekernels::cpu {
@@ -34,10 +35,11 @@ struct BinTerm {
   Vec<T> log_prob, d_centred, d_log_scale;
 };
 
-// log sigmoid(y) = min(y, 0) - log1p(exp(-|y|)), for the density branch.
+// log sigmoid(y) = min(y, 0) - log(1 + exp(-|y|)), for the density branch, which serves bins of
+// log-mass below log(1e-5): log's absolute error there is relatively negligible, log1p's care not needed.
 template <typename T>
 Vec<T> log_sigmoid(const Vec<T>& y) {
-  return at::vec::minimum(y, Vec<T>(T(0))) - y.abs().neg().exp_u20().log1p();
+  return at::vec::minimum(y, Vec<T>(T(0))) - log_of(Vec<T>(T(1)) + y.abs().neg().exp_u20());
 }
 
 // See vaekernels.reference.logistic_mixture.bin_log_probs for the formula and its branches. The bin
@@ -45,7 +47,8 @@ Vec<T> log_sigmoid(const Vec<T>& y) {
 // min(plus, 0) + min(-minus, 0) - width + log(expm1(width) / ((1 + e_plus) (1 + e_minus))), with
 // e = exp(-|.|): one log where the three terms take two log1p and a log, the kernel's main cost.
 // An edge bin drops the end it does not have (its e set to 0) and the width term. exp_u20 (float:
-// ATen's faster exp; double: the exact one) serves the e's, whose error is scaled down by log1p.
+// ATen's faster exp; double: the exact one) serves the e's, whose error is scaled down by log1p;
+// float's expm1, log and tanh are fast_math.h's (a few ulp), not Sleef's, which cost more.
 template <typename T, bool kGrad>
 BinTerm<T> bin_term(const Vec<T>& x, const Vec<T>& centred, const Vec<T>& log_scale) {
   using V = Vec<T>;
@@ -54,14 +57,24 @@ BinTerm<T> bin_term(const Vec<T>& x, const Vec<T>& centred, const Vec<T>& log_sc
   const V plus = inv_scale * (centred + half_bin), minus = inv_scale * (centred - half_bin);
   const V lower = x < V(T(-kEdge)), upper = x > V(T(kEdge));
   const V edge = lower | upper;
-  const V e_plus = V::blendv(plus.abs().neg().exp_u20(), zero, upper);
-  const V e_minus = V::blendv(minus.abs().neg().exp_u20(), zero, lower);
-  const V one_plus = one + e_plus, one_minus = one + e_minus;
   const V width = at::vec::maximum(V(T(2 * kHalfBin)) * inv_scale, V(T(kMinWidth)));
-  const V expm1_width = width.expm1();
+  const V expm1_width = expm1_of(width);
+  // Where plus and minus = plus - width have one sign, exp(-|minus|) is exp(-|plus|) times
+  // exp(+-width): one exponential less; a bin around the mean (minus < 0 < plus) needs its own.
+  // Divisions are shared through reciprocals of products: 1 / (expm1(w) exp(w)) serves exp(-w)
+  // and w / expm1(w); 1 / ((1 + e_plus) (1 + e_minus)) the bin mass and both sigmoids.
+  const V exp_width = one + expm1_width, inv_expm1_exp = one / (expm1_width * exp_width);
+  const V e_abs_plus = plus.abs().neg().exp_u20();
+  const V positive = minus >= zero, straddle = (minus < zero) & (plus > zero);
+  V e_abs_minus = V::blendv(e_abs_plus * expm1_width * inv_expm1_exp, e_abs_plus * exp_width, positive);
+  if (straddle.zero_mask() != (1 << V::size()) - 1)
+    e_abs_minus = V::blendv(e_abs_minus, minus.abs().neg().exp_u20(), straddle);
+  const V e_plus = V::blendv(e_abs_plus, zero, upper);
+  const V e_minus = V::blendv(e_abs_minus, zero, lower);
+  const V one_plus = one + e_plus, one_minus = one + e_minus, inv_both = one / (one_plus * one_minus);
   const V log_main = V::blendv(at::vec::minimum(plus, zero), zero, upper) +
                      V::blendv(at::vec::minimum(minus.neg(), zero), zero, lower) - V::blendv(width, zero, edge) +
-                     (V::blendv(expm1_width, one, edge) / (one_plus * one_minus)).log();
+                     log_of(V::blendv(expm1_width, one, edge) * inv_both);
   const V take_main = (log_main > V(T(kTinyLogProb))) | edge;
   // The density branch (a bin of mass below 1e-5) is rare: evaluated only when a lane takes it.
   const bool any_density = take_main.zero_mask() != 0;
@@ -70,17 +83,17 @@ BinTerm<T> bin_term(const Vec<T>& x, const Vec<T>& centred, const Vec<T>& log_sc
   if (any_density) {
     log_density = mid - log_scale + V(T(2)) * log_sigmoid(mid.neg()) - V(T(kLogHalfLevels));
     // 1 - 2 sigmoid(mid) = -tanh(mid / 2).
-    if constexpr (kGrad) density_slope = (mid * V(T(-0.5))).tanh();
+    if constexpr (kGrad) density_slope = tanh_of(mid * V(T(-0.5)));
   }
   BinTerm<T> term;
   term.log_prob = V::blendv(log_density, log_main, take_main);
   if constexpr (kGrad) {
     // sigmoid(-plus) (0 at the upper edge) and sigmoid(minus) (0 at the lower edge) from the e's,
     // exact in both tails; with them one formula covers the middle and both edges.
-    const V inv_plus = one / one_plus, inv_minus = one / one_minus;
+    const V inv_plus = one_minus * inv_both, inv_minus = one_plus * inv_both;
     const V sig_neg_plus = V::blendv(V::blendv(inv_plus, e_plus * inv_plus, plus > zero), zero, upper);
     const V sig_minus = V::blendv(V::blendv(e_minus * inv_minus, inv_minus, minus > zero), zero, lower);
-    const V width_term = V::blendv(width / expm1_width, zero, edge);
+    const V width_term = V::blendv(width * exp_width * inv_expm1_exp, zero, edge);
     term.d_centred = V::blendv(inv_scale * density_slope, inv_scale * (sig_neg_plus - sig_minus), take_main);
     term.d_log_scale = V::blendv(mid.neg() * density_slope - one,
                                  (plus * sig_neg_plus - minus * sig_minus + width_term).neg(), take_main);
@@ -110,27 +123,29 @@ Layout layout_of(const char* op, const at::Tensor& params, const at::Tensor& x, 
   return {B, C, M, P, H * W, C == 3 ? 3 * M : 2 * M};
 }
 
-// Calls body(b, offset, count) for every block of up to Vec::size() pixels of every image, in parallel.
+// Calls body(b, offset, count, scratch) for every block of up to Vec::size() pixels of every
+// image, in parallel; scratch holds 2 M vectors, allocated once per task rather than per block.
 template <typename T, typename Body>
 void for_each_pixel_block(const Layout& l, Body body) {
   const int64_t lanes = Vec<T>::size(), blocks = (l.HW + lanes - 1) / lanes;
   // A block costs ~C*M logistic terms of a dozen transcendental functions each.
   const int64_t grain = std::max<int64_t>(1, 256 / (l.C * l.M));
   at::parallel_for(0, l.B * blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<Vec<T>> scratch(2 * l.M);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / blocks, offset = (i % blocks) * lanes;
-      body(b, offset, std::min(lanes, l.HW - offset));
+      body(b, offset, std::min(lanes, l.HW - offset), scratch.data());
     }
   });
 }
 
 // log sum exp over the M vectors of one pixel block.
 template <typename T>
-Vec<T> log_sum_exp(const std::vector<Vec<T>>& values) {
+Vec<T> log_sum_exp(const Vec<T>* values, int64_t M) {
   Vec<T> top = values[0];
-  for (size_t m = 1; m < values.size(); ++m) top = at::vec::maximum(top, values[m]);
+  for (int64_t m = 1; m < M; ++m) top = at::vec::maximum(top, values[m]);
   Vec<T> sum(T(0));
-  for (const Vec<T>& v : values) sum += (v - top).exp();
+  for (int64_t m = 0; m < M; ++m) sum += (values[m] - top).exp();
   return top + sum.log();
 }
 
@@ -160,7 +175,7 @@ at::Tensor discretized_logistic_mixture_nll(const at::Tensor& params, const at::
     const scalar_t* p_ptr = params.const_data_ptr<scalar_t>();
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = nll.data_ptr<scalar_t>();
-    for_each_pixel_block<scalar_t>(l, [&](int64_t b, int64_t offset, int64_t count) {
+    for_each_pixel_block<scalar_t>(l, [&](int64_t b, int64_t offset, int64_t count, V* scratch) {
       const auto load = [&](const scalar_t* base, int64_t channel) {
         return count == V::size() ? V::loadu(base + channel * l.HW + offset)
                                   : V::loadu(base + channel * l.HW + offset, count);
@@ -168,14 +183,15 @@ at::Tensor discretized_logistic_mixture_nll(const at::Tensor& params, const at::
       const scalar_t* pb = p_ptr + b * l.P * l.HW;
       V xs[3], tanh_coeffs[3];
       for (int64_t c = 0; c < l.C; ++c) xs[c] = load(x_ptr + b * l.C * l.HW, c);
-      std::vector<V> logits(l.M), joint(l.M);
+      V* logits = scratch;
+      V* joint = scratch + l.M;
       for (int64_t m = 0; m < l.M; ++m) {
         if (l.C == 3)
-          for (int64_t c = 0; c < 3; ++c) tanh_coeffs[c] = load(pb, l.coeff(c, m)).tanh();
+          for (int64_t c = 0; c < 3; ++c) tanh_coeffs[c] = tanh_of(load(pb, l.coeff(c, m)));
         logits[m] = load(pb, m);
         joint[m] = logits[m] + component<scalar_t, false>(l, m, pb, xs, tanh_coeffs, nullptr, load);
       }
-      const V out = log_sum_exp(logits) - log_sum_exp(joint);
+      const V out = log_sum_exp(logits, l.M) - log_sum_exp(joint, l.M);
       out.store(out_ptr + b * l.HW + offset, count);
     });
   });
@@ -199,7 +215,7 @@ at::Tensor discretized_logistic_mixture_nll_backward(const at::Tensor& grad, con
     const scalar_t* g_ptr = grad_c.const_data_ptr<scalar_t>();
     const scalar_t* nll_ptr = nll_c.const_data_ptr<scalar_t>();
     scalar_t* gp_ptr = grad_params.data_ptr<scalar_t>();
-    for_each_pixel_block<scalar_t>(l, [&](int64_t b, int64_t offset, int64_t count) {
+    for_each_pixel_block<scalar_t>(l, [&](int64_t b, int64_t offset, int64_t count, V* scratch) {
       const auto load = [&](const scalar_t* base, int64_t channel) {
         return count == V::size() ? V::loadu(base + channel * l.HW + offset)
                                   : V::loadu(base + channel * l.HW + offset, count);
@@ -210,17 +226,17 @@ at::Tensor discretized_logistic_mixture_nll_backward(const at::Tensor& grad, con
       const scalar_t* pb = p_ptr + b * l.P * l.HW;
       V xs[3], tanh_coeffs[3];
       for (int64_t c = 0; c < l.C; ++c) xs[c] = load(x_ptr + b * l.C * l.HW, c);
-      std::vector<V> logits(l.M);
+      V* logits = scratch;
       for (int64_t m = 0; m < l.M; ++m) logits[m] = load(pb, m);
       const V g = load(g_ptr + b * l.HW, 0);
-      const V log_norm = log_sum_exp(logits);
+      const V log_norm = log_sum_exp(logits, l.M);
       // The forward's log sum_m pi_m p_m(x), recovered from its output.
       const V log_joint = log_norm - load(nll_ptr + b * l.HW, 0);
       const V one(scalar_t(1)), log_scale_min{scalar_t(kLogScaleMin)};
       BinTerm<scalar_t> terms[3];
       for (int64_t m = 0; m < l.M; ++m) {
         if (l.C == 3)
-          for (int64_t c = 0; c < 3; ++c) tanh_coeffs[c] = load(pb, l.coeff(c, m)).tanh();
+          for (int64_t c = 0; c < 3; ++c) tanh_coeffs[c] = tanh_of(load(pb, l.coeff(c, m)));
         const V log_prob = component<scalar_t, true>(l, m, pb, xs, tanh_coeffs, terms, load);
         // d nll / d logit_m = pi_m - r_m; d nll / d log p_cm(x) = -r_m (r: the posterior of m).
         const V r = (logits[m] + log_prob - log_joint).exp();

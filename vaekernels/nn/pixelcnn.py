@@ -63,6 +63,11 @@ class MaskedConv2d(nn.Conv2d):
         return f"{super().extra_repr()}, mask_type={self.mask_type!r}, channel_groups={self.channel_groups}"
 
 
+def _crop(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """The first ``size`` entries of ``t`` along ``dim``, as a view."""
+    return t.split([size, t.shape[dim] - size], dim=dim)[0]
+
+
 class GatedPixelCNNLayer(nn.Module):
     """One Gated PixelCNN layer (van den Oord et al., 2016): a vertical and a horizontal stack
     without a blind spot, the vertical-to-horizontal link, residual and skip outputs, and an
@@ -142,15 +147,17 @@ class GatedPixelCNNLayer(nn.Module):
         cond_v, cond_h = self.conditions(cond)
         # Convolutions with their own symmetric zero padding, cropped to the causal window: the
         # graph keeps their unpadded inputs, never a padded copy. Row i of the vertical output
-        # reads rows i - k//2 .. i; column j of the horizontal one columns j - k//2 .. .
+        # reads rows i - k//2 .. i; column j of the horizontal one columns j - k//2 .. . Crops
+        # and the output's halves are split off rather than sliced: the backward of a split
+        # concatenates, where that of a slice zero-fills a whole tensor and adds into it.
         v_full = F.conv2d(v, self.v_weight, self.v_bias, padding=(half, half))
-        v_pre = v_full[:, :, :height]
+        v_pre = _crop(v_full, 2, height)
         v_out = gated_activation(v_pre, cond_v, self.gate)
         # The link reads the vertical pre-activation one row up.
-        link = F.conv2d(v_full, self.link_weight, padding=(1, 0))[:, :, :height]
-        h_pre = F.conv2d(h, self.h_weight, self.h_bias, padding=(0, half))[..., :width] + link
+        link = _crop(F.conv2d(v_full, self.link_weight, padding=(1, 0)), 2, height)
+        h_pre = _crop(F.conv2d(h, self.h_weight, self.h_bias, padding=(0, half)), 3, width) + link
         out = gated_conv1x1(h_pre, cond_h, self.out_weight, self.out_bias, self.gate)
-        res, skip = out[:, :self.channels], out[:, self.channels:]
+        res, skip = out.split([self.channels, self.skip_channels], dim=1)
         h_out = h + res if self.residual else res
         return v_out, h_out, (skip if self.skip_channels else None)
 
