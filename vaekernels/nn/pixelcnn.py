@@ -153,8 +153,10 @@ class GatedPixelCNNLayer(nn.Module):
         v_full = F.conv2d(v, self.v_weight, self.v_bias, padding=(half, half))
         v_pre = _crop(v_full, 2, height)
         v_out = gated_activation(v_pre, cond_v, self.gate)
-        # The link reads the vertical pre-activation one row up.
-        link = _crop(F.conv2d(v_full, self.link_weight, padding=(1, 0)), 2, height)
+        # The link reads the vertical pre-activation one row up: rows 0..H-2 of an unpadded 1x1
+        # convolution (a plain matrix product; a padded one takes a slower convolution path),
+        # moved down a row.
+        link = F.pad(_crop(F.conv2d(v_full, self.link_weight), 2, height - 1), (0, 0, 1, 0))
         h_pre = _crop(F.conv2d(h, self.h_weight, self.h_bias, padding=(0, half)), 3, width) + link
         out = gated_conv1x1(h_pre, cond_h, self.out_weight, self.out_bias, self.gate)
         res, skip = out.split([self.channels, self.skip_channels], dim=1)
