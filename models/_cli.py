@@ -48,15 +48,20 @@ def write_json(path: Path, value: dict) -> None:
     os.replace(temporary, path)  # a run killed mid-write keeps the previous file
 
 
+def save_atomically(value, path: Path) -> None:
+    """``torch.save`` through a temporary file, so that a run killed mid-save keeps the previous
+    checkpoint to resume from."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(value, temporary)
+    os.replace(temporary, path)
+
+
 def save_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         generators: dict[str, torch.Generator], history: list, settings: dict) -> None:
     """The checkpoint that --resume continues from; ``generators`` are stored under their keys."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             **{name: generator.get_state() for name, generator in generators.items()},
-             "history": history, "settings": settings}
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)  # a run killed mid-save keeps the previous checkpoint to resume from
+    save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     **{name: generator.get_state() for name, generator in generators.items()},
+                     "history": history, "settings": settings}, path)
 
 
 def load_training_state(path: Path, device: torch.device, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -20,7 +20,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from . import _cli
 from .data import DATASETS, default_data_dir, load_dataset, to_model_input
 from .iwae import save_grid
 from .zoo import ARCHITECTURES, ESTIMATORS, LIKELIHOODS, MODELS, build_model
@@ -172,15 +172,6 @@ def save_pictures(model, data, settings, out: Path, device) -> None:
     model.train()
 
 
-def _atomic_save(value, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    if isinstance(value, dict) and path.suffix == ".json":
-        temporary.write_text(json.dumps(value, indent=2) + "\n")
-    else:
-        torch.save(value, temporary)
-    os.replace(temporary, path)  # a run killed mid-write keeps the previous file
-
-
 def _distributed(device_name: str):
     """(rank, world size, device) from torchrun's environment; one process is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -233,7 +224,7 @@ def main(argv=None) -> dict:
     trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_save(settings, out / "settings.json")
+        _cli.write_json(out / "settings.json", settings)
     steps_per_epoch = math.ceil(len(data.train[: settings["limit_train"]]) / settings["batch_size"])
     total_steps = min(settings["steps"] or math.inf, settings["epochs"] * steps_per_epoch)
     progress = not settings["no_progress"] and rank == 0
@@ -248,10 +239,10 @@ def main(argv=None) -> dict:
         else:
             noises = [state]
         if rank == 0:
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "noise": noises,
-                          "step": step, "history": history, "settings": settings, "world_size": world},
-                         out / "checkpoint.pt")
-            _atomic_save({"settings": settings, "step": step, "history": history}, out / "history.json")
+            _cli.save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "noise": noises,
+                                  "step": step, "history": history, "settings": settings, "world_size": world},
+                                 out / "checkpoint.pt")
+            _cli.write_json(out / "history.json", {"settings": settings, "step": step, "history": history})
             save_pictures(model, data, settings, out, device)
 
     model.train()
