@@ -265,6 +265,29 @@ def test_gated_conv1x1_saves_its_input_not_the_gated_tensor():
     assert saved == {x.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr()}
 
 
+@pytest.mark.parametrize("with_cond", (False, True))
+def test_gated_conv1x1_gradients_whichever_way_they_are_asked_for(with_cond):
+    """The weight gradient is skipped when the backward pass does not use it; each way of asking
+    must still get every gradient it asks for, equal to the unfused composition's."""
+    x = randn(2, 8, 3, 5, dtype=torch.float64).requires_grad_()
+    cond = randn(2, 8, dtype=torch.float64, seed=1).requires_grad_() if with_cond else None
+    weight = randn(6, 4, 1, 1, dtype=torch.float64, seed=2).requires_grad_()
+    bias = randn(6, dtype=torch.float64, seed=3).requires_grad_()
+    cot = randn(2, 6, 3, 5, dtype=torch.float64, seed=4)
+    leaves = [t for t in (x, cond, weight, bias) if t is not None]
+    expected = torch.autograd.grad((torch.nn.functional.conv2d(ref.gated_activation(x, cond), weight, bias) * cot).sum(), leaves)
+
+    def loss():
+        return (gated_conv1x1(x, cond, weight, bias) * cot).sum()
+    for asked in ([x], [weight], [bias, x], leaves):
+        got = torch.autograd.grad(loss(), asked)
+        for tensor, grad in zip(asked, got):
+            assert rel_err(grad, expected[[t is tensor for t in leaves].index(True)]) <= 1e-12
+    loss().backward()
+    for tensor, grad in zip(leaves, expected):
+        assert rel_err(tensor.grad, grad) <= 1e-12
+
+
 def pixelcnn(levels=2, classes=3, layers=4, kernel=3):
     torch.manual_seed(0)
     return vaekernels.nn.GatedPixelCNN(1, 6, layers, kernel_size=kernel, first_kernel=kernel, levels=levels,

@@ -265,9 +265,29 @@ def _gated_activation_vjp(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tenso
     return grad_x.view(x.shape), (grad_cond if cond is not None else None)
 
 
+def _gradient_used(ctx, index: int, slot: int) -> bool:
+    """Whether the running backward pass uses the gradient of forward input ``index``, the
+    ``slot``-th tensor among the forward's inputs (``ctx.next_functions`` skips non-tensors).
+
+    ``ctx.needs_input_grad`` is fixed at forward and only says the gradient may be wanted;
+    ``torch.autograd.grad(out, [x])`` wants none for the weights, and a convolution's weight
+    gradient costs as many multiply-adds as its forward. The engine knows which nodes it will
+    run; it answers for every node but a leaf that ``autograd.grad`` asked for, which is wanted.
+    """
+    if not ctx.needs_input_grad[index]:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch._C._will_engine_execute_node(ctx.next_functions[slot][0])
+    except RuntimeError:
+        return True
+
+
 class _GatedConv1x1(torch.autograd.Function):
     """conv1x1(gated_activation(x, cond), weight, bias), keeping only x (not the gated tensor)
-    for backward: the gate is recomputed there, an elementwise pass, instead of saved."""
+    for backward: the gate is recomputed there, an elementwise pass, and only when the weight's
+    gradient is wanted (the input's needs the weight, not the gated tensor)."""
 
     @staticmethod
     def forward(x, cond, weight, bias, gate):
@@ -277,18 +297,28 @@ class _GatedConv1x1(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, cond, weight, bias, gate = inputs
         ctx.gate, ctx.bias_sizes = gate, (None if bias is None else list(bias.shape))
+        ctx.weight_slot = 2 if cond is not None else 1
         ctx.save_for_backward(x, cond, weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, cond, weight = ctx.saved_tensors
-        gated = gated_activation(x, cond, ctx.gate)
-        need = ctx.needs_input_grad
-        grad_gated, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, gated, weight, ctx.bias_sizes, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [need[0] or need[1], need[2], ctx.bias_sizes is not None and need[3]])
+        need_input = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_weight = _gradient_used(ctx, 2, ctx.weight_slot)
+        need_bias = ctx.bias_sizes is not None and _gradient_used(ctx, 3, ctx.weight_slot + 1)
+        grad_weight = grad_bias = None
+        if need_weight:
+            gated = gated_activation(x, cond, ctx.gate)
+            grad_gated, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, gated, weight, ctx.bias_sizes, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [need_input, True, need_bias])
+        else:
+            # Without the weight's gradient the gated tensor is not needed at all: the input
+            # gradient of a 1x1 convolution is the convolution by the transposed weight.
+            grad_gated = F.conv2d(grad, weight.transpose(0, 1)) if need_input else None
+            grad_bias = grad.sum((0, 2, 3)) if need_bias else None
         grad_x = grad_cond = None
-        if need[0] or need[1]:
+        if need_input:
             grad_x, grad_cond = _gated_activation_vjp(grad_gated, x, cond, ctx.gate)
         return grad_x, grad_cond, grad_weight, grad_bias, None
 
