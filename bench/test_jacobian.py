@@ -24,6 +24,7 @@ from torch import nn
 
 import vaekernels
 from vaekernels import _backend
+from vaekernels.ops import jacobian as ops_jacobian
 from vaekernels.reference import jacobian as reference
 
 from _common import BENCH_DIR, devices, format_bytes, run_contenders
@@ -70,11 +71,16 @@ def forward_mode_metric(decoder, z):
 
 def fused_flops(shape) -> float:
     """2 x the multiply-adds of the fused path's matrix products, forward and backward, 2·B·d·h²
-    each: per hidden layer after the first, one product forward and two backward; T M forward and
-    the metric's gradient Tᵀ(g ⊙ T) backward (the tangent's gradient 2 g (T M) needs none).
-    And 2·D·h² each: WᵀW forward and W (G + Gᵀ) backward."""
+    each: per hidden layer after the first, one product forward and two backward; T M forward; the
+    metric's gradient Tᵀ(g ⊙ T) backward, symmetric, so only its blocks on and below the diagonal
+    (``SYMMETRIC_BLOCK`` columns each); the tangent's gradient 2 g (T M) needs none. And 2·D·h²
+    each: WᵀW forward and W (G + Gᵀ) backward."""
     batch, d, width, depth, outputs = shape
-    return (3 * (depth - 1) + 2) * 2 * batch * d * width**2 + 2 * 2 * outputs * width**2
+    block = ops_jacobian.SYMMETRIC_BLOCK
+    sizes = [min(block, width - start) for start in range(0, width, block)]
+    lower = sum(a * b for i, a in enumerate(sizes) for b in sizes[:i + 1])
+    return ((3 * (depth - 1) + 1) * 2 * batch * d * width**2 + 2 * batch * d * lower
+            + 2 * 2 * outputs * width**2)
 
 
 @functools.cache
