@@ -1,7 +1,8 @@
 // CPU kernels of the decoder-Jacobian family. The matrix products of forward-mode propagation
-// stay in ATen's GEMM; these kernels fuse what sits between them: an activation, its first and
-// second derivative and the scaling of the whole [B, k, h] tangent block in one pass (and its
-// backward in one pass), and the row-wise reduction of T M against T.
+// stay in library GEMMs (oneDNN's matmul in float32: matmul_2d); these kernels fuse what sits
+// between them: an activation, its first and second derivative and the scaling of the whole
+// [B, k, h] tangent block in one pass (and its backward in one pass), and the row-wise reduction
+// of T M against T.
 #include <algorithm>
 #include <cmath>
 #include <string>

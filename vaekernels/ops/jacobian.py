@@ -158,9 +158,10 @@ def _save_gram_reduce(ctx, inputs, output):
 
 
 def _make_gram_reduce_backward(ops):
-    # Elementwise work and matrix products only, so ATen's GEMM (cuBLAS on CUDA) serves both
-    # namespaces. The tangent gradient uses the symmetry of the metric (WᵀW) and reuses T M: for
-    # the norms it is 2 g (T M), no product at all. The metric's gradient is exact for any M.
+    # Elementwise work and matrix products only, so torch's GEMMs (oneDNN or MKL on CPU, cuBLAS on
+    # CUDA) serve both namespaces. The tangent gradient uses the symmetry of the metric (WᵀW) and
+    # reuses T M: for the norms it is 2 g (T M), no product at all. The metric's gradient is exact
+    # for any M.
     def backward(ctx, grad, grad_tm):
         tangent, metric, tm = ctx.saved_tensors
         h = tangent.shape[-1]
