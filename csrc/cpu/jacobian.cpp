@@ -1,13 +1,15 @@
 // CPU kernels of the decoder-Jacobian family. The matrix products of forward-mode propagation
-// stay in ATen's GEMM; these kernels fuse what sits between them: an activation, its first and
-// second derivative and the scaling of the whole [B, k, h] tangent block in one pass (and its
-// backward in one pass), and the row-wise reduction of T M against T.
+// stay in library GEMMs (oneDNN's matmul in float32: matmul_2d); these kernels fuse what sits
+// between them: an activation, its first and second derivative and the scaling of the whole
+// [B, k, h] tangent block in one pass (and its backward in one pass), and the row-wise reduction
+// of T M against T.
 #include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "rows.h"
@@ -221,6 +223,23 @@ std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step_backward(const std::opt
   return {grad_pre, grad_tangent_out};
 }
 
+// a [m, k] b [k, n] for a contiguous a. In float32 through oneDNN's matmul, the op
+// mkldnn::_linear_pointwise (which inductor lowers linear layers to) where torch registers it:
+// exact float32 like MKL's sgemm behind at::mm, and 15-18% faster than it on the AMD EPYC of
+// bench/RESULTS.md. ops/jacobian.py's _mm makes the same choice for the products in Python.
+at::Tensor matmul_2d(const at::Tensor& a, const at::Tensor& b) {
+  static const std::optional<c10::OperatorHandle> onednn =
+      c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+  if (onednn.has_value() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+      at::globalContext().userEnabledMkldnn() && a.is_contiguous() && (b.is_contiguous() || b.t().is_contiguous())) {
+    torch::jit::Stack stack{a, b.t(), c10::IValue(), c10::IValue(std::string("none")),
+                           c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue()};
+    onednn->callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  return at::mm(a, b);
+}
+
 // T M in one GEMM (it is an output: the backward scales it instead of multiplying again), then
 // the row-wise dots with T in one vectorised pass, or the per-example products with Tᵀ.
 std::tuple<at::Tensor, at::Tensor> jacobian_gram_reduce(const at::Tensor& tangent_in, const at::Tensor& metric_in,
@@ -231,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> jacobian_gram_reduce(const at::Tensor& tangen
   const int64_t B = tangent_in.size(0), k = tangent_in.size(1), h = tangent_in.size(2);
   check_tensor(op, "metric", metric_in, {h, h}, tangent_in, kCpu);
   const at::Tensor tangent = tangent_in.contiguous();
-  const at::Tensor tm = at::matmul(tangent, metric_in);
+  const at::Tensor tm = matmul_2d(tangent.view({B * k, h}), metric_in).view({B, k, h});
   if (!diagonal) return {at::bmm(tm, tangent.transpose(1, 2)), tm};
   at::Tensor norms = at::empty({B, k}, tangent.options());
   AT_DISPATCH_FLOATING_TYPES(tangent.scalar_type(), "jacobian_gram_reduce", [&] {
