@@ -48,6 +48,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 # and would keep freed blocks, resident, in its heap).
 _READING_MMAP_THRESHOLD = 128 << 10
 _M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD = -1
 
 
 def devices() -> list[str]:
@@ -245,6 +246,53 @@ def _walk(events):
     for event in events:
         yield event
         yield from _walk(event.children)
+
+
+def keep_freed_memory() -> None:
+    """Makes glibc's malloc keep freed memory in the process, as jemalloc and tcmalloc do.
+
+    By default glibc returns large freed blocks to the system, so every step of a benchmark
+    that allocates ~100 MB takes tens of thousands of page faults (each a zeroed 4 KiB page),
+    and how many varies from run to run: on 2 cores this alone moves a 150 ms step by up to
+    50 ms. With freed memory kept, a timing is the compute alone. Raises off glibc.
+    """
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallopt"):
+        raise RuntimeError("keep_freed_memory: needs glibc's mallopt, which this system lacks")
+    # Blocks below the mmap threshold come from the heap, not a mapping of their own; free heap
+    # memory above the trim threshold would go back to the system.
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)):
+        raise RuntimeError("keep_freed_memory: glibc's mallopt refused the thresholds")
+
+
+def interleaved_medians(calls: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each zero-argument call (synchronised), timed round-robin: one call of
+    each per round for ``rounds`` rounds after ``warmup`` calls of each. On a machine shared with
+    other work, and under an allocator whose state drifts, what comes and goes then falls on
+    every contender alike, where pytest-benchmark's groups time one contender after another."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(_timed(call))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def report_interleaved(title: str, file_stem: str, row_label: str, medians: dict[str, float]) -> None:
+    """Prints the medians and fused's speed-ups (visible with ``-s``) and appends them as a
+    markdown row to ``.benchmarks/<file_stem>_interleaved.md``."""
+    names = list(medians)
+    print(f"\n{title}, interleaved medians (ms): " + ", ".join(f"{n} {1e3 * m:.1f}" for n, m in medians.items())
+          + "; fused speed-up: " + ", ".join(f"{m / medians['fused']:.2f}× {n}" for n, m in medians.items()
+                                              if n != "fused"))
+    line = (f"| {row_label} | " + " | ".join(f"{1e3 * medians[n]:.1f}" for n in names) + " | "
+            + " | ".join(f"{medians[n] / medians['fused']:.2f}×" for n in names if n != "fused") + " |")
+    path = BENCH_DIR.parent / ".benchmarks" / f"{file_stem}_interleaved.md"
+    path.parent.mkdir(exist_ok=True)
+    with path.open("a") as table:
+        table.write(line + "\n")
 
 
 def peak_rss_growth(step: Callable[[], None]) -> int | None:

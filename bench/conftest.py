@@ -10,7 +10,6 @@ The table follows pytest-benchmark's own and is written as markdown to
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
 import platform
@@ -37,22 +36,14 @@ KEEP_FREED = "VAEKERNELS_BENCH_KEEP_FREED"
 
 
 def pytest_configure(config):
-    """With ``VAEKERNELS_BENCH_KEEP_FREED=1``, glibc's malloc keeps freed memory in the process.
-
-    By default glibc returns large freed blocks to the system, so every step of a benchmark
-    that allocates ~100 MB takes tens of thousands of page faults (each a zeroed 4 KiB page),
-    and how many varies from run to run: on 2 cores this alone moves a 150 ms step by up to
-    50 ms. Keeping freed memory (as jemalloc and tcmalloc do) times the compute alone."""
+    """``VAEKERNELS_BENCH_KEEP_FREED=1``: glibc keeps freed memory (:func:`_common.keep_freed_memory`),
+    so page faults, which vary from run to run, stay out of the timings."""
     if os.environ.get(KEEP_FREED, "0") in ("", "0"):
         return
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except OSError as error:
-        raise pytest.UsageError(f"{KEEP_FREED}=1 needs glibc's mallopt, which this system lacks: {error}")
-    # M_MMAP_THRESHOLD (-3): blocks below it come from the heap, not their own mapping;
-    # M_TRIM_THRESHOLD (-1): free heap memory above it would be returned to the system.
-    if not (mallopt(-3, 1 << 30) and mallopt(-1, (1 << 31) - 1)):
-        raise pytest.UsageError(f"{KEEP_FREED}=1: glibc's mallopt refused the thresholds")
+        _common.keep_freed_memory()
+    except RuntimeError as error:
+        raise pytest.UsageError(f"{KEEP_FREED}=1: {error}")
 
 
 @pytest.hookimpl(trylast=True)

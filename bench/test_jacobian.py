@@ -27,7 +27,7 @@ from vaekernels import _backend
 from vaekernels.ops import jacobian as ops_jacobian
 from vaekernels.reference import jacobian as reference
 
-from _common import BENCH_DIR, devices, format_bytes, run_contenders
+from _common import devices, format_bytes, interleaved_medians, report_interleaved, run_contenders
 
 # (batch, latent d, hidden width, hidden layers, outputs D): MNIST-sized and CIFAR-sized decoders.
 SHAPES = {"B128 d32 h512x2 D784": (128, 32, 512, 2, 784), "B64 d64 h1024x2 D3072": (64, 64, 1024, 2, 3072)}
@@ -157,34 +157,18 @@ INTERLEAVED_ROUNDS = 7
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("device", devices())
 def test_jacobian_column_sq_norms_interleaved(device, shape_name):
-    """The same contenders timed round-robin, one call each per round, for INTERLEAVED_ROUNDS
-    rounds: on a machine shared with other work, load that comes and goes then falls on every
-    contender alike, where the groups above time one contender after another. Medians and the
-    fused speed-ups are printed (``-s``) and appended to ``.benchmarks/jacobian_interleaved.md``."""
+    """The same contenders timed round-robin (:func:`_common.interleaved_medians`); medians and
+    fused's speed-ups printed (``-s``) and appended to ``.benchmarks/jacobian_interleaved.md``."""
     decoder, z = decoder_of(SHAPES[shape_name], device)
     weights = [p for p in decoder.parameters() if p is not decoder[-1].bias]
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def call(fn):
-        started = time.perf_counter()
-        torch.autograd.grad(fn(decoder, z).sum(), [z, *weights])
-        synchronize()
-        return time.perf_counter() - started
+    def step(fn):
+        def call():
+            torch.autograd.grad(fn(decoder, z).sum(), [z, *weights])
+            synchronize()
+        return call
 
-    functions = {name: _function(name) for name in CONTENDERS}
-    for fn in functions.values():
-        call(fn), call(fn)  # compilation and warm-up
-    times = {name: [] for name in functions}
-    for _ in range(INTERLEAVED_ROUNDS):
-        for name, fn in functions.items():
-            times[name].append(call(fn))
-    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    line = (f"| {shape_name} | {device} | " + " | ".join(f"{1e3 * medians[n]:.0f}" for n in CONTENDERS) + " | "
-            + " | ".join(f"{medians[n] / medians['fused']:.2f}×" for n in CONTENDERS if n != "fused") + " |")
-    print(f"\njacobian_column_sq_norms forward+backward, interleaved medians of {INTERLEAVED_ROUNDS} rounds (ms): "
-          + ", ".join(f"{n} {1e3 * m:.0f}" for n, m in medians.items()) + "; fused speed-up: "
-          + ", ".join(f"{m / medians['fused']:.2f}× {n}" for n, m in medians.items() if n != "fused"))
-    path = BENCH_DIR.parent / ".benchmarks" / "jacobian_interleaved.md"
-    path.parent.mkdir(exist_ok=True)
-    with path.open("a") as table:
-        table.write(line + "\n")
+    medians = interleaved_medians({name: step(_function(name)) for name in CONTENDERS}, INTERLEAVED_ROUNDS)
+    report_interleaved(f"jacobian_column_sq_norms {shape_name} forward+backward", "jacobian", f"{shape_name} | {device}",
+                       medians)

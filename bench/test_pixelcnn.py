@@ -17,7 +17,7 @@ import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import pixelcnn as reference
 
-from _common import CONTENDERS, MODES, contender_fn, devices, run_contenders
+from _common import CONTENDERS, MODES, contender_fn, devices, interleaved_medians, report_interleaved, run_contenders
 
 BATCH, CHANNELS, SIZE = 16, 128, 28
 SHAPE = f"B{BATCH} C{CHANNELS} {SIZE}x{SIZE}"
@@ -110,6 +110,31 @@ def test_gated_pixelcnn_layer(benchmark, mode, contender, device):
               torch.eye(10, device=device)[torch.arange(BATCH, device=device) % 10])
     run_contenders(benchmark, fn, inputs, op=f"GatedPixelCNNLayer k{LAYER_KERNEL} B skip+cond", shape=SHAPE,
                    mode=mode, contender=contender, **CONV_TIMING, **_fused_backend(contender, device))
+
+
+LAYER_INTERLEAVED_ROUNDS = 21
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gated_pixelcnn_layer_interleaved(device):
+    """The layer's forward+backward contenders timed round-robin (:func:`_common.interleaved_medians`):
+    medians and fused's speed-ups printed (``-s``) and appended to
+    ``.benchmarks/gated_layer_interleaved.md``."""
+    torch.manual_seed(0)
+    inputs = (_leaf(BATCH, CHANNELS, SIZE, SIZE, device=device), _leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),
+              torch.eye(10, device=device)[torch.arange(BATCH, device=device) % 10])
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step(fn):
+        def call():
+            torch.autograd.grad(sum(t.sum() for t in fn(*inputs)), inputs[:2])
+            synchronize()
+        return call
+
+    calls = {name: step(contender_fn(name, *_layer_fns(device))) for name in CONTENDERS}
+    medians = interleaved_medians(calls, LAYER_INTERLEAVED_ROUNDS)
+    report_interleaved(f"GatedPixelCNNLayer k{LAYER_KERNEL} B skip+cond {SHAPE} forward+backward", "gated_layer",
+                       f"{SHAPE} | {device}", medians)
 
 
 @pytest.mark.parametrize("contender", ("reference", "fused"))
