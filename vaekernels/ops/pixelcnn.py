@@ -272,7 +272,10 @@ def _gradient_used(ctx, index: int, slot: int) -> bool:
     ``ctx.needs_input_grad`` is fixed at forward and only says the gradient may be wanted;
     ``torch.autograd.grad(out, [x])`` wants none for the weights, and a convolution's weight
     gradient costs as many multiply-adds as its forward. The engine knows which nodes it will
-    run; it answers for every node but a leaf that ``autograd.grad`` asked for, which is wanted.
+    run (``torch._C._will_engine_execute_node``, private but there since torch 2.0: it is what
+    ``torch.autograd.graph.register_multi_grad_hook`` asks); it answers for every node but a leaf
+    that ``autograd.grad`` asked for, which is wanted. Under torch.compile the traced backward
+    keeps ``needs_input_grad``'s answer.
     """
     if not ctx.needs_input_grad[index]:
         return False
