@@ -265,18 +265,26 @@ def keep_freed_memory() -> None:
         raise RuntimeError("keep_freed_memory: glibc's mallopt refused the thresholds")
 
 
-def interleaved_medians(calls: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each zero-argument call (synchronised), timed round-robin: one call of
+def interleaved_medians(calls: dict[str, Callable[[], None]], device: str, rounds: int,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each zero-argument call on ``device``, timed round-robin: one call of
     each per round for ``rounds`` rounds after ``warmup`` calls of each. On a machine shared with
     other work, and under an allocator whose state drifts, what comes and goes then falls on
     every contender alike, where pytest-benchmark's groups time one contender after another."""
+    synchronize = _synchronizer(device)
+
+    def synchronized(call):
+        def run():
+            call()
+            synchronize()
+        return run
     for call in calls.values():
         for _ in range(warmup):
             call()
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            times[name].append(_timed(call))
+            times[name].append(_timed(synchronized(call)))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 

@@ -161,14 +161,10 @@ def test_jacobian_column_sq_norms_interleaved(device, shape_name):
     fused's speed-ups printed (``-s``) and appended to ``.benchmarks/jacobian_interleaved.md``."""
     decoder, z = decoder_of(SHAPES[shape_name], device)
     weights = [p for p in decoder.parameters() if p is not decoder[-1].bias]
-    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step(fn):
-        def call():
-            torch.autograd.grad(fn(decoder, z).sum(), [z, *weights])
-            synchronize()
-        return call
+        return lambda: torch.autograd.grad(fn(decoder, z).sum(), [z, *weights])
 
-    medians = interleaved_medians({name: step(_function(name)) for name in CONTENDERS}, INTERLEAVED_ROUNDS)
+    medians = interleaved_medians({name: step(_function(name)) for name in CONTENDERS}, device, INTERLEAVED_ROUNDS)
     report_interleaved(f"jacobian_column_sq_norms {shape_name} forward+backward", "jacobian", f"{shape_name} | {device}",
                        medians)

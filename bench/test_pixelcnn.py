@@ -100,14 +100,19 @@ def _layer_fns(device: str):
     return ref, fused
 
 
+def _layer_inputs(device: str):
+    """(v, h, cond): the two stacks' inputs, leaves, and a one-hot class per image."""
+    return (_leaf(BATCH, CHANNELS, SIZE, SIZE, device=device), _leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),
+            torch.eye(10, device=device)[torch.arange(BATCH, device=device) % 10])
+
+
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", devices())
 def test_gated_pixelcnn_layer(benchmark, mode, contender, device):
     torch.manual_seed(0)
     fn = contender_fn(contender, *_layer_fns(device))
-    inputs = (_leaf(BATCH, CHANNELS, SIZE, SIZE, device=device), _leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),
-              torch.eye(10, device=device)[torch.arange(BATCH, device=device) % 10])
+    inputs = _layer_inputs(device)
     run_contenders(benchmark, fn, inputs, op=f"GatedPixelCNNLayer k{LAYER_KERNEL} B skip+cond", shape=SHAPE,
                    mode=mode, contender=contender, **CONV_TIMING, **_fused_backend(contender, device))
 
@@ -121,18 +126,13 @@ def test_gated_pixelcnn_layer_interleaved(device):
     medians and fused's speed-ups printed (``-s``) and appended to
     ``.benchmarks/gated_layer_interleaved.md``."""
     torch.manual_seed(0)
-    inputs = (_leaf(BATCH, CHANNELS, SIZE, SIZE, device=device), _leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),
-              torch.eye(10, device=device)[torch.arange(BATCH, device=device) % 10])
-    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    inputs = _layer_inputs(device)
 
     def step(fn):
-        def call():
-            torch.autograd.grad(sum(t.sum() for t in fn(*inputs)), inputs[:2])
-            synchronize()
-        return call
+        return lambda: torch.autograd.grad(sum(t.sum() for t in fn(*inputs)), inputs[:2])
 
     calls = {name: step(contender_fn(name, *_layer_fns(device))) for name in CONTENDERS}
-    medians = interleaved_medians(calls, LAYER_INTERLEAVED_ROUNDS)
+    medians = interleaved_medians(calls, device, LAYER_INTERLEAVED_ROUNDS)
     report_interleaved(f"GatedPixelCNNLayer k{LAYER_KERNEL} B skip+cond {SHAPE} forward+backward", "gated_layer",
                        f"{SHAPE} | {device}", medians)
 
