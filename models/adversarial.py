@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
@@ -66,18 +66,6 @@ def leaky_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn
     torch.Size([2, 1])
     """
     return mlp(in_dim, hidden_dim, out_dim, layers, partial(nn.LeakyReLU, 0.2))
-
-
-def reconstruction_rows(x: torch.Tensor, reconstruction: torch.Tensor, columns: int = 10) -> torch.Tensor:
-    """Rows of ``columns`` images, each followed by the row of their reconstructions (for a PNG grid).
-
-    >>> reconstruction_rows(torch.zeros(20, 4), torch.ones(20, 4))[:, 0].tolist()[::10]
-    [0.0, 1.0, 0.0, 1.0]
-    """
-    rows = len(x) // columns
-    pairs = torch.stack([x[: rows * columns].reshape(rows, columns, -1),
-                         reconstruction[: rows * columns].reshape(rows, columns, -1)], 1)
-    return pairs.reshape(-1, x.shape[-1])
 
 
 class HistoricalAverage(nn.Module):
@@ -213,10 +201,13 @@ class Techniques:
             _fail("Techniques", f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         if self.historical_averaging < 0:
             _fail("Techniques", f"historical_averaging must be >= 0, got {self.historical_averaging}")
-        for name in ("feature_matching", "historical_averaging", "label_smoothing", "virtual_batch_norm"):
+        for name in TECHNIQUE_NAMES:
             if getattr(self, name) and name not in supported:
                 _fail("Techniques", f"{model} does not take {name} (it takes {', '.join(supported) or 'none'})")
 
+
+
+TECHNIQUE_NAMES = tuple(field.name for field in fields(Techniques))
 
 class AdversarialModel(nn.Module):
     """Players (named groups of submodules, each with its own optimiser) and the techniques they train with.

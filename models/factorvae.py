@@ -22,10 +22,9 @@ Example::
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 import vaekernels
-from .adversarial import Optimizers, leaky_mlp
+from .adversarial import Optimizers, discriminator_loss, leaky_mlp
 from .zoo import VAE, reparameterize
 
 
@@ -79,8 +78,7 @@ class FactorVAE(VAE):
             # The fused aggregate-posterior estimate of the same TC, on the minibatch: a check on D's.
             tc_minibatch = vaekernels.total_correlation(z, mean, log_var)
         real, fake = self.discriminator(z.detach()), self.discriminator(other)
-        discriminator = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
-            F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+        discriminator = discriminator_loss(real, fake)
         optimizers.step("discriminator", discriminator)
         return {"loss": loss.detach(), "reconstruction": reconstruction.detach(), "kl": kl.detach(),
                 "tc": tc.detach(), "tc_minibatch": tc_minibatch, "discriminator": discriminator.detach()}

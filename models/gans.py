@@ -38,13 +38,13 @@ from torch import nn
 from torch.nn import functional as F
 
 import vaekernels
-from .adversarial import (AdversarialModel, Optimizers, Techniques, VirtualBatchNorm, discriminator_loss,
-                          feature_matching_loss, generator_loss, leaky_mlp, reconstruction_rows, virtual_batch)
+from .adversarial import (TECHNIQUE_NAMES, AdversarialModel, Optimizers, Techniques, VirtualBatchNorm,
+                          discriminator_loss, feature_matching_loss, generator_loss, leaky_mlp, virtual_batch)
+from .iwae import reconstruction_rows
 from .zoo import Likelihood, standard_normal_log_prob
 
 PRIORS = ("gaussian", "mixture", "swiss-roll")
 CONDITIONS = ("none", "discriminator", "decoder")
-ALL_TECHNIQUES = ("feature_matching", "historical_averaging", "label_smoothing", "virtual_batch_norm")
 REFERENCE_BATCH = 64  # the virtual batch norm's fixed reference batch
 
 
@@ -115,7 +115,7 @@ class _ImageGAN(AdversarialModel):
     reference batch of codes when asked) and the generator's adversarial loss (feature matching or
     the non-saturating loss)."""
 
-    SUPPORTED = ALL_TECHNIQUES
+    SUPPORTED = TECHNIQUE_NAMES
 
     def _build_generator(self, code_dim: int, hidden_dim: int, data_dim: int) -> None:
         self.generator = generator_net(code_dim, hidden_dim, data_dim, self.techniques.virtual_batch_norm)
@@ -184,8 +184,10 @@ class InfoGAN(_ImageGAN):
             real_logits, self.real_head(fake_features), self.techniques.label_smoothing)
             + self.info_weight * self.information_loss(fake_features, category, continuous))
         fake_features = self.body(fake)
-        with torch.no_grad():
-            real_features = self.body(x)
+        real_features = None  # the body's features of real data after the update: feature matching's target
+        if self.techniques.feature_matching:
+            with torch.no_grad():
+                real_features = self.body(x)
         adversarial = self._generator_adversarial(real_features, fake_features, self.real_head(fake_features))
         information = self.information_loss(fake_features, category, continuous)
         self.update(optimizers, "generator", adversarial + self.info_weight * information)

@@ -191,6 +191,18 @@ def burda_learning_rate(epoch: int) -> float:
     return 1e-3 * 10 ** (-stage / 7)
 
 
+def reconstruction_rows(x: torch.Tensor, reconstruction: torch.Tensor, columns: int = 10) -> torch.Tensor:
+    """Rows of ``columns`` images, each followed by the row of their reconstructions (for a PNG grid).
+
+    >>> reconstruction_rows(torch.zeros(20, 4), torch.ones(20, 4))[:, 0].tolist()[::10]
+    [0.0, 1.0, 0.0, 1.0]
+    """
+    rows = len(x) // columns
+    pairs = torch.stack([x[: rows * columns].reshape(rows, columns, -1),
+                         reconstruction[: rows * columns].reshape(rows, columns, -1)], 1)
+    return pairs.reshape(-1, x.shape[-1])
+
+
 def save_grid(path: Path, images: torch.Tensor, columns: int, shape=(28, 28)) -> None:
     """Write images (values in [0, 1], [N, prod(shape)]) as one PNG grid, tiles framed in grey."""
     import matplotlib.image  # writing PNGs is the only use of matplotlib

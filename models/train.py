@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import _cli
 from .data import DATASETS, default_data_dir, load_dataset, to_model_input
-from .iwae import save_grid
+from .iwae import reconstruction_rows, save_grid
 from .zoo import ARCHITECTURES, ESTIMATORS, LIKELIHOODS, MODELS, build_model
 
 # What a resumed run may change; everything else comes from the checkpoint.
@@ -161,9 +161,8 @@ def save_pictures(model, data, settings, out: Path, device) -> None:
     x, y = x.to(device), None if y is None else y.to(device)
     rows = len(x) // columns
     x, y = x[: rows * columns], None if y is None else y[: rows * columns]
-    reconstruction = model.reconstruct(x, y)
-    pairs = torch.stack([x.reshape(rows, columns, -1), reconstruction.reshape(rows, columns, -1)], 1)
-    save_grid(out / "reconstructions.png", pairs.reshape(-1, x.shape[-1]), columns, data.image_shape)
+    save_grid(out / "reconstructions.png", reconstruction_rows(x, model.reconstruct(x, y), columns), columns,
+              data.image_shape)
     generator = torch.Generator(device).manual_seed(settings["seed"])
     # A conditional model draws one row per class label.
     labels = torch.arange(columns * columns, device=device) // columns % max(model.num_classes, 1)

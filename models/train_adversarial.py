@@ -30,13 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _cli
-from .adversarial import Optimizers, Techniques, reconstruction_rows
-from .data import default_data_dir, load_dataset, to_model_input
+from .adversarial import TECHNIQUE_NAMES, Optimizers, Techniques
+from .data import default_data_dir, load_dataset
 from .factorvae import FactorVAE, latent_traversals
 from .gans import AAE, AVB, BiGAN, CONDITIONS, InfoGAN, PRIORS
-from .iwae import save_grid
+from .iwae import reconstruction_rows, save_grid
 from .shapes import Shapes
-from .train import epoch_batches, free_run_dir
+from .train import epoch_batches, free_run_dir, test_input
 from .zoo import VAE
 
 MODELS = ("beta-vae", "factor-vae", "infogan", "aae", "avb", "bigan")
@@ -45,9 +45,8 @@ DATA = ("shapes", "mnist")
 DEFAULT_LATENT = {"beta-vae": 10, "factor-vae": 10, "aae": 2, "avb": 8, "bigan": 16, "infogan": 62}
 # Which improved-GAN options each model takes: those that fit its players (AVB's adversary must stay a
 # calibrated density ratio, so it takes none; feature matching and VBN need a generator of images).
-TECHNIQUES = {"infogan": ("feature_matching", "historical_averaging", "label_smoothing", "virtual_batch_norm"),
-              "bigan": ("feature_matching", "historical_averaging", "label_smoothing", "virtual_batch_norm"),
-              "aae": ("historical_averaging", "label_smoothing"), "avb": (), "beta-vae": (), "factor-vae": ()}
+TECHNIQUES = {"infogan": InfoGAN.SUPPORTED, "bigan": BiGAN.SUPPORTED, "aae": AAE.SUPPORTED, "avb": AVB.SUPPORTED,
+              "beta-vae": (), "factor-vae": ()}
 RESUMABLE = ("steps", "budget", "checkpoint_every", "no_progress")
 
 
@@ -121,8 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model == "aae" and args.prior != "gaussian" and args.latent_dim not in (None, 2):
         parser.error(f"--prior {args.prior} is 2-D: --latent-dim must be 2, got {args.latent_dim}")
     techniques = techniques_of(vars(args))
-    on = [name for name in ("feature_matching", "historical_averaging", "label_smoothing", "virtual_batch_norm")
-          if getattr(techniques, name) and name not in TECHNIQUES[args.model]]
+    on = [name for name in TECHNIQUE_NAMES if getattr(techniques, name) and name not in TECHNIQUES[args.model]]
     if on:
         parser.error(f"--model {args.model} does not take --{on[0].replace('_', '-')} (it takes "
                      f"{', '.join('--' + t.replace('_', '-') for t in TECHNIQUES[args.model]) or 'none of them'})")
@@ -134,8 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def techniques_of(settings: dict) -> Techniques:
-    return Techniques(settings["feature_matching"], settings["historical_averaging"], settings["label_smoothing"],
-                      settings["virtual_batch_norm"])
+    return Techniques(**{name: settings[name] for name in TECHNIQUE_NAMES})
 
 
 def build_model(settings: dict, data_dim: int, image_shape) -> torch.nn.Module:
@@ -196,9 +193,7 @@ class MnistStream:
         return self._batches[index]
 
     def test(self, count: int):
-        generator = torch.Generator().manual_seed(self.seed + 1)
-        x = to_model_input(self.data.test[:count], False, self.likelihood, generator)
-        return x, self.data.test_labels[:count]
+        return test_input(self.data, {"seed": self.seed, "likelihood": self.likelihood}, count)
 
 
 def players(model) -> dict:
