@@ -165,6 +165,7 @@ def test_jacobian_column_sq_norms_interleaved(device, shape_name):
     def step(fn):
         return lambda: torch.autograd.grad(fn(decoder, z).sum(), [z, *weights])
 
-    medians = interleaved_medians({name: step(_function(name)) for name in CONTENDERS}, device, INTERLEAVED_ROUNDS)
+    calls = {name: step(_function(name)) for name in CONTENDERS}
+    medians = interleaved_medians(calls, device, INTERLEAVED_ROUNDS)
     report_interleaved(f"jacobian_column_sq_norms {shape_name} forward+backward", "jacobian", f"{shape_name} | {device}",
                        medians)

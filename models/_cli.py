@@ -24,6 +24,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, out: str, batch_size: 
     parser.add_argument("--seed", type=int, default=0)
 
 
+def add_resume_arg(parser: argparse.ArgumentParser) -> None:
+    """--resume, which :func:`check_run_dir` and :func:`load_training_state` serve."""
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+
 def check_run_dir(parser: argparse.ArgumentParser, out: Path, resume: bool | None = None) -> None:
     """Refuses an ``out`` that already holds a run, so that none is overwritten. ``resume`` is None for a script
     that cannot resume; True asks instead for the checkpoint that --resume continues."""

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vaekernels
-from ._cli import check_run_dir, json_settings, load_training_state, save_training_state, write_json
+from ._cli import add_resume_arg, check_run_dir, json_settings, load_training_state, save_training_state, write_json
 from .data import default_data_dir, dynamic_binarize, load_mnist
 from .iwae import save_grid
 
@@ -52,7 +52,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
                                      description="Train a class-conditional Gated PixelCNN on MNIST with vaekernels.")
     parser.add_argument("--data-dir", type=Path, help="holds mnist/*.gz (default: $VAEKERNELS_DATA or ../shared/data)")
     parser.add_argument("--out", type=Path, default=Path("runs/gated_pixelcnn"), help="run directory")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    add_resume_arg(parser)
     parser.add_argument("--epochs", type=int, default=1, help="total epochs, counting resumed ones")
     parser.add_argument("--max-minutes", type=float, help="stop training after this many minutes (then evaluate)")
     parser.add_argument("--levels", type=int, choices=(2, 256), default=2, help="2: binarised (Bernoulli), 256: bytes")

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import vaekernels
-from ._cli import check_run_dir, json_settings, load_training_state, save_training_state, write_json
+from ._cli import add_resume_arg, check_run_dir, json_settings, load_training_state, save_training_state, write_json
 from .data import default_data_dir, dynamic_binarize, load_mnist
 
 ESTIMATORS = ("iwae", "dreg", "stl")
@@ -237,7 +237,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", type=Path, help="holds mnist/*.gz (default: $VAEKERNELS_DATA or ../shared/data)")
     parser.add_argument("--out", type=Path, default=Path("runs/iwae"), help="run directory (default: runs/iwae)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    add_resume_arg(parser)
     parser.add_argument("--epochs", type=int, default=10, help="total epochs, counting resumed ones")
     parser.add_argument("--k", type=int, default=50, help="importance samples per example; 1 gives the VAE")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="iwae", help="gradient estimator")

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="dataset directory (default: $VAEKERNELS_DATA or ../shared/data)")
     parser.add_argument("--download", action="store_true", help="fetch missing data files from their canonical URLs")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<model>-<data>-<n>, n the first free)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _cli.add_resume_arg(parser)
     parser.add_argument("--arch", choices=ARCHITECTURES, default="mlp")
     parser.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli")
     parser.add_argument("--k", type=int, default=1, help="samples per example (bound or averaged ELBO)")

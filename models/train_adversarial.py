@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", choices=DATA, help="default: shapes for the VAEs, mnist for the others")
     parser.add_argument("--data-dir", type=Path, help="holds mnist/*.gz (default: $VAEKERNELS_DATA or ../shared/data)")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<model>-<data>-<n>, n the first free)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _cli.add_resume_arg(parser)
     parser.add_argument("--steps", type=int, help="optimiser steps (of every player) in all (default 1000)")
     parser.add_argument("--budget", type=float, help="stop after this many CPU minutes of this process as well")
     parser.add_argument("--batch-size", type=int, default=64)
