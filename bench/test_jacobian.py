@@ -167,5 +167,5 @@ def test_jacobian_column_sq_norms_interleaved(device, shape_name):
 
     calls = {name: step(_function(name)) for name in CONTENDERS}
     medians = interleaved_medians(calls, device, INTERLEAVED_ROUNDS)
-    report_interleaved(f"jacobian_column_sq_norms {shape_name} forward+backward", "jacobian", f"{shape_name} | {device}",
-                       medians)
+    report_interleaved(f"jacobian_column_sq_norms {shape_name} forward+backward", "jacobian",
+                       f"{shape_name} | {device}", medians)
