@@ -10,7 +10,7 @@ import torch
 import vaekernels
 from conftest import device_backends, rel_err
 from vaekernels import _backend
-from vaekernels.ops.pixelcnn import causal_conv2d, gated_conv1x1
+from vaekernels.ops.pixelcnn import MASK_TYPES, causal_conv2d, gated_conv1x1
 from vaekernels.reference import pixelcnn as ref
 
 RTOL = {torch.float32: 2e-6, torch.float64: 1e-12}
@@ -265,20 +265,11 @@ def test_gated_conv1x1_saves_its_input_not_the_gated_tensor():
     assert saved == {x.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr()}
 
 
-@pytest.mark.parametrize("with_cond", (False, True))
-def test_gated_conv1x1_gradients_whichever_way_they_are_asked_for(with_cond):
-    """The weight gradient is skipped when the backward pass does not use it; each way of asking
-    must still get every gradient it asks for, equal to the unfused composition's."""
-    x = randn(2, 8, 3, 5, dtype=torch.float64).requires_grad_()
-    cond = randn(2, 8, dtype=torch.float64, seed=1).requires_grad_() if with_cond else None
-    weight = randn(6, 4, 1, 1, dtype=torch.float64, seed=2).requires_grad_()
-    bias = randn(6, dtype=torch.float64, seed=3).requires_grad_()
-    cot = randn(2, 6, 3, 5, dtype=torch.float64, seed=4)
-    leaves = [t for t in (x, cond, weight, bias) if t is not None]
-    expected = torch.autograd.grad((torch.nn.functional.conv2d(ref.gated_activation(x, cond), weight, bias) * cot).sum(), leaves)
-
-    def loss():
-        return (gated_conv1x1(x, cond, weight, bias) * cot).sum()
+def _assert_gradients_whichever_way_asked(loss, leaves, expected):
+    """``leaves`` are (x, ..., weight, bias); ``expected`` their gradients. Weight gradients are
+    skipped when the backward pass does not use them: each way of asking must still get every
+    gradient it asks for."""
+    x, weight, bias = leaves[0], leaves[-2], leaves[-1]
     for asked in ([x], [weight], [bias, x], leaves):
         got = torch.autograd.grad(loss(), asked)
         for tensor, grad in zip(asked, got):
@@ -286,6 +277,29 @@ def test_gated_conv1x1_gradients_whichever_way_they_are_asked_for(with_cond):
     loss().backward()
     for tensor, grad in zip(leaves, expected):
         assert rel_err(tensor.grad, grad) <= 1e-12
+
+
+@pytest.mark.parametrize("with_cond", (False, True))
+def test_gated_conv1x1_gradients_whichever_way_they_are_asked_for(with_cond):
+    x = randn(2, 8, 3, 5, dtype=torch.float64).requires_grad_()
+    cond = randn(2, 8, dtype=torch.float64, seed=1).requires_grad_() if with_cond else None
+    weight = randn(6, 4, 1, 1, dtype=torch.float64, seed=2).requires_grad_()
+    bias = randn(6, dtype=torch.float64, seed=3).requires_grad_()
+    cot = randn(2, 6, 3, 5, dtype=torch.float64, seed=4)
+    leaves = [t for t in (x, cond, weight, bias) if t is not None]
+    expected = torch.autograd.grad((torch.nn.functional.conv2d(ref.gated_activation(x, cond), weight, bias) * cot).sum(), leaves)
+    _assert_gradients_whichever_way_asked(lambda: (gated_conv1x1(x, cond, weight, bias) * cot).sum(), leaves, expected)
+
+
+@pytest.mark.parametrize("mask_type", MASK_TYPES)
+def test_masked_conv2d_gradients_whichever_way_they_are_asked_for(mask_type):
+    x = randn(2, 3, 5, 4).requires_grad_()
+    weight = randn(4, 3, 3, 5, seed=1).requires_grad_()
+    bias = randn(4, seed=2).requires_grad_()
+    cot = randn(2, 4, 5, 4, seed=3)
+    expected = torch.autograd.grad((ref.masked_conv2d(x, weight, bias, mask_type) * cot).sum(), [x, weight, bias])
+    _assert_gradients_whichever_way_asked(lambda: (vaekernels.masked_conv2d(x, weight, bias, mask_type) * cot).sum(),
+                                          [x, weight, bias], expected)
 
 
 def pixelcnn(levels=2, classes=3, layers=4, kernel=3):

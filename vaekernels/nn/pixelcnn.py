@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.pixelcnn import GATES, MASK_TYPES, _gradient_used, gated_activation, gated_conv1x1, masked_conv2d
+from ..ops.pixelcnn import GATES, MASK_TYPES, causal_conv2d, gated_activation, gated_conv1x1, masked_conv2d
 from ..reference.pixelcnn import causal_mask
 
 
@@ -63,59 +63,24 @@ class MaskedConv2d(nn.Conv2d):
         return f"{super().extra_repr()}, mask_type={self.mask_type!r}, channel_groups={self.channel_groups}"
 
 
-class _OneSidedConv2d(torch.autograd.Function):
-    """conv2d(F.pad(x, causal_pad), weight, bias, padding=padding): zero padding on the causal
-    side (``causal_pad``, as F.pad takes it) where the convolution's own is symmetric, so the
-    output is exactly H x W and no row or column is computed to be cropped. The padded copy is
-    made again in backward instead of kept: the graph holds x, as a padded convolution's would."""
-
-    @staticmethod
-    def forward(x, weight, bias, causal_pad, padding):
-        return F.conv2d(F.pad(x, causal_pad), weight, bias, padding=padding)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, ctx.causal_pad, ctx.padding = inputs
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.save_for_backward(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        # As autograd's own convolution node, only the gradients this backward pass uses.
-        need_x, need_weight = _gradient_used(ctx, 0, 0), _gradient_used(ctx, 1, 1)
-        need_bias = ctx.bias_sizes is not None and _gradient_used(ctx, 2, 2)
-        grad_padded, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, F.pad(x, ctx.causal_pad), weight, ctx.bias_sizes, [1, 1], list(ctx.padding), [1, 1], False, [0, 0],
-            1, [need_x, need_weight, need_bias])
-        left, _, top, _ = ctx.causal_pad
-        height, width = x.shape[-2:]
-        grad_x = grad_padded[..., top:top + height, left:left + width] if need_x else None
-        return grad_x, grad_weight, grad_bias, None, None
-
-
 class _LinkedHorizontal(torch.autograd.Function):
-    """The horizontal pre-activation: the first W columns of ``h_full`` [B, 2C, H, >= W] (type A's
-    convolution gives W + 1) plus row i - 1 of ``link_full`` [B, 2C, H, W] in row i, row 0 getting
-    nothing. One new tensor forward, the link's moved-up gradient backward, where a pad, a slice
-    and an add through autograd take two forward and two backward."""
+    """The horizontal pre-activation: ``h_conv`` [B, 2C, H, W] plus row i - 1 of ``link``
+    [B, 2C, H, W] in row i, row 0 getting nothing. One new tensor forward and the link's moved-up
+    gradient backward, where a pad, a slice and an add through autograd take two each way."""
 
     @staticmethod
-    def forward(h_full, link_full, height, width):
-        h_pre = h_full[..., :width].clone()
-        h_pre[:, :, 1:] += link_full[:, :, :height - 1]
+    def forward(h_conv, link):
+        h_pre = h_conv.clone()
+        h_pre[:, :, 1:] += link[:, :, :-1]
         return h_pre
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        h_full, link_full, _, _ = inputs
-        ctx.h_columns, ctx.link_rows = h_full.shape[-1], link_full.shape[-2]
+        pass
 
     @staticmethod
     def backward(ctx, grad):
-        height, width = grad.shape[-2:]
-        grad_h = grad if ctx.h_columns == width else F.pad(grad, (0, ctx.h_columns - width))
-        return grad_h, F.pad(grad[:, :, 1:], (0, 0, 0, ctx.link_rows - height + 1)), None, None
+        return grad, F.pad(grad[:, :, 1:], (0, 0, 0, 1))
 
 
 class GatedPixelCNNLayer(nn.Module):
@@ -196,15 +161,15 @@ class GatedPixelCNNLayer(nn.Module):
         height, width = h.shape[-2:]
         cond_v, cond_h = self.conditions(cond)
         # Row i of the vertical output reads rows i - k//2 .. i; column j of the horizontal one
-        # columns j - k//2 .. (j or j - 1). Every large tensor of the layer is then [B, 2C, H, W]
-        # or [B, C, H, W], which glibc's malloc reuses from step to step where odd sizes left holes.
-        v_pre = _OneSidedConv2d.apply(v, self.v_weight, self.v_bias, (0, 0, half, 0), (0, half))
+        # columns j - k//2 .. j (type "A": .. j - 1). Padded on the causal sides only, so every
+        # large tensor of the layer is [B, 2C, H, W] or [B, C, H, W]: glibc's malloc reuses those
+        # from step to step, where tensors a row or a column larger left holes and page faults.
+        v_pre = causal_conv2d(v, [(self.v_weight, half, half)], self.v_bias)
         v_out = gated_activation(v_pre, cond_v, self.gate)
-        # The link reads the vertical pre-activation one row up: an unpadded 1x1 convolution (a
-        # plain matrix product; a padded one takes a slower convolution path), its rows 0..H-2
-        # added into rows 1..H-1.
-        h_pre = _LinkedHorizontal.apply(_OneSidedConv2d.apply(h, self.h_weight, self.h_bias, (half, 0, 0, 0), (0, 0)),
-                                        F.conv2d(v_pre, self.link_weight), height, width)
+        # The link reads the vertical pre-activation one row up (an unpadded 1x1 convolution: a
+        # plain matrix product; a padded one takes a slower convolution path).
+        h_pre = _LinkedHorizontal.apply(causal_conv2d(h, [(self.h_weight, 0, half)], self.h_bias),
+                                        F.conv2d(v_pre, self.link_weight))
         out = gated_conv1x1(h_pre, cond_h, self.out_weight, self.out_bias, self.gate)
         res, skip = out.split([self.channels, self.skip_channels], dim=1)
         h_out = h + res if self.residual else res

@@ -58,19 +58,22 @@ class _CausalConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[0]
+        # As autograd's convolution node: only the gradients this backward pass uses (slots count
+        # the tensor inputs: x, the bias when there is one, the weights).
+        first_weight_slot = 1 + ctx.has_bias
+        need_x = _gradient_used(ctx, 0, 0)
         grad_x, grad_weights = None, []
         for index, ((top, left), weight) in enumerate(zip(ctx.offsets, weights)):
             grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad, _shifted(x, top, left, weight), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                [need_x, ctx.needs_input_grad[3 + index], False])
+                [need_x, _gradient_used(ctx, 3 + index, first_weight_slot + index), False])
             if need_x:
                 # The inverse of the shift: crop what was padded, pad what was cropped.
                 kh, kw = weight.shape[-2:]
                 grad_in = F.pad(grad_in, (-left, left + 1 - kw, -top, top + 1 - kh))
                 grad_x = grad_in if grad_x is None else grad_x.add_(grad_in)
             grad_weights.append(grad_w)
-        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and _gradient_used(ctx, 1, 1) else None
         return grad_x, grad_bias, None, *grad_weights
 
 
