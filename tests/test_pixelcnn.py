@@ -287,7 +287,8 @@ def test_gated_conv1x1_gradients_whichever_way_they_are_asked_for(with_cond):
     bias = randn(6, dtype=torch.float64, seed=3).requires_grad_()
     cot = randn(2, 6, 3, 5, dtype=torch.float64, seed=4)
     leaves = [t for t in (x, cond, weight, bias) if t is not None]
-    expected = torch.autograd.grad((torch.nn.functional.conv2d(ref.gated_activation(x, cond), weight, bias) * cot).sum(), leaves)
+    unfused = torch.nn.functional.conv2d(ref.gated_activation(x, cond), weight, bias)
+    expected = torch.autograd.grad((unfused * cot).sum(), leaves)
     _assert_gradients_whichever_way_asked(lambda: (gated_conv1x1(x, cond, weight, bias) * cot).sum(), leaves, expected)
 
 

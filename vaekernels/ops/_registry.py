@@ -42,14 +42,28 @@ def define_triton_op(name: str, launcher: Callable, mutates_args: tuple[str, ...
 
 def register(name: str, fake: Callable, setup_context: Callable | None = None,
              make_backward: Callable | None = None) -> None:
-    """Registers the fake kernel and (when differentiable) the autograd formula of ``name``.
+    """Registers the fake kernel and the autograd formula of ``name``.
 
     ``make_backward(ops)`` returns the backward for the namespace ``ops``, so a Triton op's
-    backward runs Triton kernels and a C++ op's backward C++ kernels.
+    backward runs Triton kernels and a C++ op's backward C++ kernels. Without it ``name`` is a
+    fused backward, which has no derivative of its own: differentiating it (a second backward
+    after ``create_graph=True``) raises instead of returning the wrong numbers that autograd's
+    fallback for ops without a formula would give.
     """
     for namespace in namespaces():
         qualified = f"{namespace}::{name}"
         torch.library.register_fake(qualified, fake)
+        ops = getattr(torch.ops, namespace)
         if make_backward is not None:
-            ops = getattr(torch.ops, namespace)
             torch.library.register_autograd(qualified, make_backward(ops), setup_context=setup_context)
+        elif not getattr(ops, name).default._schema.is_mutable:  # torch takes formulas for functional ops only
+            torch.library.register_autograd(qualified, _no_second_derivative(qualified))
+
+
+def _no_second_derivative(qualified: str) -> Callable:
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{qualified}: the fused kernels give first derivatives only; a second backward through them "
+            f"(double backward after create_graph=True: Hessian-vector products, gradient penalties) is not "
+            f"supported. Set VAEKERNELS_BACKEND=reference for higher derivatives.")
+    return backward

@@ -256,10 +256,14 @@ def _gated_activation_vjp(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tenso
     """(grad_x, grad_cond) of :func:`gated_activation` at (x, cond), recomputing the gate."""
     backend = _backend.choose("gated_activation", x.device, x.dtype)
     if backend == "reference":
+        # Grad mode on here means a backward with create_graph=True: the vjp then stays on x's
+        # graph, so that it can be differentiated again.
+        create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, cond)]
+            leaves = [t if t is None or (create_graph and t.requires_grad) else t.detach().requires_grad_()
+                      for t in (x, cond)]
             out = reference.gated_activation(leaves[0], leaves[1], gate)
-            found = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
+            found = torch.autograd.grad(out, [t for t in leaves if t is not None], grad, create_graph=create_graph)
         return found[0], (found[1] if cond is not None else None)
     rows = _gate_rows("gated_activation", x, cond, gate)
     grad_rows = grad.reshape(rows.shape[0], rows.shape[1] // 2, rows.shape[2])
