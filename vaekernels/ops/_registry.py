@@ -41,29 +41,61 @@ def define_triton_op(name: str, launcher: Callable, mutates_args: tuple[str, ...
 
 
 def register(name: str, fake: Callable, setup_context: Callable | None = None,
-             make_backward: Callable | None = None) -> None:
-    """Registers the fake kernel and the autograd formula of ``name``.
+             make_backward: Callable | None = None, *, twice_differentiable: bool = False) -> None:
+    """Registers the fake kernel and (when differentiable) the autograd formula of ``name``.
 
     ``make_backward(ops)`` returns the backward for the namespace ``ops``, so a Triton op's
-    backward runs Triton kernels and a C++ op's backward C++ kernels. Without it ``name`` is a
-    fused backward, which has no derivative of its own: differentiating it (a second backward
-    after ``create_graph=True``) raises instead of returning the wrong numbers that autograd's
-    fallback for ops without a formula would give.
+    backward runs Triton kernels and a C++ op's backward C++ kernels. A backward through fused
+    kernels gives first derivatives only: unless ``twice_differentiable`` (a backward of
+    differentiable torch ops), its gradients refuse a second backward (:func:`first_derivatives_only`).
     """
     for namespace in namespaces():
         qualified = f"{namespace}::{name}"
         torch.library.register_fake(qualified, fake)
-        ops = getattr(torch.ops, namespace)
         if make_backward is not None:
-            torch.library.register_autograd(qualified, make_backward(ops), setup_context=setup_context)
-        elif not getattr(ops, name).default._schema.is_mutable:  # torch takes formulas for functional ops only
-            torch.library.register_autograd(qualified, _no_second_derivative(qualified))
+            backward = make_backward(getattr(torch.ops, namespace))
+            if not twice_differentiable:
+                backward = _refusing_second_backward(qualified, backward)
+            torch.library.register_autograd(qualified, backward, setup_context=setup_context)
 
 
-def _no_second_derivative(qualified: str) -> Callable:
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"{qualified}: the fused kernels give first derivatives only; a second backward through them "
-            f"(double backward after create_graph=True: Hessian-vector products, gradient penalties) is not "
-            f"supported. Set VAEKERNELS_BACKEND=reference for higher derivatives.")
-    return backward
+def _refusing_second_backward(qualified: str, backward: Callable) -> Callable:
+    def refusing(ctx, *grads):
+        result = backward(ctx, *grads)
+        if not torch.is_grad_enabled():  # a backward without create_graph: nothing to guard
+            return result
+        return first_derivatives_only(qualified, result, (*ctx.saved_tensors, *grads))
+    return refusing
+
+
+def first_derivatives_only(where: str, gradients, anchors,
+                           remedy: str = "Set VAEKERNELS_BACKEND=reference for higher derivatives."):
+    """``gradients`` (a tensor or a tuple, Nones kept) unchanged, unless grad mode is on: in a
+    backward with create_graph=True, each becomes a node whose own backward raises (naming
+    ``where`` and the ``remedy``), tied to the ``anchors`` that require grad. Fused kernels compute
+    gradients without a graph; left as they are, a second backward would take them for constants
+    and return wrong numbers."""
+    if not torch.is_grad_enabled():
+        return gradients
+    tied = [t for t in anchors if isinstance(t, torch.Tensor) and t.requires_grad]
+    message = (f"{where}: the fused kernels give first derivatives only; a second backward through them (double "
+               f"backward after create_graph=True: Hessian-vector products, gradient penalties) is not supported. "
+               f"{remedy}")
+
+    def wrap(gradient):
+        return gradient if gradient is None else _FirstDerivativeOnly.apply(gradient, message, *tied)
+    return tuple(map(wrap, gradients)) if isinstance(gradients, tuple) else wrap(gradients)
+
+
+class _FirstDerivativeOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(gradient, message, *anchors):
+        return gradient.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[1]
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(ctx.message)

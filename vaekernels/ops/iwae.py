@@ -218,7 +218,8 @@ def _make_gaussian_log_prob_backward(ops):
     return backward
 
 
-register("gaussian_log_prob", _row_reduction_fake, _save_inputs, _make_gaussian_log_prob_backward)
+register("gaussian_log_prob", _row_reduction_fake, _save_inputs, _make_gaussian_log_prob_backward,
+         twice_differentiable=True)
 
 
 def _row_reduction(fn: str, names: tuple[str, ...], tensors: tuple) -> tuple[str, list[torch.Tensor], torch.Size]:
@@ -273,7 +274,7 @@ def _make_gaussian_kl_backward(ops):
     return backward
 
 
-register("gaussian_kl", _row_reduction_fake, _save_inputs, _make_gaussian_kl_backward)
+register("gaussian_kl", _row_reduction_fake, _save_inputs, _make_gaussian_kl_backward, twice_differentiable=True)
 
 
 def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:

@@ -193,7 +193,8 @@ def _make_gram_reduce_backward(ops):
     return backward
 
 
-register("jacobian_gram_reduce", _gram_reduce_fake, _save_gram_reduce, _make_gram_reduce_backward)
+register("jacobian_gram_reduce", _gram_reduce_fake, _save_gram_reduce, _make_gram_reduce_backward,
+         twice_differentiable=True)
 
 
 class _SelfGram(torch.autograd.Function):

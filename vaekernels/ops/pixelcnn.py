@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import _backend
 from ..reference import pixelcnn as reference
 from ._checks import check_choice, check_float, check_shape, fail
-from ._registry import define_triton_op, register
+from ._registry import define_triton_op, first_derivatives_only, register
 
 MASK_TYPES = ("A", "B")
 GATES = ("tanh", "linear")
@@ -269,7 +269,8 @@ def _gated_activation_vjp(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tenso
     grad_rows = grad.reshape(rows.shape[0], rows.shape[1] // 2, rows.shape[2])
     grad_x, grad_cond = _backend.ops(backend).gated_activation_backward(
         grad_rows, rows, None if cond is None else cond.contiguous(), gate)
-    return grad_x.view(x.shape), (grad_cond if cond is not None else None)
+    grads = (grad_x.view(x.shape), grad_cond if cond is not None else None)
+    return first_derivatives_only("vaekernels.gated_activation", grads, (grad, x, cond))
 
 
 def _gradient_used(ctx, index: int, slot: int) -> bool:

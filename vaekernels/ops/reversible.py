@@ -33,7 +33,7 @@ from torch import nn
 from .. import _backend
 from ..reference import reversible as reference
 from ._checks import check_float, check_shape, fail
-from ._registry import define_triton_op, register
+from ._registry import define_triton_op, first_derivatives_only, register
 
 if _backend.triton_available():
     from ..triton import reversible as _triton
@@ -255,30 +255,10 @@ class _ReversibleFunction(torch.autograd.Function):
                     param_grads[j] = grad if param_grads[j] is None else param_grads[j] + grad
         del y1, y2
         grad_x = torch.cat([g1, g2], 1).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
-        if torch.is_grad_enabled():  # create_graph=True: these gradients have no graph to go on
-            grad_x, *param_grads = (g if g is None else _FirstDerivativeOnly.apply(g, y)
-                                    for g in (grad_x, *param_grads))
-        return (grad_x, None, *param_grads)
-
-
-class _FirstDerivativeOnly(torch.autograd.Function):
-    """A gradient from the backward by reconstruction, passed on unchanged; a second backward
-    through it raises rather than giving the zeros that a gradient without a graph would."""
-
-    @staticmethod
-    def forward(grad, anchor):
-        return grad.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError("reversible_sequential: the backward by reconstruction gives first derivatives only; a "
-                           "second backward through it (double backward after create_graph=True) is not supported. "
-                           "vaekernels.reference.reversible.reversible_sequential (ordinary autograd, which stores "
-                           "the activations) has higher derivatives.")
+        return first_derivatives_only(
+            "reversible_sequential", (grad_x, None, *param_grads), (y, grad_y, grad_logdet),
+            "vaekernels.reference.reversible.reversible_sequential (ordinary autograd, which stores the activations) "
+            "has higher derivatives.")
 
 
 def _forward_pair(block: nn.Module, x1: torch.Tensor, x2: torch.Tensor, rng: _RngTape, where: str):
