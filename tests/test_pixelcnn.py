@@ -232,15 +232,18 @@ def test_float32_tanh_of_the_cpu_kernel_is_within_a_few_ulp(backend):
 # ----------------------------------------------------------------------------- gated PixelCNN layer
 
 
-@pytest.mark.parametrize("mask_type,kernel,cond,gate", [("A", 3, True, "tanh"), ("B", 5, False, "linear"),
-                                                        ("B", 3, True, "tanh")])
-def test_gated_layer_matches_the_pytorch_generative_layer(device_backend, mask_type, kernel, cond, gate):
+# (mask type, kernel, condition, gate, height x width): single rows and columns included, where
+# the causal pads of the layer's convolutions reach past the whole image (type A crops a column).
+@pytest.mark.parametrize("mask_type,kernel,cond,gate,size", [
+    ("A", 3, True, "tanh", (5, 6)), ("B", 5, False, "linear", (5, 6)), ("B", 3, True, "tanh", (5, 6)),
+    ("A", 7, False, "tanh", (5, 6)), ("B", 3, True, "tanh", (1, 4)), ("A", 5, True, "linear", (4, 1))])
+def test_gated_layer_matches_the_pytorch_generative_layer(device_backend, mask_type, kernel, cond, gate, size):
     device, _ = device_backend
     torch.manual_seed(0)
     channels = 4
     layer = vaekernels.nn.GatedPixelCNNLayer(channels, channels, kernel, mask_type, skip_channels=3,
                                              cond_features=5 if cond else 0, gate=gate).double().to(device)
-    v, h = randn(2, channels, 5, 6, device=device), randn(2, channels, 5, 6, device=device, seed=1)
+    v, h = randn(2, channels, *size, device=device), randn(2, channels, *size, device=device, seed=1)
     y = randn(2, 5, device=device, seed=2) if cond else None
     params = list(layer.parameters())
     def flat(outs):
@@ -292,15 +295,38 @@ def test_gated_conv1x1_gradients_whichever_way_they_are_asked_for(with_cond):
     _assert_gradients_whichever_way_asked(lambda: (gated_conv1x1(x, cond, weight, bias) * cot).sum(), leaves, expected)
 
 
+class _ConvolutionBackwardMasks(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output mask (input, weight, bias) of every aten.convolution_backward call."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.masks.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("mask_type", MASK_TYPES)
-def test_masked_conv2d_gradients_whichever_way_they_are_asked_for(mask_type):
+@pytest.mark.parametrize("with_bias", (True, False))
+def test_masked_conv2d_gradients_whichever_way_they_are_asked_for(mask_type, with_bias):
     x = randn(2, 3, 5, 4).requires_grad_()
     weight = randn(4, 3, 3, 5, seed=1).requires_grad_()
-    bias = randn(4, seed=2).requires_grad_()
+    bias = randn(4, seed=2).requires_grad_() if with_bias else None
     cot = randn(2, 4, 5, 4, seed=3)
-    expected = torch.autograd.grad((ref.masked_conv2d(x, weight, bias, mask_type) * cot).sum(), [x, weight, bias])
-    _assert_gradients_whichever_way_asked(lambda: (vaekernels.masked_conv2d(x, weight, bias, mask_type) * cot).sum(),
-                                          [x, weight, bias], expected)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    expected = torch.autograd.grad((ref.masked_conv2d(x, weight, bias, mask_type) * cot).sum(), leaves)
+
+    def loss():
+        return (vaekernels.masked_conv2d(x, weight, bias, mask_type) * cot).sum()
+    if with_bias:
+        _assert_gradients_whichever_way_asked(loss, leaves, expected)
+    # Asked for x alone, no part computes its weight's gradient (as many multiply-adds as the forward).
+    with _ConvolutionBackwardMasks() as recorded:
+        (grad_x,) = torch.autograd.grad(loss(), [x])
+    assert recorded.masks and all(mask == [True, False, False] for mask in recorded.masks), recorded.masks
+    assert rel_err(grad_x, expected[0]) <= 1e-12
 
 
 def pixelcnn(levels=2, classes=3, layers=4, kernel=3):

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.pixelcnn import GATES, MASK_TYPES, causal_conv2d, gated_activation, gated_conv1x1, masked_conv2d
+from ..ops.pixelcnn import (GATES, MASK_TYPES, causal_conv2d, gated_activation, gated_conv1x1, linked_horizontal,
+                           masked_conv2d)
 from ..reference.pixelcnn import causal_mask
 
 
@@ -61,26 +62,6 @@ class MaskedConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mask_type={self.mask_type!r}, channel_groups={self.channel_groups}"
-
-
-class _LinkedHorizontal(torch.autograd.Function):
-    """The horizontal pre-activation: ``h_conv`` [B, 2C, H, W] plus row i - 1 of ``link``
-    [B, 2C, H, W] in row i, row 0 getting nothing. One new tensor forward and the link's moved-up
-    gradient backward, where a pad, a slice and an add through autograd take two each way."""
-
-    @staticmethod
-    def forward(h_conv, link):
-        h_pre = h_conv.clone()
-        h_pre[:, :, 1:] += link[:, :, :-1]
-        return h_pre
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, F.pad(grad[:, :, 1:], (0, 0, 0, 1))
 
 
 class GatedPixelCNNLayer(nn.Module):
@@ -158,18 +139,18 @@ class GatedPixelCNNLayer(nn.Module):
 
     def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None):
         half = self.kernel_size // 2
-        height, width = h.shape[-2:]
         cond_v, cond_h = self.conditions(cond)
         # Row i of the vertical output reads rows i - k//2 .. i; column j of the horizontal one
-        # columns j - k//2 .. j (type "A": .. j - 1). Padded on the causal sides only, so every
-        # large tensor of the layer is [B, 2C, H, W] or [B, C, H, W]: glibc's malloc reuses those
-        # from step to step, where tensors a row or a column larger left holes and page faults.
+        # columns j - k//2 .. j (type "A": .. j - 1). Padded on the causal sides only, the inputs
+        # rather than cropped outputs: the [B, 2C] tensors all have one size, which glibc's malloc
+        # reuses from step to step, where outputs a row or a column larger left holes and page
+        # faults; the padded [B, C] copies are smaller than the holes.
         v_pre = causal_conv2d(v, [(self.v_weight, half, half)], self.v_bias)
         v_out = gated_activation(v_pre, cond_v, self.gate)
         # The link reads the vertical pre-activation one row up (an unpadded 1x1 convolution: a
         # plain matrix product; a padded one takes a slower convolution path).
-        h_pre = _LinkedHorizontal.apply(causal_conv2d(h, [(self.h_weight, 0, half)], self.h_bias),
-                                        F.conv2d(v_pre, self.link_weight))
+        h_pre = linked_horizontal(causal_conv2d(h, [(self.h_weight, 0, half)], self.h_bias),
+                                  F.conv2d(v_pre, self.link_weight))
         out = gated_conv1x1(h_pre, cond_h, self.out_weight, self.out_bias, self.gate)
         res, skip = out.split([self.channels, self.skip_channels], dim=1)
         h_out = h + res if self.residual else res

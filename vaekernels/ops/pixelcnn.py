@@ -104,6 +104,38 @@ def causal_conv2d(x: torch.Tensor, parts, bias: torch.Tensor | None = None) -> t
     return _CausalConv.apply(x, bias, offsets, *weights)
 
 
+class _LinkedHorizontal(torch.autograd.Function):
+    """See :func:`linked_horizontal`. One new tensor forward and the link's moved-up gradient
+    backward, where a pad, a slice and an add through autograd take two each way."""
+
+    @staticmethod
+    def forward(h_conv, link):
+        h_pre = h_conv.clone()
+        h_pre[:, :, 1:] += link[:, :, :-1]
+        return h_pre
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, F.pad(grad[:, :, 1:], (0, 0, 0, 1))
+
+
+def linked_horizontal(h_conv: torch.Tensor, link: torch.Tensor) -> torch.Tensor:
+    """The Gated PixelCNN layer's horizontal pre-activation: ``h_conv`` [B, 2C, H, W] plus row
+    i - 1 of ``link`` [B, 2C, H, W] in row i (row 0 gets nothing), so that the horizontal stack
+    sees the vertical one only from the rows above.
+
+    Example:
+        >>> import torch
+        >>> linked_horizontal(torch.zeros(1, 1, 3, 1), torch.ones(1, 1, 3, 1)).flatten().tolist()
+        [0.0, 1.0, 1.0]
+    """
+    return _LinkedHorizontal.apply(h_conv, link)
+
+
 # ----------------------------------------------------------------------------- masked_conv2d
 
 
@@ -217,7 +249,7 @@ register("gated_activation_backward", _gated_activation_backward_fake)
 
 def _gate_rows(fn: str, x: torch.Tensor, cond: torch.Tensor | None, gate: str) -> torch.Tensor:
     """Checks the arguments and views x [B, 2C, *spatial] as [B, 2C, N] with contiguous rows,
-    without a copy where its layout allows (a cropped convolution output does)."""
+    without a copy where its layout allows (a channel slice or batch slice of a larger tensor does)."""
     check_float(fn, "x", x)
     check_choice(fn, "gate", gate, GATES)
     if x.dim() < 2 or x.shape[1] % 2:

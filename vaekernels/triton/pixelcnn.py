@@ -1,7 +1,7 @@
 """Triton kernels of the PixelCNN gated activation, and their launchers.
 
 x is viewed as [B, 2C, N] with contiguous rows of N pixels (its batch and channel strides are
-free, so a cropped convolution output is read in place); the condition [B, 2C] is broadcast over
+free, so a channel or batch slice of a larger tensor is read in place); the condition [B, 2C] is broadcast over
 the row inside the kernel. One program per (batch, channel) row loops over the row in blocks,
 computing in float32 (float64 for float64 inputs); the backward recomputes the gate and sums the
 condition's gradient over the row in registers.
