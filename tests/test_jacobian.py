@@ -92,6 +92,27 @@ def test_tangent_step_matches_reference(device_backend, activation, shared, dtyp
         assert_rel(got, want, dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("device_backend", NATIVE)
+def test_shared_tangent_gets_the_batch_sum(device_backend, threads):
+    # Large enough that the CPU kernel's rows are split between threads, each summing its own.
+    device, backend = device_backend
+    pre, tangent = step_inputs(device, torch.float64, batch=64, k=32, h=64, shared=True)
+    grad_tangent = randn(64, 32, 64, device=device, dtype=torch.float64, seed=5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_pre, grad_shared = _backend.ops(backend).jacobian_tangent_step_backward(
+            None, grad_tangent, pre, tangent, "tanh", 0.0, 0.0)
+    finally:
+        torch.set_num_threads(previous)
+    expected_pre, expected_each = _backend.ops(backend).jacobian_tangent_step_backward(
+        None, grad_tangent, pre, tangent.expand(64, -1, -1), "tanh", 0.0, 0.0)
+    assert grad_shared.shape == (1, 32, 64)
+    torch.testing.assert_close(grad_shared, expected_each.sum(0, keepdim=True), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_pre, expected_pre, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("diagonal", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 37), (2, 17, 70)])
 @pytest.mark.parametrize("device_backend", NATIVE)
@@ -100,13 +121,15 @@ def test_gram_reduce_matches_reference(device_backend, shape, diagonal):
     batch, k, h = shape
     for dtype in (torch.float32, torch.float64):
         tangent = randn(batch, k, h, device=device, dtype=dtype, seed=1).requires_grad_()
-        factor = randn(h + 3, h, device=device, dtype=dtype, seed=2).requires_grad_()
-        out, tm = _backend.ops(backend).jacobian_gram_reduce(tangent, factor.t() @ factor, diagonal)
+        factor = randn(h + 3, h, device=device, dtype=dtype, seed=2)
+        # The metric itself a leaf: its gradient is compared whole, not only its symmetric part.
+        metric = (factor.t() @ factor).requires_grad_()
+        out, tm = _backend.ops(backend).jacobian_gram_reduce(tangent, metric, diagonal)
         cotangent = randn(*out.shape, device=device, dtype=dtype, seed=3)
         cotangent_tm = randn(*tm.shape, device=device, dtype=dtype, seed=4)
-        grads = torch.autograd.grad((out * cotangent).sum() + (tm * cotangent_tm).sum(), [tangent, factor])
-        leaves = [tangent.detach().double().requires_grad_(), factor.detach().double().requires_grad_()]
-        expected, expected_tm = ref.jacobian_gram_reduce(leaves[0], leaves[1].t() @ leaves[1], diagonal)
+        grads = torch.autograd.grad((out * cotangent).sum() + (tm * cotangent_tm).sum(), [tangent, metric])
+        leaves = [tangent.detach().double().requires_grad_(), metric.detach().double().requires_grad_()]
+        expected, expected_tm = ref.jacobian_gram_reduce(*leaves, diagonal)
         expected_grads = torch.autograd.grad((expected * cotangent.double()).sum()
                                              + (expected_tm * cotangent_tm.double()).sum(), leaves)
         assert_rel(out, expected, dtype)
@@ -121,15 +144,17 @@ def sample_args(name, device):
         return pre.requires_grad_(), tangent.requires_grad_(), "gelu", 0.0, 0.0
     if name == "jacobian_tangent_step_backward":
         return randn(2, 5, device=device, seed=5), randn(2, 3, 5, device=device, seed=6), pre, tangent, "tanh", 0.0, 0.0
+    if name == "jacobian_tangent_step_backward shared":
+        return None, randn(2, 3, 5, device=device, seed=6), pre, tangent[:1], "tanh", 0.0, 0.0
     factor = randn(6, 5, device=device, seed=7)
     return tangent.requires_grad_(), (factor.t() @ factor).requires_grad_(), True
 
 
 @pytest.mark.parametrize("device_backend", NATIVE)
-@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("name", [*OP_NAMES, "jacobian_tangent_step_backward shared"])
 def test_opcheck(device_backend, name):
     device, backend = device_backend
-    op = getattr(namespace(backend), name).default
+    op = getattr(namespace(backend), name.split()[0]).default
     torch.library.opcheck(op, sample_args(name, device))
 
 
@@ -184,11 +209,13 @@ def test_unusual_depths_match_jacfwd(device_backend, widths):
         check_public(vaekernels.jacobian_column_sq_norms, ref.jacobian_column_sq_norms, decoder, z)
 
 
-@pytest.mark.parametrize("block", [5, 256])
-def test_float32_matches_float64_jacfwd(device_backend, monkeypatch, block):
+@pytest.mark.parametrize("block,chunk", [(5, 4), (256, 1024)])
+def test_float32_matches_float64_jacfwd(device_backend, monkeypatch, block, chunk):
     # float32 products take oneDNN's matmul on CPU; blocks of 5 split the metric's symmetric
-    # gradient [29, 29] into ragged lower-triangular blocks, 256 leaves it one block.
+    # gradient [29, 29] into ragged bands, chunks of 4 its 42 weighted rows into a ragged last
+    # chunk; 256 and 1024 leave one band and one chunk.
     monkeypatch.setattr(ops_jacobian, "SYMMETRIC_BLOCK", block)
+    monkeypatch.setattr(ops_jacobian, "SYMMETRIC_CHUNK_ROWS", chunk)
     device, _ = device_backend
     decoder = mlp([6, 33, 29, 40], "softplus", dtype=torch.float32, device=device)
     z = randn(7, 6, device=device, dtype=torch.float32, seed=4)

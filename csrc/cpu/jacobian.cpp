@@ -155,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step(const at::Tensor& pre_i
 
 // grad_pre = grad_out * act' + act'' * sum_i grad_tangent_i * tangent_i and
 // grad_tangent_in = act' * grad_tangent, in one pass over the [B, k, h] blocks. A shared tangent
-// (P = 1) still gets a [B, k, h] gradient: its caller sums it over the batch.
+// (P = 1) gets its [1, k, h] gradient, the batch sum, from one partial sum per thread: the
+// [B, k, h] block of terms is never written.
 std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step_backward(const std::optional<at::Tensor>& grad_out_in,
                                                                   const at::Tensor& grad_tangent_in,
                                                                   const at::Tensor& pre_in,
@@ -176,7 +177,10 @@ std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step_backward(const std::opt
   const at::Tensor grad_tangent = grad_tangent_in.to(pre.scalar_type()).contiguous();
   const bool shared = tangent.size(0) == 1 && B > 1;
   at::Tensor grad_pre = at::empty({B, h}, pre.options());
-  at::Tensor grad_tangent_out = at::empty({B, k, h}, pre.options());
+  const int64_t threads = at::get_num_threads();
+  // Shared: row t of the partial sums belongs to thread t (a [k, h] block each).
+  at::Tensor grad_tangent_out =
+      shared ? at::zeros({threads, k, h}, pre.options()) : at::empty({B, k, h}, pre.options());
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "jacobian_tangent_step_backward", [&] {
     using Vec = Vectorized<scalar_t>;
     const scalar_t* pre_ptr = pre.const_data_ptr<scalar_t>();
@@ -192,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step_backward(const std::opt
         std::fill(acc.begin(), acc.end(), scalar_t(0));
         const scalar_t* tb = t_ptr + (shared ? 0 : b * k * h);
         const scalar_t* gb = gt_ptr + b * k * h;
-        scalar_t* ob = gto_ptr + b * k * h;
+        scalar_t* ob = gto_ptr + (shared ? at::get_thread_num() : b) * k * h;
         for (int64_t i = 0; i < k; ++i) {
           const scalar_t* g = gb + i * h;
           const scalar_t* t = tb + i * h;
@@ -200,11 +204,12 @@ std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step_backward(const std::opt
           int64_t j = 0;
           for (; j + Vec::size() <= h; j += Vec::size()) {
             const Vec gv = Vec::loadu(g + j);
-            (Vec::loadu(d1.data() + j) * gv).store(o + j);
+            const Vec term = Vec::loadu(d1.data() + j) * gv;
+            (shared ? term + Vec::loadu(o + j) : term).store(o + j);
             at::vec::fmadd(gv, Vec::loadu(t + j), Vec::loadu(acc.data() + j)).store(acc.data() + j);
           }
           for (; j < h; ++j) {
-            o[j] = d1[j] * g[j];
+            o[j] = d1[j] * g[j] + (shared ? o[j] : scalar_t(0));
             acc[j] += g[j] * t[j];
           }
         }
@@ -220,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step_backward(const std::opt
       }
     });
   });
-  return {grad_pre, grad_tangent_out};
+  return {grad_pre, shared ? grad_tangent_out.sum(0, true) : grad_tangent_out};
 }
 
 // a [m, k] b [k, n] for a contiguous a. In float32 through oneDNN's matmul, the op

@@ -34,9 +34,12 @@ from ._registry import define_triton_op, register
 # Jacobian entries (batch x columns x outputs) the general path holds at once.
 GENERAL_CHUNK_ELEMENTS = 1 << 22
 # Columns per block of a product known to be symmetric (the metric's gradient): only the blocks
-# on and below the diagonal are multiplied, 3 of 4 at h = 512. Smaller blocks multiply less but
+# on and below the diagonal are multiplied, 10 of 16 at h = 512. Smaller blocks multiply less but
 # run further below the GEMM's peak rate.
-SYMMETRIC_BLOCK = 256
+SYMMETRIC_BLOCK = 128
+# Rows of the tangent block weighted at a time in that product: the weighted copy is never whole
+# (8 MB at B=128, d=32, h=512, which glibc's allocator would return and fault in again each step).
+SYMMETRIC_CHUNK_ROWS = 1024
 
 try:
     _onednn_linear = torch.ops.mkldnn._linear_pointwise
@@ -70,16 +73,26 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
-def _symmetric_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """aᵀ b [h, h] for a, b [n, h] when the caller knows it is symmetric: the blocks of
-    :data:`SYMMETRIC_BLOCK` columns on and below the diagonal, the others their transposes."""
-    h = a.shape[1]
-    cuts = [*range(0, h, SYMMETRIC_BLOCK), h]
-    spans = list(zip(cuts, cuts[1:]))
-    lower = {(i, j): a[:, r0:r1].t() @ b[:, c0:c1]
-             for i, (r0, r1) in enumerate(spans) for j, (c0, c1) in enumerate(spans[:i + 1])}
-    return torch.cat([torch.cat([lower[i, j] if j <= i else lower[j, i].t() for j in range(len(spans))], 1)
-                      for i in range(len(spans))])
+def _weighted_symmetric_product(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rowsᵀ diag(weights) rows [h, h] for rows [n, h]: for each band of :data:`SYMMETRIC_BLOCK`
+    output rows, only the columns up to its diagonal block are multiplied, the rest are the
+    transposes; the weighted rows are formed :data:`SYMMETRIC_CHUNK_ROWS` at a time. Recorded by
+    autograd (double backward), the plain product, which has a derivative."""
+    if torch.is_grad_enabled() and (rows.requires_grad or weights.requires_grad):
+        return rows.t() @ (rows * weights[:, None])
+    h = rows.shape[1]
+    starts = range(0, h, SYMMETRIC_BLOCK)
+    bands = [rows.new_zeros(min(SYMMETRIC_BLOCK, h - r), min(r + SYMMETRIC_BLOCK, h)) for r in starts]
+    # One buffer for every chunk: a new one each time would be returned to the system and
+    # faulted in again under glibc's defaults.
+    buffer = rows.new_empty(min(SYMMETRIC_CHUNK_ROWS, rows.shape[0]), h)
+    for first in range(0, rows.shape[0], SYMMETRIC_CHUNK_ROWS):
+        chunk = rows[first:first + SYMMETRIC_CHUNK_ROWS]
+        weighted = torch.mul(chunk, weights[first:first + SYMMETRIC_CHUNK_ROWS, None], out=buffer[:chunk.shape[0]])
+        for r, band in zip(starts, bands):
+            band.addmm_(chunk[:, r:r + SYMMETRIC_BLOCK].t(), weighted[:, :band.shape[1]])
+    lower = torch.cat([F.pad(band, (0, h - band.shape[1])) for band in bands])
+    return lower.tril() + lower.tril(-1).t()
 
 
 class _TangentLinear(torch.autograd.Function):
@@ -115,7 +128,8 @@ def _tangent_step_fake(pre, tangent, activation, p0, p1):
 
 
 def _tangent_step_backward_fake(grad_out, grad_tangent, pre, tangent, activation, p0, p1):
-    return _tangent_step_fake(pre, tangent, activation, p0, p1)  # the shapes of pre and of a [B, k, h] block
+    # A shared tangent [1, k, h] gets its gradient summed over the batch.
+    return pre.new_empty(pre.shape), tangent.new_empty(tangent.shape)
 
 
 def _save_tangent_step(ctx, inputs, output):
@@ -132,8 +146,6 @@ def _make_tangent_step_backward(ops):
             grad_tangent = pre.new_zeros(pre.shape[0], tangent.shape[1], pre.shape[1])
         grad_pre, grad_tangent_in = ops.jacobian_tangent_step_backward(
             grad_out, grad_tangent, pre, tangent, ctx.activation, ctx.p0, ctx.p1)
-        if tangent.shape[0] != pre.shape[0]:
-            grad_tangent_in = grad_tangent_in.sum(0, keepdim=True)
         return grad_pre, grad_tangent_in, None, None, None
     return backward
 
@@ -176,7 +188,7 @@ def _make_gram_reduce_backward(ops):
                 grad_tangent = tm * (2 * grad)
             if ctx.needs_input_grad[1]:
                 # Σ_b T_bᵀ diag(g_b) T_b is symmetric: half of its product is enough.
-                grad_metric = _symmetric_product(rows, (tangent * grad).reshape(-1, h))
+                grad_metric = _weighted_symmetric_product(rows, grad.reshape(-1))
         else:
             grad = grad.to(tangent.dtype)
             if ctx.needs_input_grad[0]:

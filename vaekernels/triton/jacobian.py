@@ -164,7 +164,7 @@ def _jacobian_tangent_step_bwd_kernel(grad_out_ptr, grad_tangent_ptr, pre_ptr, t
 def jacobian_tangent_step_bwd(grad_out: torch.Tensor | None, grad_tangent: torch.Tensor, pre: torch.Tensor,
                               tangent: torch.Tensor, activation: str, p0: float,
                               p1: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad of pre [B, h], grad of tangent [B, k, h], to be summed over the batch for a shared tangent)."""
+    """(grad of pre [B, h], grad of tangent: [B, k, h], or for a shared tangent [1, k, h] its sum over the batch)."""
     code = _activation_code(activation)
     pre, tangent, grad_tangent = pre.contiguous(), tangent.contiguous(), grad_tangent.contiguous()
     batch, h = pre.shape
@@ -179,7 +179,7 @@ def jacobian_tangent_step_bwd(grad_out: torch.Tensor | None, grad_tangent: torch
         _jacobian_tangent_step_bwd_kernel[grid](grad_out, grad_tangent, pre, tangent, grad_pre, grad_tangent_in, h, k,
                                                 stride, _params(pre, p0, p1), ACT=code, HAS_GRAD_OUT=has_grad_out,
                                                 BLOCK_H=block_h)
-    return grad_pre, grad_tangent_in
+    return grad_pre, (grad_tangent_in.sum(0, keepdim=True) if stride == 0 and batch > 1 else grad_tangent_in)
 
 
 @triton.jit
