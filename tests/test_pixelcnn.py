@@ -10,6 +10,7 @@ import torch
 import vaekernels
 from conftest import device_backends, rel_err
 from vaekernels import _backend
+from vaekernels.ops import pixelcnn as pixelcnn_ops
 from vaekernels.ops.pixelcnn import MASK_TYPES, causal_conv2d, gated_conv1x1
 from vaekernels.reference import pixelcnn as ref
 
@@ -146,6 +147,15 @@ def test_causal_conv2d_offsets():
     x = torch.arange(12.0).view(1, 1, 3, 4)
     up_left = causal_conv2d(x, [(torch.ones(1, 1, 1, 1), 1, 1)])
     assert torch.equal(up_left[0, 0], torch.tensor([[0.0] * 4, [0.0, 0.0, 1.0, 2.0], [0.0, 4.0, 5.0, 6.0]]))
+
+
+@pytest.mark.parametrize("pads", [(1, 1, 1, -1), (1, 0, 0, 0), (2, -1, 0, 3), (-1, -1, -1, 1), (0, 0, 0, 0)])
+def test_causal_padding_is_f_pad(pads):
+    # The padded copy is written pixel by pixel and strip by strip into an unwritten tensor: a
+    # block of NaNs of its size, just freed, is what the allocator hands out next.
+    x = torch.randn(2, 3, 5, 6)
+    torch.full(pixelcnn_ops._padded_shape(x, pads), float("nan"))
+    assert torch.equal(pixelcnn_ops._padded(x, pads), torch.nn.functional.pad(x, pads))
 
 
 # ----------------------------------------------------------------------------- gated_activation

@@ -45,7 +45,7 @@ class _CausalConv(torch.autograd.Function):
     def forward(x, bias, offsets, *weights):
         out = None
         for (top, left), weight in zip(offsets, weights):
-            part = F.conv2d(_shifted(x, top, left, weight), weight, bias if out is None else None)
+            part = F.conv2d(_padded(x, _shift_pads(top, left, weight)), weight, bias if out is None else None)
             out = part if out is None else out.add_(part)
         return out
 
@@ -64,25 +64,59 @@ class _CausalConv(torch.autograd.Function):
         need_x = _gradient_used(ctx, 0, 0)
         grad_x, grad_weights = None, []
         for index, ((top, left), weight) in enumerate(zip(ctx.offsets, weights)):
+            pads = _shift_pads(top, left, weight)
+            need_weight = _gradient_used(ctx, 3 + index, first_weight_slot + index)
+            # The input gradient reads only the input's shape: without the weight's gradient, an
+            # unwritten tensor of the padded shape stands in for the padded copy.
+            shifted = _padded(x, pads) if need_weight else x.new_empty(_padded_shape(x, pads))
             grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad, _shifted(x, top, left, weight), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                [need_x, _gradient_used(ctx, 3 + index, first_weight_slot + index), False])
+                grad, shifted, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_weight, False])
             if need_x:
                 # The inverse of the shift: crop what was padded, pad what was cropped.
-                kh, kw = weight.shape[-2:]
-                grad_in = F.pad(grad_in, (-left, left + 1 - kw, -top, top + 1 - kh))
-                grad_x = grad_in if grad_x is None else grad_x.add_(grad_in)
+                unpads = tuple(-amount for amount in pads)
+                if grad_x is None:
+                    grad_x = _padded(grad_in, unpads)
+                else:
+                    from_part, into = _overlap(grad_in, grad_x, pads)
+                    into.add_(from_part)
             grad_weights.append(grad_w)
         grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and _gradient_used(ctx, 1, 1) else None
         return grad_x, grad_bias, None, *grad_weights
 
 
-def _shifted(x: torch.Tensor, top: int, left: int, weight: torch.Tensor) -> torch.Tensor:
-    """x padded (negative amounts crop) so that a valid convolution with weight reads rows from
-    i - top and columns from j - left for output pixel (i, j)."""
+def _shift_pads(top: int, left: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding (negative amounts crop) so that a valid convolution with
+    weight reads rows from i - top and columns from j - left for output pixel (i, j)."""
     kh, kw = weight.shape[-2:]
-    pads = (left, kw - 1 - left, top, kh - 1 - top)
-    return F.pad(x, pads) if any(pads) else x
+    return left, kw - 1 - left, top, kh - 1 - top
+
+
+def _padded_shape(x: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[int, ...]:
+    left, right, top, bottom = pads
+    return (*x.shape[:-2], x.shape[-2] + top + bottom, x.shape[-1] + left + right)
+
+
+def _overlap(padded: torch.Tensor, x: torch.Tensor, pads: tuple[int, int, int, int]):
+    """The views of ``padded`` (x padded by ``pads``) and of x that hold the same pixels."""
+    left, right, top, bottom = pads
+    rows, cols = x.shape[-2] - max(-top, 0) - max(-bottom, 0), x.shape[-1] - max(-left, 0) - max(-right, 0)
+    return (padded[..., max(top, 0):max(top, 0) + rows, max(left, 0):max(left, 0) + cols],
+            x[..., max(-top, 0):max(-top, 0) + rows, max(-left, 0):max(-left, 0) + cols])
+
+
+def _padded(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """``F.pad(x, pads)`` (negative amounts crop) that writes each element once: the copied pixels,
+    then zeros in the border strips only, where F.pad fills the whole tensor first."""
+    if not any(pads):
+        return x
+    out = x.new_empty(_padded_shape(x, pads))
+    inside, source = _overlap(out, x, pads)
+    inside.copy_(source)
+    left, right, top, bottom = (max(amount, 0) for amount in pads)
+    height, width = out.shape[-2:]
+    for strip in (out[..., :top, :], out[..., height - bottom:, :], out[..., :, :left], out[..., :, width - right:]):
+        strip.zero_()
+    return out
 
 
 def causal_conv2d(x: torch.Tensor, parts, bias: torch.Tensor | None = None) -> torch.Tensor:
