@@ -154,7 +154,7 @@ class _LinkedHorizontal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, F.pad(grad[:, :, 1:], (0, 0, 0, 1))
+        return grad, _padded(grad, (0, 0, -1, 1))
 
 
 def linked_horizontal(h_conv: torch.Tensor, link: torch.Tensor) -> torch.Tensor:
