@@ -43,8 +43,8 @@ TORCH_LIBRARY(vaekernels, m) {
   // the batch -> (act(pre) [B, h], act'(pre)[:, None, :] * tangent [B, k, h]). activation is one of
   // tanh, sigmoid, relu, leaky_relu, softplus, elu, gelu; p0 is leaky_relu's slope, elu's alpha or
   // softplus's beta, p1 softplus's threshold. The backward takes the output gradients (grad_out
-  // may be None: the output fed nothing) and returns the pre gradient and a [B, k, h] tangent
-  // gradient (summed over the batch by the caller when P = 1).
+  // may be None: the output fed nothing) and returns the pre gradient and the tangent gradient
+  // [P, k, h]: for a shared tangent (P = 1) its sum over the batch.
   m.def("jacobian_tangent_step(Tensor pre, Tensor tangent, str activation, float p0, float p1) -> (Tensor, Tensor)");
   m.def("jacobian_tangent_step_backward(Tensor? grad_out, Tensor grad_tangent, Tensor pre, Tensor tangent, str activation, float p0, float p1) -> (Tensor, Tensor)");
   // tangent T [B, k, h], symmetric metric M [h, h] (WᵀW of the last linear layer): T M Tᵀ per

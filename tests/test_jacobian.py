@@ -113,10 +113,14 @@ def test_shared_tangent_gets_the_batch_sum(device_backend, threads):
     torch.testing.assert_close(grad_pre, expected_pre, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("block,chunk", [(256, 1024), (5, 4)])
 @pytest.mark.parametrize("diagonal", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 37), (2, 17, 70)])
 @pytest.mark.parametrize("device_backend", NATIVE)
-def test_gram_reduce_matches_reference(device_backend, shape, diagonal):
+def test_gram_reduce_matches_reference(device_backend, shape, diagonal, block, chunk, monkeypatch):
+    # Blocks of 5 and chunks of 4 split the metric's gradient into ragged bands and chunks.
+    monkeypatch.setattr(ops_jacobian, "SYMMETRIC_BLOCK", block)
+    monkeypatch.setattr(ops_jacobian, "SYMMETRIC_CHUNK_ROWS", chunk)
     device, backend = device_backend
     batch, k, h = shape
     for dtype in (torch.float32, torch.float64):

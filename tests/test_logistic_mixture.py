@@ -188,6 +188,26 @@ def test_extreme_parameters_give_finite_values_and_gradients(device_backend, C):
     assert rel_err(grad, expected_grad) <= 1e-10
 
 
+@pytest.mark.parametrize("C", [1, 3])
+def test_nan_parameters_stay_in_their_pixel(device_backend, C):
+    device, _ = device_backend
+    M = 3
+    params, x = make_inputs(2, C, M, 4, 5, dtype=torch.float32, device=device)
+    poisoned = params.clone()
+    _, _, log_scales, _ = ref.unpack(poisoned, C, M)
+    log_scales[1, 0, 1, 2, 3] = float("nan")
+    clean_out, clean_grad = run(vaekernels.discretized_logistic_mixture_nll, params, x, M)
+    out, grad = run(vaekernels.discretized_logistic_mixture_nll, poisoned, x, M)
+    pixel = torch.zeros_like(out, dtype=torch.bool)
+    pixel[1, 2, 3] = True
+    assert out[pixel].isnan().all()
+    assert torch.equal(out[~pixel], clean_out[~pixel])
+    assert not torch.isfinite(grad[1, :, 2, 3]).all()
+    others = torch.ones_like(grad, dtype=torch.bool)
+    others[1, :, 2, 3] = False
+    assert torch.equal(grad[others], clean_grad[others])
+
+
 def test_saves_only_inputs_and_the_per_pixel_nll(device_backend):
     device, _ = device_backend
     params, x = make_inputs(2, 3, 4, 5, 6, dtype=torch.float32, device=device)

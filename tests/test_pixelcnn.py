@@ -149,13 +149,15 @@ def test_causal_conv2d_offsets():
     assert torch.equal(up_left[0, 0], torch.tensor([[0.0] * 4, [0.0, 0.0, 1.0, 2.0], [0.0, 4.0, 5.0, 6.0]]))
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("pads", [(1, 1, 1, -1), (1, 0, 0, 0), (2, -1, 0, 3), (-1, -1, -1, 1), (0, 0, 0, 0)])
-def test_causal_padding_is_f_pad(pads):
-    # The padded copy is written pixel by pixel and strip by strip into an unwritten tensor: a
-    # block of NaNs of its size, just freed, is what the allocator hands out next.
-    x = torch.randn(2, 3, 5, 6)
-    torch.full(pixelcnn_ops._padded_shape(x, pads), float("nan"))
-    assert torch.equal(pixelcnn_ops._padded(x, pads), torch.nn.functional.pad(x, pads))
+def test_causal_padding_is_f_pad(pads, memory_format):
+    # The padded copy is written pixel by pixel and strip by strip into an unwritten tensor, which
+    # the NaN-poisoning fixture fills: a pixel or strip left out fails. x's layout is kept.
+    x = torch.randn(2, 3, 5, 6).to(memory_format=memory_format)
+    padded = pixelcnn_ops._padded(x, pads)
+    assert torch.equal(padded, torch.nn.functional.pad(x, pads))
+    assert padded.is_contiguous(memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------- gated_activation

@@ -175,12 +175,15 @@ std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step_backward(const std::opt
     grad_out = grad_out_in->to(pre.scalar_type()).contiguous();
   }
   const at::Tensor grad_tangent = grad_tangent_in.to(pre.scalar_type()).contiguous();
-  const bool shared = tangent.size(0) == 1 && B > 1;
+  // B = 0 with a shared tangent still gives its [1, k, h] gradient, zeros.
+  const bool shared = tangent.size(0) == 1 && B != 1;
   at::Tensor grad_pre = at::empty({B, h}, pre.options());
-  const int64_t threads = at::get_num_threads();
-  // Shared: row t of the partial sums belongs to thread t (a [k, h] block each).
+  const int64_t grain = row_grain(k * h);
+  // Shared: row t of the partial sums belongs to thread t (a [k, h] block each). parallel_for
+  // numbers its tasks below both the thread count and the number of grains.
+  const int64_t partials = std::min<int64_t>(at::get_num_threads(), (B + grain - 1) / grain);
   at::Tensor grad_tangent_out =
-      shared ? at::zeros({threads, k, h}, pre.options()) : at::empty({B, k, h}, pre.options());
+      shared ? at::zeros({partials, k, h}, pre.options()) : at::empty({B, k, h}, pre.options());
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "jacobian_tangent_step_backward", [&] {
     using Vec = Vectorized<scalar_t>;
     const scalar_t* pre_ptr = pre.const_data_ptr<scalar_t>();
@@ -189,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor> jacobian_tangent_step_backward(const std::opt
     const scalar_t* go_ptr = has_grad_out ? grad_out.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gp_ptr = grad_pre.data_ptr<scalar_t>();
     scalar_t* gto_ptr = grad_tangent_out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, row_grain(k * h), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      TORCH_INTERNAL_ASSERT_DEBUG_ONLY(!shared || at::get_thread_num() < partials);
       std::vector<scalar_t> d1(h), d2(h), acc(h);
       for (int64_t b = begin; b < end; ++b) {
         activation_row<scalar_t>(act, pre_ptr + b * h, h, p0, p1, nullptr, d1.data(), d2.data());

@@ -55,7 +55,9 @@ template <typename T, bool kGrad>
 BinTerm<T> bin_term(const Vec<T>& x, const Vec<T>& centred, const Vec<T>& log_scale) {
   using V = Vec<T>;
   const V zero(T(0)), one(T(1)), half_bin{T(kHalfBin)};
-  const V inv_scale = log_scale.neg().exp_u20();
+  // exp_u20 clamps its argument, NaN included: a NaN log-scale is put back, so that it reaches
+  // the pixel's NLL and gradient as through torch.exp.
+  const V inv_scale = V::blendv(log_scale.neg().exp_u20(), log_scale, log_scale.isnan());
   const V plus = inv_scale * (centred + half_bin), minus = inv_scale * (centred - half_bin);
   const V lower = x < V(T(-kEdge)), upper = x > V(T(kEdge));
   const V edge = lower | upper;

@@ -37,8 +37,9 @@ GENERAL_CHUNK_ELEMENTS = 1 << 22
 # on and below the diagonal are multiplied, 10 of 16 at h = 512. Smaller blocks multiply less but
 # run further below the GEMM's peak rate.
 SYMMETRIC_BLOCK = 128
-# Rows of the tangent block weighted at a time in that product: the weighted copy is never whole
-# (8 MB at B=128, d=32, h=512, which glibc's allocator would return and fault in again each step).
+# Rows of the tangent block weighted at a time in that product on CPU: the weighted copy is never
+# whole (8 MB at B=128, d=32, h=512, which glibc's allocator would return and fault in again each
+# step). Other devices take one chunk: fewer, larger products.
 SYMMETRIC_CHUNK_ROWS = 1024
 
 try:
@@ -85,10 +86,11 @@ def _weighted_symmetric_product(rows: torch.Tensor, weights: torch.Tensor) -> to
     bands = [rows.new_zeros(min(SYMMETRIC_BLOCK, h - r), min(r + SYMMETRIC_BLOCK, h)) for r in starts]
     # One buffer for every chunk: a new one each time would be returned to the system and
     # faulted in again under glibc's defaults.
-    buffer = rows.new_empty(min(SYMMETRIC_CHUNK_ROWS, rows.shape[0]), h)
-    for first in range(0, rows.shape[0], SYMMETRIC_CHUNK_ROWS):
-        chunk = rows[first:first + SYMMETRIC_CHUNK_ROWS]
-        weighted = torch.mul(chunk, weights[first:first + SYMMETRIC_CHUNK_ROWS, None], out=buffer[:chunk.shape[0]])
+    chunk_rows = SYMMETRIC_CHUNK_ROWS if rows.device.type == "cpu" else max(rows.shape[0], 1)
+    buffer = rows.new_empty(min(chunk_rows, rows.shape[0]), h)
+    for first in range(0, rows.shape[0], chunk_rows):
+        chunk = rows[first:first + chunk_rows]
+        weighted = torch.mul(chunk, weights[first:first + chunk_rows, None], out=buffer[:chunk.shape[0]])
         for r, band in zip(starts, bands):
             band.addmm_(chunk[:, r:r + SYMMETRIC_BLOCK].t(), weighted[:, :band.shape[1]])
     lower = torch.cat([F.pad(band, (0, h - band.shape[1])) for band in bands])

@@ -85,7 +85,9 @@ def discretized_logistic_mixture_nll(params: torch.Tensor, x: torch.Tensor, num_
     have their mass computed in the log domain, without the cancellation of sigmoid(p) -
     sigmoid(m); a bin of mass below 1e-5 takes the density at its centre times its width, as
     in openai/pixel-cnn. Each pixel's whole mixture is computed in registers: nothing of size
-    B*C*M*H*W is written, and backward keeps only ``params``, ``x`` and the [B, H, W] result.
+    B*C*M*H*W is written, and backward keeps only ``params``, ``x`` and the [B, H, W] result. A
+    NaN among a pixel's parameters makes that pixel's NLL NaN and its gradient non-finite (NaN or
+    inf, by backend); the other pixels are unaffected.
 
     Example:
         >>> import torch, vaekernels

@@ -37,9 +37,11 @@ class _CausalConv(torch.autograd.Function):
     input rows i - top_p .. i - top_p + kh_p - 1 and columns j - left_p .. j - left_p + kw_p - 1
     (zero outside the image); the output has x's height and width.
 
-    Each part convolves its own zero-padded (or cropped) copy of x, contiguous so that oneDNN
-    reads it without a reorder; the copies are rebuilt in backward instead of saved, so the graph
-    keeps only x and the weights, as a convolution with built-in padding would."""
+    Each part convolves its own zero-padded (or cropped) copy of x, dense in x's memory format so
+    that oneDNN reads it without a reorder; the copies are rebuilt in backward instead of saved
+    (only for the parts whose weight gradient is wanted: the input gradient needs the shape
+    alone), so the graph keeps only x and the weights, as a convolution with built-in padding
+    would."""
 
     @staticmethod
     def forward(x, bias, offsets, *weights):
@@ -68,7 +70,7 @@ class _CausalConv(torch.autograd.Function):
             need_weight = _gradient_used(ctx, 3 + index, first_weight_slot + index)
             # The input gradient reads only the input's shape: without the weight's gradient, an
             # unwritten tensor of the padded shape stands in for the padded copy.
-            shifted = _padded(x, pads) if need_weight else x.new_empty(_padded_shape(x, pads))
+            shifted = _padded(x, pads) if need_weight else _empty_padded(x, pads)
             grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad, shifted, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_weight, False])
             if need_x:
@@ -104,17 +106,26 @@ def _overlap(padded: torch.Tensor, x: torch.Tensor, pads: tuple[int, int, int, i
             x[..., max(-top, 0):max(-top, 0) + rows, max(-left, 0):max(-left, 0) + cols])
 
 
+def _empty_padded(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty(_padded_shape(x, pads), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def _padded(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
-    """``F.pad(x, pads)`` (negative amounts crop) that writes each element once: the copied pixels,
-    then zeros in the border strips only, where F.pad fills the whole tensor first."""
+    """``F.pad(x, pads)`` (negative amounts crop), in x's memory format, that writes each element
+    once: the copied pixels, then zeros in the border strips only (the columns' strips between
+    the rows' ones), where F.pad fills the whole tensor first. No padding returns x itself."""
     if not any(pads):
         return x
-    out = x.new_empty(_padded_shape(x, pads))
+    out = _empty_padded(x, pads)
     inside, source = _overlap(out, x, pads)
     inside.copy_(source)
     left, right, top, bottom = (max(amount, 0) for amount in pads)
     height, width = out.shape[-2:]
-    for strip in (out[..., :top, :], out[..., height - bottom:, :], out[..., :, :left], out[..., :, width - right:]):
+    rows = slice(top, height - bottom)
+    for strip in (out[..., :top, :], out[..., height - bottom:, :], out[..., rows, :left],
+                  out[..., rows, width - right:]):
         strip.zero_()
     return out
 

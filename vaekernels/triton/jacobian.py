@@ -179,7 +179,7 @@ def jacobian_tangent_step_bwd(grad_out: torch.Tensor | None, grad_tangent: torch
         _jacobian_tangent_step_bwd_kernel[grid](grad_out, grad_tangent, pre, tangent, grad_pre, grad_tangent_in, h, k,
                                                 stride, _params(pre, p0, p1), ACT=code, HAS_GRAD_OUT=has_grad_out,
                                                 BLOCK_H=block_h)
-    return grad_pre, (grad_tangent_in.sum(0, keepdim=True) if stride == 0 and batch > 1 else grad_tangent_in)
+    return grad_pre, (grad_tangent_in.sum(0, keepdim=True) if stride == 0 and batch != 1 else grad_tangent_in)
 
 
 @triton.jit

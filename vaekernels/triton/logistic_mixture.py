@@ -87,8 +87,9 @@ def _channel(pb, HW, M, base, m, x, mean_shift, mask, ACC: tl.constexpr, HALF_BI
     """Channel c's term of component m; base = M + c * (per-channel block) indexes its means."""
     mean = tl.load(pb + (base + m) * HW, mask=mask, other=0.0).to(ACC) + mean_shift
     raw = tl.load(pb + (base + M + m) * HW, mask=mask, other=0.0).to(ACC)
-    log_prob, d_centred, d_log_scale = _bin_term(x, x - mean, tl.maximum(raw, _LOG_SCALE_MIN), HALF_BIN,
-                                                 LOG_HALF_LEVELS)
+    # A NaN log-scale stays NaN through the clamp, as in torch.clamp (tl.maximum drops it).
+    log_scale = tl.maximum(raw, _LOG_SCALE_MIN, propagate_nan=tl.PropagateNan.ALL)
+    log_prob, d_centred, d_log_scale = _bin_term(x, x - mean, log_scale, HALF_BIN, LOG_HALF_LEVELS)
     # The clamp passes the gradient where the raw log-scale is at or above -7.
     return log_prob, d_centred, tl.where(raw >= _LOG_SCALE_MIN, d_log_scale, 0.0)
 
