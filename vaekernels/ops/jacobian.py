@@ -82,8 +82,8 @@ def _weighted_symmetric_product(rows: torch.Tensor, weights: torch.Tensor) -> to
     if torch.is_grad_enabled() and (rows.requires_grad or weights.requires_grad):
         return rows.t() @ (rows * weights[:, None])
     h = rows.shape[1]
-    starts = range(0, h, SYMMETRIC_BLOCK)
-    bands = [rows.new_zeros(min(SYMMETRIC_BLOCK, h - r), min(r + SYMMETRIC_BLOCK, h)) for r in starts]
+    lower = rows.new_zeros(h, h)
+    bands = [lower[r:r + SYMMETRIC_BLOCK, :r + SYMMETRIC_BLOCK] for r in range(0, h, SYMMETRIC_BLOCK)]
     # One buffer for every chunk: a new one each time would be returned to the system and
     # faulted in again under glibc's defaults.
     chunk_rows = SYMMETRIC_CHUNK_ROWS if rows.device.type == "cpu" else max(rows.shape[0], 1)
@@ -91,9 +91,8 @@ def _weighted_symmetric_product(rows: torch.Tensor, weights: torch.Tensor) -> to
     for first in range(0, rows.shape[0], chunk_rows):
         chunk = rows[first:first + chunk_rows]
         weighted = torch.mul(chunk, weights[first:first + chunk_rows, None], out=buffer[:chunk.shape[0]])
-        for r, band in zip(starts, bands):
+        for r, band in zip(range(0, h, SYMMETRIC_BLOCK), bands):
             band.addmm_(chunk[:, r:r + SYMMETRIC_BLOCK].t(), weighted[:, :band.shape[1]])
-    lower = torch.cat([F.pad(band, (0, h - band.shape[1])) for band in bands])
     return lower.tril() + lower.tril(-1).t()
 
 
