@@ -9,7 +9,7 @@ import torch
 import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import causal_attention as ref
-from conftest import device_backends, namespace, rel_err
+from conftest import device_backends, namespace, needs_cpp, rel_err
 
 RTOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 NATIVE = [pair for pair in device_backends() if pair[1] != "reference"]
@@ -115,6 +115,28 @@ def test_module_is_causal_over_raster_order():
     assert (reach[:position] > 0).all()
     asked = query.grad.abs().sum(1)[0].flatten()
     assert asked[position] > 0 and torch.count_nonzero(asked) == 1
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("N,L,scale", [(1, 150, None), (3, 65, -0.7), (4, 64, 2.0)])
+def test_cpu_tiles_and_thread_splits_match_reference(threads, N, L, scale):
+    """The CPU kernel over several tiles, a partial last one, and both ways of splitting the
+    backward: a whole sequence per task (N >= threads) and a key tile per task with a copy of
+    d(q) per thread (N < threads)."""
+    inputs = qkv(N, L=L, D=16, Dv=32, seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with vaekernels.use_backend("cpu"):
+            out, grads = run(lambda q, k, v: vaekernels.causal_attention(q, k, v, scale), inputs)
+    finally:
+        torch.set_num_threads(before)
+    reference_scale = 1 / math.sqrt(16) if scale is None else scale
+    expected, expected_grads = run(lambda q, k, v: ref.causal_attention(q, k, v, reference_scale), inputs)
+    assert rel_err(out, expected) <= 1e-13
+    for got, want in zip(grads, expected_grads):
+        assert rel_err(got, want) <= 1e-12
 
 
 @pytest.mark.parametrize("device_backend", NATIVE, ids=lambda p: f"{p[0]}-{p[1]}")

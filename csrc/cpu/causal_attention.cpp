@@ -1,8 +1,11 @@
 // CPU kernels of strictly causal attention (PixelSNAIL): row i of the output is the softmax over
-// keys j < i of scale * q_i . k_j applied to v. The forward streams over blocks of keys with a
-// running max and sum (online softmax), so no [L, L] score matrix exists; it keeps the row's
-// log-sum-exp [N, L] for the backward, which recomputes the scores: once per query row for
-// d(q), once per key row for d(k) and d(v), so every output row is written by one task.
+// keys j < i of scale * q_i . k_j applied to v. As in FlashAttention, the work goes in tiles of
+// kBlock queries x kBlock keys, those above the diagonal skipped. The forward keeps a running max
+// and sum per query over its key tiles (online softmax), so no [L, L] score matrix exists, and
+// saves the row's log-sum-exp [N, L]; the backward recomputes each tile's scores once for d(q),
+// d(k) and d(v) together. Inside a tile every product broadcasts one element against whole
+// vectors of a row (keys and values are transposed once per call for the products over their
+// features), so there are no horizontal sums in the inner loops.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -16,8 +19,9 @@ namespace vaekernels::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-// Keys scored per block: the running max and the accumulator are rescaled once a block.
-constexpr int64_t kKeyBlock = 64;
+// Queries and keys per tile. A multiple of every vector width, so that a row of a tile is whole
+// vectors; 64 x 64 tiles of scores, probabilities and their gradients stay in L1 and L2.
+constexpr int64_t kBlock = 64;
 
 template <typename T>
 T dot(const T* a, const T* b, int64_t n) {
@@ -29,27 +33,102 @@ T dot(const T* a, const T* b, int64_t n) {
   return at::vec::vec_reduce_all<T>(vec_add<T>, acc);
 }
 
-// y += alpha * x over n elements.
+// tile[r, c] = scale sum_d a[r, d] bt[d, c] for r < rows and c < kBlock: a's rows (leading dim
+// lda) against kBlock columns of a transposed block bt (leading dim ldb). Each a[r, d] is broadcast
+// against whole vectors of columns, so no horizontal sums; two rows at a time where the vector
+// registers hold both rows' accumulators, to hide the multiply-add latency.
 template <typename T>
-void axpy(T alpha, const T* x, T* y, int64_t n) {
+void tile_products(const T* a, int64_t lda, int64_t rows, const T* bt, int64_t ldb, int64_t depth, T scale,
+                   T* tile) {
   using Vec = Vectorized<T>;
-  const Vec a(alpha);
-  int64_t d = 0;
-  for (; d + Vec::size() <= n; d += Vec::size()) at::vec::fmadd(a, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
-  for (; d < n; ++d) y[d] += alpha * x[d];
+  constexpr int64_t kVecs = kBlock / Vec::size();
+  constexpr int64_t kRows = kVecs >= 8 ? 1 : 8 / kVecs;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    const int64_t count = std::min(kRows, rows - r0);
+    Vec acc[kRows][kVecs];
+    for (auto& row : acc)
+      for (auto& x : row) x = Vec(T(0));
+    for (int64_t d = 0; d < depth; ++d) {
+      Vec column[kVecs];
+      for (int64_t c = 0; c < kVecs; ++c) column[c] = Vec::loadu(bt + d * ldb + c * Vec::size());
+      for (int64_t t = 0; t < kRows; ++t) {
+        // A row past `rows` reads row 0 again rather than past the end; it is never stored.
+        const Vec x(scale * a[(t < count ? r0 + t : 0) * lda + d]);
+        for (int64_t c = 0; c < kVecs; ++c) acc[t][c] = at::vec::fmadd(x, column[c], acc[t][c]);
+      }
+    }
+    for (int64_t t = 0; t < count; ++t)
+      for (int64_t c = 0; c < kVecs; ++c) acc[t][c].store(tile + (r0 + t) * kBlock + c * Vec::size());
+  }
 }
 
-// y *= alpha over n elements.
+// out[a, :width] += sum_{b < nb} coef[a * sa + b * sb] src[b, :width] for a < na: a tile (or its
+// transpose, sa = 1) times rows of src (leading dim ld) into rows of out (leading dim ldo). Eight
+// rows of out at a time share each loaded row of src. coef must hold rows up to na rounded up to
+// eight (the tiles are kBlock x kBlock); those past na are read and dropped.
 template <typename T>
-void scale_in_place(T alpha, T* y, int64_t n) {
+void accumulate_rows(const T* coef, int64_t sa, int64_t sb, int64_t na, int64_t nb, const T* src, int64_t ld,
+                     int64_t width, T* out, int64_t ldo) {
   using Vec = Vectorized<T>;
-  int64_t d = 0;
-  for (; d + Vec::size() <= n; d += Vec::size()) (Vec(alpha) * Vec::loadu(y + d)).store(y + d);
-  for (; d < n; ++d) y[d] *= alpha;
+  constexpr int64_t kRows = 8;
+  static_assert(kBlock % kRows == 0);
+  for (int64_t a0 = 0; a0 < na; a0 += kRows) {
+    const int64_t count = std::min(kRows, na - a0);
+    for (int64_t w = 0; w < width; w += Vec::size()) {
+      const int64_t lanes = std::min<int64_t>(Vec::size(), width - w);
+      Vec acc[kRows];
+      for (int64_t t = 0; t < kRows; ++t) acc[t] = t < count ? Vec::loadu(out + (a0 + t) * ldo + w, lanes) : Vec(T(0));
+      for (int64_t b = 0; b < nb; ++b) {
+        const Vec x = Vec::loadu(src + b * ld + w, lanes);
+        for (int64_t t = 0; t < kRows; ++t) acc[t] = at::vec::fmadd(Vec(coef[(a0 + t) * sa + b * sb]), x, acc[t]);
+      }
+      for (int64_t t = 0; t < count; ++t) acc[t].store(out + (a0 + t) * ldo + w, lanes);
+    }
+  }
 }
+
+// x[c] = exp(x[c] - shift) for c < valid and 0 for valid <= c < width; returns the sum.
+template <typename T>
+T exponentiate(T* x, int64_t valid, int64_t width, T shift) {
+  using Vec = Vectorized<T>;
+  Vec total(T(0));
+  int64_t c = 0;
+  for (; c + Vec::size() <= valid; c += Vec::size()) {
+    const Vec p = (Vec::loadu(x + c) - Vec(shift)).exp();
+    total = total + p;
+    p.store(x + c);
+  }
+  if (c < valid) {
+    const Vec p = (Vec::loadu(x + c, valid - c) - Vec(shift)).exp();
+    // The lanes past `valid` hold exp(-shift): blend them out of the sum.
+    const Vec kept = Vec::set(Vec(T(0)), p, valid - c);
+    total = total + kept;
+    kept.store(x + c, valid - c);
+    c = valid;
+  }
+  std::fill(x + c, x + width, T(0));
+  return at::vec::vec_reduce_all<T>(vec_add<T>, total);
+}
+
+template <typename T>
+T max_of(const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec top(-std::numeric_limits<T>::infinity());
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) top = at::vec::maximum(top, Vec::loadu(x + c));
+  T result = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, top);
+  for (; c < n; ++c) result = std::isnan(x[c]) ? x[c] : std::max(result, x[c]);
+  return result;
+}
+
+// Tiles along the sequence cost 1, 2, ..., blocks key-query tile pairs (or the reverse): slot s
+// takes tile 0, blocks - 1, 1, blocks - 2, ... so that the contiguous ranges of slots parallel_for
+// hands each thread cost about the same.
+int64_t balanced_block(int64_t slot, int64_t blocks) { return slot % 2 == 0 ? slot / 2 : blocks - 1 - slot / 2; }
 
 struct Shape {
   int64_t N, L, D, Dv;
+  int64_t blocks() const { return (L + kBlock - 1) / kBlock; }
 };
 
 Shape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -63,52 +142,66 @@ Shape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, con
   return s;
 }
 
-// Rows (n, i) per parallel task: about 64k multiply-adds.
-int64_t grain(const Shape& s) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, s.L * (s.D + s.Dv))); }
+// x [N, L, F] transposed to [N, F, L'] with L' = L rounded up to whole tiles, zeros past L: a key
+// tile's columns are then always there to load (those past L are masked, as every j >= i is).
+at::Tensor transposed_tiles(const at::Tensor& x, const Shape& s) {
+  at::Tensor t = at::zeros({x.size(0), x.size(2), s.blocks() * kBlock}, x.options());
+  t.narrow(2, 0, s.L).copy_(x.transpose(1, 2));
+  return t;
+}
 
 std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     double scale) {
   const Shape s = check_inputs("vaekernels::causal_attention", q, k, v);
-  at::Tensor out = at::empty({s.N, s.L, s.Dv}, q.options());
+  at::Tensor out = at::zeros({s.N, s.L, s.Dv}, q.options());
   at::Tensor lse = at::empty({s.N, s.L}, q.options());
+  if (s.N * s.L == 0) return {out, lse};
+  const at::Tensor kt = transposed_tiles(k, s);
+  const int64_t padded = kt.size(2);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_attention", [&] {
     using T = scalar_t;
-    const T *q_ptr = q.const_data_ptr<T>(), *k_ptr = k.const_data_ptr<T>(), *v_ptr = v.const_data_ptr<T>();
+    const T *q_ptr = q.const_data_ptr<T>(), *kt_ptr = kt.const_data_ptr<T>(), *v_ptr = v.const_data_ptr<T>();
     T *out_ptr = out.data_ptr<T>(), *lse_ptr = lse.data_ptr<T>();
-    const T sc = static_cast<T>(scale);
-    at::parallel_for(0, s.N * s.L, grain(s), [&](int64_t begin, int64_t end) {
-      T scores[kKeyBlock];
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / s.L, i = row % s.L;
-        const T* qi = q_ptr + row * s.D;
-        const T* kn = k_ptr + n * s.L * s.D;
-        const T* vn = v_ptr + n * s.L * s.Dv;
-        T* acc = out_ptr + row * s.Dv;
-        std::fill(acc, acc + s.Dv, T(0));
-        T top = -std::numeric_limits<T>::infinity(), total = T(0);
-        for (int64_t start = 0; start < i; start += kKeyBlock) {
-          const int64_t stop = std::min(i, start + kKeyBlock);
-          T block_top = -std::numeric_limits<T>::infinity();
-          for (int64_t j = start; j < stop; ++j) {
-            scores[j - start] = sc * dot(qi, kn + j * s.D, s.D);
-            block_top = std::max(block_top, scores[j - start]);
+    const T sc = static_cast<T>(scale), minus_inf = -std::numeric_limits<T>::infinity();
+    // A task is one tile of queries of one sequence: it walks the key tiles up to its diagonal.
+    at::parallel_for(0, s.N * s.blocks(), 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> tile(kBlock * kBlock, T(0)), top(kBlock), total(kBlock);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / s.blocks(), i0 = balanced_block(task % s.blocks(), s.blocks()) * kBlock;
+        const int64_t rows = std::min(kBlock, s.L - i0);
+        const T* qb = q_ptr + (n * s.L + i0) * s.D;
+        T* ob = out_ptr + (n * s.L + i0) * s.Dv;
+        std::fill(top.begin(), top.end(), minus_inf);
+        std::fill(total.begin(), total.end(), T(0));
+        // Keys j < i <= i0 + rows - 1.
+        for (int64_t j0 = 0; j0 < i0 + rows - 1; j0 += kBlock) {
+          const int64_t keys = std::min(kBlock, i0 + rows - 1 - j0);
+          tile_products(qb, s.D, rows, kt_ptr + n * s.D * padded + j0, padded, s.D, sc, tile.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            T* p = tile.data() + r * kBlock;
+            const int64_t valid = std::clamp<int64_t>(i0 + r - j0, 0, keys);
+            if (valid == 0) {
+              std::fill(p, p + keys, T(0));
+              continue;
+            }
+            const T new_top = std::max(top[r], max_of(p, valid));
+            const T shrink = std::exp(top[r] - new_top);  // 0 while the row had no keys
+            total[r] = total[r] * shrink + exponentiate(p, valid, keys, new_top);
+            if (shrink != T(1)) {
+              T* o = ob + r * s.Dv;
+              for (int64_t c = 0; c < s.Dv; ++c) o[c] *= shrink;
+            }
+            top[r] = new_top;
           }
-          const T new_top = std::max(top, block_top);
-          if (new_top > top && total > T(0)) {
-            const T shrink = std::exp(top - new_top);
-            total *= shrink;
-            scale_in_place(shrink, acc, s.Dv);
-          }
-          top = new_top;
-          for (int64_t j = start; j < stop; ++j) {
-            const T p = std::exp(scores[j - start] - top);
-            total += p;
-            axpy(p, vn + j * s.Dv, acc, s.Dv);
-          }
+          accumulate_rows(tile.data(), kBlock, 1, rows, keys, v_ptr + (n * s.L + j0) * s.Dv, s.Dv, s.Dv, ob, s.Dv);
         }
-        // Row 0 has no keys: total 0, output 0 and log-sum-exp -inf.
-        if (total > T(0)) scale_in_place(T(1) / total, acc, s.Dv);
-        lse_ptr[row] = total > T(0) ? top + std::log(total) : -std::numeric_limits<T>::infinity();
+        for (int64_t r = 0; r < rows; ++r) {
+          // Row 0 has no keys: total 0, output 0 and log-sum-exp -inf.
+          T* o = ob + r * s.Dv;
+          if (total[r] > T(0))
+            for (int64_t c = 0; c < s.Dv; ++c) o[c] /= total[r];
+          lse_ptr[n * s.L + i0 + r] = total[r] > T(0) ? top[r] + std::log(total[r]) : minus_inf;
+        }
       }
     });
   });
@@ -124,12 +217,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
   check_tensor(op, "out", out, {s.N, s.L, s.Dv}, q, kCpu);
   check_tensor(op, "lse", lse, {s.N, s.L}, q, kCpu);
   const at::Tensor g = grad_out.to(q.scalar_type()).contiguous(), o = out.contiguous(), l = lse.contiguous();
-  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  at::Tensor grad_k = at::zeros_like(k), grad_v = at::zeros_like(v);
+  if (s.N * s.L == 0) return {at::zeros_like(q), grad_k, grad_v};
+  const at::Tensor kt = transposed_tiles(k, s), vt = transposed_tiles(v, s);
+  const int64_t padded = kt.size(2);
+  // A task is one tile of keys of one sequence and writes its rows of d(k) and d(v) alone; d(q)
+  // gathers from every key tile. With a sequence per thread or more, a task takes a whole
+  // sequence and owns its rows of d(q) too; with fewer, each thread sums into its own copy.
+  const int64_t threads = at::get_num_threads();
+  const bool whole_sequences = s.N >= threads;
+  at::Tensor grad_q = whole_sequences ? at::zeros_like(q) : at::zeros({threads, s.N, s.L, s.D}, q.options());
   at::Tensor delta = at::empty({s.N, s.L}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_attention_backward", [&] {
     using T = scalar_t;
-    const T *q_ptr = q.const_data_ptr<T>(), *k_ptr = k.const_data_ptr<T>(), *v_ptr = v.const_data_ptr<T>();
-    const T *g_ptr = g.const_data_ptr<T>(), *o_ptr = o.const_data_ptr<T>(), *lse_ptr = l.const_data_ptr<T>();
+    const T *q_ptr = q.const_data_ptr<T>(), *k_ptr = k.const_data_ptr<T>(), *kt_ptr = kt.const_data_ptr<T>();
+    const T *vt_ptr = vt.const_data_ptr<T>(), *g_ptr = g.const_data_ptr<T>(), *o_ptr = o.const_data_ptr<T>();
+    const T* lse_ptr = l.const_data_ptr<T>();
     T *gq_ptr = grad_q.data_ptr<T>(), *gk_ptr = grad_k.data_ptr<T>(), *gv_ptr = grad_v.data_ptr<T>();
     T* delta_ptr = delta.data_ptr<T>();
     const T sc = static_cast<T>(scale);
@@ -137,41 +240,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
     at::parallel_for(0, s.N * s.L, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, s.Dv)), [&](int64_t b, int64_t e) {
       for (int64_t row = b; row < e; ++row) delta_ptr[row] = dot(g_ptr + row * s.Dv, o_ptr + row * s.Dv, s.Dv);
     });
-    // dS_ij = P_ij (dO_i . v_j - delta_i), P_ij = exp(scale q_i . k_j - lse_i), for j < i.
-    // d(q_i) = scale sum_{j<i} dS_ij k_j.
-    at::parallel_for(0, s.N * s.L, grain(s), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / s.L, i = row % s.L;
-        T* gq = gq_ptr + row * s.D;
-        std::fill(gq, gq + s.D, T(0));
-        const T *qi = q_ptr + row * s.D, *gi = g_ptr + row * s.Dv;
-        for (int64_t j = 0; j < i; ++j) {
-          const int64_t key = n * s.L + j;
-          const T p = std::exp(sc * dot(qi, k_ptr + key * s.D, s.D) - lse_ptr[row]);
-          const T ds = p * (dot(gi, v_ptr + key * s.Dv, s.Dv) - delta_ptr[row]);
-          axpy(sc * ds, k_ptr + key * s.D, gq, s.D);
+    // For queries i > j of the key tile at j0, by query tiles: P_ij = exp(scale q_i . k_j - lse_i),
+    // dS_ij = scale P_ij (dO_i . v_j - delta_i); d(v_j) += P_ij dO_i, d(k_j) += dS_ij q_i and
+    // d(q_i) += dS_ij k_j, into gq, sequence n's rows of d(q) or of a thread's copy.
+    auto key_tile = [&](int64_t n, int64_t j0, T* gq, T* probs, T* scores, T* grads) {
+      const int64_t keys = std::min(kBlock, s.L - j0);
+      for (int64_t i0 = j0; i0 < s.L; i0 += kBlock) {
+        const int64_t rows = std::min(kBlock, s.L - i0), cols = std::min(keys, i0 + rows - 1 - j0);
+        if (cols <= 0) continue;
+        const int64_t first = n * s.L + i0;
+        tile_products(q_ptr + first * s.D, s.D, rows, kt_ptr + n * s.D * padded + j0, padded, s.D, sc, probs);
+        tile_products(g_ptr + first * s.Dv, s.Dv, rows, vt_ptr + n * s.Dv * padded + j0, padded, s.Dv, T(1), grads);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t valid = std::clamp<int64_t>(i0 + r - j0, 0, cols);
+          T *p = probs + r * kBlock, *ds = scores + r * kBlock;
+          const T* dp = grads + r * kBlock;
+          // valid is 0 for row 0, the one row whose log-sum-exp is -inf.
+          exponentiate(p, valid, cols, valid > 0 ? lse_ptr[first + r] : T(0));
+          for (int64_t c = 0; c < cols; ++c) ds[c] = sc * p[c] * (dp[c] - delta_ptr[first + r]);
         }
+        accumulate_rows(probs, 1, kBlock, cols, rows, g_ptr + first * s.Dv, s.Dv, s.Dv, gv_ptr + (n * s.L + j0) * s.Dv,
+                        s.Dv);
+        accumulate_rows(scores, 1, kBlock, cols, rows, q_ptr + first * s.D, s.D, s.D, gk_ptr + (n * s.L + j0) * s.D,
+                        s.D);
+        accumulate_rows(scores, kBlock, 1, rows, cols, k_ptr + (n * s.L + j0) * s.D, s.D, s.D, gq + i0 * s.D, s.D);
       }
-    });
-    // d(k_j) = scale sum_{i>j} dS_ij q_i and d(v_j) = sum_{i>j} P_ij dO_i.
-    at::parallel_for(0, s.N * s.L, grain(s), [&](int64_t begin, int64_t end) {
-      for (int64_t key = begin; key < end; ++key) {
-        const int64_t n = key / s.L, j = key % s.L;
-        T *gk = gk_ptr + key * s.D, *gv = gv_ptr + key * s.Dv;
-        std::fill(gk, gk + s.D, T(0));
-        std::fill(gv, gv + s.Dv, T(0));
-        const T *kj = k_ptr + key * s.D, *vj = v_ptr + key * s.Dv;
-        for (int64_t i = j + 1; i < s.L; ++i) {
-          const int64_t row = n * s.L + i;
-          const T p = std::exp(sc * dot(q_ptr + row * s.D, kj, s.D) - lse_ptr[row]);
-          const T* gi = g_ptr + row * s.Dv;
-          axpy(p, gi, gv, s.Dv);
-          axpy(sc * p * (dot(gi, vj, s.Dv) - delta_ptr[row]), q_ptr + row * s.D, gk, s.D);
+    };
+    const int64_t tasks = whole_sequences ? s.N : s.N * s.blocks();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> probs(kBlock * kBlock, T(0)), scores(kBlock * kBlock, T(0)), grads(kBlock * kBlock, T(0));
+      for (int64_t task = begin; task < end; ++task) {
+        if (whole_sequences) {
+          for (int64_t j0 = 0; j0 < s.L; j0 += kBlock)
+            key_tile(task, j0, gq_ptr + task * s.L * s.D, probs.data(), scores.data(), grads.data());
+        } else {
+          const int64_t n = task / s.blocks();
+          TORCH_INTERNAL_ASSERT_DEBUG_ONLY(at::get_thread_num() < threads);
+          T* copy = gq_ptr + (at::get_thread_num() * s.N + n) * s.L * s.D;
+          key_tile(n, balanced_block(task % s.blocks(), s.blocks()) * kBlock, copy, probs.data(), scores.data(),
+                   grads.data());
         }
       }
     });
   });
-  return {grad_q, grad_k, grad_v};
+  return {whole_sequences ? grad_q : grad_q.sum(0), grad_k, grad_v};
 }
 
 }  // namespace
