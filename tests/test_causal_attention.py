@@ -30,7 +30,8 @@ def run(fn, inputs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("lead,L,D,Dv", [((1,), 1, 4, 4), ((2,), 37, 5, 3), ((2, 3), 50, 8, 16), ((1,), 70, 16, 7)])
+@pytest.mark.parametrize("lead,L,D,Dv", [((1,), 1, 4, 4), ((2,), 37, 5, 3), ((2, 3), 50, 8, 16), ((1,), 70, 16, 7),
+                                         ((2,), 90, 20, 24)])
 def test_matches_reference(device_backend, dtype, lead, L, D, Dv):
     device, _ = device_backend
     inputs = qkv(*lead, L=L, D=D, Dv=Dv, dtype=dtype, device=device)

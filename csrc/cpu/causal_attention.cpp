@@ -36,7 +36,8 @@ T dot(const T* a, const T* b, int64_t n) {
 // tile[r, c] = scale sum_d a[r, d] bt[d, c] for r < rows and c < kBlock: a's rows (leading dim
 // lda) against kBlock columns of a transposed block bt (leading dim ldb). Each a[r, d] is broadcast
 // against whole vectors of columns, so no horizontal sums; two rows at a time where the vector
-// registers hold both rows' accumulators, to hide the multiply-add latency.
+// registers hold both rows' accumulators (AVX-512 float), to hide the multiply-add latency. (Double
+// on AVX2 spills some of its 16 accumulators: its kernels serve gradcheck, not speed.)
 template <typename T>
 void tile_products(const T* a, int64_t lda, int64_t rows, const T* bt, int64_t ldb, int64_t depth, T scale,
                    T* tile) {
@@ -49,40 +50,93 @@ void tile_products(const T* a, int64_t lda, int64_t rows, const T* bt, int64_t l
     for (auto& row : acc)
       for (auto& x : row) x = Vec(T(0));
     for (int64_t d = 0; d < depth; ++d) {
-      Vec column[kVecs];
-      for (int64_t c = 0; c < kVecs; ++c) column[c] = Vec::loadu(bt + d * ldb + c * Vec::size());
-      for (int64_t t = 0; t < kRows; ++t) {
-        // A row past `rows` reads row 0 again rather than past the end; it is never stored.
-        const Vec x(scale * a[(t < count ? r0 + t : 0) * lda + d]);
-        for (int64_t c = 0; c < kVecs; ++c) acc[t][c] = at::vec::fmadd(x, column[c], acc[t][c]);
+      Vec x[kRows];
+      // A row past `rows` reads row 0 again rather than past the end; it is never stored.
+      for (int64_t t = 0; t < kRows; ++t) x[t] = Vec(scale * a[(t < count ? r0 + t : 0) * lda + d]);
+      for (int64_t c = 0; c < kVecs; ++c) {
+        const Vec column = Vec::loadu(bt + d * ldb + c * Vec::size());
+        for (int64_t t = 0; t < kRows; ++t) acc[t][c] = at::vec::fmadd(x[t], column, acc[t][c]);
       }
     }
-    for (int64_t t = 0; t < count; ++t)
-      for (int64_t c = 0; c < kVecs; ++c) acc[t][c].store(tile + (r0 + t) * kBlock + c * Vec::size());
+    // Loops of constant trip count (the guard inside), so that acc stays in registers.
+    for (int64_t t = 0; t < kRows; ++t)
+      if (t < count)
+        for (int64_t c = 0; c < kVecs; ++c) acc[t][c].store(tile + (r0 + t) * kBlock + c * Vec::size());
   }
 }
 
+// Rows of out a block of accumulate_rows holds, kVecs vectors each: 16 accumulators where there
+// are 32 vector registers (AVX-512), 8 where there are 16.
+template <typename T, int64_t kVecs>
+constexpr int64_t kBlockRows = (sizeof(Vectorized<T>) >= 64 ? 16 : 8) / kVecs;
+
+// One block of accumulate_rows: out[t, w + v-th vector] += sum_b coef[t * sa + b * sb]
+// src[b, w + v-th vector] for t < kBlockRows (stored for t < count), w the block's first column,
+// lanes[v] of each vector valid. kFull: every vector whole, so the loop over b has no branch and
+// the accumulators stay in registers (with a branch in it, gcc also stores them to the stack every
+// iteration, which halved the speed).
+template <typename T, int64_t kVecs, bool kFull>
+void accumulate_block(const T* coef, int64_t sa, int64_t sb, int64_t count, int64_t nb, const T* src, int64_t ld,
+                      const int64_t (&lanes)[kVecs], T* out, int64_t ldo) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kRows = kBlockRows<T, kVecs>;
+  Vec acc[kRows][kVecs];
+  for (auto& row : acc)
+    for (auto& x : row) x = Vec(T(0));
+  for (int64_t b = 0; b < nb; ++b) {
+    Vec x[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v)
+      x[v] = kFull ? Vec::loadu(src + b * ld + v * Vec::size()) : Vec::loadu(src + b * ld + v * Vec::size(), lanes[v]);
+    for (int64_t t = 0; t < kRows; ++t) {
+      const Vec c(coef[t * sa + b * sb]);
+      for (int64_t v = 0; v < kVecs; ++v) acc[t][v] = at::vec::fmadd(c, x[v], acc[t][v]);
+    }
+  }
+  for (int64_t t = 0; t < kRows; ++t)
+    for (int64_t v = 0; v < kVecs; ++v)
+      if (t < count && lanes[v] > 0) {
+        T* o = out + t * ldo + v * Vec::size();
+        (Vec::loadu(o, lanes[v]) + acc[t][v]).store(o, lanes[v]);
+      }
+}
+
+// accumulate_rows over the kVecs vectors of columns from w on, for every row of out.
+template <typename T, int64_t kVecs, bool kFull>
+void accumulate_columns(const T* coef, int64_t sa, int64_t sb, int64_t na, int64_t nb, const T* src, int64_t ld,
+                        int64_t width, int64_t w, T* out, int64_t ldo) {
+  constexpr int64_t kRows = kBlockRows<T, kVecs>, kSize = Vectorized<T>::size();
+  static_assert(kBlock % kRows == 0);
+  int64_t lanes[kVecs];
+  for (int64_t v = 0; v < kVecs; ++v) lanes[v] = std::clamp<int64_t>(width - w - v * kSize, 0, kSize);
+  for (int64_t a0 = 0; a0 < na; a0 += kRows)
+    accumulate_block<T, kVecs, kFull>(coef + a0 * sa, sa, sb, std::min(kRows, na - a0), nb, src + w, ld, lanes,
+                                      out + a0 * ldo + w, ldo);
+}
+
 // out[a, :width] += sum_{b < nb} coef[a * sa + b * sb] src[b, :width] for a < na: a tile (or its
-// transpose, sa = 1) times rows of src (leading dim ld) into rows of out (leading dim ldo). Eight
-// rows of out at a time share each loaded row of src. coef must hold rows up to na rounded up to
-// eight (the tiles are kBlock x kBlock); those past na are read and dropped.
+// transpose, sa = 1) times rows of src (leading dim ld) into rows of out (leading dim ldo). Blocks
+// of rows by one or two vectors of columns are held in registers, so that each broadcast
+// coefficient feeds every vector of its row and each loaded vector of src every row of the block.
+// coef must hold rows up to na rounded up to 16 (the tiles are kBlock x kBlock); those past na are
+// read and dropped.
 template <typename T>
 void accumulate_rows(const T* coef, int64_t sa, int64_t sb, int64_t na, int64_t nb, const T* src, int64_t ld,
                      int64_t width, T* out, int64_t ldo) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t kRows = 8;
-  static_assert(kBlock % kRows == 0);
-  for (int64_t a0 = 0; a0 < na; a0 += kRows) {
-    const int64_t count = std::min(kRows, na - a0);
-    for (int64_t w = 0; w < width; w += Vec::size()) {
-      const int64_t lanes = std::min<int64_t>(Vec::size(), width - w);
-      Vec acc[kRows];
-      for (int64_t t = 0; t < kRows; ++t) acc[t] = t < count ? Vec::loadu(out + (a0 + t) * ldo + w, lanes) : Vec(T(0));
-      for (int64_t b = 0; b < nb; ++b) {
-        const Vec x = Vec::loadu(src + b * ld + w, lanes);
-        for (int64_t t = 0; t < kRows; ++t) acc[t] = at::vec::fmadd(Vec(coef[(a0 + t) * sa + b * sb]), x, acc[t]);
-      }
-      for (int64_t t = 0; t < count; ++t) acc[t].store(out + (a0 + t) * ldo + w, lanes);
+  constexpr int64_t kSize = Vectorized<T>::size();
+  for (int64_t w = 0; w < width;) {
+    const int64_t left = width - w;
+    if (left >= 2 * kSize) {
+      accumulate_columns<T, 2, true>(coef, sa, sb, na, nb, src, ld, width, w, out, ldo);
+      w += 2 * kSize;
+    } else if (left > kSize) {
+      accumulate_columns<T, 2, false>(coef, sa, sb, na, nb, src, ld, width, w, out, ldo);
+      w += 2 * kSize;
+    } else if (left == kSize) {
+      accumulate_columns<T, 1, true>(coef, sa, sb, na, nb, src, ld, width, w, out, ldo);
+      w += kSize;
+    } else {
+      accumulate_columns<T, 1, false>(coef, sa, sb, na, nb, src, ld, width, w, out, ldo);
+      w += kSize;
     }
   }
 }
@@ -185,8 +239,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const a
               continue;
             }
             const T new_top = std::max(top[r], max_of(p, valid));
-            const T shrink = std::exp(top[r] - new_top);  // 0 while the row had no keys
-            total[r] = total[r] * shrink + exponentiate(p, valid, keys, new_top);
+            // Scores of -inf so far (an overflowing scale * q . k) weigh 0, not exp(-inf + inf).
+            const T shrink = top[r] == minus_inf ? T(0) : std::exp(top[r] - new_top);
+            total[r] = total[r] * shrink + exponentiate(p, valid, keys, new_top == minus_inf ? T(0) : new_top);
             if (shrink != T(1)) {
               T* o = ob + r * s.Dv;
               for (int64_t c = 0; c < s.Dv; ++c) o[c] *= shrink;
@@ -198,9 +253,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const a
         for (int64_t r = 0; r < rows; ++r) {
           // Row 0 has no keys: total 0, output 0 and log-sum-exp -inf.
           T* o = ob + r * s.Dv;
-          if (total[r] > T(0))
+          if (total[r] != T(0))
             for (int64_t c = 0; c < s.Dv; ++c) o[c] /= total[r];
-          lse_ptr[n * s.L + i0 + r] = total[r] > T(0) ? top[r] + std::log(total[r]) : minus_inf;
+          lse_ptr[n * s.L + i0 + r] = total[r] != T(0) ? top[r] + std::log(total[r]) : minus_inf;
         }
       }
     });
@@ -255,7 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
           const int64_t valid = std::clamp<int64_t>(i0 + r - j0, 0, cols);
           T *p = probs + r * kBlock, *ds = scores + r * kBlock;
           const T* dp = grads + r * kBlock;
-          // valid is 0 for row 0, the one row whose log-sum-exp is -inf.
+          // valid is 0 where i <= j0 (the first row of a diagonal tile): the only rows whose
+          // log-sum-exp can be -inf (row 0), and whose probabilities are all 0 anyway.
           exponentiate(p, valid, cols, valid > 0 ? lse_ptr[first + r] : T(0));
           for (int64_t c = 0; c < cols; ++c) ds[c] = sc * p[c] * (dp[c] - delta_ptr[first + r]);
         }
@@ -275,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
             key_tile(task, j0, gq_ptr + task * s.L * s.D, probs.data(), scores.data(), grads.data());
         } else {
           const int64_t n = task / s.blocks();
-          TORCH_INTERNAL_ASSERT_DEBUG_ONLY(at::get_thread_num() < threads);
+          TORCH_CHECK(at::get_thread_num() < threads, op, ": thread ", at::get_thread_num(), " of ", threads);
           T* copy = gq_ptr + (at::get_thread_num() * s.N + n) * s.L * s.D;
           key_tile(n, balanced_block(task % s.blocks(), s.blocks()) * kBlock, copy, probs.data(), scores.data(),
                    grads.data());

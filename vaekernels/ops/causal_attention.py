@@ -58,11 +58,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         scale: the score scale, 1 / sqrt(D) by default.
 
     Returns [..., L, Dv]: row i is sum_{j<i} softmax_j(scale q_i . k_j) v_j. Row 0 attends to
-    nothing and is exactly 0, so no output ever depends on its own position or a later one
+    nothing and is exactly 0, so no output depends on its own position or a later one
     (PixelSNAIL's queries come from the current pixel's features, its keys and values from the
-    earlier pixels'). The score matrix is never formed: the forward keeps a running max and sum
-    over blocks of keys and saves only the output and a row log-sum-exp; the backward recomputes
-    the scores. Memory is O(L), not O(L^2).
+    earlier pixels'). That holds to the bit for finite inputs; an inf or NaN at a later position
+    can reach earlier rows of its tile of positions (64 on CPU) as 0 * inf, as in the reference's
+    [L, L] product. The score matrix is never formed: the forward keeps a running max and sum over tiles
+    of keys and saves only the output and a row log-sum-exp; the backward recomputes the scores.
+    Memory is O(L), not O(L^2).
 
     Example:
         >>> import torch, vaekernels
