@@ -33,17 +33,23 @@ T dot(const T* a, const T* b, int64_t n) {
   return at::vec::vec_reduce_all<T>(vec_add<T>, acc);
 }
 
+// Rows of a block held in registers, kVecs vectors each: 16 accumulators where there are 32
+// vector registers (AVX-512), 8 where there are 16.
+template <typename T, int64_t kVecs>
+constexpr int64_t kBlockRows = std::max<int64_t>(1, (sizeof(Vectorized<T>) >= 64 ? 16 : 8) / kVecs);
+
 // tile[r, c] = scale sum_d a[r, d] bt[d, c] for r < rows and c < kBlock: a's rows (leading dim
 // lda) against kBlock columns of a transposed block bt (leading dim ldb). Each a[r, d] is broadcast
-// against whole vectors of columns, so no horizontal sums; two rows at a time where the vector
-// registers hold both rows' accumulators (AVX-512 float), to hide the multiply-add latency. (Double
-// on AVX2 spills some of its 16 accumulators: its kernels serve gradcheck, not speed.)
+// against whole vectors of columns, so no horizontal sums; several rows at a time where the
+// registers hold their accumulators (four with AVX-512 float), so that each loaded vector of bt
+// feeds several multiply-adds. (Double on AVX2 spills some of its 16 accumulators: its kernels
+// serve gradcheck, not speed.)
 template <typename T>
 void tile_products(const T* a, int64_t lda, int64_t rows, const T* bt, int64_t ldb, int64_t depth, T scale,
                    T* tile) {
   using Vec = Vectorized<T>;
   constexpr int64_t kVecs = kBlock / Vec::size();
-  constexpr int64_t kRows = kVecs >= 8 ? 1 : 8 / kVecs;
+  constexpr int64_t kRows = kBlockRows<T, kVecs>;
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     const int64_t count = std::min(kRows, rows - r0);
     Vec acc[kRows][kVecs];
@@ -64,11 +70,6 @@ void tile_products(const T* a, int64_t lda, int64_t rows, const T* bt, int64_t l
         for (int64_t c = 0; c < kVecs; ++c) acc[t][c].store(tile + (r0 + t) * kBlock + c * Vec::size());
   }
 }
-
-// Rows of out a block of accumulate_rows holds, kVecs vectors each: 16 accumulators where there
-// are 32 vector registers (AVX-512), 8 where there are 16.
-template <typename T, int64_t kVecs>
-constexpr int64_t kBlockRows = (sizeof(Vectorized<T>) >= 64 ? 16 : 8) / kVecs;
 
 // One block of accumulate_rows: out[t, w + v-th vector] += sum_b coef[t * sa + b * sb]
 // src[b, w + v-th vector] for t < kBlockRows (stored for t < count), w the block's first column,
