@@ -23,16 +23,6 @@ namespace {
 // vectors; 64 x 64 tiles of scores, probabilities and their gradients stay in L1 and L2.
 constexpr int64_t kBlock = 64;
 
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  using Vec = Vectorized<T>;
-  Vec acc(T(0));
-  int64_t d = 0;
-  for (; d + Vec::size() <= n; d += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
-  if (d < n) acc = at::vec::fmadd(Vec::loadu(a + d, n - d), Vec::loadu(b + d, n - d), acc);
-  return at::vec::vec_reduce_all<T>(vec_add<T>, acc);
-}
-
 // Rows of a block held in registers, kVecs vectors each: 16 accumulators where there are 32
 // vector registers (AVX-512), 8 where there are 16.
 template <typename T, int64_t kVecs>
@@ -200,8 +190,9 @@ Shape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, con
 // x [N, L, F] transposed to [N, F, L'] with L' = L rounded up to whole tiles, zeros past L: a key
 // tile's columns are then always there to load (those past L are masked, as every j >= i is).
 at::Tensor transposed_tiles(const at::Tensor& x, const Shape& s) {
-  at::Tensor t = at::zeros({x.size(0), x.size(2), s.blocks() * kBlock}, x.options());
+  at::Tensor t = at::empty({x.size(0), x.size(2), s.blocks() * kBlock}, x.options());
   t.narrow(2, 0, s.L).copy_(x.transpose(1, 2));
+  t.narrow(2, s.L, t.size(2) - s.L).zero_();
   return t;
 }
 
@@ -283,19 +274,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
   const int64_t threads = at::get_num_threads();
   const bool whole_sequences = s.N >= threads;
   at::Tensor grad_q = whole_sequences ? at::zeros_like(q) : at::zeros({threads, s.N, s.L, s.D}, q.options());
-  at::Tensor delta = at::empty({s.N, s.L}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_attention_backward", [&] {
     using T = scalar_t;
     const T *q_ptr = q.const_data_ptr<T>(), *k_ptr = k.const_data_ptr<T>(), *kt_ptr = kt.const_data_ptr<T>();
-    const T *vt_ptr = vt.const_data_ptr<T>(), *g_ptr = g.const_data_ptr<T>(), *o_ptr = o.const_data_ptr<T>();
+    const T *vt_ptr = vt.const_data_ptr<T>(), *g_ptr = g.const_data_ptr<T>();
     const T* lse_ptr = l.const_data_ptr<T>();
     T *gq_ptr = grad_q.data_ptr<T>(), *gk_ptr = grad_k.data_ptr<T>(), *gv_ptr = grad_v.data_ptr<T>();
-    T* delta_ptr = delta.data_ptr<T>();
-    const T sc = static_cast<T>(scale);
     // delta_i = dO_i . O_i, the softmax backward's row term.
-    at::parallel_for(0, s.N * s.L, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, s.Dv)), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) delta_ptr[row] = dot(g_ptr + row * s.Dv, o_ptr + row * s.Dv, s.Dv);
-    });
+    const at::Tensor delta = reduce_rows<T>([](const auto& g_d, const auto& o_d) { return g_d * o_d; },
+                                            [](T sum) { return sum; }, g, o);
+    const T* delta_ptr = delta.const_data_ptr<T>();
+    const T sc = static_cast<T>(scale);
     // For queries i > j of the key tile at j0, by query tiles: P_ij = exp(scale q_i . k_j - lse_i),
     // dS_ij = scale P_ij (dO_i . v_j - delta_i); d(v_j) += P_ij dO_i, d(k_j) += dS_ij q_i and
     // d(q_i) += dS_ij k_j, into gq, sequence n's rows of d(q) or of a thread's copy.

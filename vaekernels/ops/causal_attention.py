@@ -62,9 +62,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     (PixelSNAIL's queries come from the current pixel's features, its keys and values from the
     earlier pixels'). That holds to the bit for finite inputs; an inf or NaN at a later position
     can reach earlier rows of its tile of positions (64 on CPU) as 0 * inf, as in the reference's
-    [L, L] product. The score matrix is never formed: the forward keeps a running max and sum over tiles
-    of keys and saves only the output and a row log-sum-exp; the backward recomputes the scores.
-    Memory is O(L), not O(L^2).
+    [L, L] product. The score matrix is never formed: the forward keeps a running max and sum
+    over tiles of keys and saves only the output and a row log-sum-exp; the backward recomputes
+    the scores. Memory is O(L), not O(L^2).
 
     Example:
         >>> import torch, vaekernels
