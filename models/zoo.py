@@ -49,9 +49,10 @@ ESTIMATORS = ("iwae", "dreg", "stl")
 MIN_LOG_SCALE = -6.0  # a pixel that never varies would otherwise drive its Gaussian variance to zero
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, activation=nn.Tanh) -> nn.Sequential:
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, activation=nn.Tanh,
+        output: type[nn.Linear] = nn.Linear) -> nn.Sequential:
     """``layers`` hidden layers of ``hidden_dim`` units (``activation()`` after each: tanh by default), then a
-    linear output.
+    linear output (an instance of ``output``).
 
     >>> mlp(4, 8, 2)(torch.zeros(3, 4)).shape
     torch.Size([3, 2])
@@ -60,7 +61,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, activation=
     for _ in range(layers):
         modules += [nn.Linear(width, hidden_dim), activation()]
         width = hidden_dim
-    return nn.Sequential(*modules, nn.Linear(width, out_dim))
+    return nn.Sequential(*modules, output(width, out_dim))
 
 
 class Encoder(nn.Module):
@@ -112,13 +113,31 @@ class Decoder(nn.Module):
             for c_in, c_out in zip(widths, widths[1:]):
                 layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.ReLU()]
             self.net = nn.Sequential(*layers[:-1], nn.Flatten())  # no ReLU on the likelihood's parameters
-        else:
-            self.net = mlp(latent_dim + cond_dim, hidden_dim, height * width, 2 if arch == "mlp" else 0)
+        else:  # a Bernoulli likelihood and bound can then be fused into the output layer
+            self.net = mlp(latent_dim + cond_dim, hidden_dim, height * width, 2 if arch == "mlp" else 0,
+                           output=vaekernels.nn.BernoulliLinear)
 
-    def forward(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def _rows(z: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         if condition is not None:
             z = torch.cat([z, condition.unsqueeze(1).expand(*z.shape[:2], -1)], -1)
-        return self.net(z.flatten(0, 1)).unflatten(0, z.shape[:2])
+        return z.flatten(0, 1)
+
+    def forward(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(self._rows(z, condition)).unflatten(0, z.shape[:2])
+
+    @property
+    def output_layer(self) -> vaekernels.nn.BernoulliLinear | None:
+        """The last layer, where it is one that fuses the Bernoulli likelihood (MLP decoders)."""
+        last = self.net[-1]
+        return last if isinstance(last, vaekernels.nn.BernoulliLinear) else None
+
+    def features(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The output layer's input [B, K, H] (MLP decoders)."""
+        rows = self._rows(z, condition)
+        for layer in self.net[:-1]:
+            rows = layer(rows)
+        return rows.unflatten(0, z.shape[:2])
 
 
 def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -235,10 +254,27 @@ class VAE(nn.Module):
         """log p(z) [B, K] for z [B, K, d]."""
         return standard_normal_log_prob(z)
 
+    @property
+    def fused_output_layer(self) -> vaekernels.nn.BernoulliLinear | None:
+        """The decoder's output layer where the likelihood and the bound fuse into it (Bernoulli, MLP)."""
+        return self.decoder.output_layer if self.likelihood.kind == "bernoulli" else None
+
+    def expected_log_likelihood(self, x, z, y=None) -> torch.Tensor:
+        """(1/K) sum_k log p(x | z_k) [B] for z [B, K, d]: the ELBO's reconstruction term."""
+        layer = self.fused_output_layer
+        if layer is None:
+            return self.likelihood.log_prob(self.decode(z, y), x).mean(1)
+        return layer.expected_log_prob(self.decoder.features(z, self.condition(y)), x)
+
     def bound(self, x, y=None, k: int = 1, estimator: str = "iwae", generator=None) -> torch.Tensor:
-        """The k-sample importance-weighted bound [B] through :func:`vaekernels.iwae_bound`."""
+        """The k-sample importance-weighted bound [B] through :func:`vaekernels.iwae_bound` (or
+        :func:`vaekernels.linear_iwae_bound`, with the decoder's output layer, where it fuses)."""
         mean, log_var = self.encode(x, y)
         z = reparameterize(mean, log_var, k, generator)
+        layer = self.fused_output_layer
+        if layer is not None:
+            return layer.iwae_bound(self.decoder.features(z, self.condition(y)), x, self.log_prior(z), None,
+                                    estimator=estimator, z=z, q=(mean, log_var))
         return self._iw_bound(self.decode(z, y), x, z, (mean, log_var), self.log_prior(z), estimator)
 
     def _iw_bound(self, out, x, z, q, log_pz, estimator):
@@ -265,8 +301,7 @@ class VAE(nn.Module):
         """Per-example reconstruction loss -E_q[log p(x|z)] over k samples and analytic KL, each [B]."""
         mean, log_var = self.encode(x, y)
         z = reparameterize(mean, log_var, self.k, generator)
-        reconstruction = -self.likelihood.log_prob(self.decode(z, y), x).mean(1)
-        return reconstruction, vaekernels.gaussian_kl(mean, log_var)
+        return -self.expected_log_likelihood(x, z, y), vaekernels.gaussian_kl(mean, log_var)
 
     def forward(self, x, y=None, generator=None):
         reconstruction, kl = self.terms(x, y, generator)
@@ -288,12 +323,15 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decode(self.sample_latents(n, generator, device), y)).squeeze(1)
 
 
-def capacity(step: int, capacity_max: float, capacity_steps: int) -> float:
-    """Burgess et al.'s target KL: rises linearly from 0 to ``capacity_max`` over ``capacity_steps``.
+def capacity(step, capacity_max: float, capacity_steps: int):
+    """Burgess et al.'s target KL: rises linearly from 0 to ``capacity_max`` over ``capacity_steps``
+    (``step`` an int, or a tensor and then so is the target).
 
     >>> [capacity(t, 25.0, 100) for t in (0, 50, 100, 1000)]
     [0.0, 12.5, 25.0, 25.0]
     """
+    if isinstance(step, torch.Tensor):  # a step counter of the model: the target stays a tensor
+        return capacity_max * (step / capacity_steps).clamp(max=1.0)
     return capacity_max * min(1.0, step / capacity_steps)
 
 
@@ -308,12 +346,13 @@ class CapacityVAE(VAE):
 
     def forward(self, x, y=None, generator=None):
         reconstruction, kl = self.terms(x, y, generator)
-        target = capacity(int(self.step), self.capacity_max, self.capacity_steps)
+        # From the step buffer as a tensor: a Python number would recompile a compiled loss every step.
+        target = capacity(self.step.clone(), self.capacity_max, self.capacity_steps)
         if self.training:
             self.step += 1
         loss = reconstruction.mean() + self.gamma * (kl.mean() - target).abs()
         return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(),
-                      "capacity": torch.tensor(target)}
+                      "capacity": target}
 
 
 class LagrangeMultiplier(nn.Module):
@@ -327,7 +366,7 @@ class LagrangeMultiplier(nn.Module):
 
     >>> multiplier = LagrangeMultiplier(alpha=0.5, rate=0.1)
     >>> lam, c = multiplier(torch.tensor(2.0))  # violated: lambda rises after this step
-    >>> lam, round(float(multiplier.value), 4)
+    >>> float(lam), round(float(multiplier.value), 4)
     (1.0, 1.2214)
     """
 
@@ -342,17 +381,18 @@ class LagrangeMultiplier(nn.Module):
     def value(self) -> torch.Tensor:
         return self.log_lambda.exp()
 
-    def forward(self, constraint: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """(lambda for this step's loss, straight-through constraint C) for the batch average C_hat."""
-        lam = float(self.log_lambda.exp())  # a number: the update below must not reach the graph
+    def forward(self, constraint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda for this step's loss, straight-through constraint C) for the batch average C_hat.
+
+        lambda is a tensor taken before this step's update, outside the graph: as a Python number
+        it would be a new constant to torch.compile at every step, and a recompilation."""
+        lam = self.log_lambda.exp().detach()
         if not self.training:
             return lam, constraint
-        with torch.no_grad():
-            if self.started:
-                self.moving_average.mul_(self.alpha).add_((1 - self.alpha) * constraint)
-            else:
-                self.moving_average.copy_(constraint)
-                self.started.fill_(True)
+        with torch.no_grad():  # branch-free, so that a compiled loss keeps one graph
+            blended = self.moving_average * self.alpha + (1 - self.alpha) * constraint
+            self.moving_average.copy_(torch.where(self.started, blended, constraint))
+            self.started.fill_(True)
             self.log_lambda.add_(self.rate * self.moving_average)
         return lam, constraint + (self.moving_average - constraint).detach()
 
@@ -374,7 +414,7 @@ class GECO(VAE):
         lam, constraint = self.multiplier(reconstruction.mean() - self.tolerance)
         loss = kl.mean() + lam * constraint
         return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(),
-                      "lambda": torch.tensor(lam)}
+                      "lambda": lam}
 
 
 class IWAE(VAE):
@@ -414,7 +454,7 @@ class GECOIWAE(IWAE):
         lam, constraint = self.multiplier(reconstruction.mean() - self.tolerance)
         loss = -bound.mean() + (lam - 1) * constraint
         return loss, {"bound": bound.mean().detach(), "reconstruction": reconstruction.mean().detach(),
-                      "lambda": torch.tensor(lam)}
+                      "lambda": lam}
 
 
 class GaussianMLP(nn.Module):
@@ -469,11 +509,16 @@ class HierarchicalVAE(VAE):
             return self.likelihood.log_prob(out, x) + log_pz - log_qz
 
     def forward(self, x, y=None, generator=None):
-        out, log_pz, log_qz = self._log_weights(x, y, self.k, generator)
-        if self.importance_weighted and self.likelihood.fused:
-            bound = vaekernels.iwae_bound(out, x, log_pz, log_qz, **self.likelihood.bound_kwargs())
+        z1, log_pz, log_qz = self._latents(x, y, self.k, generator)
+        layer = self.fused_output_layer
+        if layer is not None and self.importance_weighted:
+            bound = layer.iwae_bound(self.decoder.features(z1, self.condition(y)), x, log_pz, log_qz)
+        elif layer is not None:
+            bound = self.expected_log_likelihood(x, z1, y) + (log_pz - log_qz).mean(1)
+        elif self.importance_weighted and self.likelihood.fused:
+            bound = vaekernels.iwae_bound(self.decode(z1, y), x, log_pz, log_qz, **self.likelihood.bound_kwargs())
         else:
-            log_w = self.likelihood.log_prob(out, x) + log_pz - log_qz
+            log_w = self.likelihood.log_prob(self.decode(z1, y), x) + log_pz - log_qz
             bound = vaekernels.log_mean_exp(log_w, dim=1) if self.importance_weighted else log_w.mean(1)
         return -bound.mean(), {"bound": bound.mean().detach()}
 
@@ -529,13 +574,13 @@ class VHPVAE(VAE):
         self._generator = generator
         mean, log_var = self.encode(x, y)
         z = reparameterize(mean, log_var, self.k, generator)
-        reconstruction = -self.likelihood.log_prob(self.decode(z, y), x).mean(1)
+        reconstruction = -self.expected_log_likelihood(x, z, y)
         log_q = vaekernels.gaussian_log_prob(z, mean.unsqueeze(1), log_var.unsqueeze(1))
         kl = (log_q - self.log_prior(z)).mean(1)
         lam, constraint = self.multiplier(reconstruction.mean() - self.tolerance)
         loss = kl.mean() + lam * constraint
         return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(),
-                      "lambda": torch.tensor(lam)}
+                      "lambda": lam}
 
     def log_weights(self, x, y=None, k: int = 1, generator=None):
         self._generator = generator

@@ -343,7 +343,8 @@ def test_extreme_codes_give_no_nan(device_backend):
         assert torch.isfinite(reg).all() and (z.grad is None or torch.isfinite(z.grad).all()), activation
 
 
-def test_compile_fullgraph(device_backend):
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_compile_fullgraph(device_backend, compiler):
     device, _ = device_backend
     decoder = mlp([3, 8, 5], "softplus", dtype=torch.float32, device=device)
     z = randn(4, 3, device=device, dtype=torch.float32, seed=10)
@@ -353,7 +354,7 @@ def test_compile_fullgraph(device_backend):
                 + vaekernels.grae_regularizer(decoder, z, 0.5, exact=True))
 
     torch._dynamo.reset()
-    compiled = torch.compile(everything, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(everything, fullgraph=True, backend=compiler)
     assert_rel(compiled(z), everything(z), torch.float32)
 
 

@@ -85,7 +85,8 @@ def test_coupling_backward_step_opcheck(device_backend):
 
 
 @pytest.mark.parametrize("device_backend", NATIVE)
-def test_coupling_backward_step_compiles_fullgraph(device_backend):
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_coupling_backward_step_compiles_fullgraph(device_backend, compiler):
     device, backend = device_backend
 
     def walk_step(stream, update, grad, grad_update):
@@ -98,7 +99,7 @@ def test_coupling_backward_step_compiles_fullgraph(device_backend):
     torch._dynamo.reset()
     with vaekernels.use_backend(backend):
         eager = walk_step(*inputs)
-        compiled = torch.compile(walk_step, fullgraph=True, backend="aot_eager")(*copies)
+        compiled = torch.compile(walk_step, fullgraph=True, backend=compiler)(*copies)
     for got, want in zip([*compiled, *copies], [*eager, *inputs]):
         assert torch.equal(got, want)
 
@@ -241,12 +242,13 @@ def test_autograd_grad_accumulation_and_retain_graph():
         assert torch.allclose(p.grad, a + 2 * b, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_branches_give_the_eager_gradients():
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_compiled_branches_give_the_eager_gradients(compiler):
     torch.manual_seed(0)
     blocks = [AdditiveCoupling(mlp(4), mlp(4)) for _ in range(3)]
     eager = ReversibleSequential(*blocks)
-    compiled = ReversibleSequential(*[AdditiveCoupling(torch.compile(b.F, backend="aot_eager"),
-                                                       torch.compile(b.G, backend="aot_eager")) for b in blocks])
+    compiled = ReversibleSequential(*[AdditiveCoupling(torch.compile(b.F, backend=compiler),
+                                                       torch.compile(b.G, backend=compiler)) for b in blocks])
     torch._dynamo.reset()
     x = torch.randn(5, 8)
     want, got = gradients(eager, x, ordinary=False), gradients(compiled, x, ordinary=False)

@@ -18,6 +18,7 @@ from .ops.iwae import (
     total_correlation,
 )
 from .ops.causal_attention import causal_attention
+from .ops.linear_iwae import linear_expected_log_prob, linear_iwae_bound
 from .ops.jacobian import grae_regularizer, jacobian_column_sq_norms, jacobian_gram
 from .ops.logistic_mixture import discretized_logistic_mixture_nll, discretized_logistic_mixture_sample
 from .ops.pixelcnn import gated_activation, masked_conv2d
@@ -42,6 +43,8 @@ __all__ = [
     "iwae_bound",
     "jacobian_column_sq_norms",
     "jacobian_gram",
+    "linear_expected_log_prob",
+    "linear_iwae_bound",
     "log_mean_exp",
     "marginal_kl",
     "masked_conv2d",

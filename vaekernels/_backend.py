@@ -119,26 +119,32 @@ def _fallback(op: str, why: str) -> str:
     return "reference"
 
 
-# A pure function of its arguments and of settings fixed before tracing, so torch.compile can call
-# it once while tracing and keep the answer, instead of tracing the extension loading below it.
-@torch.compiler.assume_constant_result
 def choose(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The backend that runs ``op`` on tensors of ``device`` and ``dtype``: cuda, triton, cpu or reference."""
-    if _forced == "reference":
+    # torch.compile traces this read of the forced backend and guards on its value, so a graph
+    # traced under one use_backend() is not reused under another: the change recompiles.
+    return _choose(op, device, dtype, _forced)
+
+
+# A pure function of its arguments and of settings fixed at import, so torch.compile can call it
+# once while tracing and keep the answer, instead of tracing the extension loading below it.
+@torch.compiler.assume_constant_result
+def _choose(op: str, device: torch.device, dtype: torch.dtype, forced: str) -> str:
+    if forced == "reference":
         return "reference"
     if device.type == "cuda":
-        if _forced == "cpu":
+        if forced == "cpu":
             return _fallback(op, "VAEKERNELS_BACKEND=cpu was forced and these are CUDA tensors")
-        if _forced in ("auto", "cuda") and op in native()["cuda_ops"]:
+        if forced in ("auto", "cuda") and op in native()["cuda_ops"]:
             return "cuda"
         if triton_available():
             return "triton"
         return _fallback(op, "neither the CUDA kernels nor triton are available for CUDA tensors")
     if device.type != "cpu":
         return _fallback(op, f"no kernels exist for {device.type} tensors")
-    if _forced == "cuda":
+    if forced == "cuda":
         return _fallback(op, "VAEKERNELS_BACKEND=cuda was forced and these are CPU tensors")
-    if _forced == "triton":
+    if forced == "triton":
         if triton_available() and triton_interpreted():
             return "triton"
         return _fallback(op, "the triton backend needs TRITON_INTERPRET=1 (and triton) to run on CPU tensors")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.iwae import ESTIMATORS, LIKELIHOODS, REDUCTIONS, iwae_bound
+from ..ops.linear_iwae import linear_expected_log_prob, linear_iwae_bound
 
 
 class IWAEBound(nn.Module):
@@ -34,3 +35,31 @@ class IWAEBound(nn.Module):
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, estimator={self.estimator!r}, reduction={self.reduction!r}"
+
+
+class BernoulliLinear(nn.Linear):
+    """A decoder's output layer of Bernoulli logits that computes the likelihood and the bound
+    without making the logits; see :func:`vaekernels.linear_iwae_bound`.
+
+    Called as a module it is the :class:`torch.nn.Linear` it extends (same parameters, same state
+    dict), so it replaces a decoder's last ``nn.Linear`` in place and loads its checkpoints.
+
+    Example:
+        >>> import torch, vaekernels
+        >>> layer = vaekernels.nn.BernoulliLinear(8, 6)
+        >>> h, x = torch.randn(4, 5, 8), torch.rand(4, 6).round()
+        >>> log_pz, log_qz = torch.randn(4, 5), torch.randn(4, 5)
+        >>> layer.iwae_bound(h, x, log_pz, log_qz, reduction="mean").shape
+        torch.Size([])
+        >>> layer.expected_log_prob(h, x).shape
+        torch.Size([4])
+    """
+
+    def iwae_bound(self, h: torch.Tensor, x: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor | None = None,
+                   **kwargs) -> torch.Tensor:
+        """The bound of ``x`` under logits ``self(h)``, h [B, K, in_features]: :func:`vaekernels.linear_iwae_bound`."""
+        return linear_iwae_bound(h, self.weight, self.bias, x, log_pz, log_qz, **kwargs)
+
+    def expected_log_prob(self, h: torch.Tensor, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(1/K) sum_k log p(x | logits self(h_k)) [B]: :func:`vaekernels.linear_expected_log_prob`."""
+        return linear_expected_log_prob(h, self.weight, self.bias, x, **kwargs)

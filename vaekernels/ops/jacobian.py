@@ -66,8 +66,10 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``mkldnn::_linear_pointwise`` that inductor lowers linear layers to): exact float32 like MKL's
     sgemm behind torch.mm, and 15-18% faster than it on the AMD EPYC of bench/RESULTS.md (as the
     CPU kernel's ``matmul_2d``). A product that autograd records (double backward) takes torch.mm,
-    which has a derivative."""
-    if (_onednn_linear is not None and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+    which has a derivative, and so does one that torch.compile traces: inductor has no lowering for
+    this op on a weight it has not packed itself, and chooses its own kernel for a plain product."""
+    if (_onednn_linear is not None and not torch.compiler.is_compiling() and a.device.type == "cpu"
+            and a.dtype == b.dtype == torch.float32
             and torch.backends.mkldnn.enabled and a.is_contiguous() and (b.is_contiguous() or b.t().is_contiguous())
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
         return _onednn_linear(a, b.t(), None, "none", [], "")

@@ -124,9 +124,12 @@ def _padded(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
     left, right, top, bottom = (max(amount, 0) for amount in pads)
     height, width = out.shape[-2:]
     rows = slice(top, height - bottom)
-    for strip in (out[..., :top, :], out[..., height - bottom:, :], out[..., rows, :left],
-                  out[..., rows, width - right:]):
-        strip.zero_()
+    strips = ((top, out[..., :top, :]), (bottom, out[..., height - bottom:, :]), (left, out[..., rows, :left]),
+              (right, out[..., rows, width - right:]))
+    # Empty strips are skipped, not zeroed: inductor's C++ for a zero-size buffer crashes the process.
+    for amount, strip in strips:
+        if amount:
+            strip.zero_()
     return out
 
 

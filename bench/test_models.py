@@ -1,0 +1,126 @@
+"""One training step of every reference model, the way a user meets vaekernels.
+
+For each model of :data:`models.registry.REGISTRY`, at its command line's defaults: one training
+step (loss, backward, optimiser) with four contenders, each on its own copy of the same initial
+weights and on the same batch:
+
+- ``reference``: the model with every vaekernels op on the PyTorch reference backend;
+- ``fused``: the same model on the fused kernels (the default backend);
+- ``compiled reference`` / ``compiled fused``: the model's loss under ``torch.compile`` (inductor,
+  the default backend), on either backend. The optimiser step runs eagerly in all four.
+
+The contenders are timed round-robin in one process (:func:`_common.interleaved_medians`), so
+what comes and goes on the machine falls on all alike. Each row also carries the first step's
+loss of every contender (they agree: the same weights, batch and noise; inductor draws its own
+random numbers, so a compiled contender of a model that samples is checked against an eager
+step of the same seed only where it does not sample) and the peak memory of one step of the
+reference and of the fused model.
+
+``pytest bench/test_models.py`` prints the table and writes it as markdown to
+``.benchmarks/models.md``; ``-k iwae`` picks models. ``VAEKERNELS_BENCH_ROUNDS`` sets the rounds
+(default 15).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+
+import vaekernels
+from models.registry import REGISTRY
+
+from _common import BENCH_DIR, format_bytes, interleaved_medians, peak_bytes
+
+CONTENDERS = ("reference", "fused", "compiled reference", "compiled fused")
+ROUNDS = int(os.environ.get("VAEKERNELS_BENCH_ROUNDS", "15"))
+# Sampling models draw their noise from the global generator: seeded alike before every step.
+SEED = 0
+TABLE = BENCH_DIR.parent / ".benchmarks" / "models.md"
+_rows: dict[str, dict] = {}
+
+
+def _contender(entry, initial_state, batch, name: str):
+    """A zero-argument training step of contender ``name`` and its first step's loss."""
+    model = entry.build()
+    model.load_state_dict(initial_state)
+    model.train()
+    optimizer = entry.optimizer(model)
+    backend = "reference" if "reference" in name else "auto"
+    loss_fn = torch.compile(entry.loss) if name.startswith("compiled") else None
+    if loss_fn is not None and entry.train_step is not None:
+        # A model that steps its players itself: its parts are compiled instead of its loss.
+        for child_name, child in list(model.named_children()):
+            setattr(model, child_name, torch.compile(child))
+
+    def step():
+        with vaekernels.use_backend(backend):
+            return entry.step(model, optimizer, batch, loss_fn)
+
+    torch.manual_seed(SEED)
+    first_loss = float(step())
+    return step, first_loss
+
+
+def _peak(step) -> int | None:
+    torch.manual_seed(SEED)
+    return peak_bytes(step, "cpu")
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_training_step(name):
+    entry = REGISTRY[name]
+    torch.set_num_threads(torch.get_num_threads())
+    torch.manual_seed(SEED)
+    initial = copy.deepcopy(entry.build().state_dict())
+    batch = entry.batch(torch.Generator().manual_seed(SEED))
+    steps, first = {}, {}
+    for contender in CONTENDERS:
+        steps[contender], first[contender] = _contender(entry, initial, batch, contender)
+    medians = interleaved_medians(steps, "cpu", ROUNDS)
+    peaks = {contender: _peak(steps[contender]) for contender in ("reference", "fused")}
+    _rows[name] = {"entry": entry, "medians": medians, "first": first, "peaks": peaks}
+
+    assert all(math.isfinite(loss) for loss in first.values()), first
+    # The same weights, batch and noise: the fused step computes the reference's loss.
+    assert first["fused"] == pytest.approx(first["reference"], rel=1e-4, abs=1e-4)
+
+
+def _milliseconds(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f}"
+
+
+def _table() -> list[str]:
+    header = ["model", "reference ms", "fused ms", "compiled reference ms", "compiled fused ms",
+              "fused × reference", "fused × compiled reference", "best × compiled reference",
+              "peak fused / reference", "first-step losses (ref, fused, compiled ref, compiled fused)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in _rows.items():
+        m, peaks = row["medians"], row["peaks"]
+        best = min(m["fused"], m["compiled fused"])
+        ratio = "—" if None in peaks.values() or not peaks["reference"] else (
+            f"{peaks['fused'] / peaks['reference']:.2f} ({format_bytes(peaks['fused'])} / "
+            f"{format_bytes(peaks['reference'])})")
+        cells = [f"{name}: {row['entry'].description}", *(_milliseconds(m[c]) for c in CONTENDERS),
+                 f"{m['reference'] / m['fused']:.2f}×", f"{m['compiled reference'] / m['fused']:.2f}×",
+                 f"{m['compiled reference'] / best:.2f}×", ratio,
+                 ", ".join(f"{row['first'][c]:.4g}" for c in CONTENDERS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _report():
+    yield
+    if not _rows:
+        return
+    lines = _table()
+    legend = (f"One training step (loss, backward, optimiser), median of {ROUNDS} rounds timed round-robin, "
+              f"{torch.get_num_threads()} threads. best: the faster of fused and compiled fused. Peak: how far "
+              "allocated memory rose during one step (CPU: the allocator's running total in the profiler's events).")
+    print("\n" + "\n".join([*lines, legend]))
+    TABLE.parent.mkdir(exist_ok=True)
+    TABLE.write_text("\n".join([*lines, "", legend]) + "\n")

@@ -1,0 +1,228 @@
+"""The decoder's output layer fused into the Bernoulli likelihood and the bound, against the
+unfused bound of the same logits: values, every gradient (the forward-computed ones and the
+recomputing backward), estimators, chunking, memory kept for backward, registration and compile."""
+
+import pytest
+import torch
+
+import vaekernels
+from conftest import needs_cpp, rel_err
+from vaekernels.reference import linear_iwae as ref
+
+RTOL = {torch.float32: 2e-5, torch.float64: 1e-11}
+
+
+def layer_inputs(B=6, K=5, H=7, D=11, *, dtype=torch.float64, device="cpu", seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    h, weight = randn(B, K, H), randn(D, H, scale=0.7)
+    b = randn(D) if bias else None
+    x = torch.bernoulli(torch.full((B, D), 0.4, dtype=torch.float64), generator=g).to(device=device, dtype=dtype)
+    return h, weight, b, x, randn(B, K, scale=3), randn(B, K, scale=3)
+
+
+def leaves(tensors):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+def value_and_grads(fn, tensors, cotangent=None):
+    inputs = leaves(tensors)
+    out = fn(*inputs)
+    (out if cotangent is None else out * cotangent).sum().backward()
+    return out.detach(), [None if t is None else t.grad for t in inputs]
+
+
+def assert_close(got, want, dtype):
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= RTOL[dtype], rel_err(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 10])
+def test_bound_and_gradients_match_the_unfused_bound(device_backend, dtype, reduction, chunk_size):
+    device, _ = device_backend
+    h, weight, bias, x, log_pz, log_qz = layer_inputs(dtype=dtype, device=device)
+    # reduction "none" with a random cotangent: examples get different gradients, the recomputing backward.
+    cotangent = None if reduction != "none" else torch.randn(6, generator=torch.Generator().manual_seed(3),
+                                                             dtype=torch.float64).to(device=device, dtype=dtype)
+
+    def fused(h, weight, bias, log_pz, log_qz):
+        return vaekernels.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz, reduction=reduction,
+                                            chunk_size=chunk_size)
+
+    def unfused(h, weight, bias, log_pz, log_qz):
+        with vaekernels.use_backend("reference"):
+            return vaekernels.iwae_bound(torch.nn.functional.linear(h, weight, bias), x.to(h.dtype), log_pz, log_qz,
+                                         reduction=reduction)
+
+    out, grads = value_and_grads(fused, [h, weight, bias, log_pz, log_qz], cotangent)
+    expected, expected_grads = value_and_grads(unfused, [t.double() for t in (h, weight, bias, log_pz, log_qz)],
+                                               None if cotangent is None else cotangent.double())
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, dtype)
+
+
+def test_uniform_gradient_scales_the_forward_gradients_exactly():
+    """-mean and sum of the bound: the backward only scales what the forward computed."""
+    h, weight, bias, x, log_pz, log_qz = layer_inputs()
+    _, mean_grads = value_and_grads(
+        lambda *t: -vaekernels.linear_iwae_bound(*t[:3], x, *t[3:], reduction="mean"), [h, weight, bias, log_pz, log_qz])
+    _, sum_grads = value_and_grads(
+        lambda *t: vaekernels.linear_iwae_bound(*t[:3], x, *t[3:], reduction="sum"), [h, weight, bias, log_pz, log_qz])
+    for mean_grad, sum_grad in zip(mean_grads, sum_grads):
+        torch.testing.assert_close(mean_grad, -sum_grad / 6, rtol=1e-14, atol=1e-15)
+
+
+def test_without_bias_and_with_event_dims(device_backend):
+    device, _ = device_backend
+    h, weight, _, x, log_pz, log_qz = layer_inputs(D=12, device=device, bias=False)
+    images = x.view(6, 3, 4)
+    out, grads = value_and_grads(lambda h, w: vaekernels.linear_iwae_bound(h, w, None, images, log_pz, log_qz),
+                                 [h, weight])
+    expected, expected_grads = value_and_grads(lambda h, w: ref.linear_iwae_bound(h, w, None, x, log_pz, log_qz),
+                                               [h, weight])
+    assert_close(out, expected, torch.float64)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
+def test_estimators_match_iwae_bound_of_the_logits(device_backend, estimator):
+    """The encoder's gradients through z and q: the same as iwae_bound's for every estimator."""
+    device, _ = device_backend
+    B, K, d, H, D = 4, 6, 3, 5, 9
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(B, d, generator=g, dtype=torch.float64).to(device)
+    log_var = (0.3 * torch.randn(B, d, generator=g, dtype=torch.float64)).to(device)
+    eps = torch.randn(B, K, d, generator=g, dtype=torch.float64).to(device)
+    hidden, output = torch.nn.Linear(d, H).double().to(device), torch.nn.Linear(H, D).double().to(device)
+    x = torch.bernoulli(torch.full((B, D), 0.5, dtype=torch.float64), generator=g).to(device)
+
+    def run(fused):
+        m, lv = mean.clone().requires_grad_(), log_var.clone().requires_grad_()
+        z = m.unsqueeze(1) + torch.exp(0.5 * lv).unsqueeze(1) * eps
+        log_pz = vaekernels.gaussian_log_prob(z, z.new_zeros(()), z.new_zeros(()))
+        h = torch.tanh(hidden(z))
+        if fused:
+            bound = vaekernels.linear_iwae_bound(h, output.weight, output.bias, x, log_pz, estimator=estimator,
+                                                 z=z, q=(m, lv), reduction="mean")
+        else:
+            bound = vaekernels.iwae_bound(output(h), x, log_pz, None, estimator=estimator, z=z, q=(m, lv),
+                                          reduction="mean")
+        params = [m, lv, *hidden.parameters(), *output.parameters()]
+        return bound.detach(), torch.autograd.grad(bound, params)
+
+    bound, grads = run(True)
+    expected, expected_grads = run(False)
+    assert_close(bound, expected, torch.float64)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_expected_log_prob_is_the_mean_log_likelihood(device_backend, K):
+    device, _ = device_backend
+    h, weight, bias, x, _, _ = layer_inputs(K=K, device=device)
+    out, grads = value_and_grads(lambda *t: vaekernels.linear_expected_log_prob(*t, x, chunk_size=K),
+                                 [h, weight, bias])
+    expected, expected_grads = value_and_grads(
+        lambda h, w, b: vaekernels.reference.iwae.bernoulli_log_prob(torch.nn.functional.linear(h, w, b), x).mean(1),
+        [h, weight, bias])
+    assert_close(out, expected, torch.float64)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, torch.float64)
+
+
+def test_exact_posterior_bound_is_log_px_for_every_K():
+    """With q(z|x) = p(z|x), every importance weight is p(x): the bound is log p(x) at any K."""
+    B, K, H, D = 3, 7, 4, 5
+    h, weight, bias, x, _, _ = layer_inputs(B, K, H, D)
+    log_px = vaekernels.reference.iwae.bernoulli_log_prob(torch.nn.functional.linear(h, weight, bias), x)
+    log_marginal = torch.randn(B, 1, dtype=torch.float64)
+    log_pz = torch.randn(B, K, dtype=torch.float64)
+    log_qz = log_px + log_pz - log_marginal  # p(x, z) / q(z | x) = p(x) for every sample
+    bound = vaekernels.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz, chunk_size=K)
+    torch.testing.assert_close(bound, log_marginal.squeeze(1), rtol=1e-12, atol=1e-12)
+
+
+@needs_cpp
+def test_nothing_of_size_BKD_is_kept_for_backward():
+    B, K, H, D = 8, 50, 20, 300
+    h, weight, bias, x, log_pz, log_qz = layer_inputs(B, K, H, D, dtype=torch.float32)
+    h, weight, bias = leaves([h, weight, bias])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        vaekernels.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz, reduction="mean")
+    assert saved and max(t.numel() for t in saved) < B * K * D
+    assert sum(t.numel() for t in saved) <= 2 * (B * K * H + D * H) + 4 * B * K + B * D + D
+
+
+def test_errors_name_the_function_and_argument():
+    h, weight, bias, x, log_pz, log_qz = layer_inputs()
+    with pytest.raises(ValueError, match=r"^vaekernels.linear_iwae_bound: weight must have shape \[D, H\]"):
+        vaekernels.linear_iwae_bound(h, weight.t(), bias, x, log_pz, log_qz)
+    with pytest.raises(ValueError, match=r"^vaekernels.linear_iwae_bound: x must have shape \[B, \*event\]"):
+        vaekernels.linear_iwae_bound(h, weight, bias, x[:, :5], log_pz, log_qz)
+    with pytest.raises(ValueError, match=r"^vaekernels.linear_iwae_bound: bias must have shape \[D\]"):
+        vaekernels.linear_iwae_bound(h, weight, bias[:3], x, log_pz, log_qz)
+    with pytest.raises(ValueError, match=r"^vaekernels.linear_iwae_bound: log_qz must have shape \[B, K\]"):
+        vaekernels.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz[:, :2])
+    with pytest.raises(ValueError, match=r"^vaekernels.linear_iwae_bound: x must not require grad"):
+        vaekernels.linear_iwae_bound(h, weight, bias, x.clone().requires_grad_(), log_pz, log_qz)
+    with pytest.raises(ValueError, match=r"^vaekernels.linear_expected_log_prob: chunk_size must be an int >= 1 or None"):
+        vaekernels.linear_expected_log_prob(h, weight, bias, x, chunk_size=0)
+    with pytest.raises(TypeError, match=r"^vaekernels.linear_expected_log_prob: h must be a torch.Tensor"):
+        vaekernels.linear_expected_log_prob(None, weight, bias, x)
+
+
+def test_module_is_a_linear_layer_with_fused_bounds():
+    torch.manual_seed(0)
+    layer = vaekernels.nn.BernoulliLinear(7, 11).double()
+    plain = torch.nn.Linear(7, 11).double()
+    plain.load_state_dict(layer.state_dict())
+    h, _, _, x, log_pz, log_qz = layer_inputs()
+    torch.testing.assert_close(layer(h), plain(h))
+    torch.testing.assert_close(layer.iwae_bound(h, x, log_pz, log_qz),
+                               vaekernels.iwae_bound(plain(h), x, log_pz, log_qz), rtol=1e-12, atol=1e-12)
+
+
+@needs_cpp
+@pytest.mark.parametrize("with_grads", [True, False])
+def test_opcheck(with_grads):
+    h, weight, bias, x, log_pz, log_qz = layer_inputs(B=3, K=2, H=3, D=4)
+    h, weight, bias = leaves([h, weight, bias])
+    args = (h, weight, bias, x, log_pz - log_qz, False, with_grads, 2)
+    torch.library.opcheck(torch.ops.vaekernels.linear_bernoulli_iwae.default, args)
+
+
+@needs_cpp
+def test_gradcheck_float64():
+    h, weight, bias, x, log_pz, log_qz = layer_inputs(B=3, K=2, H=3, D=4)
+
+    def bound(h, weight, bias, log_pz):
+        return vaekernels.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz, chunk_size=2)
+
+    assert torch.autograd.gradcheck(bound, tuple(leaves([h, weight, bias, log_pz])))
+
+
+@needs_cpp
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compiles_without_graph_breaks(backend):
+    h, weight, bias, x, log_pz, log_qz = layer_inputs(dtype=torch.float32)
+    torch._dynamo.reset()
+
+    def loss(h, weight, bias):
+        return -vaekernels.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz, reduction="mean")
+
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)
+    out, grads = value_and_grads(compiled, [h, weight, bias])
+    expected, expected_grads = value_and_grads(loss, [h, weight, bias])
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
