@@ -184,6 +184,9 @@ def causal_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     with _on_device(q):
         _causal_attention_bwd_dq_kernel[(triton.cdiv(L, _BLOCK_M), N)](
             grad_out, q, k, v, lse, delta, grad_q, L, D, v.shape[2], scale, **blocks)
+        # A key block holds k, v and both gradients across the query loop: at 4 warps ptxas needed
+        # 255 registers and spilled (float32 on sm_80 and sm_90, half on sm_90, at the bench shape
+        # N32 L784 D16 Dv32); 8 warps halve each thread's share (166-171 registers, no spills).
         _causal_attention_bwd_dkv_kernel[(triton.cdiv(L, _BLOCK_N), N)](
-            grad_out, q, k, v, lse, delta, grad_k, grad_v, L, D, v.shape[2], scale, **blocks)
+            grad_out, q, k, v, lse, delta, grad_k, grad_v, L, D, v.shape[2], scale, **blocks, num_warps=8)
     return grad_q, grad_k, grad_v

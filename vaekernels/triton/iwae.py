@@ -638,9 +638,11 @@ def aggregate_posterior_bwd(
             )
         if N > 0:
             block_j, block_i, block_k = _pair_blocks(N, B, d, acc)
+            # At most 4 warps: at 8, ptxas (sm_90, half inputs, B256 d10) held 48 registers and
+            # spilled; 4 warps keep the same tile in registers on sm_80 and sm_90.
             _aggregate_posterior_bwd_posterior_kernel[(triton.cdiv(N, block_j),)](
                 *tensors, grad_mean, grad_log_var, B, N, d, *strides,
                 ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, WITH_MARGINAL=with_marginal,
-                num_warps=_num_warps(block_i * block_j * block_k),
+                num_warps=min(4, _num_warps(block_i * block_j * block_k)),
             )
     return grad_z, grad_mean, grad_log_var

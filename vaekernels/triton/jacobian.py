@@ -90,8 +90,10 @@ def _activation(x, p0, p1, ACT: tl.constexpr):
 
 
 def _params(pre: torch.Tensor, p0: float, p1: float) -> torch.Tensor:
-    # A float kernel argument is a float32 scalar; in a tensor the parameters keep pre's precision.
-    return torch.tensor([p0, p1], dtype=pre.dtype).to(pre.device, non_blocking=True)
+    # A float kernel argument is a float32 scalar; in a tensor the parameters keep the compute
+    # precision (float64 for float64 pre, float32 otherwise).
+    dtype = torch.float64 if pre.dtype == torch.float64 else torch.float32
+    return torch.tensor([p0, p1], dtype=dtype).to(pre.device, non_blocking=True)
 
 
 def _step_grid(pre: torch.Tensor) -> tuple[tuple[int, int], int]:
@@ -107,8 +109,10 @@ def _step_block(pre_ptr, params_ptr, h, ACT: tl.constexpr, BLOCK_H: tl.constexpr
     p0, p1 = tl.load(params_ptr), tl.load(params_ptr + 1)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < h
-    pre = tl.load(pre_ptr + b * h + cols, mask=mask, other=0.0)
-    out, d1, d2 = _activation(pre, p0, p1, ACT)
+    # float16 and bfloat16 in float32: Triton's exp, log and erf take float32 or float64 only.
+    acc = tl.float64 if pre_ptr.dtype.element_ty == tl.float64 else tl.float32
+    pre = tl.load(pre_ptr + b * h + cols, mask=mask, other=0.0).to(acc)
+    out, d1, d2 = _activation(pre, p0.to(acc), p1.to(acc), ACT)
     return b, cols, mask, out, d1, d2
 
 
@@ -188,13 +192,16 @@ def _tile_times_metric(t_ptr, rows, row_mask, metric_ptr, kc, h, IS_FP64: tl.con
     """(T M)[rows, kc : kc + BLOCK_K] for row-major T [*, h] and M [h, h], accumulated over h in
     blocks of BLOCK_J."""
     k_cols = kc + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_ROWS, BLOCK_K), dtype=tl.float64 if IS_FP64 else tl.float32)
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_K), dtype=ACC)
     for jc in range(0, h, BLOCK_J):
         j_cols = jc + tl.arange(0, BLOCK_J)
+        # Half-precision tiles are widened before the product, which then runs as the float32 one
+        # (and the interpreter's bfloat16 tl.dot, which multiplies the raw bits, is never used).
         t = tl.load(t_ptr + rows[:, None] * h + j_cols[None, :], mask=row_mask[:, None] & (j_cols[None, :] < h),
-                    other=0.0)
+                    other=0.0).to(ACC)
         m = tl.load(metric_ptr + j_cols[:, None] * h + k_cols[None, :],
-                    mask=(j_cols[:, None] < h) & (k_cols[None, :] < h), other=0.0)
+                    mask=(j_cols[:, None] < h) & (k_cols[None, :] < h), other=0.0).to(ACC)
         if IS_FP64:
             acc += tl.sum(t[:, :, None] * m[None, :, :], axis=1)
         else:
@@ -241,26 +248,41 @@ def _jacobian_gram_reduce_fwd_kernel(tangent_ptr, metric_ptr, out_ptr, tm_ptr, r
         tl.store(out_ptr + pairs, gram.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & row_mask[None, :])
 
 
+def _gram_blocks(h: int, block_rows: int, is_fp64: bool) -> tuple[int, int, int]:
+    """(BLOCK_J, BLOCK_K, num_warps) of the gram reduction for blocks of ``block_rows`` rows.
+
+    Sized by ptxas's register counts (tests/test_triton_compile.py): at 4 warps the [32, 64] x
+    [64, 64] float32 products spilled 8.7 KB per thread on sm_80 (ptxas settled on 32 registers),
+    and the [64, 16, 16] float64 broadcast products spilled on both architectures. 8 warps, float32
+    (and half) products of [rows, BLOCK_J] x [BLOCK_J, BLOCK_K] with rows x BLOCK_K <= 2048, and
+    float64 temporaries [rows, BLOCK_J, BLOCK_K] of at most 2048 elements fit in registers at the
+    bench shapes (k up to 64 rows) on sm_80 and sm_90.
+    """
+    if is_fp64:
+        # float64 contracts by broadcast-multiply-sum (no tl.dot), which needs no block of 16.
+        return 8, max(2, min(8, 256 // block_rows)), 8
+    block = max(_MIN_DOT, min(64, 2048 // block_rows, triton.next_power_of_2(h)))
+    return block, block, 8
+
+
 def jacobian_gram_reduce_fwd(tangent: torch.Tensor, metric: torch.Tensor,
                              diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(T M Tᵀ per example [B, k, k], or its diagonal [B, k]; T M [B, k, h]) for T [B, k, h], M [h, h]."""
     tangent, metric = tangent.contiguous(), metric.contiguous()
     batch, k, h = tangent.shape
     is_fp64 = tangent.dtype == torch.float64
-    # float64 contracts by broadcast-multiply-sum (no tl.dot): keep its 3-d tiles small.
-    block_j = _MIN_DOT if is_fp64 else min(64, max(_MIN_DOT, triton.next_power_of_2(h)))
-    block_k = _MIN_DOT if is_fp64 else min(64, max(_MIN_DOT, triton.next_power_of_2(h)))
     if diagonal:
         block_rows, grid = 32, triton.cdiv(batch * k, 32)
         out = tangent.new_empty(batch, k)
     else:
         block_rows, grid = max(_MIN_DOT, triton.next_power_of_2(k)), batch
         out = tangent.new_empty(batch, k, k)
+    block_j, block_k, num_warps = _gram_blocks(h, block_rows, is_fp64)
     tm = torch.empty_like(tangent)
     if tm.numel() == 0:
         return out.zero_(), tm
     with _on_device(tangent):
         _jacobian_gram_reduce_fwd_kernel[(grid,)](tangent, metric, out, tm, batch * k, k, h, DIAGONAL=diagonal,
                                                   IS_FP64=is_fp64, BLOCK_ROWS=block_rows, BLOCK_J=block_j,
-                                                  BLOCK_K=block_k)
+                                                  BLOCK_K=block_k, num_warps=num_warps)
     return out, tm

@@ -21,12 +21,16 @@ _BLOCK = 1024
 def _coupling_backward_step_kernel(stream_ptr, update_ptr, grad_ptr, grad_update_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
-    stream = tl.load(stream_ptr + offsets, mask=mask)
-    update = tl.load(update_ptr + offsets, mask=mask).to(stream.dtype)
-    tl.store(stream_ptr + offsets, stream - update, mask=mask)
-    grad = tl.load(grad_ptr + offsets, mask=mask)
-    grad_update = tl.load(grad_update_ptr + offsets, mask=mask).to(grad.dtype)
-    tl.store(grad_ptr + offsets, grad + grad_update, mask=mask)
+    # In float32 (float64 for float64 streams), rounded once on the store: the exact difference
+    # and sum of two half-precision values, rounded, as PyTorch's half-precision ops give. (The
+    # interpreter's own bfloat16 arithmetic gave NaN in a fifth of the outputs.)
+    ACC: tl.constexpr = tl.float64 if stream_ptr.dtype.element_ty == tl.float64 else tl.float32
+    stream = tl.load(stream_ptr + offsets, mask=mask).to(ACC)
+    update = tl.load(update_ptr + offsets, mask=mask).to(ACC)
+    tl.store(stream_ptr + offsets, (stream - update).to(stream_ptr.dtype.element_ty), mask=mask)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(ACC)
+    grad_update = tl.load(grad_update_ptr + offsets, mask=mask).to(ACC)
+    tl.store(grad_ptr + offsets, (grad + grad_update).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def coupling_backward_step(stream: torch.Tensor, update: torch.Tensor, grad: torch.Tensor,
