@@ -24,6 +24,12 @@ _ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "leaky_relu": 3, "softp
 _MAX_BLOCK_H = 256
 # tl.dot needs blocks of at least 16 in every dim.
 _MIN_DOT = 16
+# The gram reduction's programs: 8 warps, and a stated register budget of 128 (two programs per
+# multiprocessor's 64K registers). Left to its own heuristic, ptxas settled on 32 or 64 registers
+# for some of these kernels and spilled (8.7 KB of spill traffic per thread on sm_80 at 4 warps,
+# 12 bytes at 8 warps for float16); with the budget stated it uses it and spills nothing.
+_GRAM_WARPS = 8
+_GRAM_REGISTERS = 128
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 _INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))
 
@@ -248,21 +254,19 @@ def _jacobian_gram_reduce_fwd_kernel(tangent_ptr, metric_ptr, out_ptr, tm_ptr, r
         tl.store(out_ptr + pairs, gram.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & row_mask[None, :])
 
 
-def _gram_blocks(h: int, block_rows: int, is_fp64: bool) -> tuple[int, int, int]:
-    """(BLOCK_J, BLOCK_K, num_warps) of the gram reduction for blocks of ``block_rows`` rows.
+def _gram_blocks(h: int, block_rows: int, is_fp64: bool) -> tuple[int, int]:
+    """(BLOCK_J, BLOCK_K) of the gram reduction for blocks of ``block_rows`` rows.
 
-    Sized by ptxas's register counts (tests/test_triton_compile.py): at 4 warps the [32, 64] x
-    [64, 64] float32 products spilled 8.7 KB per thread on sm_80 (ptxas settled on 32 registers),
-    and the [64, 16, 16] float64 broadcast products spilled on both architectures. 8 warps, float32
-    (and half) products of [rows, BLOCK_J] x [BLOCK_J, BLOCK_K] with rows x BLOCK_K <= 2048, and
-    float64 temporaries [rows, BLOCK_J, BLOCK_K] of at most 2048 elements fit in registers at the
-    bench shapes (k up to 64 rows) on sm_80 and sm_90.
+    Sized by ptxas's register counts (tests/test_triton_compile.py): float32 (and widened half)
+    products of [rows, BLOCK_J] x [BLOCK_J, BLOCK_K] with rows x BLOCK_K <= 2048, and float64
+    broadcast temporaries [rows, rows, BLOCK_K] (the Gram's) of at most 4096 elements, fit in
+    _GRAM_REGISTERS at _GRAM_WARPS warps at the bench shapes (up to 64 rows) on sm_80 and sm_90.
     """
     if is_fp64:
         # float64 contracts by broadcast-multiply-sum (no tl.dot), which needs no block of 16.
-        return 8, max(2, min(8, 256 // block_rows)), 8
+        return 8, max(1, min(8, 4096 // (block_rows * block_rows)))
     block = max(_MIN_DOT, min(64, 2048 // block_rows, triton.next_power_of_2(h)))
-    return block, block, 8
+    return block, block
 
 
 def jacobian_gram_reduce_fwd(tangent: torch.Tensor, metric: torch.Tensor,
@@ -277,12 +281,12 @@ def jacobian_gram_reduce_fwd(tangent: torch.Tensor, metric: torch.Tensor,
     else:
         block_rows, grid = max(_MIN_DOT, triton.next_power_of_2(k)), batch
         out = tangent.new_empty(batch, k, k)
-    block_j, block_k, num_warps = _gram_blocks(h, block_rows, is_fp64)
+    block_j, block_k = _gram_blocks(h, block_rows, is_fp64)
     tm = torch.empty_like(tangent)
     if tm.numel() == 0:
         return out.zero_(), tm
     with _on_device(tangent):
         _jacobian_gram_reduce_fwd_kernel[(grid,)](tangent, metric, out, tm, batch * k, k, h, DIAGONAL=diagonal,
                                                   IS_FP64=is_fp64, BLOCK_ROWS=block_rows, BLOCK_J=block_j,
-                                                  BLOCK_K=block_k, num_warps=num_warps)
+                                                  BLOCK_K=block_k, num_warps=_GRAM_WARPS, maxnreg=_GRAM_REGISTERS)
     return out, tm
