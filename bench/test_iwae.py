@@ -24,7 +24,9 @@ from _common import (
     contender_fn,
     devices,
     format_bytes,
+    interleaved_medians,
     peak_bytes_in_subprocess,
+    report_interleaved,
     run_contenders,
     streamed_bytes,
 )
@@ -131,14 +133,27 @@ def nll_model(device: str):
     return _binary(NLL_BATCH, PIXELS, device=device), encode, decoder
 
 
+# The fused NLL once more with the decoder's output layer fused into the bound: decode stops at the
+# last hidden layer and the logits of a chunk are never made whole.
+OUTPUT_LAYER = "fused-output-layer"
+
+
+def _nll_arguments(contender: str, decoder: torch.nn.Sequential):
+    """(the function, decode, its extra keywords) of a contender."""
+    if contender == OUTPUT_LAYER:
+        return vaekernels.importance_sampled_nll, decoder[:-1], {"output_layer": decoder[-1]}
+    return NLL_FUNCTIONS[contender], decoder, {}
+
+
 def nll_call(contender: str, num_samples: int, device: str) -> Callable[[], None]:
     """The NLL estimate with ``num_samples`` samples as a zero-argument call, warmed up on one
     chunk; what ``peak_bytes_in_subprocess`` reads in a fresh interpreter."""
-    x, encode, decode = nll_model(device)
-    nll, generator = NLL_FUNCTIONS[contender], torch.Generator(device).manual_seed(0)
+    x, encode, decoder = nll_model(device)
+    nll, decode, extra = _nll_arguments(contender, decoder)
+    generator = torch.Generator(device).manual_seed(0)
 
     def run(samples):
-        nll(x, encode, decode, num_samples=samples, chunk_size=NLL_CHUNK, generator=generator)
+        nll(x, encode, decode, num_samples=samples, chunk_size=NLL_CHUNK, generator=generator, **extra)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -174,3 +189,19 @@ def test_importance_sampled_nll(benchmark, contender, device):
         peak_bytes=peaks[NLL_SAMPLES], peak_bytes_by_samples={str(k): p for k, p in peaks.items()}, note=note,
         **_fused_backend(contender, "bernoulli_log_prob", device),
     )
+
+
+@pytest.mark.parametrize("device", devices())
+def test_importance_sampled_nll_output_layer_interleaved(device):
+    """K = 5000 through the fused output layer against the fused NLL of the whole decoder, timed
+    round-robin (``-s`` shows the medians); the peak resident memory of each in a fresh process."""
+    calls = {contender: nll_call(contender, NLL_SAMPLES, device) for contender in ("fused", OUTPUT_LAYER)}
+    medians = interleaved_medians(calls, device, rounds=3, warmup=0)
+    peaks = {contender: peak_bytes_in_subprocess("test_iwae", "nll_call", contender, NLL_SAMPLES, device,
+                                                 device=device) for contender in calls}
+    print(f"\nimportance_sampled_nll B{NLL_BATCH} K{NLL_SAMPLES} peak memory: "
+          + ", ".join(f"{contender} {format_bytes(peak)}" for contender, peak in peaks.items()))
+    # report_interleaved's speed-ups are over its "fused" entry: here the output layer fused in.
+    report_interleaved(f"importance_sampled_nll B{NLL_BATCH} D{PIXELS} K{NLL_SAMPLES}, fused NLL of the whole "
+                       "decoder against the output layer fused in", "nll", device,
+                       {"whole decoder": medians["fused"], "fused": medians[OUTPUT_LAYER]})

@@ -37,10 +37,11 @@ TORCH_LIBRARY(vaekernels, m) {
   // Returns (bound [B], log p(x|z) [B, K], the weights d bound / d log_ratio [B, K]) and, with
   // with_grads, the gradients of sum_b bound_b for h [B, K, H], weight [D, H] and bias [D] (else
   // empty [0] tensors), computed in the same pass. elbo: the mean over K instead of the log-mean-exp.
-  m.def("linear_bernoulli_iwae(Tensor h, Tensor weight, Tensor? bias, Tensor x, Tensor log_ratio, bool elbo, bool with_grads, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_bernoulli_iwae(Tensor h, Tensor weight, Tensor? bias, Tensor x, Tensor log_ratio, bool elbo, bool with_grads, SymInt chunk_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients for (h, weight, bias, log_ratio): the forward's, scaled, when grad_bound is the same
-  // for every example and log p(x|z) fed nothing; otherwise recomputed chunk by chunk.
-  m.def("linear_bernoulli_iwae_backward(Tensor grad_bound, Tensor grad_log_px, Tensor h, Tensor weight, Tensor? bias, Tensor x, Tensor weights, Tensor grad_h, Tensor grad_weight, Tensor grad_bias, bool elbo, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+  // for every example and log p(x|z) fed nothing; otherwise (or after a forward without them)
+  // recomputed chunk by chunk.
+  m.def("linear_bernoulli_iwae_backward(Tensor grad_bound, Tensor grad_log_px, Tensor h, Tensor weight, Tensor? bias, Tensor x, Tensor weights, Tensor grad_h, Tensor grad_weight, Tensor grad_bias, SymInt chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // Reversible family. One step of a coupling block's backward walk, in place on two
   // contiguous tensors of one shape: stream -= update (a half of the block's input rebuilt from

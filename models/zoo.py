@@ -347,9 +347,9 @@ class CapacityVAE(VAE):
     def forward(self, x, y=None, generator=None):
         reconstruction, kl = self.terms(x, y, generator)
         # From the step buffer as a tensor: a Python number would recompile a compiled loss every step.
-        target = capacity(self.step.clone(), self.capacity_max, self.capacity_steps)
-        if self.training:
-            self.step += 1
+        target = capacity(self.step, self.capacity_max, self.capacity_steps)
+        if self.training:  # a new tensor, as LagrangeMultiplier's log_lambda, not an in-place update
+            self.step = self.step + 1
         loss = reconstruction.mean() + self.gamma * (kl.mean() - target).abs()
         return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(),
                       "capacity": target}
@@ -393,7 +393,9 @@ class LagrangeMultiplier(nn.Module):
             blended = self.moving_average * self.alpha + (1 - self.alpha) * constraint
             self.moving_average.copy_(torch.where(self.started, blended, constraint))
             self.started.fill_(True)
-            self.log_lambda.add_(self.rate * self.moving_average)
+            # A new tensor, not an in-place update: inductor's backward recomputes lambda from the
+            # buffer it was read from, and would read this step's update (seen with torch 2.13).
+            self.log_lambda = self.log_lambda + self.rate * self.moving_average
         return lam, constraint + (self.moving_average - constraint).detach()
 
 
@@ -474,7 +476,8 @@ class HierarchicalVAE(VAE):
 
     ``importance_weighted`` picks the k-sample bound (hiwae) over the k-sample ELBO (hvae); both
     through the fused ops, with log p(z) = log p(z1|z2) + log p(z2) and log q = log q(z1|x) +
-    log q(z2|z1) handed to :func:`vaekernels.iwae_bound`. The estimator is IWAE's own.
+    log q(z2|z1) handed to :func:`vaekernels.linear_iwae_bound` (:func:`vaekernels.iwae_bound` for a
+    decoder without a fusable output layer). The estimator is IWAE's own.
     """
 
     standard_prior = False

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vaekernels
-from conftest import needs_cpp, rel_err
+from conftest import assert_triton_schema_is_cpp, needs_cpp, rel_err
 from vaekernels.reference import linear_iwae as ref
 
 RTOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -42,7 +42,7 @@ def assert_close(got, want, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("chunk_size", [None, 1, 7, 10])
+@pytest.mark.parametrize("chunk_size", [None, 1, 10, 20])  # one chunk; one example each; 2 + 2 + 2; 4 + 2
 def test_bound_and_gradients_match_the_unfused_bound(device_backend, dtype, reduction, chunk_size):
     device, _ = device_backend
     h, weight, bias, x, log_pz, log_qz = layer_inputs(dtype=dtype, device=device)
@@ -68,15 +68,47 @@ def test_bound_and_gradients_match_the_unfused_bound(device_backend, dtype, redu
         assert_close(got, want, dtype)
 
 
-def test_uniform_gradient_scales_the_forward_gradients_exactly():
-    """-mean and sum of the bound: the backward only scales what the forward computed."""
+def test_a_shared_gradient_reuses_the_forward_and_any_other_recomputes(monkeypatch):
+    """The logits are made once per chunk for a mean of the bound (the backward scales what the
+    forward computed), twice for per-example gradients; the gradients agree either way."""
+    from vaekernels.ops import linear_iwae as module
+
     h, weight, bias, x, log_pz, log_qz = layer_inputs()
-    _, mean_grads = value_and_grads(
-        lambda *t: -vaekernels.linear_iwae_bound(*t[:3], x, *t[3:], reduction="mean"), [h, weight, bias, log_pz, log_qz])
-    _, sum_grads = value_and_grads(
-        lambda *t: vaekernels.linear_iwae_bound(*t[:3], x, *t[3:], reduction="sum"), [h, weight, bias, log_pz, log_qz])
-    for mean_grad, sum_grad in zip(mean_grads, sum_grads):
-        torch.testing.assert_close(mean_grad, -sum_grad / 6, rtol=1e-14, atol=1e-15)
+    made = []
+    chunk_logits = module._chunk_logits
+    monkeypatch.setattr(module, "_chunk_logits", lambda *args: made.append(1) or chunk_logits(*args))
+    inputs = [h, weight, bias, log_pz, log_qz]
+    _, shared = value_and_grads(lambda *t: -vaekernels.linear_iwae_bound(*t[:3], x, *t[3:], reduction="mean",
+                                                                        chunk_size=10), inputs)
+    assert len(made) == 3
+    def bound(*t):
+        return vaekernels.linear_iwae_bound(*t[:3], x, *t[3:], chunk_size=10)
+
+    uniform = torch.full((6,), -1 / 6, dtype=torch.float64)
+    _, per_example_uniform = value_and_grads(bound, inputs, uniform)
+    assert len(made) == 3 + 3
+    varied = uniform.clone()
+    varied[0] = -0.5
+    _, per_example = value_and_grads(bound, inputs, varied)
+    assert len(made) == 3 + 3 + 6
+    _, expected = value_and_grads(lambda *t: ref.linear_iwae_bound(*t[:3], x, *t[3:]), inputs, varied)
+    for a, b, c, d in zip(shared, per_example_uniform, per_example, expected):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(c, d, rtol=1e-11, atol=1e-12)
+
+
+def test_zoo_decoder_features_and_output_layer_are_its_forward():
+    """The fused path of the zoo's models reads the decoder in two parts: together they are decode()."""
+    from models.zoo import build_model
+
+    torch.manual_seed(0)
+    for arch, classes in (("mlp", 0), ("linear", 0), ("mlp", 3)):
+        model = build_model("cvae" if classes else "iwae", 12, (3, 4), arch=arch, latent_dim=2, hidden_dim=5,
+                            num_classes=classes)
+        z, y = torch.randn(4, 3, 2), torch.tensor([0, 1, 2, 0]) if classes else None
+        decoded = model.decode(z, y)
+        fused = model.decoder.output_layer(model.decoder.features(z, model.condition(y)))
+        torch.testing.assert_close(fused, decoded, rtol=0, atol=0)
 
 
 def test_without_bias_and_with_event_dims(device_backend):
@@ -126,14 +158,16 @@ def test_estimators_match_iwae_bound_of_the_logits(device_backend, estimator):
 
 
 @pytest.mark.parametrize("K", [1, 4])
-def test_expected_log_prob_is_the_mean_log_likelihood(device_backend, K):
+@pytest.mark.parametrize("uniform", [True, False])
+def test_expected_log_prob_is_the_mean_log_likelihood(device_backend, K, uniform):
     device, _ = device_backend
     h, weight, bias, x, _, _ = layer_inputs(K=K, device=device)
+    cotangent = None if uniform else torch.arange(1.0, 7.0, dtype=torch.float64, device=device)
     out, grads = value_and_grads(lambda *t: vaekernels.linear_expected_log_prob(*t, x, chunk_size=K),
-                                 [h, weight, bias])
+                                 [h, weight, bias], cotangent)
     expected, expected_grads = value_and_grads(
         lambda h, w, b: vaekernels.reference.iwae.bernoulli_log_prob(torch.nn.functional.linear(h, w, b), x).mean(1),
-        [h, weight, bias])
+        [h, weight, bias], cotangent)
     assert_close(out, expected, torch.float64)
     for got, want in zip(grads, expected_grads):
         assert_close(got, want, torch.float64)
@@ -193,12 +227,27 @@ def test_module_is_a_linear_layer_with_fused_bounds():
 
 
 @needs_cpp
+@pytest.mark.parametrize("namespace", ["vaekernels", "vaekernels_triton"])
 @pytest.mark.parametrize("with_grads", [True, False])
-def test_opcheck(with_grads):
+@pytest.mark.parametrize("elbo", [True, False])
+def test_opcheck(namespace, with_grads, elbo):
+    ops = getattr(torch.ops, namespace)
     h, weight, bias, x, log_pz, log_qz = layer_inputs(B=3, K=2, H=3, D=4)
-    h, weight, bias = leaves([h, weight, bias])
-    args = (h, weight, bias, x, log_pz - log_qz, False, with_grads, 2)
-    torch.library.opcheck(torch.ops.vaekernels.linear_bernoulli_iwae.default, args)
+    h, weight, bias, log_ratio = leaves([h, weight, bias, log_pz - log_qz])
+    args = (h, weight, bias, x, log_ratio, elbo, with_grads, 2)
+    torch.library.opcheck(ops.linear_bernoulli_iwae.default, args)
+    _, _, weights, grad_h, grad_weight, grad_bias = ops.linear_bernoulli_iwae(*[
+        t.detach() if isinstance(t, torch.Tensor) else t for t in args])
+    grad_bound = torch.randn(3, dtype=torch.float64)
+    torch.library.opcheck(ops.linear_bernoulli_iwae_backward.default,
+                          (grad_bound, torch.zeros(3, 2, dtype=torch.float64), h.detach(), weight.detach(),
+                           bias.detach(), x, weights, grad_h, grad_weight, grad_bias, 2))
+
+
+@needs_cpp
+def test_triton_ops_have_the_cpp_schemas():
+    assert_triton_schema_is_cpp("linear_bernoulli_iwae")
+    assert_triton_schema_is_cpp("linear_bernoulli_iwae_backward")
 
 
 @needs_cpp
@@ -226,3 +275,22 @@ def test_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_importance_sampled_nll_through_the_output_layer_is_the_same_estimate():
+    torch.manual_seed(0)
+    encoder, hidden, output = torch.nn.Linear(9, 6), torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh()), \
+        torch.nn.Linear(8, 9)
+    x = torch.bernoulli(torch.full((4, 9), 0.3))
+
+    def encode(x):
+        return encoder(x).chunk(2, dim=-1)
+
+    def nll(decode, **extra):
+        return vaekernels.importance_sampled_nll(x, encode, decode, 50, 7, generator=torch.Generator().manual_seed(1),
+                                                 **extra)
+
+    fused = nll(hidden, output_layer=output)
+    torch.testing.assert_close(fused, nll(torch.nn.Sequential(hidden, output)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^vaekernels.importance_sampled_nll: output_layer must be a torch.nn.Linear"):
+        nll(hidden, output_layer=output, likelihood="gaussian", log_var=torch.zeros(9))

@@ -7,6 +7,8 @@ compilations short; inductor draws random numbers as eager PyTorch does (``fallb
 the models that sample compare exactly too.
 """
 
+import copy
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter, EagerAndRecordGraphs
@@ -26,10 +28,14 @@ def small_model_and_batch(name):
 
 
 def loss_and_grads(loss_fn, model, batch):
+    """The loss and the parameters' gradients from the model's current state, which the call may
+    change (a step counter, a Lagrange multiplier) and which is then put back."""
+    state = copy.deepcopy(model.state_dict())
     torch.manual_seed(1)
     loss = loss_fn(model, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
+    model.load_state_dict(state)
     return loss.detach(), grads
 
 

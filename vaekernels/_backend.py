@@ -115,7 +115,7 @@ _warned: set[str] = set()
 def _fallback(op: str, why: str) -> str:
     if why not in _warned:
         _warned.add(why)
-        warnings.warn(f"vaekernels.{op}: running the PyTorch reference because {why}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"vaekernels.{op}: running the PyTorch reference because {why}", RuntimeWarning, stacklevel=5)
     return "reference"
 
 
@@ -126,8 +126,9 @@ def choose(op: str, device: torch.device, dtype: torch.dtype = torch.float32) ->
     return _choose(op, device, dtype, _forced)
 
 
-# A pure function of its arguments and of settings fixed at import, so torch.compile can call it
-# once while tracing and keep the answer, instead of tracing the extension loading below it.
+# A pure function of its arguments and of the environment (the extension's build, TRITON_INTERPRET),
+# so torch.compile can call it once while tracing and keep the answer, instead of tracing the
+# extension loading below it.
 @torch.compiler.assume_constant_result
 def _choose(op: str, device: torch.device, dtype: torch.dtype, forced: str) -> str:
     if forced == "reference":

@@ -3,12 +3,13 @@
 An MLP decoder ends in ``logits = h W^T + b`` [B, K, D], which the bound reads once and its
 backward once more, and which autograd keeps alive between them. Here the logits are made a chunk
 of rows at a time (a few examples' K samples together, small enough to stay in cache), reduced to
-log p(x | z) and the bound at once, and, when gradients are wanted, turned in place into the
-gradient of the chunk's logits and multiplied into d(h), d(W) and d(b) before the next chunk: the
-[B, K, D] logits never exist and nothing of that size is kept for backward. Liger-Kernel's fused
+log p(x | z) and the bound at once, and, when gradients are wanted, turned into the gradient of
+the chunk's logits and multiplied into d(h), d(W) and d(b) before the next chunk: the [B, K, D]
+logits never exist and nothing of that size is kept for backward. Liger-Kernel's fused
 linear cross-entropy does the same for language models. The gradient is computed in the forward
 pass for a bound whose examples all get the same gradient (a mean or a sum, as training does); any
-other upstream gradient recomputes the chunks in the backward.
+other upstream gradient recomputes the chunks in the backward. (That choice reads two booleans in
+the backward: a wait for the device on CUDA.)
 
 The chunk loop runs the family's fused row kernels (``bernoulli_log_prob``, ``log_mean_exp`` and
 their backwards) and the BLAS matrix products, on the C++ kernels for CPU tensors and the Triton
@@ -28,7 +29,7 @@ from ._checks import check_choice, check_float, check_shape, fail
 from ._registry import define_triton_op, register
 from .iwae import ESTIMATORS, REDUCTIONS, _posterior_log_prob, _reweight_path_gradient
 
-# Logit elements made at once: 1 MiB of float32, which stays in a core's L2 cache.
+# Logit elements made at once: 1 MiB in float32, which stays in a core's L2 cache.
 CHUNK_ELEMENTS = 1 << 18
 
 
@@ -54,12 +55,21 @@ def _chunk_logits(buffer, flat_h, weight, bias, start, count, samples):
 
 
 def _accumulate_grads(ops, coefficients, logits, x_rows, rows, weight, grad_h_rows, grad_weight, grad_bias):
-    """d(logits) = coefficients * (x - sigmoid(logits)) for one chunk, multiplied into d(h), d(W), d(b)."""
+    """d(logits) = coefficients * (x - sigmoid(logits)) for one chunk, multiplied into d(h), d(W), d(b).
+    d(W) and d(b) sum over the chunks in their own dtype: float32 at least (see :func:`_sum_buffer`)."""
     grad_logits = ops.bernoulli_log_prob_backward(coefficients, logits, x_rows).view(rows.shape[0], -1)
     torch.mm(grad_logits, weight, out=grad_h_rows)
-    grad_weight.addmm_(grad_logits.t(), rows)
+    if grad_weight.dtype == rows.dtype:
+        grad_weight.addmm_(grad_logits.t(), rows)
+    else:
+        grad_weight.add_(torch.mm(grad_logits.t(), rows))
     if grad_bias.numel():
-        grad_bias.add_(grad_logits.sum(0))
+        grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
+
+
+def _sum_buffer(like: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like ``like`` to sum chunks into: float32 for half-precision parameters."""
+    return torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
 
 
 def _forward(ops, h, weight, bias, x, log_ratio, elbo: bool, with_grads: bool, chunk_rows: int):
@@ -69,8 +79,8 @@ def _forward(ops, h, weight, bias, x, log_ratio, elbo: bool, with_grads: bool, c
     bound, log_px, weights = h.new_empty(B), h.new_empty(B, K), h.new_empty(B, K)
     # Outputs never alias one another: each unused gradient is an empty tensor of its own.
     grad_h = h.new_empty(B * K, H) if with_grads else h.new_empty(0)
-    grad_weight = torch.zeros_like(weight) if with_grads else h.new_empty(0)
-    grad_bias = torch.zeros_like(bias) if with_grads and bias is not None else h.new_empty(0)
+    grad_weight = _sum_buffer(weight) if with_grads else h.new_empty(0)
+    grad_bias = _sum_buffer(bias) if with_grads and bias is not None else h.new_empty(0)
     buffer = h.new_empty(min(_chunk_examples(chunk_rows, K), B) * K, D)
     for start, count in _chunks(B, K, chunk_rows):
         rows, logits = _chunk_logits(buffer, flat_h, weight, bias, start, count, K)
@@ -90,15 +100,17 @@ def _forward(ops, h, weight, bias, x, log_ratio, elbo: bool, with_grads: bool, c
         if with_grads:
             _accumulate_grads(ops, chunk_weights, logits, x_rows, rows, weight,
                               grad_h[start * K:(start + count) * K], grad_weight, grad_bias)
-    return bound, log_px, weights, grad_h.view(B, K, H) if with_grads else grad_h, grad_weight, grad_bias
+    return (bound, log_px, weights, grad_h.view(B, K, H) if with_grads else grad_h, grad_weight.to(weight.dtype),
+            grad_bias.to(h.dtype))
 
 
 def _backward(ops, grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h, grad_weight, grad_bias,
-              elbo: bool, chunk_rows: int):
+              chunk_rows: int):
     B, K, H = h.shape
     grad_ratio = weights * grad_bound.unsqueeze(1)
     # Each example's gradient is its forward one times its grad_bound, and the weight's and bias's
-    # sums over examples are the forward's times a grad_bound shared by all.
+    # sums over examples are the forward's times a grad_bound shared by all (where the forward made
+    # them: an empty grad_h says it did not).
     if grad_h.numel() and not bool(grad_log_px.any()) and bool((grad_bound == grad_bound[0]).all()):
         shared = grad_bound[0]
         return (grad_h * grad_bound.view(B, 1, 1), grad_weight * shared,
@@ -106,15 +118,15 @@ def _backward(ops, grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h,
     coefficients = grad_ratio + grad_log_px  # what reaches log p(x | z_k)
     flat_h = h.reshape(B * K, H)
     new_grad_h = torch.empty_like(flat_h)
-    new_grad_weight = torch.zeros_like(weight)
-    new_grad_bias = torch.zeros_like(bias) if bias is not None else h.new_empty(0)
+    new_grad_weight = _sum_buffer(weight)
+    new_grad_bias = _sum_buffer(bias) if bias is not None else h.new_empty(0)
     buffer = h.new_empty(min(_chunk_examples(chunk_rows, K), B) * K, weight.shape[0])
     for start, count in _chunks(B, K, chunk_rows):
         rows, logits = _chunk_logits(buffer, flat_h, weight, bias, start, count, K)
         x_rows = x[start:start + count].unsqueeze(1).expand(count, K, weight.shape[0])
         _accumulate_grads(ops, coefficients[start:start + count].contiguous(), logits, x_rows, rows, weight,
                           new_grad_h[start * K:(start + count) * K], new_grad_weight, new_grad_bias)
-    return new_grad_h.view(B, K, H), new_grad_weight, new_grad_bias, grad_ratio
+    return new_grad_h.view(B, K, H), new_grad_weight.to(weight.dtype), new_grad_bias.to(h.dtype), grad_ratio
 
 
 # ----------------------------------------------------------------------------- registration
@@ -128,15 +140,15 @@ def _fake(h, weight, bias, x, log_ratio, elbo, with_grads, chunk_rows):
             h.new_empty(D if with_grads and bias is not None else 0))
 
 
-def _backward_fake(grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h, grad_weight, grad_bias, elbo,
+def _backward_fake(grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h, grad_weight, grad_bias,
                    chunk_rows):
     return (h.new_empty(h.shape), weight.new_empty(weight.shape), h.new_empty(bias.shape if bias is not None else 0),
             weights.new_empty(weights.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    h, weight, bias, x, _, elbo, _, chunk_rows = inputs
-    ctx.elbo, ctx.chunk_rows, ctx.has_bias = elbo, chunk_rows, bias is not None
+    h, weight, bias, x, _, _, _, chunk_rows = inputs
+    ctx.chunk_rows, ctx.has_bias = chunk_rows, bias is not None
     ctx.save_for_backward(h, weight, bias if bias is not None else h.new_empty(0), x, *output[2:])
 
 
@@ -145,12 +157,15 @@ def _make_backward(ops):
         h, weight, bias, x, weights, grad_h, grad_weight, grad_bias = ctx.saved_tensors
         if grad_bound is None:
             grad_bound = weights.new_zeros(weights.shape[0])
+        if not any(ctx.needs_input_grad[:3]):  # log_ratio's gradient alone: no chunk to make
+            return None, None, None, None, weights * grad_bound.unsqueeze(1), None, None, None
         if grad_log_px is None:
             grad_log_px = torch.zeros_like(weights)
         grads = ops.linear_bernoulli_iwae_backward(grad_bound.contiguous(), grad_log_px.contiguous(), h, weight,
                                                    bias if ctx.has_bias else None, x, weights, grad_h, grad_weight,
-                                                   grad_bias, ctx.elbo, ctx.chunk_rows)
-        grad_h_in, grad_weight_in, grad_bias_in, grad_ratio = grads
+                                                   grad_bias, ctx.chunk_rows)
+        needed = (*ctx.needs_input_grad[:3], ctx.needs_input_grad[4])  # h, weight, bias, log_ratio
+        grad_h_in, grad_weight_in, grad_bias_in, grad_ratio = (g if n else None for g, n in zip(grads, needed))
         return grad_h_in, grad_weight_in, grad_bias_in if ctx.has_bias else None, None, grad_ratio, None, None, None
     return backward
 
@@ -163,10 +178,10 @@ def _triton_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _triton_backward(grad_bound: torch.Tensor, grad_log_px: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None, x: torch.Tensor, weights: torch.Tensor, grad_h: torch.Tensor,
-                     grad_weight: torch.Tensor, grad_bias: torch.Tensor, elbo: bool, chunk_rows: int
+                     grad_weight: torch.Tensor, grad_bias: torch.Tensor, chunk_rows: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(torch.ops.vaekernels_triton, grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h,
-                     grad_weight, grad_bias, elbo, chunk_rows)
+                     grad_weight, grad_bias, chunk_rows)
 
 
 if _backend.native()["schemas"]:
@@ -245,7 +260,7 @@ def linear_iwae_bound(
         x: data [B, *event] with D values in [0, 1] per example; it gets no gradient.
         log_pz, log_qz, estimator, reduction, z, q: as in :func:`vaekernels.iwae_bound`.
         chunk_size: logit rows made at once (rounded down to whole examples, at least one);
-            default: 1 MiB of float32 logits.
+            default: rows of 2^18 logits in all (1 MiB in float32).
 
     Saved for backward: the inputs and the gradients of h, weight and bias (computed in the
     forward pass), O(B K H + D H), where the unfused bound keeps the [B, K, D] logits. A NaN or
