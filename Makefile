@@ -17,7 +17,10 @@ INSTALLED := $(VENV)/.vaekernels-installed
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: test bench clean
+GPU_CHECK_BUDGET ?= 540
+GPU_CHECK_ARGS ?=
+
+.PHONY: test bench clean gpu-check
 
 # The docstring examples run too, but for the Triton launchers', which need a GPU.
 test: $(INSTALLED)
@@ -25,6 +28,13 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(VENV_PYTHON) -m pytest bench --benchmark-columns=min,median,max,rounds,iterations $(PYTEST_ARGS)
+
+# For a machine with a GPU (bench/gpu_check.py): builds the extensions in place against that
+# machine's own python3 and torch (no venv and no downloads: a lent GPU machine reaches no package
+# index), runs the CUDA tests and `pytest bench -k cuda`, and appends device, versions, outcomes and
+# the bench table to bench/RESULTS.md, all within GPU_CHECK_BUDGET seconds. Without a GPU: one line, exit 0.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --budget $(GPU_CHECK_BUDGET) $(GPU_CHECK_ARGS)
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
