@@ -204,7 +204,7 @@ JACOBIAN_REDUCED = (2, 16)
 # 16-bit loads and stores around the float32 compute that float32 and float16 share, on one
 # architecture, where Triton's front end that rejects bad code is the same for both. A compile
 # takes about half a second of one CI core: these cases in every dtype on both architectures would
-# add some 400 compiles to the bench's 222.
+# add some 400 compiles to the bench's 230.
 ODD_SHAPES_DTYPES = (torch.bfloat16,)
 ODD_SHAPES_ARCH = 90
 
