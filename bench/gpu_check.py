@@ -11,7 +11,8 @@ Every step runs in its own process group under what is left of ``--budget`` (def
 inside the 10 minutes a device call allows); a step that would overrun is stopped, and the steps
 after it are reported as not run, so the section is written either way. Without a CUDA device it
 prints one line and exits 0. ``--dry-run`` goes through the steps without a GPU: no build,
-``pytest --collect-only`` for the test steps, the section written to ``--results``.
+``pytest --collect-only`` for the test steps, the section written to ``--results``. Where the
+machine works on a copy of the tree, ``--results`` and ``--logs`` point at what comes back.
 
 Usage: python bench/gpu_check.py [--budget S] [--results PATH] [--logs DIR] [--dry-run]
 """
