@@ -303,7 +303,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
           // valid is 0 where i <= j0 (the first row of a diagonal tile): the only rows whose
           // log-sum-exp can be -inf (row 0), and whose probabilities are all 0 anyway.
           exponentiate(p, valid, cols, valid > 0 ? lse_ptr[first + r] : T(0));
-          for (int64_t c = 0; c < cols; ++c) ds[c] = sc * p[c] * (dp[c] - delta_ptr[first + r]);
+          // Where P_ij rounds to 1 the row's other weights sum to below the rounding, and so does
+          // the true dS_ij = sum_{l != j} P_il (dP_ij - dP_il); dP_ij - delta_i would be the
+          // rounding of two differently summed dot products instead (1e-7 relative in float, which
+          // a score scale of 1e4 carries into d(q) and d(k)). 0, as the reference's one-hot softmax.
+          for (int64_t c = 0; c < cols; ++c)
+            ds[c] = p[c] == T(1) ? T(0) : sc * p[c] * (dp[c] - delta_ptr[first + r]);
         }
         accumulate_rows(probs, 1, kBlock, cols, rows, g_ptr + first * s.Dv, s.Dv, s.Dv, gv_ptr + (n * s.L + j0) * s.Dv,
                         s.Dv);

@@ -45,12 +45,39 @@ Vectorized<T> softplus(const Vectorized<T>& l) {
   return at::vec::maximum(l, Vectorized<T>(T(0))) + log1p_unit(l.abs().neg().exp_u20());
 }
 
+// x log sigmoid(l) + (1 - x) log sigmoid(-l), a term of weight 0 counting 0 where its log is -inf
+// (as xlogy does): the fast x l - softplus(l) is inf - inf or 0 * inf at l = +-inf, where the
+// answer is 0 or -inf. A NaN l stays NaN through the log1p term.
+template <typename T>
+T bernoulli_term(T l, T x) {
+  const T log1p_exp = std::log1p(std::exp(-std::abs(l)));
+  const T positive = x == T(0) ? T(0) : x * (std::min(l, T(0)) - log1p_exp);
+  const T negative = x == T(1) ? T(0) : (T(1) - x) * (-std::max(l, T(0)) - log1p_exp);
+  return positive + negative;
+}
+
+// Redoes with exact(first[d], rest[d]...) each row of out whose fast sum is not finite: only a
+// non-finite input (or a sum past the dtype's range) gets there, so the fast loop stays as it is.
+template <typename scalar_t, typename Exact, typename... Views>
+void redo_non_finite_rows(at::Tensor& out, Exact exact, const Views&... views) {
+  const auto& first = std::get<0>(std::tie(views...));
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  for_each_row<scalar_t>(first.size(0), first.size(1), first.size(2), [&](int64_t row, const auto*... rows) {
+    if (std::isfinite(out_ptr[row])) return;
+    scalar_t sum = 0;
+    for (int64_t d = 0; d < first.size(2); ++d) sum += exact(rows[d]...);
+    out_ptr[row] = sum;
+  }, views...);
+}
+
 at::Tensor bernoulli_log_prob(const at::Tensor& logits, const at::Tensor& x) {
   check_rows3("vaekernels::bernoulli_log_prob", kCpu, {{"logits", logits}, {"x", x}});
   return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "bernoulli_log_prob", [&] {
-    return reduce_rows<scalar_t>(
+    at::Tensor out = reduce_rows<scalar_t>(
         [](const auto& l, const auto& x_d) { return x_d * l - softplus(l); }, [](scalar_t sum) { return sum; },
         logits, x);
+    redo_non_finite_rows<scalar_t>(out, &bernoulli_term<scalar_t>, logits, x);
+    return out;
   });
 }
 
@@ -153,12 +180,42 @@ at::Tensor log_mean_exp_backward(const at::Tensor& grad, const at::Tensor& x, co
           std::fill_n(grad_row, N, scalar_t(0));
           continue;
         }
-        const Vec shift(out_ptr[r]), scale(grad_ptr[r] / scalar_t(N));
-        at::vec::map([&](const Vec& v) { return scale * (v - shift).exp(); }, grad_row, x_ptr + r * N, N);
+        // exp(x - out) normalised by its own sum, not by N: out is rounded (by a whole unit at
+        // out = -1e7 in float), and exp(x - out) / N would then sum to anything between 1/e and e.
+        // out still serves as the shift that keeps the exponentials in range: x - out is at most
+        // log N plus out's rounding.
+        const scalar_t* row = x_ptr + r * N;
+        const Vec shift(out_ptr[r]);
+        Vec sum(scalar_t(0));
+        int64_t n = 0;
+        for (; n + Vec::size() <= N; n += Vec::size()) {
+          const Vec e = (Vec::loadu(row + n) - shift).exp();
+          e.store(grad_row + n);
+          sum += e;
+        }
+        if (n < N) {
+          const Vec e = (Vec::loadu(row + n, N - n) - shift).exp();
+          e.store(grad_row + n, N - n);
+          sum += Vec::set(Vec(scalar_t(0)), e, N - n);
+        }
+        const Vec scale(grad_ptr[r] / at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, sum));
+        at::vec::map([&](const Vec& e) { return scale * e; }, grad_row, grad_row, N);
       }
     });
   });
   return grad_x;
+}
+
+// log_var + ((x - mean) / std)^2 in double, exactly log_var at x = mean, where the fast loop's
+// (x - mean) exp(-lv / 2) is 0 * inf = NaN once exp(-lv / 2) overflows (lv < -176 in float).
+// 1 / std as exp(-lv / 4) twice keeps a tiny difference over a tiny std finite while the quotient
+// is; a zero variance (lv = -inf) away from the mean is a zero density.
+template <typename T>
+double gaussian_term(T x, T mean, T log_var) {
+  const double diff = double(x) - double(mean), lv = log_var;
+  if (diff == 0) return lv;
+  const double root = std::exp(-0.25 * lv), w = diff * root * root;
+  return std::isinf(w) ? std::numeric_limits<double>::infinity() : lv + w * w;
 }
 
 at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_var) {
@@ -167,13 +224,19 @@ at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const 
     // D log(2 pi) is added once per row, keeping a constant add out of the inner loop.
     const scalar_t row_constant = scalar_t(kLog2Pi) * scalar_t(x.size(2));
     // (x - mean) exp(-lv / 2), squared: (x - mean)^2 exp(-lv) would be 0 * inf = NaN at x = mean
-    // once exp(-lv) overflows (lv < -88 in float), where this stays 0 down to lv = -176.
-    return reduce_rows<scalar_t>(
+    // once exp(-lv) overflows (lv < -88 in float); a row that still comes out non-finite is redone
+    // by gaussian_term.
+    at::Tensor out = reduce_rows<scalar_t>(
         [](const auto& x_d, const auto& mean_d, const auto& log_var_d) {
           const auto scaled_diff = (x_d - mean_d) * (log_var_d * Vectorized<scalar_t>(scalar_t(-0.5))).exp();
           return at::vec::fmadd(scaled_diff, scaled_diff, log_var_d);
         },
         [&](scalar_t sum) { return scalar_t(-0.5) * (row_constant + sum); }, x, mean, log_var);
+    redo_non_finite_rows<scalar_t>(
+        out, [](scalar_t x_d, scalar_t mean_d, scalar_t log_var_d) {
+          return static_cast<scalar_t>(-0.5 * (kLog2Pi + gaussian_term(x_d, mean_d, log_var_d)));
+        }, x, mean, log_var);
+    return out;
   });
 }
 
@@ -208,11 +271,18 @@ at::Tensor gaussian_kl(const at::Tensor& mean, const at::Tensor& log_var) {
   return AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "gaussian_kl", [&] {
     // exp(lv) - 1 - lv per element rather than subtracting D at the end: a posterior close to
     // the prior has a KL near 0, which a row sum near D would bury in rounding.
-    return reduce_rows<scalar_t>(
+    at::Tensor out = reduce_rows<scalar_t>(
         [](const auto& mean_d, const auto& log_var_d) {
           return at::vec::fmadd(mean_d, mean_d, exp_minus_one_minus(log_var_d));
         },
         [](scalar_t sum) { return scalar_t(0.5) * sum; }, mean, log_var);
+    // exp(lv) - 1 - lv is inf - inf at lv = +inf, where the KL is +inf.
+    redo_non_finite_rows<scalar_t>(out, [](scalar_t mean_d, scalar_t log_var_d) {
+      const scalar_t excess = log_var_d == std::numeric_limits<scalar_t>::infinity()
+                                  ? log_var_d : std::expm1(log_var_d) - log_var_d;
+      return scalar_t(0.5) * (mean_d * mean_d + excess);
+    }, mean, log_var);
+    return out;
   });
 }
 
@@ -242,6 +312,24 @@ struct LaneLogSumExp {
   }
 };
 
+// a * b, but 0 where a is 0 even if b is inf: a zero difference or weight times a term that
+// overflowed (1 / std for log_var < -176 in float, or w far from the mean of a tiny variance).
+template <typename T>
+Vectorized<T> times_unless_zero(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return (a != Vectorized<T>(T(0))) & (a * b);
+}
+
+// a * b and a * b + c, through times_unless_zero where kGuarded.
+template <bool kGuarded, typename T>
+Vectorized<T> times(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return kGuarded ? times_unless_zero(a, b) : a * b;
+}
+
+template <bool kGuarded, typename T>
+Vectorized<T> times_plus(const Vectorized<T>& a, const Vectorized<T>& b, const Vectorized<T>& c) {
+  return kGuarded ? times_unless_zero(a, b) + c : at::vec::fmadd(a, b, c);
+}
+
 // The posteriors (mean, log_var) [N, d] transposed to one row per latent dim k, so that a vector
 // holds consecutive j: d is small (~10) while N is a batch, so vectorising over j fills every
 // lane. Rows are padded to whole vectors with posteriors of zero density.
@@ -267,6 +355,8 @@ class PosteriorColumns {
     const int64_t N = mean.size(0);
     const T* mean_ptr = mean.const_data_ptr<T>();
     const T* log_var_ptr = log_var.const_data_ptr<T>();
+    mean_bound_ = max_abs(mean);
+    inverse_scale_bound_ = log_var.numel() ? std::exp(-0.5 * log_var.min().item<double>()) * kSqrtHalf : 0.0;
     const T neg_inf = -std::numeric_limits<T>::infinity();
     at::parallel_for(0, width_, row_grain(3 * std::max<int64_t>(dims_, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
@@ -284,9 +374,18 @@ class PosteriorColumns {
 
   int64_t width() const { return width_; }
 
+  // Whether some w = (z - mean) / sqrt(2 var) or 1 / sqrt(2 var) may overflow (or a NaN is about):
+  // then the kernels take the guarded products of times_unless_zero, so that z = mean gives w = 0
+  // rather than 0 * inf, and a zero weight times an infinite w or 1 / sqrt(2 var) gives 0. Finite
+  // bounds leave the plain products, which cost less.
+  bool needs_guards(const at::Tensor& z) const {
+    return !((max_abs(z) + mean_bound_) * inverse_scale_bound_ < double(std::numeric_limits<T>::max()));
+  }
+
+  template <bool kGuarded>
   Terms terms(int64_t k, int64_t j, const Vec& z_k) const {
-    const Vec inverse_scale = Vec::loadu(row(dims_ + k) + j);
-    const Vec w = (z_k - Vec::loadu(row(k) + j)) * inverse_scale;
+    const Vec inverse_scale = Vec::loadu(row(dims_ + k) + j), diff = z_k - Vec::loadu(row(k) + j);
+    const Vec w = times<kGuarded>(diff, inverse_scale);
     return {inverse_scale, w, at::vec::fnmadd(w, w, Vec::loadu(row(2 * dims_ + k) + j))};
   }
 
@@ -296,13 +395,13 @@ class PosteriorColumns {
 
   // Writes L[i, j] = sum_k log N(z_ik; mean_jk, var_jk) for j in [j0, j0 + count) to joint;
   // visit(k, terms) sees every per-dim term on the way.
-  template <typename Visit>
+  template <bool kGuarded, typename Visit>
   void joint_log_density(const T* z_i, int64_t j0, int64_t count, T* joint, Visit visit) const {
     for (int64_t j = 0; j < count; j += Vec::size()) joint_start(j0 + j).store(joint + j);
     for (int64_t k = 0; k < dims_; ++k) {
       const Vec z_k(z_i[k]);
       for (int64_t j = 0; j < count; j += Vec::size()) {
-        const Terms t = terms(k, j0 + j, z_k);
+        const Terms t = terms<kGuarded>(k, j0 + j, z_k);
         (Vec::loadu(joint + j) + t.log_density).store(joint + j);
         visit(k, t);
       }
@@ -312,7 +411,10 @@ class PosteriorColumns {
  private:
   const T* row(int64_t r) const { return table_.data() + r * width_; }
 
+  static double max_abs(const at::Tensor& t) { return t.numel() ? t.abs().max().item<double>() : 0.0; }
+
   int64_t dims_, width_;
+  double mean_bound_ = 0, inverse_scale_bound_ = 0;
   std::vector<T> table_;  // rows of width_: mean [d], 1/sqrt(2 var) [d], -log(2 pi var)/2 [d], joint_start [1]
 };
 
@@ -328,6 +430,12 @@ void with_flag(bool flag, const Body& body) {
   } else {
     body(std::false_type{});
   }
+}
+
+// with_flag for two flags: body(flag_a, flag_b) with both known at compile time.
+template <typename Body>
+void with_flags(bool a, bool b, const Body& body) {
+  with_flag(a, [&](auto flag_a) { with_flag(b, [&](auto flag_b) { body(flag_a, flag_b); }); });
 }
 
 // The weight c[i, j, k] = grad_joint[i] a[i, j] + grad_marginal[i, k] b[i, j, k] of the (i, j, k)
@@ -380,8 +488,8 @@ std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, cons
     const scalar_t* z_ptr = z_c.const_data_ptr<scalar_t>();
     scalar_t* joint_ptr = joint.data_ptr<scalar_t>();
     scalar_t* marginal_ptr = marginal.data_ptr<scalar_t>();
-    with_flag(with_marginal, [&](auto marginal_flag) {
-      constexpr bool kWithMarginal = decltype(marginal_flag)::value;
+    with_flags(with_marginal, columns.needs_guards(z_c), [&](auto marginal_flag, auto guard_flag) {
+      constexpr bool kWithMarginal = decltype(marginal_flag)::value, kGuarded = decltype(guard_flag)::value;
       at::parallel_for(0, B, row_grain(width * std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> joint_tile(kJointTile);
         std::vector<LSE> marginal_lse(kWithMarginal ? d : 0);
@@ -391,7 +499,8 @@ std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, cons
           LSE joint_lse;
           for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
             const int64_t count = std::min(kJointTile, width - j0);
-            columns.joint_log_density(z_i, j0, count, joint_tile.data(), [&](int64_t k, const auto& t) {
+            columns.template joint_log_density<kGuarded>(z_i, j0, count, joint_tile.data(),
+                                                         [&](int64_t k, const auto& t) {
               if constexpr (kWithMarginal) marginal_lse[k].add(t.log_density);
             });
             for (int64_t j = 0; j < count; j += LSE::Vec::size())
@@ -444,8 +553,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
         (grad * (Vec::loadu(tile + j) - shift).exp()).store(tile + j);
     };
 
-    with_flag(with_marginal, [&](auto marginal_flag) {
+    with_flags(with_marginal, columns.needs_guards(z_c), [&](auto marginal_flag, auto guard_flag) {
       using Weight = PairWeight<scalar_t, decltype(marginal_flag)::value>;
+      constexpr bool kGuarded = decltype(guard_flag)::value;
       scalar_t* grad_z_ptr = grad_z.data_ptr<scalar_t>();
       // grad_z[i, k] = sum_j c (z - mean) / (-var), parallel over i so each row sums on its own.
       at::parallel_for(0, B, row_grain(2 * width * std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
@@ -456,16 +566,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
           std::fill(grad_z_lanes.begin(), grad_z_lanes.end(), Vec(scalar_t(0)));
           for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
             const int64_t count = std::min(kJointTile, width - j0);
-            columns.joint_log_density(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
+            columns.template joint_log_density<kGuarded>(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
             to_joint_weight(i, count, tile.data());
             for (int64_t k = 0; k < d; ++k) {
               const Vec z_k(z_i[k]);
               const Weight weight(grad_marginal_ptr, marginal_ptr, i * d + k);
               Vec acc = grad_z_lanes[k];
               for (int64_t j = 0; j < count; j += Vec::size()) {
-                const Terms t = columns.terms(k, j0 + j, z_k);
+                const Terms t = columns.template terms<kGuarded>(k, j0 + j, z_k);
                 const Vec c = weight(Vec::loadu(tile.data() + j), t.log_density);
-                acc = at::vec::fmadd(c * t.scaled_diff, t.inverse_scale, acc);
+                acc = times_plus<kGuarded>(times<kGuarded>(c, t.scaled_diff), t.inverse_scale, acc);
               }
               grad_z_lanes[k] = acc;
             }
@@ -496,7 +606,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
           std::fill(log_var_acc.begin(), log_var_acc.end(), scalar_t(0));
           for (int64_t i = 0; i < B; ++i) {
             const scalar_t* z_i = z_ptr + i * d;
-            columns.joint_log_density(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
+            columns.template joint_log_density<kGuarded>(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
             to_joint_weight(i, count, tile.data());
             for (int64_t k = 0; k < d; ++k) {
               const Vec z_k(z_i[k]);
@@ -505,11 +615,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
               scalar_t* mean_k = mean_acc.data() + k * tile_width;
               scalar_t* log_var_k = log_var_acc.data() + k * tile_width;
               for (int64_t j = 0; j < count; j += Vec::size()) {
-                const Terms t = columns.terms(k, j0 + j, z_k);
+                const Terms t = columns.template terms<kGuarded>(k, j0 + j, z_k);
                 const Vec c = weight(Vec::loadu(tile.data() + j), t.log_density);
-                const Vec c_w = c * t.scaled_diff;
-                at::vec::fmadd(c_w, t.inverse_scale, Vec::loadu(mean_k + j)).store(mean_k + j);
-                at::vec::fmadd(c_w, t.scaled_diff, at::vec::fnmadd(c, half, Vec::loadu(log_var_k + j)))
+                const Vec c_w = times<kGuarded>(c, t.scaled_diff);
+                times_plus<kGuarded>(c_w, t.inverse_scale, Vec::loadu(mean_k + j)).store(mean_k + j);
+                times_plus<kGuarded>(c_w, t.scaled_diff, at::vec::fnmadd(c, half, Vec::loadu(log_var_k + j)))
                     .store(log_var_k + j);
               }
             }

@@ -6,6 +6,7 @@
 // from the inputs and that NLL and writes the parameter gradient in the same pass.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include <torch/library.h>
@@ -143,14 +144,19 @@ void for_each_pixel_block(const Layout& l, Body body) {
   });
 }
 
-// log sum exp over the M vectors of one pixel block.
+// log sum exp over the M vectors of one pixel block. A lane whose values are all -inf (every
+// component gives the pixel zero mass, as a log-scale of +inf does) sums to -inf: shifted by 0, not
+// by -inf (-inf - -inf = NaN), with its exponentials set to 0 (exp_u20 clamps -inf to a finite
+// argument).
 template <typename T>
 Vec<T> log_sum_exp(const Vec<T>* values, int64_t M) {
+  const Vec<T> zero(T(0)), minus_inf(-std::numeric_limits<T>::infinity());
   Vec<T> top = values[0];
   for (int64_t m = 1; m < M; ++m) top = at::vec::maximum(top, values[m]);
+  const Vec<T> shift = Vec<T>::blendv(top, zero, top == minus_inf);
   Vec<T> sum(T(0));
-  for (int64_t m = 0; m < M; ++m) sum += (values[m] - top).exp_u20();
-  return top + sum.log();
+  for (int64_t m = 0; m < M; ++m) sum += Vec<T>::blendv((values[m] - shift).exp_u20(), zero, values[m] == minus_inf);
+  return shift + sum.log();
 }
 
 // The mixture terms of component m at one pixel block: its channels' log-probabilities summed

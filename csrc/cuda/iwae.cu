@@ -64,10 +64,13 @@ __device__ __forceinline__ Pack<T, VEC> load(const T* p) {
 // x * l - softplus(l) with softplus(l) = max(l, 0) + log1p(exp(-|l|)): the exponent is never
 // positive, so l = +-1e4 gives a finite term. x * l - max(l, 0) is taken as (x - [l > 0]) * l,
 // which is exact for a pixel that matches a confident logit (x = 1, l = 5 gives 0, not
-// 5 - 5.0067 rounded at the scale of 5). A NaN in l or x makes the term NaN.
+// 5 - 5.0067 rounded at the scale of 5). A coefficient of 0 counts 0 even at l = +-inf (x = 1
+// with l = +inf, x = 0 with l = -inf: the answer 0, where 0 * inf would be NaN). A NaN in l or x
+// makes the term NaN.
 template <typename A>
 __device__ __forceinline__ A bernoulli_term(A l, A x) {
-  return (x - (l > A(0) ? A(1) : A(0))) * l - log1p(exp(-fabs(l)));
+  const A coefficient = x - (l > A(0) ? A(1) : A(0));
+  return (coefficient == A(0) ? A(0) : coefficient * l) - log1p(exp(-fabs(l)));
 }
 
 // 1 / (1 + exp(-l)) computed from exp(-|l|) in (0, 1], so neither branch overflows: l = +-1e4

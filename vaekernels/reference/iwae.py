@@ -15,27 +15,73 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
-    """log(mean(exp(x))) along ``dim``; a slice of all -inf gives -inf with a zero gradient."""
+    """log(mean(exp(x))) along ``dim``; a slice of all -inf gives -inf with a zero gradient.
+
+    Written as max + log(mean(exp(x - max))) with the max held constant, so that the gradient is
+    exp(x - max) / sum(exp(x - max)), whose weights sum to 1 however the output rounds
+    (logsumexp's own backward takes exp(x - output): at x = [-1e7] * 4 + [-inf] * 2 in float32 the
+    output rounds by a whole unit and its weights sum to 1.47)."""
     empty = torch.isneginf(x).all(dim, keepdim=True)  # the log of a zero mean
-    out = torch.logsumexp(torch.where(empty, 0.0, x), dim=dim, keepdim=True) - math.log(x.shape[dim])
+    x = torch.where(empty, 0.0, x)
+    shift = x.amax(dim, keepdim=True).detach()
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)  # +inf and NaN are their own answer
+    out = shift + torch.log(torch.exp(x - shift).mean(dim, keepdim=True))
     out = torch.where(empty, float("-inf"), out)
     return out if keepdim else out.squeeze(dim)
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum over event dims of x log sigmoid(l) + (1 - x) log(1 - sigmoid(l)); logits [B, K, *event], x [B, *event]."""
-    x = x.unsqueeze(1)
-    return (x * logits - F.softplus(logits)).flatten(2).sum(-1)
+    return _BernoulliTerms.apply(logits, x.unsqueeze(1)).flatten(2).sum(-1)
+
+
+class _BernoulliTerms(torch.autograd.Function):
+    """x log sigmoid(l) + (1 - x) log sigmoid(-l) per element, keeping only l and x for backward, as
+    x l - softplus(l) would; that form is inf - inf or 0 * inf at l = +-inf, where a term of weight
+    0 counts 0 (as in xlogy) and the other is -inf. The gradient is x - sigmoid(l) (l for x)."""
+
+    @staticmethod
+    def forward(logits, x):
+        positive = torch.where(x == 0, 0.0, x * F.logsigmoid(logits))
+        return positive + torch.where(x == 1, 0.0, (1 - x) * F.logsigmoid(-logits))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, x = ctx.saved_tensors
+        grad_logits = grad * (x - torch.sigmoid(logits)) if ctx.needs_input_grad[0] else None
+        grad_x = (grad * logits).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
+        return grad_logits, grad_x
+
+
+def standardised(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """w = (x - mean) / std with no 0 * inf, forward or backward, at a tiny variance (1 / std
+    overflows float32 below log_var = -176): 1 / std is exp(-log_var / 4) taken twice, so that a
+    tiny difference over a tiny std stays finite while the quotient is; at x = mean the exponent is
+    0 instead (w is 0 whatever it is), and elsewhere capped where exp would overflow (w overflows
+    then anyway)."""
+    diff = x - mean
+    exponent = torch.where(diff == 0, 0.0, -0.25 * log_var).clamp(max=math.log(torch.finfo(diff.dtype).max))
+    root = torch.exp(exponent)
+    w = diff * root * root
+    # An overflowed w (a density of 0) is held constant: the zero gradient a vanishing density
+    # passes back then stays 0 instead of becoming 2 w * 0 = NaN.
+    return torch.where(torch.isinf(w), w.detach(), w)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, exp(log_var)) summed over the last dim, with broadcasting."""
-    return -0.5 * (LOG_2PI + log_var + ((x - mean) * torch.exp(-0.5 * log_var)) ** 2).sum(-1)
+    return -0.5 * (LOG_2PI + log_var + standardised(x, mean, log_var) ** 2).sum(-1)
 
 
 def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(log_var)) || N(0, I)) summed over the last dim."""
-    return 0.5 * (torch.expm1(log_var) - log_var + mean**2).sum(-1)
+    """KL(N(mean, exp(log_var)) || N(0, I)) summed over the last dim; +inf at log_var = +inf (where
+    expm1(log_var) - log_var is inf - inf)."""
+    excess = torch.where(torch.isposinf(log_var), float("inf"), torch.expm1(log_var) - log_var)
+    return 0.5 * (excess + mean**2).sum(-1)
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

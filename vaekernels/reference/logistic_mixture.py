@@ -82,7 +82,12 @@ def component_means(x: torch.Tensor, means: torch.Tensor, coeffs: torch.Tensor |
 
 def discretized_logistic_mixture_nll(params: torch.Tensor, x: torch.Tensor, num_mixtures: int,
                                      reduction: str = "sum") -> torch.Tensor:
-    """-log p(x) per pixel (summed over channels), then reduced; see the fused op."""
+    """-log p(x) per pixel (summed over channels), then reduced; see the fused op. float16 and
+    bfloat16 are computed in float32 and rounded once at the end, as the kernels do: carried through
+    in bfloat16, the log-domain bin masses drift by a quarter of the NLL."""
+    if params.dtype in (torch.float16, torch.bfloat16):
+        nll = discretized_logistic_mixture_nll(params.float(), x.float(), num_mixtures, reduction)
+        return nll.to(params.dtype)
     channels = x.shape[1]
     logits, means, log_scales, coeffs = unpack(params, channels, num_mixtures)
     xs = x.unsqueeze(2)  # [B, C, 1, H, W] against the M components

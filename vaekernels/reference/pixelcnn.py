@@ -1,6 +1,6 @@
 """PixelCNN ops in plain PyTorch, the pytorch-generative way: the test oracle and the bench baseline.
 
-Masked convolutions multiply a dense kernel by a 0/1 mask on every call (so every masked tap is
+Masked convolutions zero the masked taps of a dense kernel on every call (so every masked tap is
 still multiplied, and masked weights still receive gradients); gates are unfused tanh / sigmoid.
 Each function has the signature of its fused counterpart in :mod:`vaekernels.ops.pixelcnn`.
 """
@@ -32,11 +32,13 @@ def causal_mask(out_channels: int, in_channels: int, kernel_size: tuple[int, int
 
 def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, mask_type: str = "B",
                   *, channel_groups: int = 1) -> torch.Tensor:
-    """A "same"-padded convolution with the dense weight multiplied by :func:`causal_mask`."""
+    """A "same"-padded convolution with the dense weight's masked taps (:func:`causal_mask`) set to 0;
+    selected rather than multiplied by the mask, so that an inf or NaN in a masked tap is dropped
+    (inf * 0 would be NaN), as the fused op, which never reads those taps, drops it."""
     out_channels, in_channels, kh, kw = weight.shape
     mask = causal_mask(out_channels, in_channels, (kh, kw), mask_type, channel_groups, dtype=weight.dtype,
                        device=weight.device)
-    return F.conv2d(x, weight * mask, bias, padding=(kh // 2, kw // 2))
+    return F.conv2d(x, torch.where(mask.bool(), weight, 0.0), bias, padding=(kh // 2, kw // 2))
 
 
 def gated_activation(x: torch.Tensor, cond: torch.Tensor | None = None, gate: str = "tanh") -> torch.Tensor:

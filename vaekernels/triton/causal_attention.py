@@ -89,11 +89,17 @@ def _load_query_rows(q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, o
 @triton.jit
 def _probabilities_and_score_grads(q, k, v, g, lse, delta, offs_m, offs_n, L, scale):
     """P_ij = exp(s_ij - lse_i) on the allowed pairs, 0 elsewhere (and on row 0, lse = -inf), and
-    dS = P * (dO V^T - delta), the softmax backward: the gradient with respect to s."""
+    dS = P * (dO V^T - delta), the softmax backward: the gradient with respect to s.
+
+    Where P_ij rounds to 1 the other weights of row i sum to below the rounding, and the true dS_ij
+    = sum_{l != j} P_il (dP_ij - dP_il) is below it too; dP_ij - delta_i would be the rounding of
+    two differently summed dot products instead (1e-7 relative, times the score scale in dq and dk),
+    so it is taken as 0, as the reference's exactly one-hot softmax gives."""
     s, allowed = _scores(q, k, offs_m, offs_n, L, scale)
     safe_lse = tl.where(lse == float("-inf"), 0.0, lse)
     p = tl.where(allowed, tl.exp(s - safe_lse[:, None]), 0.0)
-    return p, p * (tl.dot(g, tl.trans(v), input_precision="ieee") - delta[:, None])
+    ds = p * (tl.dot(g, tl.trans(v), input_precision="ieee") - delta[:, None])
+    return p, tl.where(p == 1.0, 0.0, ds)
 
 
 @triton.jit

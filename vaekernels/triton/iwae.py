@@ -110,9 +110,11 @@ def _store_rows(ptr, rows, values, row_mask):
 
 @triton.jit
 def _log_mean_exp_fwd_kernel(
-    x_ptr, out_ptr, R, N, stride_r, stride_n,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, out_ptr, log_sum_ptr, R, N, stride_r, stride_n,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, STATS: tl.constexpr,
 ):
+    # STATS: the backward's row statistics instead, the max into out_ptr and log sum exp(x - max)
+    # into log_sum_ptr.
     rows, row_mask = _row_block(R, BLOCK_R)
     x_rows = x_ptr + rows * stride_r
     running_max = tl.full([BLOCK_R], float("-inf"), ACC)
@@ -130,16 +132,20 @@ def _log_mean_exp_fwd_kernel(
         running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
         running_max = new_max
         nan_probe += tl.sum(tl.where(x != x, x, 0.0), axis=1)
-    # N may arrive as the constexpr 1 (Triton specialises it), which has no .to(); adding it to
-    # an ACC zero converts either form.
-    out = running_max + (tl.log(running_sum) - tl.log(tl.zeros([BLOCK_R], ACC) + N))
-    # With a +inf maximum the sum holds exp(inf - inf) = NaN, but the mean is +inf.
-    _store_rows(out_ptr, rows, tl.where(running_max == float("inf"), running_max, out) + nan_probe, row_mask)
+    if STATS:
+        _store_rows(out_ptr, rows, running_max, row_mask)
+        _store_rows(log_sum_ptr, rows, tl.log(running_sum), row_mask)
+    else:
+        # N may arrive as the constexpr 1 (Triton specialises it), which has no .to(); adding it to
+        # an ACC zero converts either form.
+        out = running_max + (tl.log(running_sum) - tl.log(tl.zeros([BLOCK_R], ACC) + N))
+        # With a +inf maximum the sum holds exp(inf - inf) = NaN, but the mean is +inf.
+        _store_rows(out_ptr, rows, tl.where(running_max == float("inf"), running_max, out) + nan_probe, row_mask)
 
 
 @triton.jit
 def _log_mean_exp_bwd_kernel(
-    grad_ptr, x_ptr, out_ptr, grad_x_ptr, R, N, stride_g, stride_r, stride_n, stride_o,
+    grad_ptr, x_ptr, max_ptr, log_sum_ptr, grad_x_ptr, R, N, stride_g, stride_r, stride_n,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Elementwise, so each program takes one [BLOCK_R, BLOCK_N] tile (grid axis 1 over the
@@ -147,28 +153,37 @@ def _log_mean_exp_bwd_kernel(
     rows, row_mask = _row_block(R, BLOCK_R)
     cols, mask = _col_block(tl.program_id(1) * BLOCK_N, N, row_mask, BLOCK_N)
     grad = _load_rows(grad_ptr + rows * stride_g, row_mask, ACC)
-    out = _load_rows(out_ptr + rows * stride_o, row_mask, ACC)
-    # A row of all -inf has out = -inf; shifting it by 0 keeps exp(-inf) = 0 where -inf - -inf
-    # would give NaN.
-    shift = tl.where(out == float("-inf"), 0.0, out)
+    # The weights exp(x - max - log sum exp(x - max)), not exp(x - out) / N: the forward's out is
+    # rounded to the output dtype (a whole unit at out = -1e7 in float32), and those would sum to
+    # anything between 1/e and e. A row of all -inf (max = -inf) has no weight anywhere, where
+    # x - max would be -inf - -inf = NaN.
+    row_max = _load_rows(max_ptr + rows, row_mask, ACC)
+    log_sum = _load_rows(log_sum_ptr + rows, row_mask, ACC)
+    empty = row_max == float("-inf")
+    shift = tl.where(empty, 0.0, row_max)
     x = _load_tile(x_ptr + rows * stride_r, cols, stride_n, mask, ACC)
-    grad_x = (grad / N)[:, None] * tl.exp(x - shift[:, None])
-    _store_tile(grad_x_ptr, rows, cols, N, grad_x, mask)
+    weights = tl.where(empty[:, None], 0.0, tl.exp((x - shift[:, None]) - log_sum[:, None]))
+    _store_tile(grad_x_ptr, rows, cols, N, grad[:, None] * weights, mask)
 
 
-def _log_mean_exp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _log_mean_exp(x: torch.Tensor, dtype: torch.dtype, stats: bool = False):
+    """The [R] output in ``dtype``; with ``stats``, the backward's row max and log sum exp(x - max)
+    in the accumulation dtype instead."""
     R, N = x.shape
-    out = torch.empty(R, dtype=dtype, device=x.device)
-    if R == 0:
-        return out
     acc = _acc_dtype(x)
+    if stats:
+        dtype = torch.float64 if acc == tl.float64 else torch.float32
+    out = torch.empty(R, dtype=dtype, device=x.device)
+    log_sum = torch.empty(R, dtype=dtype, device=x.device) if stats else out
+    if R == 0:
+        return (out, log_sum) if stats else out
     block_r, block_n = _row_blocks(R, N, acc)
     with _on_device(x):
         _log_mean_exp_fwd_kernel[(triton.cdiv(R, block_r),)](
-            x, out, R, N, x.stride(0), x.stride(1),
-            ACC=acc, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=_num_warps(block_r * block_n),
+            x, out, log_sum, R, N, x.stride(0), x.stride(1),
+            ACC=acc, BLOCK_R=block_r, BLOCK_N=block_n, STATS=stats, num_warps=_num_warps(block_r * block_n),
         )
-    return out
+    return (out, log_sum) if stats else out
 
 
 def log_mean_exp_fwd(x: torch.Tensor) -> torch.Tensor:
@@ -184,8 +199,9 @@ def log_mean_exp_fwd(x: torch.Tensor) -> torch.Tensor:
 
 def log_mean_exp_bwd(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Gradient of `log_mean_exp_fwd` with respect to x: grad [R] times the weights
-    exp(x - out) / N -> a contiguous [R, N] tensor, exactly 0 on a row of all -inf. ``out`` is the
-    forward's output (recomputed in float32 for float16/bfloat16 inputs).
+    softmax(x) -> a contiguous [R, N] tensor, exactly 0 on a row of all -inf. ``out`` (the forward's
+    output) is not used: the weights come from the row's max and sum, recomputed in a pass over x,
+    so that they sum to 1 whatever the rounding of ``out``.
 
     >>> x = torch.tensor([[0.0, 0.0], [float("-inf"), float("-inf")]], device="cuda")
     >>> log_mean_exp_bwd(torch.ones(2, device="cuda"), x, log_mean_exp_fwd(x))
@@ -196,15 +212,12 @@ def log_mean_exp_bwd(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> 
     grad_x = torch.empty((R, N), dtype=x.dtype, device=x.device)
     if grad_x.numel() == 0:
         return grad_x
-    if x.dtype in (torch.float16, torch.bfloat16):
-        # The weights magnify the absolute rounding of a half-precision out (0.25 at out = -100
-        # in bfloat16: 28% off in every weight); one extra pass over x gives it in float32.
-        out = _log_mean_exp(x, torch.float32)
+    row_max, log_sum = _log_mean_exp(x, x.dtype, stats=True)
     acc = _acc_dtype(x)
     block_r, block_n = _row_blocks(R, N, acc)
     with _on_device(x):
         _log_mean_exp_bwd_kernel[(triton.cdiv(R, block_r), triton.cdiv(N, block_n))](
-            grad, x, out, grad_x, R, N, grad.stride(0), *x.stride(), out.stride(0),
+            grad, x, row_max, log_sum, grad_x, R, N, grad.stride(0), *x.stride(),
             ACC=acc, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=_num_warps(block_r * block_n),
         )
     return grad_x
@@ -232,6 +245,32 @@ def _softplus(logits):
 
 
 @triton.jit
+def _bernoulli_term(logits, x):
+    # x log sigmoid(l) + (1 - x) log sigmoid(-l), a term of weight 0 counting 0 where its log is
+    # -inf (logits of +-inf), as in xlogy: x l - softplus(l) is inf - inf or 0 * inf there, where
+    # the answer is 0 or -inf. A NaN logit stays NaN through log1p(exp(-|l|)).
+    log1p_exp = _softplus(-tl.abs(logits))
+    positive = tl.where(x == 0.0, 0.0, x * (tl.minimum(logits, 0.0) - log1p_exp))
+    negative = tl.where(x == 1.0, 0.0, (1.0 - x) * (-tl.maximum(logits, 0.0) - log1p_exp))
+    return positive + negative
+
+
+@triton.jit
+def _times_unless_zero(a, b):
+    # a * b, but 0 where a is 0 even if b is inf: a zero difference or weight times a term that
+    # overflowed (1 / std for log_var < -176 in float32, or w far from the mean of a tiny variance).
+    return tl.where(a == 0.0, 0.0, a * b)
+
+
+@triton.jit
+def _standardised(diff, log_var):
+    # (x - mean) / std, exactly 0 at x = mean, as vaekernels.reference.iwae.standardised: 1 / std as
+    # exp(-log_var / 4) twice keeps a tiny difference over a tiny std finite while the quotient is.
+    root = tl.exp(-0.25 * log_var)
+    return _times_unless_zero(_times_unless_zero(diff, root), root)
+
+
+@triton.jit
 def _bernoulli_log_prob_fwd_kernel(
     logits_ptr, x_ptr, out_ptr, R, Q, D,
     sl_p, sl_q, sl_d, sx_p, sx_q, sx_d,
@@ -245,7 +284,7 @@ def _bernoulli_log_prob_fwd_kernel(
         cols, mask = _col_block(d0, D, row_mask, BLOCK_D)
         logits = _load_tile(l_rows, cols, sl_d, mask, ACC)
         x = _load_tile(x_rows, cols, sx_d, mask, ACC)
-        acc += tl.where(mask, x * logits - _softplus(logits), 0.0)
+        acc += tl.where(mask, _bernoulli_term(logits, x), 0.0)
     _store_rows(out_ptr, rows, tl.sum(acc, axis=1), row_mask)
 
 
@@ -281,12 +320,12 @@ def _gaussian_log_prob_fwd_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for d0 in range(0, D, BLOCK_D):
         cols, mask = _col_block(d0, D, row_mask, BLOCK_D)
-        # Masked lanes load 0 everywhere, where the summand lv + ((x - m) exp(-lv / 2))^2 is exactly
-        # 0. Squaring after scaling: (x - m)^2 exp(-lv) would be 0 * inf = NaN at x = m once exp(-lv)
-        # overflows (lv < -88 in float32), where this stays 0 down to lv = -176.
+        # Masked lanes load 0 everywhere, where the summand lv + ((x - m) / std)^2 is exactly 0.
+        # Squaring after scaling: (x - m)^2 exp(-lv) would be 0 * inf = NaN at x = m once exp(-lv)
+        # overflows (lv < -88 in float32).
         diff = _load_tile(x_rows, cols, sx_d, mask, ACC) - _load_tile(m_rows, cols, sm_d, mask, ACC)
         log_var = _load_tile(v_rows, cols, sv_d, mask, ACC)
-        scaled_diff = diff * tl.exp(-0.5 * log_var)
+        scaled_diff = _standardised(diff, log_var)
         acc += log_var + scaled_diff * scaled_diff
     # log(2 pi) as an ACC scalar: a Python float literal would be rounded to float32 first.
     log_2pi = tl.full([], _LOG_2PI, ACC)
@@ -303,7 +342,8 @@ def _exp_minus_one_minus(x, ACC: tl.constexpr):
     series = 1.0 + x * tl.full([], 1.0 / LAST_TERM, ACC)
     for n in tl.static_range(LAST_TERM - 1, 2, -1):
         series = 1.0 + x * series * tl.full([], 1.0 / n, ACC)
-    return tl.where(tl.abs(x) < 1.0, 0.5 * x * x * series, tl.exp(x) - 1.0 - x)
+    # exp(x) - 1 - x is inf - inf at x = +inf, where the answer is +inf.
+    return tl.where(tl.abs(x) < 1.0, 0.5 * x * x * series, tl.where(x == float("inf"), x, tl.exp(x) - 1.0 - x))
 
 
 @triton.jit
@@ -394,7 +434,8 @@ def gaussian_kl_fwd(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _posterior_tile(mean_ptr, log_var_ptr, j, k, mask, sm_n, sm_d, sv_n, sv_d, ACC: tl.constexpr):
     """mean, log_var and 1 / std [BJ, BK] of the posteriors j. Never 1 / var: it overflows for a
-    tiny variance (log_var < -88 in float32), where 1 / std stays finite down to log_var = -176."""
+    tiny variance (log_var < -88 in float32), where 1 / std stays finite down to log_var = -176
+    (below, the products with it go through `_times_unless_zero`)."""
     mean = _load_tile(mean_ptr + j * sm_n, k, sm_d, mask, ACC)
     log_var = _load_tile(log_var_ptr + j * sv_n, k, sv_d, mask, ACC)
     return mean, log_var, tl.exp(-0.5 * log_var)
@@ -405,7 +446,7 @@ def _pairwise_log_density(z, mean, log_var, inv_std, ACC: tl.constexpr):
     """l[i, j, k] = log N(z_ik; mean_jk, exp(log_var_jk)) for a [BI, BK] z tile and [BJ, BK]
     posterior tiles -> ([BI, BJ, BK] l, [BI, BJ, BK] w = (z - mean) / std). With w, z = mean
     gives 0 where (z - mean)^2 / var would be 0 * inf for a tiny variance."""
-    w = (z[:, None, :] - mean[None, :, :]) * inv_std[None, :, :]
+    w = _times_unless_zero(z[:, None, :] - mean[None, :, :], inv_std[None, :, :])
     log_2pi = tl.full([], _LOG_2PI, ACC)
     return -0.5 * (log_2pi + log_var[None, :, :] + w * w), w
 
@@ -495,7 +536,7 @@ def _pair_weights(
     if WITH_MARGINAL:
         b = tl.where(pair_mask[:, :, None] & (l != float("-inf")), tl.exp(l - log_marginal[:, None, :]), 0.0)
         c += grad_marginal[:, None, :] * b
-    return c, c * w, w
+    return c, _times_unless_zero(c, w), w
 
 
 @triton.jit
@@ -521,7 +562,7 @@ def _aggregate_posterior_bwd_z_kernel(
                                                  sm_n, sm_d, sv_n, sv_d, ACC)
         _, c_w, _ = _pair_weights(z, mean, log_var, inv_std, log_joint, log_marginal, grad_joint, grad_marginal,
                                   i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
-        grad_z -= tl.sum(c_w * inv_std[None, :, :], axis=1)
+        grad_z -= tl.sum(_times_unless_zero(c_w, inv_std[None, :, :]), axis=1)
     _store_tile(grad_z_ptr, i, k, d, grad_z, ik_mask)
 
 
@@ -549,8 +590,8 @@ def _aggregate_posterior_bwd_posterior_kernel(
             WITH_MARGINAL)
         c, c_w, w = _pair_weights(z, mean, log_var, inv_std, log_joint, log_marginal, grad_joint, grad_marginal,
                                   i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
-        grad_mean += tl.sum(c_w * inv_std[None, :, :], axis=0)
-        grad_log_var += tl.sum(0.5 * (c_w * w - c), axis=0)
+        grad_mean += tl.sum(_times_unless_zero(c_w, inv_std[None, :, :]), axis=0)
+        grad_log_var += tl.sum(0.5 * (_times_unless_zero(c_w, w) - c), axis=0)
     _store_tile(grad_mean_ptr, j, k, d, grad_mean, jk_mask)
     _store_tile(grad_log_var_ptr, j, k, d, grad_log_var, jk_mask)
 

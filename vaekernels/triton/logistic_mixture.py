@@ -144,6 +144,16 @@ def _constants(ACC: tl.constexpr):
 
 
 @triton.jit
+def _log_sum_exp_step(top, total, value):
+    """One more value in a running log-sum-exp (top, total): the sum is total * exp(top). While
+    every value is -inf (all components give the pixel zero mass, as a log-scale of +inf does)
+    the shift is 0, not -inf, whose exp(-inf - -inf) would be NaN; the sum stays 0."""
+    new_top = tl.maximum(top, value)
+    shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+    return new_top, total * tl.exp(top - shift) + tl.exp(value - shift)
+
+
+@triton.jit
 def _discretized_logistic_mixture_nll_fwd_kernel(
     p_ptr, x_ptr, out_ptr, HW, M, P, C: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -159,12 +169,8 @@ def _discretized_logistic_mixture_nll_fwd_kernel(
     for m in range(1, M):
         logit = tl.load(pb + m * HW, mask=mask, other=0.0).to(ACC)
         joint = logit + _component(pb, HW, M, m, x0, x1, x2, mask, C, ACC, half_bin, log_half_levels)[0]
-        new_top = tl.maximum(top_norm, logit)
-        sum_norm = sum_norm * tl.exp(top_norm - new_top) + tl.exp(logit - new_top)
-        top_norm = new_top
-        new_top = tl.maximum(top_joint, joint)
-        sum_joint = sum_joint * tl.exp(top_joint - new_top) + tl.exp(joint - new_top)
-        top_joint = new_top
+        top_norm, sum_norm = _log_sum_exp_step(top_norm, sum_norm, logit)
+        top_joint, sum_joint = _log_sum_exp_step(top_joint, sum_joint, joint)
     nll = (top_norm + tl.log(sum_norm)) - (top_joint + tl.log(sum_joint))
     tl.store(out_ptr + b * HW + pix, nll.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -180,9 +186,7 @@ def _discretized_logistic_mixture_nll_bwd_kernel(
     total = tl.full([BLOCK], 1.0, ACC)
     for m in range(1, M):
         logit = tl.load(pb + m * HW, mask=mask, other=0.0).to(ACC)
-        new_top = tl.maximum(top, logit)
-        total = total * tl.exp(top - new_top) + tl.exp(logit - new_top)
-        top = new_top
+        top, total = _log_sum_exp_step(top, total, logit)
     log_norm = top + tl.log(total)
     g = tl.load(grad_ptr + b * HW + pix, mask=mask, other=0.0).to(ACC)
     # The forward's log sum_m pi_m p_m(x), recovered from its output.
