@@ -10,7 +10,10 @@ from torch import nn
 
 from ..ops.pixelcnn import (GATES, MASK_TYPES, causal_conv2d, gated_activation, gated_conv1x1, linked_horizontal,
                            masked_conv2d)
+from ..ops._checks import check_float, check_int, fail
 from ..reference.pixelcnn import causal_mask
+
+_LAYER, _MODEL = "nn.GatedPixelCNNLayer", "nn.GatedPixelCNN"
 
 
 def _pair(value) -> tuple[int, int]:
@@ -36,6 +39,12 @@ class MaskedConv2d(nn.Conv2d):
                  channel_groups: int = 1, bias: bool = True, stride=1, padding="same", dilation=1, groups: int = 1,
                  padding_mode: str = "zeros", device=None, dtype=None):
         name = "vaekernels.nn.MaskedConv2d"
+        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            check_int("nn.MaskedConv2d", arg, value)
+        if not (isinstance(kernel_size, int) or isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2):
+            fail("nn.MaskedConv2d", f"kernel_size must be an int or a pair of ints, got {kernel_size!r}", TypeError)
+        for value in _pair(kernel_size):
+            check_int("nn.MaskedConv2d", "kernel_size", value)
         kh, kw = _pair(kernel_size)
         if mask_type not in MASK_TYPES:
             raise ValueError(f"{name}: mask_type must be 'A' or 'B', got {mask_type!r}")
@@ -101,6 +110,9 @@ class GatedPixelCNNLayer(nn.Module):
             raise ValueError(f"{name}: gate must be one of {GATES}, got {gate!r}")
         if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"{name}: kernel_size must be an odd int >= 3, got {kernel_size!r}")
+        for arg, value, minimum in (("in_channels", in_channels, 1), ("channels", channels, 1),
+                                    ("skip_channels", skip_channels, 0), ("cond_features", cond_features, 0)):
+            check_int(_LAYER, arg, value, minimum)
         factory = {"device": device, "dtype": dtype}
         half = kernel_size // 2
         self.in_channels, self.channels, self.kernel_size = in_channels, channels, kernel_size
@@ -135,9 +147,25 @@ class GatedPixelCNNLayer(nn.Module):
                                  f"cond_features ({self.cond.in_features if self.cond else 0}), got "
                                  f"{None if cond is None else list(cond.shape)}")
             return None, None
+        check_float(_LAYER, "cond", cond, self.cond.weight, "the layer's parameters")
+        if cond.dim() != 2 or cond.shape[1] != self.cond.in_features:
+            fail(_LAYER, f"cond must have shape [B, cond_features] = [B, {self.cond.in_features}], "
+                         f"got {list(cond.shape)}")
         return self.cond(cond).chunk(2, dim=1)
 
+    def _check_inputs(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None) -> None:
+        for arg, t in (("v", v), ("h", h)):
+            check_float(_LAYER, arg, t, self.v_weight, "the layer's parameters")
+            if t.dim() != 4 or t.shape[1] != self.in_channels or 0 in t.shape:
+                fail(_LAYER, f"{arg} must have shape [B, in_channels = {self.in_channels}, H, W] with B, H, W >= 1, "
+                             f"got {list(t.shape)}")
+        if h.shape != v.shape:
+            fail(_LAYER, f"h must have v's shape {list(v.shape)}, got {list(h.shape)}")
+        if cond is not None and cond.shape[0] != v.shape[0]:
+            fail(_LAYER, f"cond must have v's batch size {v.shape[0]}, got shape {list(cond.shape)}")
+
     def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None):
+        self._check_inputs(v, h, cond)
         half = self.kernel_size // 2
         cond_v, cond_h = self.conditions(cond)
         # Row i of the vertical output reads rows i - k//2 .. i; column j of the horizontal one
@@ -185,8 +213,16 @@ class GatedPixelCNN(nn.Module):
                  first_kernel: int = 7, levels: int = 2, num_classes: int = 0, head_channels: int | None = None,
                  gate: str = "tanh"):
         super().__init__()
-        if levels < 2:
-            raise ValueError(f"vaekernels.nn.GatedPixelCNN: levels must be >= 2, got {levels}")
+        for arg, value, minimum in (("in_channels", in_channels, 1), ("channels", channels, 1), ("layers", layers, 1),
+                                    ("levels", levels, 2), ("num_classes", num_classes, 0)):
+            check_int(_MODEL, arg, value, minimum)
+        if head_channels is not None:
+            check_int(_MODEL, "head_channels", head_channels)
+        if gate not in GATES:
+            fail(_MODEL, f"gate must be one of {GATES}, got {gate!r}")
+        for arg, value in (("kernel_size", kernel_size), ("first_kernel", first_kernel)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 3 or value % 2 == 0:
+                fail(_MODEL, f"{arg} must be an odd int >= 3, got {value!r}")
         self.in_channels, self.levels, self.num_classes = in_channels, levels, num_classes
         self.layers = nn.ModuleList(
             GatedPixelCNNLayer(in_channels if i == 0 else channels, channels, first_kernel if i == 0 else kernel_size,
@@ -210,7 +246,26 @@ class GatedPixelCNN(nn.Module):
         if y is None:
             raise ValueError(f"vaekernels.nn.GatedPixelCNN: the model is class-conditional "
                              f"({self.num_classes} classes); pass the labels y [B]")
+        if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+            fail(_MODEL, f"y must be an integer tensor of class labels, got {got}", TypeError)
+        if y.dim() > 1 or (y.dim() == 1 and y.shape[0] != batch):
+            fail(_MODEL, f"y must have shape [B] = [{batch}] (or be a scalar), got {list(y.shape)}")
+        if y.device != like.device:
+            fail(_MODEL, f"y must be on the model's device ({like.device}), got {y.device}")
+        # On the CPU only: reading the range back from a GPU would synchronise every forward.
+        if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling() and (
+                int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            fail(_MODEL, f"y must hold class labels in [0, {self.num_classes - 1}], got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
         return F.one_hot(y.expand(batch) if y.dim() == 0 else y, self.num_classes).to(like.dtype)
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        param = self.head[1].weight
+        check_float(_MODEL, "x", x, param, "the model's parameters")
+        if x.dim() != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
+            fail(_MODEL, f"x must have shape [B, in_channels = {self.in_channels}, H, W] with B, H, W >= 1, "
+                         f"got {list(x.shape)}")
 
     def _logits(self, skips: torch.Tensor) -> torch.Tensor:
         out = self.head(skips)
@@ -219,6 +274,7 @@ class GatedPixelCNN(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, C, H, W] (levels=2) or [B, C, levels, H, W] for x [B, C, H, W] (pixel values
         0..levels-1) and labels y [B]."""
+        self._check_images(x)
         cond = self._condition(y, x.shape[0], x)
         v = h = self._inputs(x)
         skips = 0
@@ -249,6 +305,11 @@ class GatedPixelCNN(nn.Module):
         Every pixel's value is the inverse CDF of its predicted distribution at one uniform number
         drawn up front, so the cached and the naive sampler agree under the same generator. With
         ``return_logits`` also returns the logits each pixel was drawn from."""
+        check_int(_MODEL + ".sample", "n", n)
+        if not (isinstance(size, (tuple, list)) and len(size) == 2):
+            fail(_MODEL + ".sample", f"size must be a (height, width) pair, got {size!r}", TypeError)
+        for arg, value in zip(("size[0] (height)", "size[1] (width)"), size):
+            check_int(_MODEL + ".sample", arg, value)
         param = self.head[1].weight
         height, width = size
         u = torch.rand(n, self.in_channels, height, width, generator=generator, dtype=param.dtype).to(param.device)

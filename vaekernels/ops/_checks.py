@@ -3,6 +3,9 @@ what was expected and what came."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -30,3 +33,20 @@ def check_shape(fn: str, arg: str, t: torch.Tensor, expected: tuple, description
 def check_choice(fn: str, arg: str, value, choices: tuple) -> None:
     if value not in choices:
         fail(fn, f"{arg} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_int(fn: str, arg: str, value, minimum: int = 1) -> None:
+    """``value`` must be an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail(fn, f"{arg} must be an int >= {minimum}, got {type(value).__name__} {value!r}", TypeError)
+    if value < minimum:
+        fail(fn, f"{arg} must be an int >= {minimum}, got {value}")
+
+
+def check_real(fn: str, arg: str, value) -> float:
+    """``value`` must be a finite real number (not a bool, not a tensor); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(fn, f"{arg} must be a real number, got {type(value).__name__} {value!r}", TypeError)
+    if not math.isfinite(value):
+        fail(fn, f"{arg} must be finite, got {value}")
+    return float(value)

@@ -13,7 +13,7 @@ import torch
 
 from .. import _backend
 from ..reference import causal_attention as reference
-from ._checks import check_float, fail
+from ._checks import check_float, check_real, fail
 from ._registry import define_triton_op, register
 
 if _backend.triton_available():
@@ -62,7 +62,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     (PixelSNAIL's queries come from the current pixel's features, its keys and values from the
     earlier pixels'). That holds to the bit for finite inputs; an inf or NaN at a later position
     can reach earlier rows of its tile of positions (64 on CPU) as 0 * inf, as in the reference's
-    [L, L] product. The score matrix is never formed: the forward keeps a running max and sum
+    [L, L] product. NaN and ±inf otherwise: a NaN reaches the rows that attend to its position;
+    scores of +-inf or a saturated softmax (scale 1e4) give finite outputs, with the gradients of a
+    one-hot softmax row exactly 0 in its scores, as the reference's. The score matrix is never
+    formed: the forward keeps a running max and sum
     over tiles of keys and saves only the output and a row log-sum-exp; the backward recomputes
     the scores. Memory is O(L), not O(L^2).
 
@@ -85,7 +88,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         fail(fn, f"v must have shape [..., L, Dv] = {list(q.shape[:-1])} + [Dv], got {list(v.shape)}")
     if q.shape[-1] == 0:
         fail(fn, "q must have a non-empty last dim (D >= 1), got D = 0")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if q.shape[-2] == 0:
+        fail(fn, f"q must have at least one position (L >= 1), got shape {list(q.shape)}")
+    if v.shape[-1] == 0:
+        fail(fn, f"v must have a non-empty last dim (Dv >= 1), got shape {list(v.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_real(fn, "scale", scale)
     backend = _backend.choose(fn, q.device, q.dtype)
     if backend == "reference":
         return reference.causal_attention(q, k, v, scale)

@@ -124,8 +124,11 @@ register("log_mean_exp_backward", _log_mean_exp_backward_fake)
 def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """log(mean(exp(x))) along ``dim``, computed stably.
 
-    A slice of all ``-inf`` gives ``-inf`` and a zero gradient; the gradient is the softmax of
-    ``x`` along ``dim``.
+    The gradient is the softmax of ``x`` along ``dim``, normalised by its own sum, so its weights
+    sum to 1 however the output rounds (at magnitudes of 1e7 in float32 too).
+
+    NaN and ±inf: ``-inf`` entries weigh 0, and a slice of all ``-inf`` gives ``-inf`` and a zero
+    gradient; a slice holding ``+inf`` gives ``+inf`` and NaN in its gradient; a NaN gives NaN.
 
     Example:
         >>> import torch, vaekernels
@@ -136,6 +139,8 @@ def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch
     check_float(fn, "x", x)
     if x.dim() == 0:
         fail(fn, "x must have at least one dim, got a 0-dim tensor")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        fail(fn, f"dim must be an int, got {type(dim).__name__} {dim!r}", TypeError)
     if not -x.dim() <= dim < x.dim():
         fail(fn, f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {list(x.shape)}, got {dim}", IndexError)
     if x.shape[dim] == 0:
@@ -186,15 +191,23 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     sum x log sigmoid(l) + (1 - x) log(1 - sigmoid(l)). Only ``logits`` and ``x`` are saved for
     backward, which writes d(logits) = grad * (x - sigmoid(l)) in one pass.
 
+    NaN and ±inf: a logit of ±inf is a certain outcome: its term is 0 where x agrees (x = 1 with
+    +inf, x = 0 with -inf) and -inf otherwise (a term of weight 0 counts 0, as in xlogy), and its
+    gradient is the finite x - sigmoid(l). A NaN logit or x makes its row NaN.
+
     Example:
         >>> import torch, vaekernels
         >>> logits = torch.zeros(2, 3, 4)
         >>> vaekernels.bernoulli_log_prob(logits, torch.ones(2, 4)).shape
         torch.Size([2, 3])
     """
-    fn = "bernoulli_log_prob"
+    return _bernoulli_log_prob("bernoulli_log_prob", logits, x)
+
+
+def _bernoulli_log_prob(fn: str, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`bernoulli_log_prob`, its errors naming ``fn``, the public caller."""
     rows, x_rows = _event_rows(fn, logits, x)
-    backend = _backend.choose(fn, logits.device, logits.dtype)
+    backend = _backend.choose("bernoulli_log_prob", logits.device, logits.dtype)
     if backend == "reference":
         return reference.bernoulli_log_prob(logits, x)
     return _backend.ops(backend).bernoulli_log_prob(rows, x_rows)
@@ -207,10 +220,10 @@ def _make_gaussian_log_prob_backward(ops):
     def backward(ctx, grad):
         x, mean, log_var = ctx.saved_tensors
         grad = grad.unsqueeze(-1)
-        # (x - mean) / std first: (x - mean)^2 exp(-log_var) would be 0 * inf for log_var < -88 in float32.
-        inverse_std = torch.exp(-0.5 * log_var)
-        standardised = (x - mean) * inverse_std
-        scaled = standardised * inverse_std
+        # w = (x - mean) / std, then w / std: (x - mean) exp(-log_var) would be 0 * inf at x = mean for
+        # log_var < -88 in float32; w is 0 there for any log_var, and so is w / std.
+        standardised = reference.standardised(x, mean, log_var)
+        scaled = reference.standardised(standardised, 0.0, log_var)
         grad_x = -grad * scaled if ctx.needs_input_grad[0] else None
         grad_mean = grad * scaled if ctx.needs_input_grad[1] else None
         grad_log_var = 0.5 * grad * (standardised * standardised - 1) if ctx.needs_input_grad[2] else None
@@ -248,6 +261,10 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
     Broadcast arguments (a posterior mean [B, 1, d] against samples [B, K, d]) are read in
     place, not expanded into copies.
 
+    NaN and ±inf: x = mean gives a finite term for any finite log-variance, however small (the
+    standardised difference is 0, not 0 * inf; so is its gradient); a difference that overflows
+    over a tiny standard deviation gives -inf; log_var = +inf gives -inf; a NaN gives NaN.
+
     Example:
         >>> import torch, vaekernels
         >>> z = torch.zeros(2, 5, 3)
@@ -279,6 +296,8 @@ register("gaussian_kl", _row_reduction_fake, _save_inputs, _make_gaussian_kl_bac
 
 def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, diag(exp(log_var))) || N(0, I)) summed over the last dim, with broadcasting.
+
+    NaN and ±inf: a mean of ±inf or a log-variance of ±inf gives +inf; a NaN gives NaN.
 
     Example:
         >>> import torch, vaekernels
@@ -353,6 +372,10 @@ def iwae_bound(
     w~ = softmax_K(log weights) (the Gaussian one is composed of PyTorch ops). Saved for
     backward beyond the inputs: O(B * K). K = 1 gives the ELBO.
 
+    NaN and ±inf: as its likelihood (:func:`bernoulli_log_prob`, :func:`gaussian_log_prob`) and
+    :func:`log_mean_exp`: a sample of log-weight -inf weighs 0, an example whose samples are all
+    -inf gets -inf with a zero gradient (DReG's weights too), and a NaN makes its example NaN.
+
     Example (IWAE):
         >>> import torch, vaekernels
         >>> B, K, D, d = 4, 5, 6, 2
@@ -375,10 +398,17 @@ def iwae_bound(
     check_choice(fn, "estimator", estimator, ESTIMATORS)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     if likelihood == "bernoulli":
-        log_px = bernoulli_log_prob(logits, x)
+        log_px = _bernoulli_log_prob(fn, logits, x)
     else:
         log_px = _gaussian_event_log_prob(fn, x, logits, log_var)
-    batch, samples = log_px.shape
+    log_w = log_px + _log_prior_ratio(fn, log_pz, log_qz, z, q, estimator, log_px, "logits")
+    return _estimated(log_mean_exp(log_w, dim=1), log_w, z, estimator, reduction)
+
+
+def _log_prior_ratio(fn, log_pz, log_qz, z, q, estimator, like, like_name):
+    """log p(z) - log q(z | x) [B, K] (B, K from ``like``), log q from q = (mean, log_var) where
+    given: with q's parameters detached for STL and DReG."""
+    batch, samples = like.shape[:2]
     if q is not None:
         log_qz = _posterior_log_prob(fn, z, q, log_qz, batch, samples, detach=estimator != "iwae")
     elif estimator != "iwae":
@@ -386,10 +416,13 @@ def iwae_bound(
     elif log_qz is None:
         fail(fn, "log_qz must be a [B, K] tensor (or pass z= and q=(mean, log_var)), got None")
     for name, t in (("log_pz", log_pz), ("log_qz", log_qz)):
-        check_float(fn, name, t, log_px, "logits")
+        check_float(fn, name, t, like, like_name)
         check_shape(fn, name, t, (batch, samples), "[B, K]")
-    log_w = log_px + log_pz - log_qz
-    bound = log_mean_exp(log_w, dim=1)
+    return log_pz - log_qz
+
+
+def _estimated(bound, log_w, z, estimator: str, reduction: str) -> torch.Tensor:
+    """The bound [B] reduced, with DReG's reweighting of the gradient reaching z (log_w: the log-weights)."""
     if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
         _reweight_path_gradient(z, log_w.detach())
     if reduction == "mean":
@@ -444,12 +477,14 @@ def importance_sampled_nll(
     log_var: torch.Tensor | None = None,
     progress: bool = False,
     generator: torch.Generator | None = None,
+    output_layer: torch.nn.Linear | None = None,
 ) -> torch.Tensor:
     """-log p(x) per example, estimated with ``num_samples`` importance samples from q(z | x).
 
     The samples are drawn and decoded ``chunk_size`` at a time and folded into a running
     log-sum-exp, so memory is that of one chunk whatever ``num_samples`` is (K = 5000 as in
     Burda et al. 2016 fits where the whole [B, K, D] decoder output would not). Prior N(0, I).
+    NaN and ±inf: as :func:`iwae_bound`, chunk by chunk (an example no sample explains gets +inf).
 
     Args:
         x: data [B, *event].
@@ -459,6 +494,9 @@ def importance_sampled_nll(
         likelihood, log_var: as in :func:`iwae_bound`.
         progress: show a tqdm progress bar over the chunks.
         generator: the random generator for the samples.
+        output_layer: the decoder's last linear layer, when ``decode`` stops before it and returns
+            its input [B, k, H]: the Bernoulli bound then goes through
+            :func:`vaekernels.linear_iwae_bound`, and the [B, k, D] logits never exist.
 
     Example:
         >>> import torch, vaekernels
@@ -472,8 +510,22 @@ def importance_sampled_nll(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             fail(fn, f"{name} must be a positive int, got {value!r}")
     check_choice(fn, "likelihood", likelihood, LIKELIHOODS)
-    mean, q_log_var = encode(x)
-    check_float(fn, "encode(x)[0] (mean)", mean)
+    if output_layer is not None:
+        if likelihood != "bernoulli" or not isinstance(output_layer, torch.nn.Linear):
+            fail(fn, f"output_layer must be a torch.nn.Linear of Bernoulli logits (likelihood='bernoulli'), got "
+                     f"{type(output_layer).__name__} with likelihood={likelihood!r}")
+        from .linear_iwae import linear_iwae_bound as _linear_iwae_bound  # a module built on this one
+    for name, function in (("encode", encode), ("decode", decode)):
+        if not callable(function):
+            fail(fn, f"{name} must be a callable, got {type(function).__name__}", TypeError)
+    check_float(fn, "x", x)
+    if x.dim() < 2 or x.shape[0] == 0:
+        fail(fn, f"x must have shape [B, *event] with B >= 1, got {list(x.shape)}")
+    encoded = encode(x)
+    if not (isinstance(encoded, (tuple, list)) and len(encoded) == 2):
+        fail(fn, f"encode(x) must return a (mean, log_var) pair, got {type(encoded).__name__}", TypeError)
+    mean, q_log_var = encoded
+    check_float(fn, "encode(x)[0] (mean)", mean, x, "x")
     if mean.dim() != 2 or mean.shape[0] != x.shape[0]:
         fail(fn, f"encode(x) must return (mean, log_var) of shape [B, d] with B = {x.shape[0]}, "
                   f"got {list(mean.shape)}")
@@ -488,7 +540,15 @@ def importance_sampled_nll(
         z = mean.unsqueeze(1) + std * eps
         log_pz = gaussian_log_prob(z, zero, zero)
         log_qz = gaussian_log_prob(z, mean.unsqueeze(1), q_log_var.unsqueeze(1))
-        bound = iwae_bound(decode(z), x, log_pz, log_qz, likelihood=likelihood, log_var=log_var)
+        decoded = decode(z)
+        if output_layer is not None:
+            bound = _linear_iwae_bound(decoded, output_layer.weight, output_layer.bias, x, log_pz, log_qz)
+        else:
+            if not isinstance(decoded, torch.Tensor) or decoded.shape != (*z.shape[:2], *x.shape[1:]):
+                got = list(decoded.shape) if isinstance(decoded, torch.Tensor) else type(decoded).__name__
+                fail(fn, f"decode(z) must return [B, k, *event] = {[*z.shape[:2], *x.shape[1:]]} for z of shape "
+                         f"{list(z.shape)}, got {got}")
+            bound = iwae_bound(decoded, x, log_pz, log_qz, likelihood=likelihood, log_var=log_var)
         # The chunk's bound is its log-mean-exp; turn it back into a sum before merging.
         total = torch.logaddexp(total, bound + math.log(samples))
     return math.log(num_samples) - total
@@ -564,13 +624,22 @@ def aggregate_posterior_log_density(
     log(N * dataset_size). One fused pass; no [B, N, d] tensor is materialised, in the
     backward either.
 
+    NaN and ±inf: a posterior of tiny variance (log_var down to -inf) at z = mean has a finite
+    density term, and pairs whose standardised distance overflows weigh exactly 0, their gradients
+    too (no 0 * inf); a NaN in z, mean or log_var makes the rows it reaches NaN. The estimators
+    below inherit this.
+
     Example:
         >>> import torch, vaekernels
         >>> z = torch.zeros(4, 3)
         >>> vaekernels.aggregate_posterior_log_density(z, torch.zeros(4, 3), torch.zeros(4, 3)).shape
         torch.Size([4])
     """
-    fn = "aggregate_posterior_log_density"
+    return _aggregate_log_density("aggregate_posterior_log_density", z, mean, log_var, dataset_size, per_dim)
+
+
+def _aggregate_log_density(fn: str, z, mean, log_var, dataset_size, per_dim: bool = False) -> torch.Tensor:
+    """:func:`aggregate_posterior_log_density`, its errors naming ``fn``, the public caller."""
     fused = _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal=per_dim)
     if fused is None:
         return reference.aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size,
@@ -587,7 +656,7 @@ def marginal_kl(z, mean, log_var, *, dataset_size: int | None = None) -> torch.T
         >>> round(vaekernels.marginal_kl(z, mean, log_var).item(), 4)  # q(z) = p(z)
         0.0
     """
-    log_qz = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size)
+    log_qz = _aggregate_log_density("marginal_kl", z, mean, log_var, dataset_size)
     zero = z.new_zeros(())
     return (log_qz - gaussian_log_prob(z, zero, zero)).mean()
 
@@ -604,7 +673,7 @@ def mutual_information(z, mean, log_var, *, dataset_size: int | None = None) -> 
         >>> round(vaekernels.mutual_information(mean, mean, torch.zeros(4, 1)).item(), 4)
         1.3863
     """
-    log_qz = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size)
+    log_qz = _aggregate_log_density("mutual_information", z, mean, log_var, dataset_size)
     if z.shape[0] != mean.shape[0]:
         fail("mutual_information", f"z must pair each sample z_i with the posterior of x_i: z has {z.shape[0]} rows "
                                     f"where mean has {mean.shape[0]}")

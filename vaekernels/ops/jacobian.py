@@ -280,15 +280,23 @@ def _check_z(fn: str, z) -> None:
         fail(fn, f"z must have a non-empty batch and latent dim, got shape {list(z.shape)}")
 
 
-def _check_decoder(fn: str, decoder) -> None:
+def _check_decoder(fn: str, decoder, z: torch.Tensor) -> None:
+    """decoder must be callable, and an nn.Module's floating-point parameters of z's dtype and device."""
     if not callable(decoder):
         fail(fn, f"decoder must be an nn.Module or a callable, got {type(decoder).__name__}", TypeError)
+    if isinstance(decoder, nn.Module):
+        parameter = next((p for p in decoder.parameters() if p.is_floating_point()), None)
+        if parameter is not None:
+            check_float(fn, "z", z, parameter, "the decoder's parameters")
 
 
 def _column_index(fn: str, columns, d: int, device: torch.device) -> torch.Tensor | None:
     if columns is None:
         return None
-    index = torch.as_tensor(columns, device=device)
+    try:
+        index = torch.as_tensor(columns, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        fail(fn, f"columns must be a non-empty 1-d sequence of integer column indices, got {columns!r}", TypeError)
     if index.dim() != 1 or index.numel() == 0 or index.dtype.is_floating_point or index.dtype == torch.bool:
         fail(fn, f"columns must be a non-empty 1-d sequence of integer column indices, got {columns!r}")
     if not torch.compiler.is_compiling():
@@ -391,7 +399,11 @@ def jacobian_column_sq_norms(decoder, z: torch.Tensor, columns: Sequence[int] | 
 
     ``decoder`` maps z [B, d] to [B, *out] (flattened to D); returns [B, d] (or [B, len(columns)]).
     Differentiable in z and in the decoder's parameters, and never builds the [B, D, d] Jacobian:
-    see the module docstring for the MLP and the general paths.
+    see the module docstring for the MLP and the general paths. NaN and ±inf: a non-finite code or
+    parameter gives a non-finite value in the columns it reaches, no error: NaN for a NaN, and for
+    an infinite weight inf or NaN (where the exact answer is inf, the products through WᵀW can meet
+    inf - inf, as the reference's forward-mode ones meet inf * 0); saturated activations (codes of
+    +-30 through tanh) give finite, exact columns.
 
     Example:
         >>> import torch, vaekernels
@@ -404,9 +416,13 @@ def jacobian_column_sq_norms(decoder, z: torch.Tensor, columns: Sequence[int] | 
         [[4.0]]
     """
     fn = "jacobian_column_sq_norms"
-    _check_decoder(fn, decoder)
     _check_z(fn, z)
-    index = _column_index(fn, columns, z.shape[1], z.device)
+    _check_decoder(fn, decoder, z)
+    return _column_sq_norms(fn, decoder, z, _column_index(fn, columns, z.shape[1], z.device))
+
+
+def _column_sq_norms(fn: str, decoder, z: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """:func:`jacobian_column_sq_norms` after its checks, with errors naming ``fn``, the public caller."""
     plan = mlp_plan(decoder)
     if plan is not None:
         return _propagate(fn, plan, z, index, diagonal=True)
@@ -425,8 +441,13 @@ def jacobian_gram(decoder, z: torch.Tensor) -> torch.Tensor:
         (torch.Size([4, 3, 3]), True)
     """
     fn = "jacobian_gram"
-    _check_decoder(fn, decoder)
     _check_z(fn, z)
+    _check_decoder(fn, decoder, z)
+    return _gram(fn, decoder, z)
+
+
+def _gram(fn: str, decoder, z: torch.Tensor) -> torch.Tensor:
+    """:func:`jacobian_gram` after its checks, with errors naming ``fn``, the public caller."""
     plan = mlp_plan(decoder)
     if plan is not None:
         return _propagate(fn, plan, z, None, diagonal=False)
@@ -454,8 +475,8 @@ def grae_regularizer(decoder, z: torch.Tensor, beta: float, *, exact: bool = Fal
         True
     """
     fn = "grae_regularizer"
-    _check_decoder(fn, decoder)
     _check_z(fn, z)
+    _check_decoder(fn, decoder, z)
     d = z.shape[1]
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
         fail(fn, f"beta must be a positive number, got {beta!r}")
@@ -466,9 +487,11 @@ def grae_regularizer(decoder, z: torch.Tensor, beta: float, *, exact: bool = Fal
         fail(fn, f"num_columns must be an integer in [1, {d}] (z has d = {d} columns), got {num_columns!r}")
     if exact:
         eye = torch.eye(d, dtype=z.dtype, device=z.device)
-        factor = torch.linalg.cholesky(eye + jacobian_gram(decoder, z) / beta)
-        return 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        # cholesky_ex: a Gram matrix with a NaN or inf (a non-finite code or weight) gives NaN for
+        # that example, as the reference's logdet does, instead of raising for the whole batch.
+        factor, info = torch.linalg.cholesky_ex(eye + _gram(fn, decoder, z) / beta)
+        return torch.where(info == 0, 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1), float("nan"))
     if num_columns is None:
-        return torch.log1p(jacobian_column_sq_norms(decoder, z) / beta).sum(-1)
+        return torch.log1p(_column_sq_norms(fn, decoder, z, None) / beta).sum(-1)
     columns = reference.sample_columns(d, num_columns, generator).to(z.device)
-    return torch.log1p(jacobian_column_sq_norms(decoder, z, columns) / beta).sum(-1) * (d / num_columns)
+    return torch.log1p(_column_sq_norms(fn, decoder, z, columns) / beta).sum(-1) * (d / num_columns)

@@ -87,7 +87,9 @@ def discretized_logistic_mixture_nll(params: torch.Tensor, x: torch.Tensor, num_
     in openai/pixel-cnn. Each pixel's whole mixture is computed in registers: nothing of size
     B*C*M*H*W is written, and backward keeps only ``params``, ``x`` and the [B, H, W] result. A
     NaN among a pixel's parameters makes that pixel's NLL NaN and its gradient non-finite (NaN or
-    inf, by backend); the other pixels are unaffected.
+    inf, by backend); the other pixels are unaffected. A component that gives the pixel no mass (a
+    log-scale of +inf, a logit of -inf) weighs 0, with a zero gradient; a pixel no component gives
+    mass to has NLL +inf (and a non-finite gradient). float16 and bfloat16 are computed in float32.
 
     Example:
         >>> import torch, vaekernels
@@ -122,7 +124,8 @@ def discretized_logistic_mixture_sample(params: torch.Tensor, channels: int, num
     A component per pixel by the Gumbel-max trick, then each channel from its logistic, with the
     means of later channels shifted by the values drawn before them; clamped to [-1, 1] and,
     with ``quantize``, rounded to the 256-level grid. (A few elementwise PyTorch ops: sampling
-    runs once per pixel of an autoregressive model, its cost is the network's.)
+    runs once per pixel of an autoregressive model, its cost is the network's.) NaN parameters
+    give NaN values in the pixels they reach; infinite means and scales are clamped to [-1, 1].
 
     Example:
         >>> import torch, vaekernels

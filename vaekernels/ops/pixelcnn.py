@@ -193,6 +193,8 @@ def _check_masked_conv(fn: str, x, weight, bias, mask_type: str, channel_groups:
     check_choice(fn, "mask_type", mask_type, MASK_TYPES)
     if x.dim() != 4:
         fail(fn, f"x must have shape [B, C, H, W], got {list(x.shape)}")
+    if 0 in x.shape:
+        fail(fn, f"x must have non-empty dims (B, C, H, W >= 1), got shape {list(x.shape)}")
     if weight.dim() != 4:
         fail(fn, f"weight must have shape [out_channels, in_channels, kh, kw], got {list(weight.shape)}")
     if weight.shape[1] != x.shape[1]:
@@ -220,7 +222,9 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     channels form G contiguous blocks (e.g. R, G, B) and at the centre pixel output block g sees
     input blocks < g (type A) or <= g (type B). The weight has the dense ``[out, in, kh, kw]``
     shape of ``nn.Conv2d``, but its masked taps are never read: their gradient is exactly zero.
-    Equal to :func:`vaekernels.reference.pixelcnn.masked_conv2d` (dense weight times the mask).
+    Equal to :func:`vaekernels.reference.pixelcnn.masked_conv2d` (dense weight, masked taps zeroed).
+    NaN and ±inf propagate as in a convolution through the taps that read them; in a masked tap
+    they have no effect, since it is never read.
 
     Example:
         >>> import torch, vaekernels
@@ -302,6 +306,8 @@ def _gate_rows(fn: str, x: torch.Tensor, cond: torch.Tensor | None, gate: str) -
     check_choice(fn, "gate", gate, GATES)
     if x.dim() < 2 or x.shape[1] % 2:
         fail(fn, f"x must have shape [B, 2C, *spatial] with an even channel count, got {list(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        fail(fn, f"x must have B >= 1 examples and C >= 1 channel pairs, got shape {list(x.shape)}")
     if cond is not None:
         check_float(fn, "cond", cond, x, "x")
         check_shape(fn, "cond", cond, x.shape[:2], "[B, 2C]")
@@ -316,6 +322,9 @@ def gated_activation(x: torch.Tensor, cond: torch.Tensor | None = None, gate: st
     condition ``cond`` [B, 2C] (e.g. a class embedding), broadcast over the spatial dims inside
     the kernel. ``gate="linear"`` gives (a + c_a) * sigmoid(b + c_b). Returns [B, C, *spatial].
     The backward recomputes tanh and sigmoid from x, so only x is kept for it.
+    NaN and ±inf: ±inf pre-activations saturate the gate (tanh to ±1, sigmoid to 0 or 1, with zero
+    gradients), except a linear gate's (a + c_a) = ±inf against a sigmoid of 0, which is NaN as
+    inf * 0; a NaN gives NaN where it is read.
 
     Example:
         >>> import torch, vaekernels

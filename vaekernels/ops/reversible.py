@@ -57,7 +57,8 @@ def coupling_backward_step(stream: torch.Tensor, update: torch.Tensor, grad: tor
     ``grad += grad_update`` in one pass.
 
     All four tensors have one shape; ``stream`` and ``grad`` are overwritten. ``update`` and
-    ``grad_update`` may have a narrower dtype (bf16 branches with float32 streams).
+    ``grad_update`` may have a narrower dtype (bf16 branches with float32 streams). NaN and ±inf
+    follow IEEE arithmetic elementwise (inf - inf is NaN).
 
     Example:
         >>> import torch, vaekernels
@@ -312,7 +313,9 @@ def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, prese
     for volume-preserving stacks). ``x`` is [B, C, ...]; the walk splits it into halves along
     dim 1 (a coupling needs C even where it stands). ``preserve_rng_state`` replays each block's random numbers in the
     recomputation (needed with dropout). ``stream_dtype`` keeps the two residual streams in that
-    dtype (e.g. float32 while F and G run in bf16 under autocast).
+    dtype (e.g. float32 while F and G run in bf16 under autocast). NaN and ±inf in x or in a
+    block's output propagate as through the blocks themselves; the backward then rebuilds
+    non-finite inputs (inf - inf is NaN), so its gradients are NaN where the forward was not finite.
 
     Example:
         >>> import torch, vaekernels

@@ -1,0 +1,101 @@
+"""Bad arguments that raised a raw torch or Python error, or none (issue 19): each must raise a
+ValueError or TypeError whose message starts with the public function (or module) and names the
+argument."""
+
+import pytest
+import torch
+from torch import nn
+
+import vaekernels
+from vaekernels.nn import CausalAttention2d, GatedPixelCNN, GatedPixelCNNLayer
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def _encode(x):
+    return torch.zeros(len(x), 2), torch.zeros(len(x), 2)
+
+
+_Q = torch.zeros(1, 5, 4)
+_LAYER = GatedPixelCNNLayer(2, 4, 3, skip_channels=2, cond_features=3)
+_MODEL = GatedPixelCNN(channels=4, layers=1, num_classes=3, first_kernel=3)
+_ATTEND = CausalAttention2d(4, 5, key_channels=4, value_channels=4, heads=2)
+_IMAGE = torch.zeros(2, 1, 4, 4)
+
+CASES = [
+    # causal_attention
+    (lambda: vaekernels.causal_attention(_Q, _Q, _Q, scale="a"), TypeError, "causal_attention: scale must be a real"),
+    (lambda: vaekernels.causal_attention(_Q, _Q, _Q, scale=torch.ones(2)), TypeError, "causal_attention: scale must"),
+    (lambda: vaekernels.causal_attention(_Q, _Q, _Q, scale=float("nan")), ValueError, "causal_attention: scale must be finite"),
+    (lambda: vaekernels.causal_attention(_Q[:, :0], _Q[:, :0], _Q[:, :0]), ValueError,
+     r"causal_attention: q must have at least one position \(L >= 1\)"),
+    (lambda: vaekernels.causal_attention(_Q, _Q, _Q[..., :0]), ValueError,
+     r"causal_attention: v must have a non-empty last dim \(Dv >= 1\)"),
+    # gated_activation
+    (lambda: vaekernels.gated_activation(torch.zeros(0, 4, 3)), ValueError, r"gated_activation: x must have B >= 1"),
+    (lambda: vaekernels.gated_activation(torch.zeros(2, 0, 3)), ValueError, r"gated_activation: x must have .*C >= 1"),
+    # log_mean_exp
+    (lambda: vaekernels.log_mean_exp(torch.zeros(2, 3), dim="a"), TypeError, "log_mean_exp: dim must be an int"),
+    # importance_sampled_nll
+    (lambda: vaekernels.importance_sampled_nll(torch.ones(2, 3), None, lambda z: z), TypeError,
+     "importance_sampled_nll: encode must be a callable"),
+    (lambda: vaekernels.importance_sampled_nll(torch.ones(2, 3), _encode, lambda z: torch.zeros(2, z.shape[1], 5), 4),
+     ValueError, r"importance_sampled_nll: decode\(z\) must return \[B, k, \*event\] = \[2, 4, 3\]"),
+    (lambda: vaekernels.importance_sampled_nll(torch.ones(2, 3), lambda x: x, lambda z: z, 4), TypeError,
+     r"importance_sampled_nll: encode\(x\) must return a \(mean, log_var\) pair"),
+    # the Jacobian ops
+    (lambda: vaekernels.jacobian_column_sq_norms(_mlp(), torch.zeros(3, 2, dtype=torch.float64)), TypeError,
+     r"jacobian_column_sq_norms: z must have the dtype of the decoder's parameters \(torch.float32\)"),
+    (lambda: vaekernels.jacobian_gram(_mlp().double(), torch.zeros(3, 2)), TypeError,
+     r"jacobian_gram: z must have the dtype of the decoder's parameters"),
+    (lambda: vaekernels.jacobian_column_sq_norms(_mlp(), torch.zeros(3, 2), columns="a"), TypeError,
+     "jacobian_column_sq_norms: columns must be"),
+    (lambda: vaekernels.grae_regularizer(_mlp(), torch.zeros(3, 5), 1.0), ValueError,
+     r"grae_regularizer: z must have shape \[B, 2\]"),
+    (lambda: vaekernels.grae_regularizer(_mlp(), torch.zeros(3, 5), 1.0, exact=True), ValueError,
+     r"grae_regularizer: z must have shape \[B, 2\]"),
+    (lambda: vaekernels.grae_regularizer(_mlp(), torch.zeros(3, 2, dtype=torch.float64), 1.0), TypeError,
+     r"grae_regularizer: z must have the dtype"),
+    # CausalAttention2d
+    (lambda: CausalAttention2d(4, 5, heads=0), ValueError, r"nn.CausalAttention2d: heads must be an int >= 1, got 0"),
+    (lambda: CausalAttention2d(4, 5, heads=3), ValueError, r"nn.CausalAttention2d: key_channels \(16\) and value"),
+    (lambda: CausalAttention2d(0, 5), ValueError, r"nn.CausalAttention2d: query_channels must be an int >= 1"),
+    (lambda: _ATTEND(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5, 4, 4)), ValueError,
+     r"nn.CausalAttention2d: query must have shape \[B, 4, H, W\], got \[1, 3, 4, 4\]"),
+    (lambda: _ATTEND(torch.zeros(1, 4, 16), torch.zeros(1, 5, 16)), ValueError, r"nn.CausalAttention2d: query must"),
+    (lambda: _ATTEND(torch.zeros(1, 4, 4, 4), torch.zeros(1, 5, 4, 3)), ValueError,
+     r"nn.CausalAttention2d: context must have query's batch and spatial size"),
+    # GatedPixelCNNLayer
+    (lambda: GatedPixelCNNLayer(1, 0), ValueError, r"nn.GatedPixelCNNLayer: channels must be an int >= 1, got 0"),
+    (lambda: GatedPixelCNNLayer(1, 4, skip_channels=-1), ValueError,
+     r"nn.GatedPixelCNNLayer: skip_channels must be an int >= 0, got -1"),
+    (lambda: GatedPixelCNNLayer(1, 4, cond_features=2.5), TypeError, r"nn.GatedPixelCNNLayer: cond_features must be"),
+    (lambda: _LAYER(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), torch.zeros(1, 5)), ValueError,
+     r"nn.GatedPixelCNNLayer: cond must have shape \[B, cond_features\] = \[B, 3\], got \[1, 5\]"),
+    (lambda: _LAYER(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 5), torch.zeros(1, 3)), ValueError,
+     r"nn.GatedPixelCNNLayer: h must have v's shape \[1, 2, 4, 4\], got \[1, 2, 4, 5\]"),
+    (lambda: _LAYER(torch.zeros(1, 2, 4, 4).long(), torch.zeros(1, 2, 4, 4), torch.zeros(1, 3)), TypeError,
+     r"nn.GatedPixelCNNLayer: v must be a floating-point tensor"),
+    (lambda: _LAYER(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), torch.zeros(1, 3)), ValueError,
+     r"nn.GatedPixelCNNLayer: v must have shape \[B, in_channels = 2, H, W\]"),
+    # GatedPixelCNN
+    (lambda: GatedPixelCNN(layers=0), ValueError, r"nn.GatedPixelCNN: layers must be an int >= 1, got 0"),
+    (lambda: GatedPixelCNN(levels=1), ValueError, r"nn.GatedPixelCNN: levels must be an int >= 2, got 1"),
+    (lambda: _MODEL(_IMAGE, torch.tensor([0, 3])), ValueError, r"nn.GatedPixelCNN: y must hold class labels in \[0, 2\]"),
+    (lambda: _MODEL(_IMAGE, torch.tensor([0, -1])), ValueError, r"nn.GatedPixelCNN: y must hold class labels"),
+    (lambda: _MODEL(_IMAGE, torch.tensor([0.0, 1.0])), TypeError, r"nn.GatedPixelCNN: y must be an integer tensor"),
+    (lambda: _MODEL(_IMAGE, torch.tensor([0, 1, 2])), ValueError, r"nn.GatedPixelCNN: y must have shape \[B\] = \[2\]"),
+    (lambda: _MODEL(torch.zeros(2, 2, 4, 4), torch.tensor([0, 1])), ValueError,
+     r"nn.GatedPixelCNN: x must have shape \[B, in_channels = 1, H, W\]"),
+    (lambda: _MODEL.sample(0, (4, 4), torch.tensor(1)), ValueError, r"nn.GatedPixelCNN.sample: n must be an int >= 1"),
+    (lambda: _MODEL.sample(2, 4, torch.tensor(1)), TypeError, r"nn.GatedPixelCNN.sample: size must be a \(height, width\)"),
+    (lambda: _MODEL.sample(2, (0, 4), torch.tensor(1)), ValueError, r"nn.GatedPixelCNN.sample: size\[0\] \(height\)"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", CASES)
+def test_bad_argument_gets_an_error_naming_the_function_and_the_argument(call, error, message):
+    with pytest.raises(error, match=f"^vaekernels.{message}"):
+        call()

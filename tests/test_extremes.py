@@ -1,0 +1,169 @@
+"""Valid extremes that gave a silent NaN or a wrong number (issue 19), on every backend: each test
+states the right value, worked out by hand or in float64 from the same rounded inputs."""
+
+import math
+
+import pytest
+import torch
+
+import vaekernels
+
+INF = float("inf")
+LOG_2PI = math.log(2 * math.pi)
+
+
+@pytest.mark.parametrize("magnitude", [1e7, -1e7, 3e38, -3e38])
+def test_log_mean_exp_weights_sum_to_one_whatever_the_output_rounds(device_backend, magnitude):
+    # In float32 log_mean_exp of four equal entries rounds back to the entries (a unit of 1 at
+    # 1e7); weights exp(x - out) / N then come out 1/6 for N = 6, where the softmax is 1/4.
+    device, _ = device_backend
+    x = torch.tensor([[magnitude] * 4 + [-INF] * 2, [magnitude, magnitude - 1.0, -INF, -INF, -INF, -INF]],
+                     device=device, requires_grad=True)
+    vaekernels.log_mean_exp(x).sum().backward()
+    expected = torch.softmax(x.detach().double(), -1)
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad.sum(-1), torch.ones(2, device=device), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_log_prob_of_infinite_logits_is_zero_or_minus_inf(device_backend, dtype):
+    device, _ = device_backend
+    # (logit, x, log p): a certain logit that matches x costs nothing; one that contradicts it,
+    # or meets a fractional x, makes x impossible.
+    cases = [(INF, 1.0, 0.0), (INF, 0.0, -INF), (-INF, 0.0, 0.0), (-INF, 1.0, -INF), (INF, 0.5, -INF),
+             (-INF, 0.25, -INF)]
+    logits = torch.tensor([c[0] for c in cases], dtype=dtype, device=device).view(-1, 1, 1)
+    x = torch.tensor([c[1] for c in cases], dtype=dtype, device=device).view(-1, 1)
+    out = vaekernels.bernoulli_log_prob(logits, x)
+    assert out.flatten().tolist() == [c[2] for c in cases]
+    # In a row with finite terms the certain ones add exactly 0.
+    finite = torch.tensor([1.5, -2.0], dtype=dtype, device=device)
+    row = torch.cat([torch.tensor([INF, -INF], dtype=dtype, device=device), finite]).view(1, 1, 4)
+    row.requires_grad_()
+    x_row = torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=dtype, device=device)
+    out = vaekernels.bernoulli_log_prob(row, x_row)
+    expected = torch.nn.functional.logsigmoid(finite[0]) + torch.nn.functional.logsigmoid(-finite[1])
+    torch.testing.assert_close(out.flatten()[0], expected)
+    out.sum().backward()
+    torch.testing.assert_close(row.grad.flatten(), x_row.flatten() - torch.sigmoid(row.detach().flatten()))
+
+
+@pytest.mark.parametrize("log_var", [-200.0, -1000.0])
+def test_gaussian_log_prob_at_the_mean_of_a_tiny_variance_is_finite(device_backend, log_var):
+    # exp(-log_var / 2) overflows float32 below -176: (x - mean) times it was 0 * inf = NaN.
+    device, _ = device_backend
+    d = 3
+    x = torch.zeros(2, d, device=device, requires_grad=True)
+    lv = torch.full((2, d), log_var, device=device, requires_grad=True)
+    out = vaekernels.gaussian_log_prob(x, torch.zeros(d, device=device), lv)
+    torch.testing.assert_close(out, torch.full((2,), -0.5 * d * (LOG_2PI + log_var), device=device))
+    out.sum().backward()
+    assert x.grad.abs().max() == 0
+    torch.testing.assert_close(lv.grad, torch.full_like(lv, -0.5))
+
+
+def test_gaussian_log_prob_of_a_tiny_difference_over_a_tiny_std_matches_float64(device_backend):
+    device, _ = device_backend
+    x = torch.tensor([[1e-38, 3e-30, 0.0]], device=device)
+    lv = torch.tensor([[-200.0, -150.0, -200.0]], device=device)
+    out = vaekernels.gaussian_log_prob(x, torch.zeros(3, device=device), lv)
+    x64, lv64 = x.double(), lv.double()
+    expected = -0.5 * (LOG_2PI + lv64 + x64 * x64 * torch.exp(-lv64)).sum(-1)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["aggregate_posterior_log_density", "marginal_kl", "mutual_information",
+                                       "total_correlation", "per_dim"])
+def test_aggregate_posterior_of_tiny_variances_is_finite(device_backend, estimator):
+    # Each z_i sits on the mean of its own posterior of variance e^-200, far (in its stds) from
+    # the others': log q(z_i) = log((1/N) N(z_i; z_i, e^-200)) and the other pairs weigh 0.
+    device, _ = device_backend
+    B, d = 3, 2
+    z = (torch.arange(B * d, dtype=torch.float32, device=device).view(B, d)).requires_grad_()
+    mean = z.detach().clone().requires_grad_()
+    log_var = torch.full((B, d), -200.0, device=device, requires_grad=True)
+    if estimator == "per_dim":
+        out = vaekernels.aggregate_posterior_log_density(z, mean, log_var, per_dim=True)
+        expected = torch.full((B, d), -0.5 * (LOG_2PI - 200.0) - math.log(B), device=device)
+    else:
+        out = getattr(vaekernels, estimator)(z, mean, log_var)
+        joint = torch.full((B,), -0.5 * d * (LOG_2PI - 200.0) - math.log(B), device=device)
+        expected = {
+            "aggregate_posterior_log_density": joint,
+            "marginal_kl": (joint + 0.5 * (d * LOG_2PI + z.detach().square().sum(-1))).mean(),
+            "mutual_information": torch.tensor(math.log(B), device=device),
+            "total_correlation": torch.tensor((d - 1) * math.log(B), device=device),
+        }[estimator]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    out.sum().backward()
+    for t in (z, mean, log_var):
+        assert torch.isfinite(t.grad).all(), (estimator, t.grad)
+    # Only each z_i's own posterior weighs, and at its mean: no pull on z or the means (but the
+    # prior's, -log p(z) / B, in the marginal KL).
+    torch.testing.assert_close(z.grad, z.detach() / B if estimator == "marginal_kl" else torch.zeros_like(z))
+    assert mean.grad.abs().max() == 0
+
+
+def test_logistic_mixture_with_infinite_log_scales(device_backend):
+    device, _ = device_backend
+    B, M, H, W = 1, 3, 2, 2
+    x = torch.zeros(B, 3, H, W, device=device)
+    # Every component infinitely wide in red: no bin has mass, the NLL is +inf.
+    params = torch.zeros(B, 10 * M, H, W, device=device)
+    params[:, 2 * M:3 * M] = INF  # red's log-scales (logits M, red means M, red log-scales M)
+    nll = vaekernels.discretized_logistic_mixture_nll(params, x, M, reduction="none")
+    assert nll.eq(INF).all(), nll
+    # One component infinitely wide: it has no mass and no gradient; the others are the mixture.
+    params = torch.randn(B, 10 * M, H, W, device=device, generator=torch.Generator(device).manual_seed(0))
+    params[:, 2 * M] = INF
+    params.requires_grad_()
+    nll = vaekernels.discretized_logistic_mixture_nll(params, x, M, reduction="none")
+    # -log sum_m pi_m p_m(x) over the other components, their weights pi_m unchanged.
+    without = params.detach().clone().double()
+    without[:, 2 * M] = 0.0
+    with vaekernels.use_backend("reference"):
+        log_pi = torch.log_softmax(without[:, :M], 1)
+        per_component = torch.stack([-vaekernels.discretized_logistic_mixture_nll(
+            torch.cat([torch.full_like(without[:, :M], -INF).index_fill(1, torch.tensor([m], device=device), 0.0),
+                       without[:, M:]], 1), x.double(), M, reduction="none") for m in range(1, M)])
+    expected = -torch.logsumexp(torch.stack([log_pi[:, m] for m in range(1, M)]) + per_component, 0)
+    torch.testing.assert_close(nll.double(), expected, rtol=1e-5, atol=1e-5)
+    nll.sum().backward()
+    assert torch.isfinite(params.grad).all()
+    assert params.grad[:, [M, 2 * M, 3 * M]].abs().max() == 0  # its red mean, log-scale and coefficient
+
+
+def test_logistic_mixture_in_bfloat16_is_computed_in_float32():
+    # The reference fallback ran the bfloat16 inputs through bfloat16 arithmetic: 26% off the
+    # float64 NLL of the same rounded inputs.
+    generator = torch.Generator().manual_seed(0)
+    params = torch.randn(2, 30, 4, 4, generator=generator).bfloat16()
+    x = (torch.randint(0, 256, (2, 3, 4, 4), generator=generator) / 127.5 - 1).bfloat16()
+    with vaekernels.use_backend("reference"):  # where a CPU bfloat16 call falls back to
+        out = vaekernels.discretized_logistic_mixture_nll(params, x, 3)
+        expected = vaekernels.discretized_logistic_mixture_nll(params.double(), x.double(), 3)
+    assert out.dtype == torch.bfloat16
+    assert abs(out.double().item() - expected.item()) <= 1e-2 * abs(expected.item())
+
+
+@pytest.mark.parametrize("scale_q", [False, True])
+def test_causal_attention_gradients_of_a_saturated_softmax(device_backend, scale_q):
+    # A one-hot softmax has a score gradient of ~1e-180 (float64 reference); differently rounded
+    # dO . v_j and dO . O made it 1e-3 to 1e-2 in d(q) and d(k), the score scale times the rounding.
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(2, 70, 8, device=device, generator=generator) for _ in range(3))
+    scale = None
+    if scale_q:
+        q = q * 1e4
+    else:
+        scale = 1e4
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn(2, 70, 8, device=device, generator=generator)
+    vaekernels.causal_attention(*leaves, scale=scale).backward(grad_out)
+    expected = [t.double().requires_grad_() for t in (q, k, v)]
+    with vaekernels.use_backend("reference"):
+        vaekernels.causal_attention(*expected, scale=scale).backward(grad_out.double())
+    for got, want in zip(leaves, expected):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
