@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import vaekernels
+from vaekernels import nn as vnn
 from vaekernels.nn import CausalAttention2d, GatedPixelCNN, GatedPixelCNNLayer
 
 
@@ -63,7 +64,7 @@ CASES = [
     (lambda: CausalAttention2d(4, 5, heads=3), ValueError, r"nn.CausalAttention2d: key_channels \(16\) and value"),
     (lambda: CausalAttention2d(0, 5), ValueError, r"nn.CausalAttention2d: query_channels must be an int >= 1"),
     (lambda: _ATTEND(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5, 4, 4)), ValueError,
-     r"nn.CausalAttention2d: query must have shape \[B, 4, H, W\], got \[1, 3, 4, 4\]"),
+     r"nn.CausalAttention2d: query must have shape \[B, 4, H, W\] with B, H, W >= 1, got \[1, 3, 4, 4\]"),
     (lambda: _ATTEND(torch.zeros(1, 4, 16), torch.zeros(1, 5, 16)), ValueError, r"nn.CausalAttention2d: query must"),
     (lambda: _ATTEND(torch.zeros(1, 4, 4, 4), torch.zeros(1, 5, 4, 3)), ValueError,
      r"nn.CausalAttention2d: context must have query's batch and spatial size"),
@@ -92,7 +93,28 @@ CASES = [
     (lambda: _MODEL.sample(0, (4, 4), torch.tensor(1)), ValueError, r"nn.GatedPixelCNN.sample: n must be an int >= 1"),
     (lambda: _MODEL.sample(2, 4, torch.tensor(1)), TypeError, r"nn.GatedPixelCNN.sample: size must be a \(height, width\)"),
     (lambda: _MODEL.sample(2, (0, 4), torch.tensor(1)), ValueError, r"nn.GatedPixelCNN.sample: size\[0\] \(height\)"),
+    (lambda: GatedPixelCNN(gate="relu"), ValueError, r"nn.GatedPixelCNN: gate must be one of"),
+    (lambda: GatedPixelCNN(first_kernel=4), ValueError, r"nn.GatedPixelCNN: first_kernel must be an odd int >= 3"),
+    # MaskedConv2d, masked_conv2d
+    (lambda: vnn.MaskedConv2d(0, 4, 3), ValueError, r"nn.MaskedConv2d: in_channels must be an int >= 1, got 0"),
+    (lambda: vnn.MaskedConv2d(2, 4, 2.5), TypeError, r"nn.MaskedConv2d: kernel_size must be an int or a pair"),
+    (lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 0, 4), torch.zeros(3, 2, 3, 3)), ValueError,
+     r"masked_conv2d: x must have non-empty dims"),
+    (lambda: _ATTEND(torch.zeros(0, 4, 3, 3), torch.zeros(0, 5, 3, 3)), ValueError,
+     r"nn.CausalAttention2d: query must have shape \[B, 4, H, W\] with B, H, W >= 1"),
+    # the reversible stack
+    (lambda: vaekernels.reversible_sequential(None, torch.zeros(3, 4)), TypeError,
+     "reversible_sequential: blocks must be a sequence of invertible modules, got NoneType"),
+    (lambda: vnn.AdditiveCoupling(nn.Linear(2, 2))("a"), TypeError, "nn.AdditiveCoupling: input must be a torch.Tensor"),
 ]
+
+
+def test_exact_grae_of_a_non_finite_gram_matrix_is_nan_not_an_error():
+    # The Cholesky factorisation fails on a NaN Gram matrix; the regulariser says NaN for that
+    # example (as the reference's logdet) instead of raising for the whole batch.
+    z = torch.tensor([[0.1, 0.2], [float("nan"), 0.0]])
+    out = vaekernels.grae_regularizer(_mlp(), z, 1.0, exact=True)
+    assert torch.isfinite(out[0]) and torch.isnan(out[1])
 
 
 @pytest.mark.parametrize("call, error, message", CASES)

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from ..ops._checks import fail
+from ..ops._checks import check_float, fail
 from ..ops.reversible import _grads, _halves, check_blocks, coupling_backward_step, reversible_sequential
 
 
 def _split(cls: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_float(f"nn.{cls}", "input", x)
     if x.dim() < 2 or x.shape[1] % 2:
         fail(f"nn.{cls}", f"input must have shape [B, C, ...] with an even channel count C to split into "
                           f"halves, got {list(x.shape)}")

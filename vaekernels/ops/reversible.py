@@ -25,7 +25,7 @@ the same blocks run as an ordinary network, is :mod:`vaekernels.reference.revers
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -328,6 +328,8 @@ def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, prese
         (torch.Size([3, 4]), [0.0, 0.0, 0.0])
     """
     fn = "reversible_sequential"
+    if not isinstance(blocks, Iterable) or isinstance(blocks, str):
+        fail(fn, f"blocks must be a sequence of invertible modules, got {type(blocks).__name__}", TypeError)
     blocks = list(blocks)
     check_blocks(fn, blocks)
     check_float(fn, "x", x)
