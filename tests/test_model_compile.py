@@ -39,9 +39,27 @@ def loss_and_grads(loss_fn, model, batch):
     return loss.detach(), grads
 
 
+# Where inductor (torch 2.13) itself fails; aot_eager and eager agree exactly on both. Strict, so
+# that the day it passes the mark must go.
+# - iwae-k50-dreg, fused: the decoder's first weight gets a near-zero gradient when the posterior's
+#   parameters reach log q(z|x) detached (DReG, STL) through the C++ gaussian_log_prob, with the
+#   output layer fused or not. Not reduced to a small case yet.
+# - vlae, either backend: its layout optimisation expects a channels-last output from the
+#   convolution of the one-channel image (the reference's plain F.conv2d as well) and gets a
+#   contiguous one ("expected ... stride 784==1"); with layout_optimization=False it compiles.
+INDUCTOR_MISCOMPILES = {("iwae-k50-dreg", "auto"), ("vlae", "auto"), ("vlae", "reference")}
+
+
+def compile_cases():
+    for name in REGISTRY:
+        for backend in BACKENDS:
+            marks = [pytest.mark.xfail(strict=True, reason="inductor miscompiles it (see INDUCTOR_MISCOMPILES)")] \
+                if (name, backend) in INDUCTOR_MISCOMPILES else []
+            yield pytest.param(name, backend, marks=marks, id=f"{name}-{backend}")
+
+
 @needs_cpp
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name,backend", compile_cases())
 def test_model_loss_compiles_with_inductor(name, backend):
     entry, model, batch = small_model_and_batch(name)
     torch._dynamo.reset()
