@@ -401,13 +401,14 @@ def iwae_bound(
         log_px = _bernoulli_log_prob(fn, logits, x)
     else:
         log_px = _gaussian_event_log_prob(fn, x, logits, log_var)
-    log_w = log_px + _log_prior_ratio(fn, log_pz, log_qz, z, q, estimator, log_px, "logits")
+    log_qz = _checked_log_qz(fn, log_pz, log_qz, z, q, estimator, log_px, "logits")
+    log_w = log_px + log_pz - log_qz
     return _estimated(log_mean_exp(log_w, dim=1), log_w, z, estimator, reduction)
 
 
-def _log_prior_ratio(fn, log_pz, log_qz, z, q, estimator, like, like_name):
-    """log p(z) - log q(z | x) [B, K] (B, K from ``like``), log q from q = (mean, log_var) where
-    given: with q's parameters detached for STL and DReG."""
+def _checked_log_qz(fn, log_pz, log_qz, z, q, estimator, like, like_name):
+    """log q(z | x) [B, K] (B, K from ``like``), from q = (mean, log_var) where given (with q's
+    parameters detached for STL and DReG), log_pz and it checked against ``like``."""
     batch, samples = like.shape[:2]
     if q is not None:
         log_qz = _posterior_log_prob(fn, z, q, log_qz, batch, samples, detach=estimator != "iwae")
@@ -418,7 +419,7 @@ def _log_prior_ratio(fn, log_pz, log_qz, z, q, estimator, like, like_name):
     for name, t in (("log_pz", log_pz), ("log_qz", log_qz)):
         check_float(fn, name, t, like, like_name)
         check_shape(fn, name, t, (batch, samples), "[B, K]")
-    return log_pz - log_qz
+    return log_qz
 
 
 def _estimated(bound, log_w, z, estimator: str, reduction: str) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .. import _backend
 from ..reference import linear_iwae as reference
 from ._checks import check_choice, check_float, check_shape, fail
 from ._registry import define_triton_op, register
-from .iwae import ESTIMATORS, REDUCTIONS, _posterior_log_prob, _reweight_path_gradient
+from .iwae import ESTIMATORS, REDUCTIONS, _checked_log_qz, _estimated
 
 # Logit elements made at once: 1 MiB in float32, which stays in a core's L2 cache.
 CHUNK_ELEMENTS = 1 << 18
@@ -279,27 +279,14 @@ def linear_iwae_bound(
     fn = "linear_iwae_bound"
     check_choice(fn, "estimator", estimator, ESTIMATORS)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
-    batch, samples, _, chunk_rows = _check_layer(fn, h, weight, bias, x, chunk_size)
+    _, _, _, chunk_rows = _check_layer(fn, h, weight, bias, x, chunk_size)
     backend = _backend.choose(fn, h.device, h.dtype)
     if backend == "reference":
         return reference.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz, estimator=estimator,
                                            reduction=reduction, z=z, q=q)
-    if q is not None:
-        log_qz = _posterior_log_prob(fn, z, q, log_qz, batch, samples, detach=estimator != "iwae")
-    elif estimator != "iwae":
-        fail(fn, f"estimator {estimator!r} needs z= (the samples) and q=(mean, log_var) of the posterior, got q=None")
-    elif log_qz is None:
-        fail(fn, "log_qz must be a [B, K] tensor (or pass z= and q=(mean, log_var)), got None")
-    for name, t in (("log_pz", log_pz), ("log_qz", log_qz)):
-        check_float(fn, name, t, h, "h")
-        check_shape(fn, name, t, (batch, samples), "[B, K]")
-    log_ratio = log_pz - log_qz
+    log_ratio = log_pz - _checked_log_qz(fn, log_pz, log_qz, z, q, estimator, h, "h")
     bound, log_px = _fused(h, weight, bias, x, log_ratio, False, chunk_rows, backend)
-    if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
-        _reweight_path_gradient(z, (log_px + log_ratio).detach())
-    if reduction == "mean":
-        return bound.mean()
-    return bound.sum() if reduction == "sum" else bound
+    return _estimated(bound, log_px + log_ratio, z, estimator, reduction)
 
 
 def linear_expected_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *,
