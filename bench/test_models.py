@@ -64,7 +64,12 @@ def _contender(entry, initial_state, batch, name: str):
             return entry.step(model, optimizer, batch, loss_fn)
 
     torch.manual_seed(SEED)
-    first_loss = float(step())
+    try:
+        first_loss = float(step())
+    except Exception as error:  # inductor fails on some models (tests/test_model_compile.py lists them)
+        if loss_fn is None:
+            raise
+        return None, f"fails: {type(error).__name__}"
     return step, first_loss
 
 
@@ -88,20 +93,26 @@ def test_training_step(name):
     batch = entry.batch(torch.Generator().manual_seed(SEED))
     steps, first = {}, {}
     for contender in CONTENDERS:
-        steps[contender], first[contender] = _contender(entry, initial, batch, contender)
+        step, first[contender] = _contender(entry, initial, batch, contender)
+        if step is not None:
+            steps[contender] = step
     seconds_per_round = sum(_seconds(step) for step in steps.values())
     rounds = min(ROUNDS, max(MIN_ROUNDS, int(TIME_BUDGET_S / seconds_per_round)))
     medians = interleaved_medians(steps, "cpu", rounds)
     peaks = {contender: _peak(steps[contender]) for contender in ("reference", "fused")}
     _rows[name] = {"entry": entry, "medians": medians, "first": first, "peaks": peaks, "rounds": rounds}
 
-    assert all(math.isfinite(loss) for loss in first.values()), first
+    assert all(math.isfinite(loss) for loss in first.values() if not isinstance(loss, str)), first
     # The same weights, batch and noise: the fused step computes the reference's loss.
     assert first["fused"] == pytest.approx(first["reference"], rel=1e-4, abs=1e-4)
 
 
-def _milliseconds(seconds: float) -> str:
-    return f"{1e3 * seconds:.1f}"
+def _milliseconds(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{1e3 * seconds:.1f}"
+
+
+def _speedup(slower: float | None, faster: float) -> str:
+    return "—" if slower is None else f"{slower / faster:.2f}×"
 
 
 def _table() -> list[str]:
@@ -111,14 +122,14 @@ def _table() -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in _rows.items():
         m, peaks = row["medians"], row["peaks"]
-        best = min(m["fused"], m["compiled fused"])
+        best = min(t for t in (m["fused"], m.get("compiled fused")) if t is not None)
         ratio = "—" if None in peaks.values() or not peaks["reference"] else (
             f"{peaks['fused'] / peaks['reference']:.2f} ({format_bytes(peaks['fused'])} / "
             f"{format_bytes(peaks['reference'])})")
-        cells = [f"{name}: {row['entry'].description}", *(_milliseconds(m[c]) for c in CONTENDERS),
-                 f"{m['reference'] / m['fused']:.2f}×", f"{m['compiled reference'] / m['fused']:.2f}×",
-                 f"{m['compiled reference'] / best:.2f}×", ratio,
-                 ", ".join(f"{row['first'][c]:.4g}" for c in CONTENDERS)]
+        cells = [f"{name}: {row['entry'].description}", *(_milliseconds(m.get(c)) for c in CONTENDERS),
+                 _speedup(m["reference"], m["fused"]), _speedup(m.get("compiled reference"), m["fused"]),
+                 _speedup(m.get("compiled reference"), best), ratio,
+                 ", ".join(f"{loss:.4g}" if not isinstance(loss, str) else loss for loss in row["first"].values())]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

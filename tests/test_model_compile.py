@@ -50,9 +50,15 @@ def loss_and_grads(loss_fn, model, batch):
 INDUCTOR_MISCOMPILES = {("iwae-k50-dreg", "auto"), ("vlae", "auto"), ("vlae", "reference")}
 
 
+# Models whose reference-backend graph is another's with other arithmetic on the loss (the same
+# reference ops): compiled on the fused backend only, to keep CI short.
+REFERENCE_LIKE_ANOTHER = {"beta-vae", "capacity-vae", "geco", "cvae", "iwae-k5", "iwae-k50-dreg", "geco-iwae",
+                          "hiwae-k5"}
+
+
 def compile_cases():
     for name in REGISTRY:
-        for backend in BACKENDS:
+        for backend in BACKENDS if name not in REFERENCE_LIKE_ANOTHER else ["auto"]:
             marks = [pytest.mark.xfail(strict=True, reason="inductor miscompiles it (see INDUCTOR_MISCOMPILES)")] \
                 if (name, backend) in INDUCTOR_MISCOMPILES else []
             yield pytest.param(name, backend, marks=marks, id=f"{name}-{backend}")
