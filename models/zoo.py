@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -135,7 +136,7 @@ class Decoder(nn.Module):
     def features(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """The output layer's input [B, K, H] (MLP decoders)."""
         rows = self._rows(z, condition)
-        for layer in self.net[:-1]:
+        for layer in itertools.islice(self.net, len(self.net) - 1):  # slicing would build a Sequential per call
             rows = layer(rows)
         return rows.unflatten(0, z.shape[:2])
 
