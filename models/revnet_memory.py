@@ -36,17 +36,44 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 
-from bench._common import _walk, peak_bytes, saved_bytes
 from models._cli import json_settings, new_run_dir, write_json
 from models.revnet import MODES, RevNet
 
 LABELS = {"reversible": "RevNet (reversible)", "resnet": "matched ResNet", "checkpoint": "ResNet + checkpoint/block"}
 
 
+def _walk(events):
+    for event in events:
+        yield event
+        yield from _walk(event.children)
+
+
+def saved_bytes(forward, keep=()) -> int:
+    """Bytes the autograd graph of ``forward()`` holds for backward, beyond the storages of ``keep`` (what the
+    caller holds anyway); a storage saved twice counts once."""
+    kept = {t.untyped_storage().data_ptr() for t in keep}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in kept:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(saved.values())
+
+
 def step_peak(step, device: torch.device) -> int | None:
-    """How far allocated memory rose above its level before one ``step()``."""
+    """How far allocated memory rose above its level before one ``step()``; None where the profiler cannot
+    tell (its event tree is private API)."""
     if device.type == "cuda":
-        return peak_bytes(step, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     from torch.profiler import ProfilerActivity, profile
 
     try:

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 import vaekernels
-from vaekernels.ops.iwae import _reweight_path_gradient
 
 ARCHITECTURES = ("mlp", "conv", "linear", "conv64")
 # Convolutional architectures: (channels of the stride-2 4x4 layers, width of a dense layer after them or None).
@@ -210,6 +209,22 @@ def reparameterize(mean, log_var, k: int, generator=None) -> torch.Tensor:
     return mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps
 
 
+def reweight_path_gradient(z: torch.Tensor, log_w: torch.Tensor) -> None:
+    """DReG (Tucker et al. 2018) for a bound composed outside :func:`vaekernels.iwae_bound`: the gradient
+    reaching z [B, K, d], already weighted by w~ = softmax_K(log_w) through the bound, gets w~ once more.
+
+    A row whose weights are all zero (log_w all -inf) passes no gradient, as in the fused bound.
+
+    >>> z = torch.zeros(1, 2, 1, requires_grad=True)
+    >>> reweight_path_gradient(z, torch.tensor([[0.0, -float("inf")]]))
+    >>> z.sum().backward(); z.grad.flatten().tolist()
+    [1.0, 0.0]
+    """
+    weights = torch.where(torch.isneginf(log_w).all(1, keepdim=True), 0.0, torch.softmax(log_w, dim=1))
+    weights = weights.unsqueeze(-1)
+    z.register_hook(lambda grad: grad * weights)
+
+
 class VAE(nn.Module):
     """One stochastic layer, prior N(0, I); the loss is -E_q[log p(x|z)] + beta KL with k samples.
 
@@ -287,7 +302,7 @@ class VAE(nn.Module):
         log_w = self.likelihood.log_prob(out, x) + log_pz - vaekernels.gaussian_log_prob(
             z, mean.unsqueeze(1), log_var.unsqueeze(1))
         if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
-            _reweight_path_gradient(z, log_w.detach())
+            reweight_path_gradient(z, log_w.detach())
         return vaekernels.log_mean_exp(log_w, dim=1)
 
     @torch.no_grad()

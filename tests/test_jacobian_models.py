@@ -64,10 +64,11 @@ def test_grae_objectives_train(method, arch):
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
-def test_grae_cli_writes_pictures_and_metrics(tmp_path):
+@pytest.mark.parametrize("method", ["grae-star", "grae"])  # grae: the default --columns 1 is GRAE*'s alone
+def test_grae_cli_writes_pictures_and_metrics(tmp_path, method):
     write_fake_mnist(tmp_path / "data", train=64, test=32)
     out = tmp_path / "run"
-    metrics = grae.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--epochs", "1",
+    metrics = grae.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", "--method", method,
                          "--batch-size", "32", "--hidden-dim", "16", "--latent-dim", "2", "--no-progress"])
     assert len(metrics["history"]) == 1
     for name in ("reconstructions.png", "samples.png", "metrics.json", "checkpoint.pt"):
