@@ -1,6 +1,7 @@
 """Valid extremes that gave a silent NaN or a wrong number (issue 19), on every backend: each test
 states the right value, worked out by hand or in float64 from the same rounded inputs."""
 
+import copy
 import math
 
 import pytest
@@ -167,3 +168,71 @@ def test_causal_attention_gradients_of_a_saturated_softmax(device_backend, scale
         vaekernels.causal_attention(*expected, scale=scale).backward(grad_out.double())
     for got, want in zip(leaves, expected):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_jacobian_of_an_infinite_weight_is_what_forward_mode_gives(device_backend, activation, layer):
+    # Through WᵀW an infinite last-layer weight met inf - inf: NaN for every column, where
+    # J = T Wᵀ has an infinite entry and its squared norm is inf (NaN only where forward mode
+    # itself multiplies the infinite weight by a zero derivative: relu's inactive units).
+    device, _ = device_backend
+    torch.manual_seed(0)
+    act = {"tanh": torch.nn.Tanh(), "relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(0.1)}[activation]
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 5), act, torch.nn.Linear(5, 3)).to(device)
+    with torch.no_grad():
+        decoder[layer].weight[0, 0] = INF
+    z = torch.randn(4, 2, device=device)
+    norms = vaekernels.jacobian_column_sq_norms(decoder, z)
+    gram = vaekernels.jacobian_gram(decoder, z)
+    # Forward mode written out in float64: J = (act'(pre) * W1ᵀ) W2ᵀ, [B, d, D]. (jacfwd would
+    # also multiply W1's infinity by the zero entries of the unit tangents: NaN in every column.)
+    first, act64, last = copy.deepcopy(decoder).double()
+    pre = first(z.double()).detach().requires_grad_()
+    act64(pre).sum().backward()
+    jac = (pre.grad[:, None, :] * first.weight.detach().t()) @ last.weight.detach().t()
+    expected_norms, expected_gram = jac.square().sum(-1), jac @ jac.transpose(1, 2)
+    if layer == 2:
+        assert torch.isinf(expected_norms).any()
+    torch.testing.assert_close(norms.double(), expected_norms, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(gram.double(), expected_gram, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(torch.diagonal(gram, dim1=1, dim2=2), norms, equal_nan=True)
+
+
+def test_jacobian_of_a_weight_whose_square_overflows(device_backend):
+    # One path z -> 1e-20 z -> 1e20 (.): J = 1 exactly, but WᵀW = 1e40 is inf in float32.
+    device, _ = device_backend
+    decoder = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.LeakyReLU(0.5),
+                                  torch.nn.Linear(1, 2, bias=False)).to(device)
+    with torch.no_grad():
+        decoder[0].weight.fill_(1e-20)
+        decoder[2].weight.copy_(torch.tensor([[1e20], [0.0]]))
+    z = torch.tensor([[1.0], [-1.0]], device=device, requires_grad=True)
+    norms = vaekernels.jacobian_column_sq_norms(decoder, z)
+    torch.testing.assert_close(norms, torch.tensor([[1.0], [0.25]], device=device))
+    torch.testing.assert_close(vaekernels.jacobian_gram(decoder, z).flatten(), norms.detach().flatten())
+    norms.sum().backward()  # d/dW of (w2 w1 slope)^2 through the direct products: finite
+    torch.testing.assert_close(decoder[2].weight.grad, torch.tensor([[2.5e-20], [0.0]], device=device))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_logistic_mixture_gradient_at_large_log_scales(device_backend, channels):
+    # Past a log-scale of ~20 (float32; ~35 in float64) the bin width exp(-s) / 127.5 makes
+    # log1p(-exp(-width)) -inf in the branch that is not taken: the reference's gradient was NaN
+    # (0 * inf through torch.where), and the float64 oracle with it, up to the width's floor.
+    device, _ = device_backend
+    M, side = 2, 8
+    P = 3 * M if channels == 1 else 10 * M
+    x = torch.linspace(-1, 1, side * side, device=device).view(1, 1, side, side).expand(1, channels, side, side)
+    params = torch.randn(1, P, side, side, device=device, generator=torch.Generator(device).manual_seed(0))
+    for c in range(channels):
+        log_scales = M + c * (P - M) // channels + M
+        params[:, log_scales] = torch.tensor([20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 88.0, 100.0], device=device
+                                             ).repeat_interleave(side).view(side, side)
+    leaf = params.clone().requires_grad_()
+    vaekernels.discretized_logistic_mixture_nll(leaf, x, M, reduction="sum").backward()
+    expected = params.double().requires_grad_()
+    with vaekernels.use_backend("reference"):
+        vaekernels.discretized_logistic_mixture_nll(expected, x.double(), M, reduction="sum").backward()
+    assert torch.isfinite(expected.grad).all()
+    torch.testing.assert_close(leaf.grad.double(), expected.grad, rtol=1e-4, atol=1e-5)

@@ -340,7 +340,27 @@ def _propagate(fn: str, plan: list, z: torch.Tensor, columns: torch.Tensor | Non
     tangent = identity_columns() if tangent is None else tangent
     if tangent.shape[0] != batch:
         tangent = tangent.expand(batch, -1, -1).contiguous()
-    return reduce(tangent, _self_gram(plan[-1].weight), diagonal)[0]
+    weight = plan[-1].weight
+    metric = _self_gram(weight)
+    # T (WᵀW) Tᵀ equals (T Wᵀ)(T Wᵀ)ᵀ only in finite arithmetic: an infinite weight (or one whose
+    # square overflows) makes WᵀW hold infinities of both signs, and their sum inf - inf = NaN
+    # where the Jacobian's column is infinite. Then J = T Wᵀ is formed directly, as the forward-
+    # mode reference does. Checked on the host (one sync off the CPU), except while compiling.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(metric).all() & torch.isfinite(tangent).all()):
+        return _reduce_directly(tangent, weight, diagonal)
+    return reduce(tangent, metric, diagonal)[0]
+
+
+def _reduce_directly(tangent: torch.Tensor, weight: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """diag(J Jᵀ) or J Jᵀ per example of J = T Wᵀ [B, k, D], made for a chunk of examples at a time
+    (at most :data:`GENERAL_CHUNK_ELEMENTS` entries of J at once): the non-finite case of the MLP path."""
+    batch, k, _ = tangent.shape
+    chunk = max(1, GENERAL_CHUNK_ELEMENTS // max(1, k * weight.shape[0]))
+    parts = []
+    for part in tangent.split(chunk):
+        jac = part @ weight.t()
+        parts.append(jac.square().sum(-1) if diagonal else jac @ jac.transpose(1, 2))
+    return torch.cat(parts)
 
 
 def _jvp_along(fn: str, decoder, z: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -400,10 +420,11 @@ def jacobian_column_sq_norms(decoder, z: torch.Tensor, columns: Sequence[int] | 
     ``decoder`` maps z [B, d] to [B, *out] (flattened to D); returns [B, d] (or [B, len(columns)]).
     Differentiable in z and in the decoder's parameters, and never builds the [B, D, d] Jacobian:
     see the module docstring for the MLP and the general paths. NaN and ±inf: a non-finite code or
-    parameter gives a non-finite value in the columns it reaches, no error: NaN for a NaN, and for
-    an infinite weight inf or NaN (where the exact answer is inf, the products through WᵀW can meet
-    inf - inf, as the reference's forward-mode ones meet inf * 0); saturated activations (codes of
-    +-30 through tanh) give finite, exact columns.
+    parameter gives a non-finite value in the columns it reaches, no error: NaN for a NaN, inf for a
+    column that an infinite weight reaches, and NaN where forward mode itself meets inf * 0 (an
+    infinite weight behind a zero derivative, as in the reference); saturated activations (codes of
+    +-30 through tanh) give finite, exact columns. Non-finite or overflowing products take J = T Wᵀ
+    directly (see ``_propagate``), so the answer does not depend on WᵀW being finite.
 
     Example:
         >>> import torch, vaekernels
@@ -432,6 +453,8 @@ def _column_sq_norms(fn: str, decoder, z: torch.Tensor, index: torch.Tensor | No
 def jacobian_gram(decoder, z: torch.Tensor) -> torch.Tensor:
     """JᵀJ [B, d, d] of the decoder Jacobian J [D, d] at each code; its diagonal is
     :func:`jacobian_column_sq_norms`. Differentiable; never builds the [B, D, d] Jacobian.
+    NaN and ±inf: as :func:`jacobian_column_sq_norms`; an entry between two infinite columns is
+    ±inf (or NaN where their infinite terms cancel), as J's own products give it.
 
     Example:
         >>> import torch, vaekernels

@@ -39,8 +39,15 @@ def unpack(params: torch.Tensor, channels: int, num_mixtures: int):
 
 
 def log_one_minus_exp(d: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(-d)) for d >= 0, accurate for small and large d (-inf at 0)."""
-    return torch.where(d < math.log(2), torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
+    """log(1 - exp(-d)) for d >= 0, accurate for small and large d (-inf at 0).
+
+    Each branch sees only the values it is chosen for: log1p(-exp(-d)) at a tiny d (a log-scale
+    past ~20 in float32) is -inf with an infinite derivative, which torch.where's backward would
+    turn into 0 * inf = NaN in the gradient although the other branch's value is taken."""
+    small = d < math.log(2)
+    d_small = torch.where(small, d, math.log(2))
+    d_large = torch.where(small, math.log(2), d)
+    return torch.where(small, torch.log(-torch.expm1(-d_small)), torch.log1p(-torch.exp(-d_large)))
 
 
 def bin_log_probs(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
