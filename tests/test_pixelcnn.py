@@ -453,6 +453,28 @@ def test_compile_fullgraph(device_backend, compiler):
     assert torch.allclose(got, expected, rtol=1e-5) and torch.allclose(grad, grad_expected, rtol=1e-5, atol=1e-6)
 
 
+def test_one_input_channel_compiles_with_inductor(device_backend):
+    """A weight slice of a one-channel masked kernel has strides that inductor's layout planning
+    once read as channels-last while the CPU convolution did not (a failed stride check); VLAE
+    met it on its image."""
+    device = torch.device(device_backend[0])
+    torch._dynamo.reset()
+    conv = vaekernels.nn.MaskedConv2d(1, 8, 3, "A").to(device)
+    head = torch.nn.Conv2d(8, 1, 1).to(device)
+
+    def fn(x):
+        return head(torch.relu(conv(x))).square().sum()
+
+    x = torch.randn(4, 1, 28, 28, device=device)
+    got = torch.compile(fn, fullgraph=True)(x)
+    grads = torch.autograd.grad(got, [conv.weight, head.weight])
+    expected = fn(x)
+    expected_grads = torch.autograd.grad(expected, [conv.weight, head.weight])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -238,10 +238,12 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ch, cw = kh // 2, kw // 2
     centre_in_row = mask_type == "B" and channel_groups == 1
     parts = []
+    # Contiguous parts: a slice of a one-input-channel weight has strides that read as channels-last
+    # to inductor's layout planning but not to the CPU convolution, which then fails its stride check.
     if ch:
-        parts.append((weight[:, :, :ch], ch, cw))
+        parts.append((weight[:, :, :ch].contiguous(), ch, cw))
     if cw or centre_in_row:
-        parts.append((weight[:, :, ch:ch + 1, :cw + centre_in_row], 0, cw))
+        parts.append((weight[:, :, ch:ch + 1, :cw + centre_in_row].contiguous(), 0, cw))
     if channel_groups > 1:
         out = _centre_taps(x, weight[:, :, ch, cw], mask_type, channel_groups)
         return out + causal_conv2d(x, parts, bias) if parts else _plus_bias(out, bias)
