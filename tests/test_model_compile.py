@@ -39,14 +39,6 @@ def loss_and_grads(loss_fn, model, batch):
     return loss.detach(), grads
 
 
-# Where inductor (torch 2.13) itself fails; aot_eager and eager agree exactly on both. Strict, so
-# that the day it passes the mark must go.
-# - iwae-k50-dreg, fused: the decoder's first weight gets a near-zero gradient when the posterior's
-#   parameters reach log q(z|x) detached (DReG, STL) through the C++ gaussian_log_prob, with the
-#   output layer fused or not. Not reduced to a small case yet.
-INDUCTOR_MISCOMPILES = {("iwae-k50-dreg", "auto")}
-
-
 # Models whose reference-backend graph is another's with other arithmetic on the loss (the same
 # reference ops): compiled on the fused backend only, to keep CI short.
 REFERENCE_LIKE_ANOTHER = {"beta-vae", "capacity-vae", "geco", "cvae", "iwae-k5", "iwae-k50-dreg", "geco-iwae",
@@ -56,9 +48,7 @@ REFERENCE_LIKE_ANOTHER = {"beta-vae", "capacity-vae", "geco", "cvae", "iwae-k5",
 def compile_cases():
     for name in REGISTRY:
         for backend in BACKENDS if name not in REFERENCE_LIKE_ANOTHER else ["auto"]:
-            marks = [pytest.mark.xfail(strict=True, reason="inductor miscompiles it (see INDUCTOR_MISCOMPILES)")] \
-                if (name, backend) in INDUCTOR_MISCOMPILES else []
-            yield pytest.param(name, backend, marks=marks, id=f"{name}-{backend}")
+            yield pytest.param(name, backend, id=f"{name}-{backend}")
 
 
 @needs_cpp

@@ -64,14 +64,15 @@ def _as_rows(tensors: list[torch.Tensor], shape: torch.Size) -> tuple[list[torch
         t = t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape))
         if size > 1 and (t.shape[-1] != size or t.stride(-1) != 1):
             t = t.expand(*t.shape[:-1], size).contiguous()
-        own.append(t.expand(shape))
+        own.append(t if t.shape == shape else t.expand(shape))
     split = next((s for s in range(len(lead) + 1)
                   if all(_mergeable(t.shape[:s], t.stride()[:s]) and _mergeable(t.shape[s:-1], t.stride()[s:-1])
                          for t in own)), None)
-    if split is None:
-        return [t.reshape(math.prod(lead), 1, size) for t in own], lead
-    outer, inner = math.prod(lead[:split]), math.prod(lead[split:])
-    return [t.reshape(outer, inner, size) for t in own], lead
+    rows = (math.prod(lead), 1, size) if split is None else (math.prod(lead[:split]), math.prod(lead[split:]), size)
+    # No view where none is needed: under torch.compile every view of a tensor that backward
+    # keeps is a separate saved alias, and inductor (torch 2.13) may overwrite one alias's
+    # storage in place while another is still to be read (DReG's z: wrong decoder gradients).
+    return [t if t.shape == rows else t.reshape(rows) for t in own], lead
 
 
 def _event_rows(fn: str, logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
