@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .zoo import mlp
+from models.training.trainer import Optimizers
+from models.zoo import mlp
 
 
 def _fail(fn: str, message: str, error: type = ValueError):
@@ -158,32 +159,6 @@ def virtual_batch(net: nn.Module, reference: torch.Tensor, x: torch.Tensor) -> t
     finally:
         for layer in layers:
             layer.reference = None  # the statistics belong to this call's graph; none outlive it
-
-
-class Optimizers:
-    """Named Adam optimisers, one per player, that checkpoint as one (``state_dict`` / ``load_state_dict``).
-
-    >>> optimizers = Optimizers({"g": [nn.Parameter(torch.zeros(2))]}, lr=1e-3)
-    >>> sorted(optimizers.state_dict())
-    ['g']
-    """
-
-    def __init__(self, groups: dict, lr: float, betas=(0.5, 0.999)):
-        self.optimizers = {name: torch.optim.Adam(params, lr=lr, betas=betas) for name, params in groups.items()}
-
-    def step(self, name: str, loss: torch.Tensor) -> None:
-        """One update of player ``name`` on ``loss``; only that player's gradients are zeroed first."""
-        optimizer = self.optimizers[name]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def state_dict(self) -> dict:
-        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state[name])
 
 
 @dataclass

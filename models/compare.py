@@ -1,4 +1,4 @@
-"""Reproduce the seed tables' rows side by side: ``python -m models.compare --budget 2``.
+"""Reproduce the seed tables' rows side by side: ``python -m models study seed-tables --budget 2``.
 
 Trains, on dynamically binarised MNIST with the IWAE paper's MLP (784-200-200-50 tanh), each
 model for ``--budget`` epochs (the same number of optimiser steps for all), evaluates it on the
@@ -25,21 +25,21 @@ from pathlib import Path
 
 import torch
 
-from . import metrics as zoo_metrics
-from . import train as zoo_train
-from .evaluate import load_run
-from .train import free_run_dir, test_input
+from models import metrics as zoo_metrics
+from models.cli import train
+from models.registry import load_run
+from models.training.trainer import free_run_dir
 
-# name -> (train arguments, seed reference)
+# name -> the model and its options for ``python -m models train``; the GECO models also take --tolerance.
 RUNS = {
-    "vae": ["--model", "vae", "--k", "1"],
-    "beta-vae": ["--model", "beta-vae", "--beta", "0.5"],
-    "geco": ["--model", "geco"],
-    "geco-iwae": ["--model", "geco-iwae", "--k", "5"],
-    "vae-k5": ["--model", "vae", "--k", "5"],
-    "vae-k50": ["--model", "vae", "--k", "50"],
-    "iwae-k5": ["--model", "iwae", "--k", "5"],
-    "iwae-k50": ["--model", "iwae", "--k", "50"],
+    "vae": ["vae", "--k", "1"],
+    "beta-vae": ["beta-vae", "--beta", "0.5"],
+    "geco": ["geco"],
+    "geco-iwae": ["geco-iwae", "--k", "5"],
+    "vae-k5": ["vae", "--k", "5"],
+    "vae-k50": ["vae", "--k", "50"],
+    "iwae-k5": ["iwae-k5"],
+    "iwae-k50": ["iwae-k50"],
 }
 # Seed 000 (MNIST): model -> (marginal KL, reconstruction loss).
 SEED_TAMING = {"vae": (1.5813, 55.8484), "beta-vae": (10.5938, 15.1434), "geco": (10.4975, 14.6269),
@@ -50,7 +50,7 @@ TAMING_LABELS = {"vae": "VAE", "beta-vae": "beta-VAE (beta=0.5)", "geco": "GECO"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models study seed-tables", description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=2.0,
                         help="training epochs per model (2 = 1200 steps of 100 images: 40 min for all eight "
                              "models and their evaluation on 2 shared cores, the k = 50 pair taking half; "
@@ -83,20 +83,20 @@ def run_one(name: str, args, out: Path) -> dict:
     if evaluation.is_file():
         return json.loads(evaluation.read_text())
     steps = max(1, round(args.budget * (args.limit_train or 60000) / args.batch_size))
-    argv = RUNS[name] + ["--data", "mnist", "--steps", str(steps), "--batch-size", str(args.batch_size),
-                         "--tolerance", str(args.tolerance), "--seed", str(args.seed), "--checkpoint-every",
-                         str(10 * steps)]
-    argv += ["--data-dir", str(args.data_dir)] if args.data_dir else []
-    argv += ["--limit-train", str(args.limit_train)] if args.limit_train else []
-    argv += ["--no-progress"] if args.no_progress else []
+    budget = ["--out", str(run_dir), "--steps", str(steps)] + (["--no-progress"] if args.no_progress else [])
     started = time.perf_counter()
     if (run_dir / "checkpoint.pt").is_file():
-        zoo_train.main(argv + ["--out", str(run_dir), "--resume"])
+        train([RUNS[name][0], "--resume", *budget])
     else:
-        zoo_train.main(argv + ["--out", str(run_dir)])
+        argv = RUNS[name] + ["--data", "mnist", "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+                             "--checkpoint-every", str(10 * steps)]
+        argv += ["--tolerance", str(args.tolerance)] if name.startswith("geco") else []
+        argv += ["--data-dir", str(args.data_dir)] if args.data_dir else []
+        argv += ["--limit-train", str(args.limit_train)] if args.limit_train else []
+        train(argv + budget)
     train_seconds = time.perf_counter() - started
-    model, settings, data = load_run(run_dir / "checkpoint.pt", data_dir=args.data_dir)
-    x, _ = test_input(data, settings)
+    _, _, model, batches = load_run(run_dir, data_dir=args.data_dir)
+    x, _ = batches.test()
     started = time.perf_counter()
     results = zoo_metrics.evaluate_model(model, x, num_samples=args.num_samples, nll_limit=args.nll_limit,
                                          surgery_limit=args.surgery_limit,
@@ -153,9 +153,3 @@ def main(argv=None) -> dict:
     print(text)
     return results
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except FileNotFoundError as error:
-        raise SystemExit(f"python -m models.compare: {error}") from None

@@ -371,3 +371,43 @@ def to_model_input(images: torch.Tensor, binary: bool, likelihood: str, generato
     if likelihood == "bernoulli":
         return dynamic_binarize(images, generator)
     return images.float() / 255
+
+
+class Batches:
+    """The training batches of a run and its test set, as a model takes them.
+
+    Batch t is a function of (seed, t) alone: the epoch's order comes from (seed, epoch), the batch's
+    random preparation (dynamic binarisation, dequantisation) from (seed, t); so a resumed run sees the
+    batches a run that never stopped would have. ``prepare(images, generator)`` turns uint8 images into
+    model input; the test set is prepared once with its own seed. ``labels`` says whether batches carry
+    the labels (as ``(x, y)``; else ``(x, None)``).
+
+    >>> data = Dataset(torch.randint(0, 256, (10, 4), dtype=torch.uint8), None,
+    ...                torch.zeros(3, 4, dtype=torch.uint8), None, (2, 2), False)
+    >>> batches = Batches(data, dynamic_binarize, batch_size=4, seed=0)
+    >>> batches.steps_per_epoch, batches.batch(2)[0].shape, torch.equal(batches.batch(1)[0], batches.batch(1)[0])
+    (3, torch.Size([2, 4]), True)
+    """
+
+    def __init__(self, data: Dataset, prepare, batch_size: int, seed: int, limit: int | None = None,
+                 labels: bool = False):
+        self.data, self.prepare, self.batch_size, self.seed, self.labels = data, prepare, batch_size, seed, labels
+        self.train = data.train[:limit]
+        self.image_shape = data.image_shape
+        self.steps_per_epoch = math.ceil(len(self.train) / batch_size)
+        self._epoch, self._order = None, None
+
+    def batch(self, step: int):
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch))
+        indices = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        x = self.prepare(self.train[indices], torch.Generator().manual_seed(self.seed * 1_000_003 + 999_983 + step))
+        return x, self.data.train_labels[:len(self.train)][indices] if self.labels else None
+
+    def test(self, count: int | None = None):
+        """The first ``count`` test images (all by default), prepared with a fixed seed of their own."""
+        x = self.prepare(self.data.test[:count], torch.Generator().manual_seed(self.seed + 1))
+        return x, self.data.test_labels[:count] if self.labels else None

@@ -1,8 +1,9 @@
 """beta-VAE (beta = 1 and a larger beta) and FactorVAE on the shapes dataset, scored by both
-disentanglement metrics: ``python -m models.disentangle --budget 18``.
+disentanglement metrics: ``python -m models study disentanglement --budget 18``.
 
-Trains each of the three models (:mod:`models.train_adversarial`, Burgess et al.'s conv64
-network, 10 latents, VAE updates on batches of 64, Adam 1e-3, one thread) for an equal share of
+Trains each of the three models (``python -m models train beta-vae --data shapes --arch conv64`` and
+``train factor-vae``: Burgess et al.'s conv64 network, 10 latents, VAE updates on batches of 64, Adam 1e-3,
+one thread) for an equal share of
 ``--budget`` CPU minutes of this process, then scores its posterior means with the beta-VAE
 metric and the FactorVAE metric (:mod:`models.disentanglement`, the protocol stated there,
 ``--metric-seed`` fixed) and measures its reconstruction loss (-log p(x|z) in nats per image, z = E_q[z], on 1000 fixed shapes). Prints one
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from . import _cli
-from . import train_adversarial
-from .disentanglement import beta_vae_metric, encoder_representation, factor_vae_metric
-from .shapes import Shapes
-from .train import free_run_dir
+from models.cli import train
+from models.disentanglement import beta_vae_metric, encoder_representation, factor_vae_metric
+from models.registry import load_run
+from models.shapes import Shapes
+from models.training.trainer import free_run_dir, write_json
 
 CLAIMS = {
     "beta-vae-1": "baseline: the plain VAE (Higgins et al.: entangled)",
@@ -37,7 +38,8 @@ CLAIMS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.disentangle", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models study disentanglement",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=18.0,
                         help="training CPU minutes of this process for the three models together (with one thread "
                              "about as many wall minutes on a quiet core; the metrics add about 3)")
@@ -72,14 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def runs(args) -> dict:
-    """name -> (label, train_adversarial arguments)."""
+    """name -> (label, ``python -m models train`` arguments)."""
+    beta_vae = ["beta-vae", "--data", "shapes", "--arch", "conv64", "--latent-dim", "10", "--batch-size", "64"]
     return {
-        "beta-vae-1": ("beta-VAE, beta = 1 (VAE)", ["--model", "beta-vae", "--beta", "1"]),
-        "beta-vae-large": (f"beta-VAE, beta = {args.large_beta:g}", ["--model", "beta-vae", "--beta",
-                                                                      str(args.large_beta)]),
+        "beta-vae-1": ("beta-VAE, beta = 1 (VAE)", beta_vae + ["--beta", "1"]),
+        "beta-vae-large": (f"beta-VAE, beta = {args.large_beta:g}", beta_vae + ["--beta", str(args.large_beta)]),
         # Batches of 128: the VAE steps on one half (64 images, as beta-VAE), the discriminator on the other.
-        "factor-vae": (f"FactorVAE, gamma = {args.gamma:g}", ["--model", "factor-vae", "--gamma", str(args.gamma),
-                                                               "--batch-size", "128"]),
+        "factor-vae": (f"FactorVAE, gamma = {args.gamma:g}", ["factor-vae", "--latent-dim", "10", "--gamma",
+                                                               str(args.gamma), "--batch-size", "128"]),
     }
 
 
@@ -114,14 +116,15 @@ def main(argv=None) -> dict:
             results[name] = json.loads(done.read_text())
             continue
         model_started = time.perf_counter()
-        argv = model_args + ["--budget", str(args.budget / len(plan)), "--steps", str(args.steps), "--seed",
+        argv = model_args + ["--minutes", str(args.budget / len(plan)), "--steps", str(args.steps), "--seed",
                              str(args.seed), "--threads", str(args.threads), "--out", str(out / name)]
         argv += ["--no-progress"] if args.no_progress else []
-        model, metrics = train_adversarial.main(argv)
+        metrics = train(argv)
+        model = load_run(out / name)[2]
         results[name] = {"label": label, "steps": metrics["steps"],
                          "train_cpu_minutes": metrics["train_cpu_seconds"] / 60,
                          **score(model, args), "seconds": time.perf_counter() - model_started}
-        _cli.write_json(done, results[name])
+        write_json(done, results[name])
     print_table(results, args, time.perf_counter() - started)
     return results
 
@@ -150,6 +153,3 @@ def print_table(results: dict, args, seconds: float) -> None:
             ("FactorVAE reconstructs better than the larger beta", factor["reconstruction"] < large["reconstruction"])):
         print(f"- {claim}: {'yes' if holds else 'no'}")
 
-
-if __name__ == "__main__":
-    main()

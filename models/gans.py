@@ -40,7 +40,7 @@ from torch.nn import functional as F
 import vaekernels
 from .adversarial import (TECHNIQUE_NAMES, AdversarialModel, Optimizers, Techniques, VirtualBatchNorm,
                           discriminator_loss, feature_matching_loss, generator_loss, leaky_mlp, virtual_batch)
-from .iwae import reconstruction_rows
+from models.training.pictures import reconstruction_rows
 from .zoo import Likelihood, standard_normal_log_prob
 
 PRIORS = ("gaussian", "mixture", "swiss-roll")

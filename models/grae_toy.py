@@ -18,7 +18,7 @@ A box plot of the alignments goes to ``<out>/alignment.png``, the numbers to ``<
 
 Usage (about 2 CPU minutes; 10 minutes of wall time on a busy 2-core machine)::
 
-    nice -n 10 python -m models.grae_toy --seeds 4 --out runs/grae_toy
+    nice -n 10 python -m models study grae-toy --seeds 4 --out runs/grae_toy
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import vaekernels
-from models._cli import check_run_dir
+from models.training.trainer import holds_run
 
 NONLINEARITIES = {"tanh": nn.Tanh, "softplus": nn.Softplus, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
 FAMILIES = ("mean-field", "full")
@@ -119,7 +119,7 @@ def train(args, family: str, seed: int, x: torch.Tensor, progress) -> ToyVAE:
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.grae_toy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models study grae-toy", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/grae_toy"))
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--latent", type=int, default=3, help="d")
@@ -134,7 +134,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    check_run_dir(parser, args.out)
+    if holds_run(args.out):
+        parser.error(f"{args.out} already holds a run; choose another --out")
     return args
 
 
@@ -189,7 +190,3 @@ def _plot(results: dict, path: Path) -> None:
     axes.set_title("VAE posterior family vs identifiability")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-
-
-if __name__ == "__main__":
-    main()

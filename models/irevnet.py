@@ -10,20 +10,15 @@ Reports test accuracy and the relative error of rebuilding test images from thei
 and writes ``reconstructions.png`` (test digits, each followed by the one rebuilt from its
 features)::
 
-    python -m models.irevnet --blocks 4 --epochs 1 --limit-train 6000 --out runs/irevnet
+    python -m models train irevnet --blocks 4 --epochs 1 --limit-train 6000
 """
 
 from __future__ import annotations
-
-import argparse
 
 import torch
 from torch import nn
 
 import vaekernels
-from models._cli import add_training_args, finish_run, json_settings, new_run_dir
-from models.iwae import save_grid
-from models.revnet import accuracy, fit_on_mnist
 
 
 def bottleneck(channels: int, hidden: int) -> nn.Sequential:
@@ -60,29 +55,3 @@ class IRevNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m models.irevnet", description="Train an i-RevNet on MNIST.")
-    parser.add_argument("--blocks", type=int, default=4, help="couplings per stage")
-    parser.add_argument("--hidden", type=int, default=32)
-    add_training_args(parser, out="runs/irevnet", batch_size=64)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    out = new_run_dir(parser, args.out)
-    torch.manual_seed(args.seed)
-    model = IRevNet(args.blocks, args.hidden)
-    history, seconds, test_x, test_y = fit_on_mnist(model, args)
-    model.eval()
-    with torch.no_grad():
-        x = test_x[:500]
-        rebuilt = model.inverse(model.features(x))
-    metrics = {"settings": json_settings(args), "train_loss": history, "train_seconds": seconds, "test_accuracy": accuracy(model, test_x, test_y),
-               "reconstruction_rel_err": ((rebuilt - x).norm() / x.norm()).item()}
-    pairs = torch.stack([x[:50].flatten(1), rebuilt[:50].flatten(1)], 1).reshape(100, 784)
-    save_grid(out / "reconstructions.png", pairs.clamp(0, 1), 10)
-    return finish_run(out, model, metrics)
-
-
-if __name__ == "__main__":
-    main()

@@ -22,8 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 import vaekernels
-from .iwae import ACTIVE_UNIT_THRESHOLD  # Burda et al.: unit u is active when Var_x(E_q[z_u]) > 0.01
-from .zoo import VAE, reparameterize, standard_normal_log_prob
+from models.zoo import VAE, reparameterize, standard_normal_log_prob
+
+ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al.: unit u is active when Var_x(E_q[z_u]) > 0.01
 
 
 def _batches(x, y, batch_size):

@@ -11,24 +11,18 @@ log p(x) = log p(z) + sum(log_scale) + log|dh/dx|.
 Reports the test NLL in nats (of the dequantised data on [0, 1]^784) and in bits per dim of the
 8-bit images, and writes ``samples.png``::
 
-    python -m models.nice --epochs 1 --out runs/nice
+    python -m models train nice --epochs 1
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 
 import torch
 import torch.nn.functional as nnf
 from torch import nn
-from tqdm.auto import tqdm
 
 import vaekernels
-from models._cli import add_training_args, finish_run, json_settings, new_run_dir
-from models.data import default_data_dir, load_mnist
-from models.iwae import save_grid
 
 D = 784
 LOGIT_ALPHA = 1e-6
@@ -94,45 +88,3 @@ def dequantised(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 def bits_per_dim(nll_nats: float) -> float:
     """Bits per dim of the 8-bit images for an NLL of the dequantised data on [0, 1]^784."""
     return (nll_nats + D * math.log(256)) / (D * math.log(2))
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m models.nice", description="Train NICE on MNIST.")
-    parser.add_argument("--blocks", type=int, default=2, help="AdditiveCoupling blocks (two NICE layers each)")
-    parser.add_argument("--hidden", type=int, default=500)
-    parser.add_argument("--layers", type=int, default=4, help="hidden layers per coupling MLP")
-    add_training_args(parser, out="runs/nice", batch_size=100, limit_test=False)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    out = new_run_dir(parser, args.out)
-    torch.manual_seed(args.seed)
-    data_dir = args.data_dir or default_data_dir()
-    train = load_mnist("train", data_dir)[0][: args.limit_train]
-    test = dequantised(load_mnist("test", data_dir)[0], torch.Generator().manual_seed(args.seed + 1))
-    model = NICE(args.blocks, args.hidden, args.layers)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    generator = torch.Generator().manual_seed(args.seed)
-    history, started = [], time.perf_counter()
-    for epoch in range(args.epochs):
-        losses = []
-        batches = torch.randperm(len(train), generator=generator).split(args.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress, dynamic_ncols=True)
-        for indices in bar:
-            loss = -model.log_prob(dequantised(train[indices], generator)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(nll=f"{losses[-1]:.1f}", refresh=False)
-        history.append(sum(losses) / len(losses))
-    seconds = time.perf_counter() - started
-    with torch.no_grad():
-        nll = -torch.cat([model.log_prob(x) for x in test.split(1000)]).mean().item()
-    metrics = {"settings": json_settings(args), "train_nll": history, "train_seconds": seconds, "test_nll_nats": nll,
-               "test_bits_per_dim": bits_per_dim(nll)}
-    save_grid(out / "samples.png", model.sample(100, torch.Generator().manual_seed(args.seed)).clamp(0, 1), 10)
-    return finish_run(out, model, metrics)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,10 +10,12 @@ down/up-sampling) and no dropout or weight normalisation.
 
 Train for a stated budget of CPU minutes, then evaluate the test NLL in bits/dim and draw samples::
 
-    nice -n 10 python -m models.pixelcnnpp --minutes 2 --out runs/pixelcnnpp
+    nice -n 10 python -m models train pixelcnn++ --minutes 2
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,6 @@ from torch import nn
 
 import vaekernels
 from vaekernels.reference.logistic_mixture import num_params
-from .pixel_training import mnist, parse_args, sample_autoregressively, train
 
 
 def concat_elu(x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,18 @@ class PixelCNNPlusPlus(nn.Module):
         return self.head(F.elu(ul))
 
 
+@torch.no_grad()
+def sample_autoregressively(step: Callable[[torch.Tensor, int, int], torch.Tensor], n: int, device,
+                            start: float = 0.0, size: int = 28) -> torch.Tensor:
+    """Fills an [n, 1, size, size] canvas pixel by pixel in raster order: ``step(canvas, i, j)``
+    returns the values of pixel (i, j) for the whole batch (one full forward per pixel)."""
+    canvas = torch.full((n, 1, size, size), start, device=device)
+    for i in range(size):
+        for j in range(size):
+            canvas[:, :, i, j] = step(canvas, i, j)
+    return canvas
+
+
 class MixtureModel(nn.Module):
     """An autoregressive network over 256-level images with the logistic mixture likelihood:
     ``loss`` is the per-image NLL in nats, ``sample`` draws pixel by pixel."""
@@ -115,24 +128,3 @@ class MixtureModel(nn.Module):
             return vaekernels.discretized_logistic_mixture_sample(params, net.channels, net.mixtures, generator)[..., 0, 0]
 
         return (sample_autoregressively(step, n, device, start=-1.0, size=size) + 1) / 2
-
-
-def main(argv=None) -> dict:
-    def options(parser):
-        parser.add_argument("--filters", type=int, default=32)
-        parser.add_argument("--blocks", type=int, default=3, help="gated ResNet blocks per stream")
-        parser.add_argument("--mixtures", type=int, default=5, help="logistic components per pixel")
-
-    args = parse_args("python -m models.pixelcnnpp", "Train a small PixelCNN++ on 256-level MNIST.", argv,
-                      extra=options)
-    torch.manual_seed(args.seed)
-    model = MixtureModel(PixelCNNPlusPlus(1, args.filters, args.blocks, args.mixtures))
-    train_images, test_images = mnist(args, binarized=False)
-    metrics = train(model, train_images, test_images, args, binarized=False, bits_per_dim=True,
-                    describe=f"PixelCNN++ {args.filters} filters, {args.blocks} blocks, {args.mixtures} logistics")
-    print({k: v for k, v in metrics.items() if k != "settings"})
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

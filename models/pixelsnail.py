@@ -6,7 +6,7 @@ Each block: gated ResNets on down-right-shifted 2x2 convolutions (which alone wo
 pixels above and to the right), then attention whose queries are the block's features and whose
 keys and values are the features with the image appended; pixel i reads only pixels j < i.
 
-    nice -n 10 python -m models.pixelsnail --minutes 2 --out runs/pixelsnail
+    nice -n 10 python -m models train pixelsnail --minutes 2
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from torch import nn
 
 from vaekernels.nn import CausalAttention2d
 from vaekernels.reference.logistic_mixture import num_params
-from .pixel_training import mnist, parse_args, train
-from .pixelcnnpp import DownRightShiftedConv2d, DownShiftedConv2d, GatedResnet, MixtureModel, down_shift, right_shift
+from models.pixelcnnpp import DownRightShiftedConv2d, DownShiftedConv2d, GatedResnet, down_shift, right_shift
 
 
 class SnailBlock(nn.Module):
@@ -53,27 +52,3 @@ class PixelSNAIL(nn.Module):
         for block in self.blocks:
             h = block(h, x)
         return self.head(F.elu(h))
-
-
-def main(argv=None) -> dict:
-    def options(parser):
-        parser.add_argument("--filters", type=int, default=32)
-        parser.add_argument("--blocks", type=int, default=2, help="attention blocks")
-        parser.add_argument("--resnets", type=int, default=2, help="gated ResNets per block")
-        parser.add_argument("--heads", type=int, default=2)
-        parser.add_argument("--mixtures", type=int, default=5, help="logistic components per pixel")
-
-    args = parse_args("python -m models.pixelsnail", "Train a small PixelSNAIL on 256-level MNIST.", argv,
-                      extra=options)
-    torch.manual_seed(args.seed)
-    model = MixtureModel(PixelSNAIL(1, args.filters, args.blocks, args.resnets, 16, args.heads, args.mixtures))
-    train_images, test_images = mnist(args, binarized=False)
-    metrics = train(model, train_images, test_images, args, binarized=False, bits_per_dim=True,
-                    describe=f"PixelSNAIL {args.filters} filters, {args.blocks} blocks x {args.resnets} resnets, "
-                             f"{args.heads} heads, {args.mixtures} logistics")
-    print({k: v for k, v in metrics.items() if k != "settings"})
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ The loss is the negative ELBO, -E_q log p(x | z) + KL(q || N(0, I)), with
 :func:`vaekernels.bernoulli_log_prob` and :func:`vaekernels.gaussian_kl`; the test number is
 that bound on the NLL, in nats.
 
-    nice -n 10 python -m models.pixelvae --minutes 2 --out runs/pixelvae
+    nice -n 10 python -m models train pixelvae --minutes 2
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from torch import nn
 
 import vaekernels
 from vaekernels.nn import GatedPixelCNNLayer
-from ._cli import write_json
-from .pixel_training import evaluate, mnist, parse_args, sample_autoregressively, train
+from models.pixelcnnpp import sample_autoregressively
 
 
 class Encoder(nn.Module):
@@ -78,34 +77,3 @@ class GatedDecoder(nn.Module):
         for layer in self.layers:
             v, h, _ = layer(v, h, z)
         return self.head(h)
-
-
-def latent_options(parser) -> None:
-    parser.add_argument("--latent-dim", type=int, default=16)
-    parser.add_argument("--channels", type=int, default=32, help="decoder feature channels")
-
-
-def run(argv, prog: str, description: str, make_decoder, describe: str) -> dict:
-    args = parse_args(prog, description, argv, extra=latent_options)
-    torch.manual_seed(args.seed)
-    model = LatentAutoregressiveModel(make_decoder(args), args.latent_dim)
-    train_images, test_images = mnist(args, binarized=True)
-    metrics = train(model, train_images, test_images, args, binarized=True, bits_per_dim=False,
-                    describe=describe.format(**vars(args)))
-    metrics["test_nll_is_an_upper_bound"] = "negative ELBO (one z sample per image)"
-    # The nats that go through z: how much of the image the decoder leaves to the latent code.
-    metrics["test_kl_nats"] = evaluate(lambda x: vaekernels.gaussian_kl(*model.encoder(x)), test_images, 100,
-                                       args.device)
-    write_json(args.out / "metrics.json", metrics)
-    print({k: v for k, v in metrics.items() if k != "settings"})
-    return metrics
-
-
-def main(argv=None) -> dict:
-    return run(argv, "python -m models.pixelvae", "Train a PixelVAE on binarised MNIST.",
-               lambda args: GatedDecoder(args.latent_dim, args.channels),
-               "PixelVAE: latent {latent_dim}, 3 gated PixelCNN layers of {channels} channels")
-
-
-if __name__ == "__main__":
-    main()

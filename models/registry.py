@@ -1,15 +1,18 @@
-"""Every reference model by name: how to build it at its command line's defaults, one training
-batch of the shape it trains on, and its training step.
+"""Every reference model by name: its options (a config dataclass with the defaults it trains at), how to
+build it, the data it trains on, the scalar it minimises or the step that updates its players, the
+pictures it draws and how it is evaluated.
 
-The model-step benchmark (``bench/test_models.py``) and the compile tests build every model through
-:data:`REGISTRY`, so a model added here is measured and compiled without more code.
+``python -m models train NAME`` trains :data:`MODELS` ``[NAME]`` through the one
+:class:`~models.training.trainer.Trainer`; the model-step benchmark (``bench/test_models.py``) and the
+compile tests take :data:`REGISTRY`, the models whose training step is benchmarked, so a model added
+there is measured and compiled without more code.
 
 Example::
 
-    >>> entry = REGISTRY["iwae-k5"]
+    >>> entry = MODELS["iwae-k5"]
     >>> _ = torch.manual_seed(0)
-    >>> model = entry.build()
-    >>> x, y = entry.batch(torch.Generator().manual_seed(0))
+    >>> model = entry.build(**entry.small)
+    >>> x, y = entry.batch(torch.Generator().manual_seed(0), 4)
     >>> entry.loss(model, (x, y)).shape
     torch.Size([])
 """
@@ -17,64 +20,144 @@ Example::
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import vaekernels
-
-from .adversarial import Optimizers
-from .factorvae import FactorVAE
-from .grae import Autoencoder
-from .pixelcnnpp import MixtureModel, PixelCNNPlusPlus
-from .pixelsnail import PixelSNAIL
-from .pixelvae import GatedDecoder, LatentAutoregressiveModel
-from .shapes import Shapes
-from .vlae import LocalWindowDecoder
-from .zoo import build_model
+from models import metrics as zoo_metrics
+from models.adversarial import TECHNIQUE_NAMES, Techniques
+from models.data import Batches, default_data_dir, dynamic_binarize, load_dataset, to_model_input
+from models.factorvae import FactorVAE, latent_traversals
+from models.gans import AAE, AVB, CONDITIONS, PRIORS, BiGAN, InfoGAN
+from models.grae import Autoencoder
+from models.irevnet import IRevNet
+from models.nice import NICE, bits_per_dim, dequantised
+from models.pixelcnnpp import MixtureModel, PixelCNNPlusPlus
+from models.pixelsnail import PixelSNAIL
+from models.pixelvae import GatedDecoder, LatentAutoregressiveModel
+from models.revnet import MODES, RevNet
+from models.shapes import Shapes, ShapesBatches
+from models.training.pictures import reconstruction_rows
+from models.training.trainer import Optimizers, Settings
+from models.vlae import LocalWindowDecoder
+from models.zoo import ARCHITECTURES, ESTIMATORS, LIKELIHOODS, VAE, build_model
 
 Batch = tuple
 
 
+def option(default, help: str, choices=None):
+    """A config field: its default, its --help line and its choices, which ``python -m models train`` reads."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model: ``build(**overrides)`` at its CLI defaults (``small`` holds overrides that give a
-    small model of the same structure, for tests), ``batch(generator, batch_size=None)`` one
-    training batch at the CLI's batch size (made up, with the data's shape and value range),
-    ``loss(model, batch)`` the scalar it minimises, and :meth:`step`, one training step."""
+    """One model.
+
+    - ``config``: the dataclass of its options; ``options`` names the fields that apply to this model (the
+      others keep their defaults), ``defaults`` this model's own defaults for them;
+    - ``make(config)``: the model; :meth:`build` makes it from ``defaults`` and keyword overrides (``small``:
+      overrides that give a small model of the same structure, for tests);
+    - ``data(config, settings)``: the run's :class:`models.data.Batches`; ``batch(generator, batch_size=None)``:
+      one made-up training batch of the data's shape and range (the benchmarks' and compile tests');
+    - ``loss(model, batch)``: the scalar it minimises, or ``train_step(model, optimizers, batch)``, one update
+      of each of its players (adversarial models), returning its statistics;
+    - ``pictures(model, batches, generator)``: PNG name -> (images, columns, image shape);
+    - ``evaluate(model, batches, options)``: the test metrics.
+    """
 
     name: str
     description: str
-    build: Callable[..., nn.Module]
-    batch: Callable[..., Batch]
-    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    config: type
+    make: Callable
+    data: Callable
+    pictures: Callable
+    evaluate: Callable
+    loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+    train_step: Callable[[nn.Module, Optimizers, Batch], dict] | None = None
+    options: tuple[str, ...] = ()
+    defaults: dict = field(default_factory=dict)
+    small: dict = field(default_factory=dict)
+    batch: Callable[..., Batch] | None = None
+    batch_size: int = 100
     lr: float = 1e-3
     adam_eps: float = 1e-8
-    small: dict = field(default_factory=dict)
-    # Models that train several players (FactorVAE): (model, optimizers, batch) -> the loss.
-    train_step: Callable[[nn.Module, object, Batch], torch.Tensor] | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    budget: dict = field(default_factory=lambda: {"epochs": 10})
+    benchmarked: bool = True
+    family: str = "vae"
 
-    def optimizer(self, model: nn.Module):
-        """What :meth:`step` updates the parameters with: Adam (its fused kernel, one pass over all
-        parameters rather than a few ops per parameter), or one Adam per player."""
-        if self.train_step is not None:
-            return Optimizers(model.players(), self.lr)
-        return torch.optim.Adam(model.parameters(), lr=self.lr, eps=self.adam_eps, fused=True)
+    def default_config(self):
+        return self.config(**self.defaults)
 
-    def step(self, model: nn.Module, optimizer, batch: Batch, loss_fn=None) -> torch.Tensor:
-        """One training step; ``loss_fn`` (default :attr:`loss`) may be a compiled version of it."""
+    def build(self, config=None, **overrides) -> nn.Module:
+        """The model of ``config`` (default: this model's defaults), with ``overrides`` of its fields."""
+        return self.make(replace(config or self.default_config(), **overrides))
+
+    def players(self, model: nn.Module) -> dict:
+        return model.players() if self.train_step is not None else {"model": list(model.parameters())}
+
+    def optimizer(self, model: nn.Module, lr: float | None = None) -> Optimizers:
+        """Adam for each player (the one player ``"model"`` of a model that minimises one loss)."""
+        return Optimizers(self.players(model), lr or self.lr, self.betas, self.adam_eps)
+
+    def update(self, model: nn.Module, optimizers: Optimizers, batch: Batch, loss_fn=None) -> dict:
+        """One training step; its statistics (``"loss"`` among them). ``loss_fn`` (default :attr:`loss`) may be
+        a compiled version of the loss."""
         if self.train_step is not None:
-            return self.train_step(model, optimizer, batch)
+            return self.train_step(model, optimizers, batch)
         loss = (loss_fn or self.loss)(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        optimizers.step("model", loss)
+        return {"loss": loss.detach()}
 
+    def step(self, model: nn.Module, optimizers: Optimizers, batch: Batch, loss_fn=None) -> torch.Tensor:
+        """One training step; its loss."""
+        return self.update(model, optimizers, batch, loss_fn)["loss"]
+
+
+def mean_test_loss(loss, model, batches, limit: int | None) -> tuple[float, int]:
+    """The mean of ``loss`` (a model's training loss) over the first ``limit`` test images, in batches of 100;
+    and how many images that was."""
+    x, y = batches.test(limit)
+    device = next(model.parameters()).device
+    total = sum(loss(model, (xb.to(device), None if y is None else y[i:i + 100].to(device))).item() * len(xb)
+                for i, xb in zip(range(0, len(x), 100), x.split(100)))
+    return total / len(x), len(x)
+
+
+# --- data -----------------------------------------------------------------------------------------------------
 
 MNIST_PIXELS = 28 * 28
+# Image shape and number of classes of each dataset the models train on.
+DATA = {"mnist": ((28, 28), 10), "binarized-mnist": ((28, 28), 0), "frey": ((28, 20), 0),
+        "caltech": ((28, 28), 101), "shapes": ((64, 64), 0)}
+
+
+def mnist_batches(prepare, labels: bool = False):
+    """The data of a model on MNIST: ``prepare(uint8 images [B, 784], generator)`` makes its input."""
+    def data(config, settings) -> Batches:
+        return Batches(load_dataset("mnist", settings.data_dir or default_data_dir()), prepare, settings.batch_size,
+                       settings.seed, settings.limit_train, labels)
+    return data
+
+
+def binarized_images(images, generator):
+    return dynamic_binarize(images, generator).unflatten(1, (1, 28, 28))
+
+
+def signed_images(images, generator):
+    """256-level images in [-1, 1], [B, 1, 28, 28]."""
+    return (images.float() / 127.5 - 1).unflatten(1, (1, 28, 28))
+
+
+def unit_images(images, generator):
+    return images.float() / 255
 
 
 def binary_digits(default_batch: int, image_shape=(MNIST_PIXELS,), labels: bool = True):
@@ -104,112 +187,506 @@ def shapes_batch(default_batch: int):
     return batch
 
 
-ZOO_SMALL = {"latent_dim": 4, "hidden_dim": 16}
+# --- the likelihood zoo (models.zoo) ---------------------------------------------------------------------------
+
+@dataclass
+class ZooConfig:
+    data: str = option("mnist", "dataset (shapes: the procedural 64x64 shapes, with --arch conv64)", tuple(DATA))
+    arch: str = option("mlp", "encoder and decoder networks", ARCHITECTURES)
+    likelihood: str = option("bernoulli", "p(x|z)", LIKELIHOODS)
+    latent_dim: int = option(50, "latent units (z1 of the two-layer models)")
+    hidden_dim: int = option(200, "hidden units")
+    k: int = option(1, "samples per example (the bound's, or the averaged ELBO's)")
+    estimator: str = option("iwae", "IWAE gradient estimator", ESTIMATORS)
+    beta: float = option(1.0, "KL weight")
+    gamma: float = option(100.0, "weight of |KL - C|")
+    capacity_max: float = option(25.0, "C_max in nats")
+    capacity_steps: int = option(10000, "steps to reach C_max")
+    tolerance: float = option(60.0, "kappa^2, the bound on E[-log p(x|z)] in nats per example")
+    alpha: float = option(0.99, "moving-average factor of GECO's constraint")
+    rate: float = option(1e-4, "GECO's log lambda step per nat of constraint")
+    prior_k: int = option(8, "samples of zeta in the hierarchical prior's bound")
 
 
-def zoo_entry(name: str, model: str, description: str, **options) -> ModelEntry:
-    """A likelihood-zoo model on binarised MNIST at ``python -m models.train``'s defaults, batch 100."""
-    defaults = {"arch": "mlp", "likelihood": "bernoulli", "k": 1, "latent_dim": 50, "hidden_dim": 200,
-                "beta": 0.5 if model == "beta-vae" else 1.0, "num_classes": 10 if model == "cvae" else 0}
-    if model in ("hvae", "hiwae"):
-        defaults.update(latent_dim=100, hidden_dim=100)
-    settings = {**defaults, **options}
+ZOO_COMMON = ("data", "arch", "likelihood", "latent_dim", "hidden_dim", "k", "beta")
+GECO = ("tolerance", "alpha", "rate")
 
-    def build(**overrides):
-        return build_model(model, MNIST_PIXELS, (28, 28), **{**settings, **overrides})
 
-    return ModelEntry(name, description, build, binary_digits(100), zoo_loss, adam_eps=1e-4, small=ZOO_SMALL)
+def zoo_model(method: str):
+    def make(config: ZooConfig) -> VAE:
+        image_shape, classes = DATA[config.data]
+        if method == "cvae" and not classes:
+            raise ValueError(f"models: cvae needs labels; --data {config.data} has none")
+        options = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "data"}
+        return build_model(method, math.prod(image_shape), image_shape, num_classes=classes, **options)
+    return make
+
+
+def zoo_data(labels: bool):
+    def data(config: ZooConfig, settings):
+        if config.data == "shapes":
+            return ShapesBatches(Shapes(), settings.batch_size, settings.seed)
+        dataset = load_dataset(config.data, settings.data_dir or default_data_dir())
+        return Batches(dataset, functools.partial(_zoo_input, dataset.binary, config.likelihood), settings.batch_size,
+                       settings.seed, settings.limit_train, labels)
+    return data
+
+
+def _zoo_input(binary, likelihood, images, generator):
+    return to_model_input(images, binary, likelihood, generator)
 
 
 def zoo_loss(net, batch):
     return net(*batch)[0]
 
 
-def autoregressive_loss(net, batch):
-    return net.loss(batch[0]).mean()
+def vae_pictures(model, batches, generator, config) -> dict:
+    """reconstructions.png (rows of test images, each followed by its reconstructions), samples.png (a
+    conditional model: one row per class) and, on the shapes, traversals.png."""
+    columns, shape = 10, batches.image_shape
+    x, y = batches.test(5 * columns)
+    device = next(model.parameters()).device
+    x, y = x.to(device), None if y is None else y.to(device)
+    labels = torch.arange(columns * columns, device=device) // columns % max(model.num_classes, 1)
+    pictures = {"reconstructions.png": (reconstruction_rows(x, model.reconstruct(x, y), columns), columns, shape),
+                "samples.png": (model.sample(columns * columns, labels if model.num_classes else None, generator),
+                                columns, shape)}
+    if isinstance(batches, ShapesBatches):
+        traversals = latent_traversals(model, x[0], torch.linspace(-2.5, 2.5, columns), x)
+        pictures["traversals.png"] = (traversals, columns, shape)
+    return pictures
+
+
+def zoo_evaluate(model, batches, options) -> dict:
+    """Importance-sampled NLL, active units, ELBO surgery and reconstruction (models.metrics)."""
+    x, y = batches.test(options.get("limit"))
+    device = next(model.parameters()).device
+    return zoo_metrics.evaluate_model(
+        model, x.to(device), None if y is None else y.to(device), num_samples=options["num_samples"],
+        surgery_limit=2000, generator=torch.Generator(device).manual_seed(options["seed"]),
+        progress=options["progress"])
+
+
+def zoo_entry(name: str, method: str, description: str, options=(), benchmarked: bool = True, **defaults):
+    """A likelihood-zoo model, on binarised MNIST by default, batch 100, Adam's eps 1e-4 as in Burda et al."""
+    if method == "beta-vae":
+        defaults.setdefault("beta", 0.5)
+    if method in ("hvae", "hiwae"):  # Burda et al.'s two-layer model: z1 100, z2 50
+        defaults.update(latent_dim=100, hidden_dim=100)
+    labels = method == "cvae"
+    return ModelEntry(name, description, ZooConfig, zoo_model(method), zoo_data(labels), vae_pictures, zoo_evaluate,
+                      loss=zoo_loss, options=ZOO_COMMON + tuple(options), defaults=defaults,
+                      small={"latent_dim": 4, "hidden_dim": 16}, batch=binary_digits(100), adam_eps=1e-4,
+                      benchmarked=benchmarked)
+
+
+def zoo_entries() -> list[ModelEntry]:
+    return [
+        zoo_entry("vae", "vae", "VAE (Kingma & Welling): MLP 784-200-200-50, Bernoulli, the k-sample ELBO"),
+        zoo_entry("beta-vae", "beta-vae", "beta-VAE (Higgins et al.), beta 0.5 as in the seed table"),
+        zoo_entry("capacity-vae", "capacity-vae", "beta-VAE with controlled capacity (Burgess et al.)",
+                  ("gamma", "capacity_max", "capacity_steps")),
+        zoo_entry("geco", "geco", "GECO (Rezende & Viola): min KL s.t. reconstruction <= kappa^2", GECO),
+        zoo_entry("cvae", "cvae", "conditional VAE (Sohn et al.): one-hot labels into encoder and decoder"),
+        zoo_entry("iwae-k5", "iwae", "IWAE (Burda et al.), k = 5", ("estimator",), k=5),
+        zoo_entry("iwae-k50", "iwae", "IWAE, k = 50", ("estimator",), k=50),
+        zoo_entry("iwae-k50-dreg", "iwae", "IWAE, k = 50, DReG estimator (Tucker et al.)", ("estimator",), k=50,
+                  estimator="dreg"),
+        zoo_entry("geco-iwae", "geco-iwae", "GECO + IWAE, k = 5 (the seed's)", ("estimator",) + GECO, k=5),
+        zoo_entry("hvae", "hvae", "two stochastic layers (Burda et al.), the k-sample ELBO", benchmarked=False),
+        zoo_entry("hiwae-k5", "hiwae", "two stochastic layers, IWAE bound, k = 5", k=5),
+        zoo_entry("vhp-vae", "vhp-vae", "VHP-VAE (Klushyn et al.): learned hierarchical prior, constrained",
+                  GECO + ("prior_k",)),
+    ]
+
+
+# --- autoregressive models -------------------------------------------------------------------------------------
+
+@dataclass
+class GatedPixelCNNConfig:
+    channels: int = option(32, "feature channels")
+    layers: int = option(6, "gated layers, the first a 7x7 type A")
+    levels: int = option(2, "2: binarised pixels (Bernoulli), 256: the bytes (softmax)", (2, 256))
+
+
+def gated_pixelcnn(config: GatedPixelCNNConfig):
+    return vaekernels.nn.GatedPixelCNN(1, config.channels, config.layers, levels=config.levels, num_classes=10)
+
+
+def gated_pixelcnn_data(config: GatedPixelCNNConfig, settings):
+    prepare = binarized_images if config.levels == 2 else _byte_images
+    return mnist_batches(prepare, labels=True)(config, settings)
+
+
+def _byte_images(images, generator):
+    return images.float().unflatten(1, (1, 28, 28))
 
 
 def gated_pixelcnn_loss(net, batch):
     x, y = batch
-    return net.nll(x, y).mean()
+    return net.nll(x, y.long()).mean()
 
 
-def grae_loss(columns):
-    def loss(net, batch):
-        return net.loss(batch[0], 0.2, columns, None)
-    return loss
+def gated_pixelcnn_pictures(model, batches, generator, config) -> dict:
+    """samples.png: a column per class, drawn with the cached sampler."""
+    labels = torch.arange(10).repeat(2)
+    samples = model.sample(len(labels), (28, 28), labels, generator=generator)
+    return {"samples.png": (samples.flatten(1) / (config.levels - 1), 10, (28, 28))}
 
 
-def factor_vae_step(model, optimizers, batch):
-    return model.train_step(batch[0], None, None, optimizers)["loss"]
+@dataclass
+class MixtureConfig:
+    filters: int = option(32, "feature channels")
+    blocks: int = option(3, "gated ResNet blocks per stream (PixelSNAIL: attention blocks)")
+    mixtures: int = option(5, "logistic components per pixel")
+    resnets: int = option(2, "gated ResNets per attention block")
+    key_channels: int = option(16, "channels of the attention's keys")
+    heads: int = option(2, "attention heads")
+    samples: int = option(16, "images in samples.png (drawn pixel by pixel)")
 
 
-def gated_pixelcnn(channels: int = 32, layers: int = 6):
-    return vaekernels.nn.GatedPixelCNN(1, channels, layers, levels=2, num_classes=10)
+def pixelcnn_plus_plus(config: MixtureConfig):
+    return MixtureModel(PixelCNNPlusPlus(1, config.filters, config.blocks, config.mixtures))
 
 
-def pixelcnn_plus_plus(filters: int = 32, blocks: int = 3, mixtures: int = 5):
-    return MixtureModel(PixelCNNPlusPlus(1, filters, blocks, mixtures))
+def pixelsnail(config: MixtureConfig):
+    return MixtureModel(PixelSNAIL(1, config.filters, config.blocks, config.resnets, config.key_channels,
+                                   config.heads, config.mixtures))
 
 
-def pixelsnail(filters: int = 32, blocks: int = 2, resnets: int = 2, key_channels: int = 16, heads: int = 2,
-               mixtures: int = 5):
-    return MixtureModel(PixelSNAIL(1, filters, blocks, resnets, key_channels, heads, mixtures))
+@dataclass
+class LatentAutoregressiveConfig:
+    latent_dim: int = option(16, "latent units")
+    channels: int = option(32, "decoder feature channels")
+    samples: int = option(16, "images in samples.png (drawn pixel by pixel)")
 
 
-def pixelvae(latent_dim: int = 16, channels: int = 32):
-    return LatentAutoregressiveModel(GatedDecoder(latent_dim, channels), latent_dim)
+def pixelvae(config: LatentAutoregressiveConfig):
+    return LatentAutoregressiveModel(GatedDecoder(config.latent_dim, config.channels), config.latent_dim)
 
 
-def vlae(latent_dim: int = 16, channels: int = 32):
-    return LatentAutoregressiveModel(LocalWindowDecoder(latent_dim, channels), latent_dim)
+def vlae(config: LatentAutoregressiveConfig):
+    return LatentAutoregressiveModel(LocalWindowDecoder(config.latent_dim, config.channels), config.latent_dim)
 
 
-def grae(method: str, latent_dim: int = 8, hidden_dim: int = 256):
-    return Autoencoder(method, "mlp", latent_dim, hidden_dim)
+def autoregressive_loss(net, batch):
+    return net.loss(batch[0]).mean()
 
 
-def factor_vae(latent_dim: int = 10):
-    return FactorVAE(64 * 64, (64, 64), arch="conv64", latent_dim=latent_dim)
+def autoregressive_pictures(model, batches, generator, config) -> dict:
+    images = model.sample(config.samples, generator)
+    return {"samples.png": (images.flatten(1), math.ceil(math.sqrt(config.samples)), images.shape[-2:])}
 
 
-SMALL_PIXEL_MIXTURE = {"filters": 8, "blocks": 1, "mixtures": 2}
+def nats_evaluation(loss, bits: bool):
+    """The test ``loss`` in nats per image (the NLL, or the negative ELBO, an upper bound on it), and in bits per
+    dim where ``bits``."""
+    def evaluate(model, batches, options) -> dict:
+        nats, count = mean_test_loss(loss, model, batches, options.get("limit"))
+        metrics = {"test_nats": nats, "test_images": count}
+        if bits:
+            metrics["test_bits_per_dim"] = nats / (MNIST_PIXELS * math.log(2))
+        return metrics
+    return evaluate
 
 
-def _entries() -> list[ModelEntry]:
+SMALL_MIXTURE = {"filters": 8, "blocks": 1, "mixtures": 2}
+
+
+def autoregressive_entries() -> list[ModelEntry]:
     binary_images = binary_digits(32, (1, 28, 28), labels=False)
+    common = {"pictures": autoregressive_pictures, "loss": autoregressive_loss, "batch_size": 32, "lr": 2e-3,
+              "budget": {"minutes": 2.0}, "family": "autoregressive"}
     return [
-        zoo_entry("vae", "vae", "VAE, MLP 784-200-200-50, Bernoulli, batch 100"),
-        zoo_entry("beta-vae", "beta-vae", "beta-VAE (beta 0.5), as vae"),
-        zoo_entry("capacity-vae", "capacity-vae", "beta-VAE with controlled capacity (Burgess et al.)"),
-        zoo_entry("geco", "geco", "GECO: min KL s.t. reconstruction <= kappa^2"),
-        zoo_entry("cvae", "cvae", "conditional VAE, one-hot labels into encoder and decoder"),
-        zoo_entry("iwae-k5", "iwae", "IWAE, k = 5", k=5),
-        zoo_entry("iwae-k50", "iwae", "IWAE, k = 50", k=50),
-        zoo_entry("iwae-k50-dreg", "iwae", "IWAE, k = 50, DReG estimator", k=50, estimator="dreg"),
-        zoo_entry("geco-iwae", "geco-iwae", "GECO + IWAE, k = 5", k=5),
-        zoo_entry("hiwae-k5", "hiwae", "two stochastic layers, IWAE bound, k = 5", k=5),
-        zoo_entry("vhp-vae", "vhp-vae", "VHP-VAE: learned hierarchical prior in the Lagrangian"),
-        ModelEntry("gated-pixelcnn", "Gated PixelCNN, 6 layers of 32 channels, class-conditional, batch 32",
-                   gated_pixelcnn, binary_digits(32, (1, 28, 28)), gated_pixelcnn_loss,
-                   small={"channels": 8, "layers": 2}),
-        ModelEntry("pixelcnn++", "PixelCNN++, 32 filters, 3 blocks, 5 logistics, batch 32", pixelcnn_plus_plus,
-                   byte_digits(32, "signed"), autoregressive_loss, lr=2e-3, small=SMALL_PIXEL_MIXTURE),
-        ModelEntry("pixelsnail", "PixelSNAIL, 32 filters, 2 blocks x 2 resnets, 2 heads, batch 32", pixelsnail,
-                   byte_digits(32, "signed"), autoregressive_loss, lr=2e-3,
-                   small={**SMALL_PIXEL_MIXTURE, "resnets": 1, "key_channels": 4, "heads": 1}),
-        ModelEntry("pixelvae", "PixelVAE, latent 16, 3 gated layers of 32 channels, batch 32", pixelvae,
-                   binary_images, autoregressive_loss, lr=2e-3, small={"latent_dim": 4, "channels": 8}),
-        ModelEntry("vlae", "VLAE, latent 16, 3x3 type-A window, batch 32", vlae, binary_images, autoregressive_loss,
-                   lr=2e-3, small={"latent_dim": 4, "channels": 8}),
-        ModelEntry("grae-star", "GRAE*, MLP 784-256-256-8 softplus, one sampled Jacobian column, batch 100",
-                   functools.partial(grae, "grae-star"), byte_digits(100, "unit"), grae_loss(1),
-                   small={"hidden_dim": 16}),
-        ModelEntry("grae", "GRAE, exact Jacobian regulariser, as grae-star", functools.partial(grae, "grae"),
-                   byte_digits(100, "unit"), grae_loss(None), small={"hidden_dim": 16}),
-        ModelEntry("factor-vae", "FactorVAE on 64x64 shapes, conv64, batch 64 (VAE and discriminator steps)",
-                   factor_vae, shapes_batch(64), zoo_loss, train_step=factor_vae_step, small={"latent_dim": 4}),
+        ModelEntry("gated-pixelcnn", "Gated PixelCNN (van den Oord et al.): 6 layers of 32 channels, "
+                   "class-conditional, binarised MNIST", GatedPixelCNNConfig, gated_pixelcnn, gated_pixelcnn_data,
+                   gated_pixelcnn_pictures, nats_evaluation(gated_pixelcnn_loss, False), loss=gated_pixelcnn_loss,
+                   options=("channels", "layers", "levels"), small={"channels": 8, "layers": 2},
+                   batch=binary_digits(32, (1, 28, 28)), batch_size=32, budget={"epochs": 1},
+                   family="autoregressive"),
+        ModelEntry("pixelcnn++", "PixelCNN++ (Salimans et al.): 32 filters, 3 blocks, 5 logistics, 256-level MNIST",
+                   MixtureConfig, pixelcnn_plus_plus, mnist_batches(signed_images),
+                   evaluate=nats_evaluation(autoregressive_loss, True), options=("filters", "blocks", "mixtures", "samples"),
+                   small=SMALL_MIXTURE, batch=byte_digits(32, "signed"), **common),
+        ModelEntry("pixelsnail", "PixelSNAIL (Chen et al.): 32 filters, 2 blocks x 2 resnets, causal attention",
+                   MixtureConfig, pixelsnail, mnist_batches(signed_images),
+                   evaluate=nats_evaluation(autoregressive_loss, True), defaults={"blocks": 2},
+                   options=("filters", "blocks", "resnets", "key_channels", "heads", "mixtures", "samples"),
+                   small={**SMALL_MIXTURE, "resnets": 1, "key_channels": 4, "heads": 1},
+                   batch=byte_digits(32, "signed"), **common),
+        ModelEntry("pixelvae", "PixelVAE (Gulrajani et al.): latent 16, 3 gated PixelCNN layers in the decoder",
+                   LatentAutoregressiveConfig, pixelvae, mnist_batches(binarized_images),
+                   evaluate=nats_evaluation(autoregressive_loss, False), options=("latent_dim", "channels", "samples"),
+                   small={"latent_dim": 4, "channels": 8}, batch=binary_images, **common),
+        ModelEntry("vlae", "VLAE (Chen et al.): latent 16, a 3x3 type-A window decoder", LatentAutoregressiveConfig,
+                   vlae, mnist_batches(binarized_images), evaluate=nats_evaluation(autoregressive_loss, False),
+                   options=("latent_dim", "channels", "samples"), small={"latent_dim": 4, "channels": 8},
+                   batch=binary_images, **common),
     ]
 
 
-REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in _entries()}
+# --- decoder Jacobians: GRAE ------------------------------------------------------------------------------------
+
+@dataclass
+class GRAEConfig:
+    arch: str = option("mlp", "networks (conv: the decoder's Jacobian on the torch.func.jvp path)", ("mlp", "conv"))
+    beta: float = option(0.2, "beta (the paper's MNIST figure: 0.2 to 1)")
+    columns: int = option(1, "GRAE*: Jacobian columns sampled per step (0: all of them)")
+    latent_dim: int = option(8, "latent units")
+    hidden_dim: int = option(256, "hidden units")
+
+
+def grae(method: str):
+    def make(config: GRAEConfig):
+        if not 0 <= config.columns <= config.latent_dim:
+            raise ValueError(f"models: --columns must be in [0, {config.latent_dim}], got {config.columns}")
+        return Autoencoder(method, config.arch, config.latent_dim, config.hidden_dim, config.beta,
+                           config.columns or None)
+    return make
+
+
+def grae_loss(net, batch):
+    return net.loss(batch[0])
+
+
+def grae_pictures(model, batches, generator, config) -> dict:
+    x, _ = batches.test(50)
+    x = x.to(next(model.parameters()).device)
+    reconstruction = model.decoder(model.encode(x)).clamp(0, 1)
+    z = torch.randn(100, model.latent, generator=generator).to(x.device)
+    return {"reconstructions.png": (reconstruction_rows(x, reconstruction), 10, (28, 28)),
+            "samples.png": (model.decoder(z).clamp(0, 1), 10, (28, 28))}
+
+
+def grae_evaluate(model, batches, options) -> dict:
+    x, _ = batches.test(options.get("limit"))
+    x = x.to(next(model.parameters()).device)
+    return {"test_half_sq_error": 0.5 * (x - model.decoder(model.encode(x))).square().sum(-1).mean().item(),
+            "test_images": len(x)}
+
+
+def grae_entry(name: str, method: str, description: str, options, benchmarked: bool = True) -> ModelEntry:
+    return ModelEntry(name, description, GRAEConfig, grae(method), mnist_batches(unit_images), grae_pictures,
+                      grae_evaluate, loss=grae_loss, options=options, small={"hidden_dim": 16},
+                      batch=byte_digits(100, "unit"), budget={"epochs": 2}, benchmarked=benchmarked, family="jacobian")
+
+
+def grae_entries() -> list[ModelEntry]:
+    common = ("arch", "beta", "latent_dim", "hidden_dim")
+    return [
+        grae_entry("grae-star", "grae-star", "GRAE* (Kumar & Poole): MLP 784-256-256-8 softplus, one sampled "
+                   "Jacobian column a step", common + ("columns",)),
+        grae_entry("grae", "grae", "GRAE: the exact log-determinant regulariser, as grae-star", common),
+        grae_entry("grae-beta-vae", "beta-vae", "the Gaussian beta-VAE that GRAE approximates, as grae-star",
+                   common, benchmarked=False),
+    ]
+
+
+# --- reversible networks: flows and classifiers ------------------------------------------------------------------
+
+@dataclass
+class NICEConfig:
+    blocks: int = option(2, "AdditiveCoupling blocks (two NICE layers each)")
+    hidden: int = option(500, "hidden units of the coupling MLPs")
+    layers: int = option(4, "hidden layers per coupling MLP")
+
+
+def nice_loss(net, batch):
+    return -net.log_prob(batch[0]).mean()
+
+
+def nice_pictures(model, batches, generator, config) -> dict:
+    return {"samples.png": (model.sample(100, generator).clamp(0, 1), 10, (28, 28))}
+
+
+def nice_evaluate(model, batches, options) -> dict:
+    nats, count = mean_test_loss(nice_loss, model, batches, options.get("limit"))
+    return {"test_nll_nats": nats, "test_bits_per_dim": bits_per_dim(nats), "test_images": count}
+
+
+@dataclass
+class RevNetConfig:
+    mode: str = option("reversible", "reversible backward, the matched ResNet, or it with checkpointing", MODES)
+    depth: int = option(8, "coupling blocks in all")
+    width: int = option(16, "channels after the stem")
+    stages: int = option(2, "stages (each halves the resolution)")
+    dropout: float = option(0.0, "dropout in the residual functions")
+
+
+@dataclass
+class IRevNetConfig:
+    blocks: int = option(4, "couplings per stage")
+    hidden: int = option(32, "bottleneck channels")
+
+
+def classifier_images(images, generator):
+    return (images.float() / 255).unflatten(1, (1, 28, 28))
+
+
+def classifier_loss(net, batch):
+    x, y = batch
+    return F.cross_entropy(net(x), y.long())
+
+
+def classifier_pictures(model, batches, generator, config) -> dict:
+    """predictions.png: row k holds test digits the model calls k (blank where fewer than 10);
+    i-RevNet also reconstructions.png: test digits, each followed by the one rebuilt from its features."""
+    x, _ = batches.test(500)
+    x = x.to(next(model.parameters()).device)
+    predicted = model(x).argmax(1)
+    rows = [x[predicted == k][:10] for k in range(10)]
+    rows = [torch.cat([row, row.new_zeros(10 - len(row), *row.shape[1:])]) for row in rows]
+    pictures = {"predictions.png": (torch.cat(rows), 10, (28, 28))}
+    if isinstance(model, IRevNet):
+        pictures["reconstructions.png"] = (reconstruction_rows(x[:50], model.inverse(model.features(x[:50]))
+                                                               .clamp(0, 1)), 10, (28, 28))
+    return pictures
+
+
+def classifier_evaluate(model, batches, options) -> dict:
+    x, y = batches.test(options.get("limit"))
+    device = next(model.parameters()).device
+    correct = sum((model(xb.to(device)).argmax(1).cpu() == yb.long()).sum().item()
+                  for xb, yb in zip(x.split(500), y.split(500)))
+    metrics = {"test_accuracy": correct / len(x), "test_images": len(x)}
+    if isinstance(model, IRevNet):
+        xb = x[:500].to(device)
+        rebuilt = model.inverse(model.features(xb))
+        metrics["reconstruction_rel_err"] = ((rebuilt - xb).norm() / xb.norm()).item()
+    return metrics
+
+
+def reversible_entries() -> list[ModelEntry]:
+    classifier = {"loss": classifier_loss, "batch_size": 64, "budget": {"epochs": 1}, "benchmarked": False,
+                  "family": "flows"}
+    return [
+        ModelEntry("nice", "NICE (Dinh et al.): additive-coupling flow, exact likelihood of dequantised MNIST",
+                   NICEConfig, lambda config: NICE(config.blocks, config.hidden, config.layers),
+                   mnist_batches(dequantised), nice_pictures, nice_evaluate, loss=nice_loss,
+                   options=("blocks", "hidden", "layers"), small={"blocks": 1, "hidden": 8, "layers": 1},
+                   budget={"epochs": 1}, benchmarked=False, family="flows"),
+        ModelEntry("revnet", "RevNet (Gomez et al.) MNIST classifier; --mode resnet/checkpoint: its matched ResNet",
+                   RevNetConfig, lambda c: RevNet(c.depth, c.width, c.stages, mode=c.mode, dropout=c.dropout),
+                   mnist_batches(classifier_images, labels=True), classifier_pictures, classifier_evaluate,
+                   options=("mode", "depth", "width", "stages", "dropout"), small={"depth": 2, "width": 4},
+                   **classifier),
+        ModelEntry("irevnet", "i-RevNet (Jacobsen et al.): a bijective MNIST classifier", IRevNetConfig,
+                   lambda config: IRevNet(config.blocks, config.hidden),
+                   mnist_batches(classifier_images, labels=True), classifier_pictures, classifier_evaluate,
+                   options=("blocks", "hidden"), small={"blocks": 1, "hidden": 4}, **classifier),
+    ]
+
+
+# --- adversarial models -----------------------------------------------------------------------------------------
+
+@dataclass
+class AdversarialConfig:
+    latent_dim: int = option(10, "latent units (InfoGAN: incompressible noise)")
+    hidden_dim: int = option(512, "hidden units of the MLPs")
+    beta: float = option(1.0, "KL weight")
+    gamma: float = option(10.0, "weight of the total correlation")
+    categories: int = option(10, "values of the categorical code")
+    continuous: int = option(2, "continuous codes, uniform on [-1, 1]")
+    info_weight: float = option(1.0, "lambda of the information term")
+    prior: str = option("gaussian", "the code's prior (mixture, swiss-roll: 2-D)", PRIORS)
+    condition: str = option("none", "one-hot label into the discriminator (with the prior's matching part) or "
+                            "decoder", CONDITIONS)
+    noise_dim: int = option(8, "noise units into the black-box encoder")
+    feature_matching: bool = option(False, "improved GAN: the generator matches the discriminator's features")
+    historical_averaging: float = option(0.0, "improved GAN: weight of ||theta - mean of past theta||^2")
+    label_smoothing: float = option(0.0, "improved GAN: one-sided, the real target 1 - ALPHA")
+    virtual_batch_norm: bool = option(False, "improved GAN: the generator normalised against a reference batch")
+
+
+def adversarial_model(kind):
+    def make(c: AdversarialConfig):
+        techniques = Techniques(**{name: getattr(c, name) for name in TECHNIQUE_NAMES})
+        if kind is FactorVAE:
+            return FactorVAE(64 * 64, (64, 64), arch="conv64", latent_dim=c.latent_dim, beta=c.beta, gamma=c.gamma)
+        if kind is InfoGAN:
+            return InfoGAN(MNIST_PIXELS, (28, 28), noise_dim=c.latent_dim, categories=c.categories,
+                           continuous=c.continuous, hidden_dim=c.hidden_dim, info_weight=c.info_weight,
+                           techniques=techniques)
+        if kind is AAE:
+            if c.prior != "gaussian" and c.latent_dim != 2:
+                raise ValueError(f"models: --prior {c.prior} is 2-D: --latent-dim must be 2, got {c.latent_dim}")
+            return AAE(MNIST_PIXELS, (28, 28), latent_dim=c.latent_dim, hidden_dim=c.hidden_dim, prior=c.prior,
+                       condition=c.condition, techniques=techniques)
+        if kind is AVB:
+            return AVB(MNIST_PIXELS, (28, 28), latent_dim=c.latent_dim, hidden_dim=c.hidden_dim,
+                       noise_dim=c.noise_dim)
+        return BiGAN(MNIST_PIXELS, (28, 28), latent_dim=c.latent_dim, hidden_dim=c.hidden_dim,
+                     techniques=techniques)
+    return make
+
+
+def adversarial_step(model, optimizers, batch) -> dict:
+    x, y = batch
+    return model.train_step(x, y, None, optimizers)
+
+
+def adversarial_pictures(model, batches, generator, config) -> dict:
+    if isinstance(model, VAE):
+        return vae_pictures(model, batches, generator, config)
+    x, y = batches.test(50)
+    return {name: (images, columns, (28, 28)) for name, (images, columns) in model.pictures(x, y, generator).items()}
+
+
+def no_test_metric(model, batches, options) -> dict:
+    """The adversarial models' test numbers are the studies' (``python -m models study disentanglement``)."""
+    return {}
+
+
+def _mnist_input(likelihood: str):
+    """MNIST as the adversarial models see it: binarised for the Bernoulli decoders, intensities for the GANs."""
+    return functools.partial(_zoo_input, False, likelihood)
+
+
+def adversarial_entries() -> list[ModelEntry]:
+    def entry(name, kind, description, options, benchmarked=False, **extra):
+        likelihood = "bernoulli" if kind in (AAE, AVB) else "gaussian"
+        gan = {"lr": 2e-4, "betas": (0.5, 0.999), "data": mnist_batches(_mnist_input(likelihood), labels=True)}
+        settings = {"batch_size": 64, "budget": {"steps": 1000}, "small": {"latent_dim": 2, "hidden_dim": 16},
+                    **({} if kind is FactorVAE else gan), **extra}
+        return ModelEntry(name, description, AdversarialConfig, adversarial_model(kind), pictures=adversarial_pictures,
+                          evaluate=no_test_metric, train_step=adversarial_step, options=options,
+                          benchmarked=benchmarked, family="adversarial", **settings)
+
+    improved = tuple(TECHNIQUE_NAMES)
+    return [
+        entry("factor-vae", FactorVAE, "FactorVAE (Kim & Mnih) on the 64x64 shapes: conv64, a VAE and a "
+              "discriminator step", ("latent_dim", "beta", "gamma"), benchmarked=True, loss=zoo_loss,
+              data=lambda config, settings: ShapesBatches(Shapes(), settings.batch_size, settings.seed),
+              batch=shapes_batch(64), small={"latent_dim": 4}),
+        entry("infogan", InfoGAN, "InfoGAN (Chen et al.) on MNIST: a categorical and continuous codes",
+              ("latent_dim", "hidden_dim", "categories", "continuous", "info_weight") + improved,
+              defaults={"latent_dim": 62}),
+        entry("aae", AAE, "adversarial autoencoder (Makhzani et al.) on MNIST, 2-D code",
+              ("latent_dim", "hidden_dim", "prior", "condition") + AAE.SUPPORTED, defaults={"latent_dim": 2}),
+        entry("avb", AVB, "adversarial variational Bayes (Mescheder et al.) on MNIST",
+              ("latent_dim", "hidden_dim", "noise_dim"), defaults={"latent_dim": 8}),
+        entry("bigan", BiGAN, "BiGAN / ALI (Donahue et al.; Dumoulin et al.) on MNIST",
+              ("latent_dim", "hidden_dim") + improved, defaults={"latent_dim": 16}),
+    ]
+
+
+MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in zoo_entries() + autoregressive_entries()
+                                 + grae_entries() + reversible_entries() + adversarial_entries()}
+"""Every model that ``python -m models train`` trains, by name."""
+
+REGISTRY: dict[str, ModelEntry] = {name: entry for name, entry in MODELS.items() if entry.benchmarked}
+"""The models whose training step the model-step benchmark and the compile tests take."""
+
+
+def load_run(run: Path, device="cpu", data_dir: Path | None = None):
+    """A trained run: (its entry, its config, its model with the checkpoint's weights in eval mode, its data;
+    from ``data_dir`` where given, else the run's own)."""
+    checkpoint = torch.load(run / "checkpoint.pt", map_location=device, weights_only=False)
+    entry = MODELS[checkpoint["model_name"]]
+    config = entry.config(**checkpoint["config"])
+    settings = Settings(**checkpoint["settings"])
+    if data_dir is not None:
+        settings = replace(settings, data_dir=str(data_dir))
+    model = entry.build(config).to(device)
+    model.load_state_dict(checkpoint["model"])
+    return entry, config, model.eval(), entry.data(config, settings)

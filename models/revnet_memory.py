@@ -22,8 +22,8 @@ on a fixed random batch. Readings:
 Prints a table and writes ``table.md``, ``results.json`` and ``revnet_memory.png`` (memory and
 time against depth) to ``--out``::
 
-    python -m models.revnet_memory                      # depths 8 16 32 64
-    python -m models.revnet_memory --depths 4 8 12 --out runs/study-small
+    python -m models study revnet-memory                      # depths 8 16 32 64
+    python -m models study revnet-memory --depths 4 8 12 --out runs/study-small
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 
-from models._cli import json_settings, new_run_dir, write_json
+from models.training.trainer import holds_run, write_json
 from models.revnet import MODES, RevNet
 
 LABELS = {"reversible": "RevNet (reversible)", "resnet": "matched ResNet", "checkpoint": "ResNet + checkpoint/block"}
@@ -206,7 +206,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m models.revnet_memory", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models study revnet-memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64], help="coupling blocks in all")
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--stages", type=int, default=2)
@@ -219,7 +219,10 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if any(d < args.stages or d % args.stages for d in args.depths):
         parser.error(f"--depths must be positive multiples of --stages = {args.stages}, got {args.depths}")
-    out = new_run_dir(parser, args.out)
+    if holds_run(args.out):
+        parser.error(f"{args.out} already holds a study; choose another --out")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -231,10 +234,6 @@ def main(argv=None) -> list[dict]:
     text = f"{setting}\n\n{table(rows)}\n"
     print(text)
     (out / "table.md").write_text(text)
-    write_json(out / "results.json", {"settings": json_settings(args), "device": name, "rows": rows})
+    write_json(out / "results.json", {"settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}, "device": name, "rows": rows})
     plot(rows, out / "revnet_memory.png", f"RevNet vs matched ResNet: {setting}")
     return rows
-
-
-if __name__ == "__main__":
-    main()

@@ -152,3 +152,28 @@ def _ellipse(u, v):
 def _heart(u, v):
     u, v = u * 1.14, v * 1.14 + 0.125  # the curve spans [-1.14, 1.14] x [-1, 1.25]: fit it and centre it
     return (u.square() + v.square() - 1).pow(3) <= u.square() * v.pow(3)
+
+
+class ShapesBatches:
+    """An endless stream of shapes as training batches (x [B, size * size] in {0, 1}, no labels), batch t a
+    function of (seed, t) alone, as :class:`models.data.Batches` (``steps_per_epoch`` None: there are no epochs).
+
+    >>> batches = ShapesBatches(Shapes(size=16), 4, seed=0)
+    >>> batches.batch(3)[0].shape, torch.equal(batches.batch(3)[0], batches.batch(3)[0])
+    (torch.Size([4, 256]), True)
+    """
+
+    steps_per_epoch = None
+
+    def __init__(self, shapes: Shapes, batch_size: int, seed: int):
+        self.shapes, self.batch_size, self.seed = shapes, batch_size, seed
+        self.image_shape = (shapes.size, shapes.size)
+
+    def batch(self, step: int):
+        images, _ = self.shapes.sample(self.batch_size, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+        return images.flatten(1).float(), None
+
+    def test(self, count: int | None = None):
+        # seed - 1: a seed no training batch is drawn with.
+        images, _ = self.shapes.sample(count or 1000, torch.Generator().manual_seed(self.seed - 1))
+        return images.flatten(1).float(), None

@@ -1,4 +1,4 @@
-"""The seed's two toys: ``python -m models.toys gradient-variance`` and ``python -m models.toys collapse``.
+"""The seed's two toys: ``python -m models study gradient-variance`` and ``python -m models study collapse``.
 
 1. Gradient variance (seed 001, "log-derivative trick" vs "reparametrization trick"): the gradient
    of E_q[f(z)] with respect to q's mean, q = N(mu, sigma^2 I), f(z) = -||z - x||^2 / 2, estimated
@@ -24,8 +24,8 @@ import argparse
 import torch
 
 import vaekernels
-from .metrics import active_units
-from .zoo import build_model
+from models.metrics import active_units
+from models.zoo import build_model
 
 
 def gradient_variance(dim: int, samples: int = 10000, sigma: float = 1.0, seed: int = 0) -> dict:
@@ -108,7 +108,7 @@ def posterior_collapse(covariance: str, steps: int = 500, dim: int = 5, seed: in
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.toys", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models study", description=__doc__.split("\n\n")[0])
     parser.add_argument("toy", choices=("gradient-variance", "collapse"))
     args = parser.parse_args(argv)
     if args.toy == "gradient-variance":
@@ -123,7 +123,3 @@ def main(argv=None) -> None:
             r = posterior_collapse(covariance)
             print(f"Sigma {covariance}: {r['active_units']} active units of 5 (Var_x E_q[z] = "
                   f"{', '.join(f'{v:.3f}' for v in r['latent_variances'])}), KL {r['kl']:.3f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,7 @@ structure must go through z, which enters as a 28x28 feature map decoded from th
 encoder and the loss (negative ELBO, in nats) are PixelVAE's (:mod:`models.pixelvae`); the KL
 term in metrics.json is the information z carries.
 
-    nice -n 10 python -m models.vlae --minutes 2 --out runs/vlae
+    nice -n 10 python -m models train vlae --minutes 2
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from vaekernels.nn import MaskedConv2d
-from .pixelvae import run
 
 
 class LocalWindowDecoder(nn.Module):
@@ -32,13 +31,3 @@ class LocalWindowDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.head(self.window(x) + self.from_z(z))
-
-
-def main(argv=None) -> dict:
-    return run(argv, "python -m models.vlae", "Train a VLAE (local-window autoregressive decoder) on binarised MNIST.",
-               lambda args: LocalWindowDecoder(args.latent_dim, args.channels),
-               "VLAE: latent {latent_dim}, 3x3 type-A window + 1x1 layers of {channels} channels")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,5 @@
 """The autoregressive MNIST models: exact causality of their networks, a few training steps that
-lower the loss, sampling, and the command line on a tiny synthetic MNIST."""
-
-import gzip
-import json
-import struct
+lower the loss, and sampling (their training command: tests/test_models_cli.py)."""
 
 import pytest
 import torch
@@ -120,29 +116,3 @@ def test_samples_are_images_on_the_grid(name):
     assert images.shape == (2, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
     levels = 1 if name in BINARY else 255
     assert (images * levels - torch.round(images * levels)).abs().max() < 1e-4
-
-
-def write_mnist(directory, n):
-    """A synthetic MNIST in the standard IDX .gz files."""
-    folder = directory / "mnist"
-    folder.mkdir(parents=True)
-    images = (synthetic_digits(n, torch.Generator().manual_seed(1)) * 255).to(torch.uint8).squeeze(1)
-    for prefix in ("train", "t10k"):
-        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.numpy().tobytes())
-        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 0x801, n) + bytes(n))
-
-
-def test_command_line_writes_metrics_samples_and_checkpoint(tmp_path):
-    """The shared CLI (models/pixel_training.py) through the smallest PixelCNN++."""
-    module, extra = pixelcnnpp, ["--filters", "4", "--blocks", "1", "--mixtures", "2"]
-    write_mnist(tmp_path / "data", 8)
-    out = tmp_path / "run"
-    metrics = module.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--epochs", "1",
-                           "--batch-size", "4", "--samples", "1", "--sample-size", "6", "--no-progress", *extra])
-    assert (out / "samples.png").is_file() and (out / "checkpoint.pt").is_file()
-    assert json.loads((out / "metrics.json").read_text())["test_nll_nats"] == pytest.approx(metrics["test_nll_nats"])
-    assert metrics["train_steps"] == 2
-    with pytest.raises(SystemExit):  # an earlier run is never overwritten
-        module.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-progress"])

@@ -1,7 +1,6 @@
-"""The zoo's command lines on MNIST-shaped files made here: training writes its run and never
-overwrites one, --resume equals an uninterrupted run bit for bit, a non-finite loss stops with a
-message, bad arguments and missing files say what is wrong, two gloo processes train with DDP,
-and evaluate / compare run on the result."""
+"""The likelihood zoo through ``python -m models``: bad options say what is wrong, missing files name the file
+and the place, two gloo processes train with DDP, and evaluate and the seed-tables study run on the result.
+(Every model's run, resume and pictures: tests/test_models_cli.py.)"""
 
 import json
 import os
@@ -14,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_data import write_fake_mnist
 
-from models import compare, data, evaluate, train, zoo
-from test_models import write_fake_mnist
+from models import compare, data
+from models.cli import main
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TINY = ["--latent-dim", "3", "--hidden-dim", "8", "--batch-size", "10", "--limit-train", "30", "--no-progress"]
@@ -29,65 +29,24 @@ def mnist_dir(tmp_path_factory):
     return root
 
 
-def test_training_writes_its_run_and_never_overwrites_it(mnist_dir, tmp_path):
-    out = tmp_path / "run"
-    common = ["--data-dir", str(mnist_dir), "--out", str(out), *TINY]
-    summary = train.main(common + ["--model", "cvae", "--steps", "4"])
-    for name in ("checkpoint.pt", "history.json", "settings.json", "reconstructions.png", "samples.png"):
-        assert (out / name).is_file(), name
-    assert summary["step"] == 4 and len(summary["history"]["loss"]) == 4
-    with pytest.raises(SystemExit):
-        train.main(common + ["--steps", "4"])
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
-
-
-def _state(path):
-    checkpoint = torch.load(path, weights_only=False)
-    return checkpoint["model"], checkpoint["optimizer"]["state"], checkpoint["step"]
-
-
-@pytest.mark.parametrize("model", ["geco", "iwae"])
-def test_resume_continues_exactly(mnist_dir, tmp_path, model):
-    common = ["--data-dir", str(mnist_dir), "--model", model, "--k", "2", "--estimator", "dreg"
-              if model == "iwae" else "iwae", *TINY]
-    # 3 steps an epoch: the stop after 2 falls mid-epoch and the run goes on into the next one.
-    train.main(common + ["--out", str(tmp_path / "whole"), "--steps", "5"])
-    train.main(common + ["--out", str(tmp_path / "split"), "--steps", "2"])
-    train.main(["--out", str(tmp_path / "split"), "--resume", "--steps", "5", "--no-progress"])
-    (whole, whole_optim, whole_step), (split, split_optim, split_step) = (
-        _state(tmp_path / name / "checkpoint.pt") for name in ("whole", "split"))
-    assert whole_step == split_step == 5
-    assert whole.keys() == split.keys()
-    for key in whole:
-        assert torch.equal(whole[key], split[key]), key
-    for index, state in whole_optim.items():
-        for key, value in state.items():
-            assert torch.equal(value, split_optim[index][key]), (index, key)
-
-
-def test_a_non_finite_loss_stops_the_run_with_a_message(mnist_dir, tmp_path, monkeypatch):
-    def broken(self, x, y=None, generator=None):
-        reconstruction = self.decode(torch.zeros(len(x), 1, self.latent_dim), y).sum(-1).mean(1)
-        return reconstruction * float("nan"), reconstruction
-
-    monkeypatch.setattr(zoo.VAE, "terms", broken)
-    with pytest.raises(SystemExit, match=r"the loss became nan at step 1 .*lower --lr"):
-        train.main(["--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"), *TINY])
-
-
 @pytest.mark.parametrize("argv, message", [
-    (["--k", "0"], "--k must be a positive integer, got 0"),
-    (["--lr", "-1"], "--lr must be a positive number"),
-    (["--model", "geco-iwae", "--estimator", "dreg"], "geco-iwae takes --estimator iwae or stl"),
-    (["--model", "hiwae", "--estimator", "stl"], "hiwae takes only --estimator iwae"),
-    (["--model", "cvae", "--data", "binarized-mnist"], "cvae needs labels"),
-    (["--resume", "--out", "/nonexistent/run"], "--resume needs --out RUN_DIR holding checkpoint.pt"),
-    (["--model", "gan"], "invalid choice: 'gan'"),
+    (["geco-iwae", "--estimator", "dreg"], "estimator must be 'iwae' or 'stl', got 'dreg'"),
+    (["hiwae-k5", "--estimator", "stl"], "unrecognized arguments: --estimator stl"),
+    (["cvae", "--data", "binarized-mnist"], "cvae needs labels"),
+    (["vae", "--resume", "--out", "/nonexistent/run"], "--resume needs --out RUN holding checkpoint.pt"),
+    (["vae", "--lr", "-1"], "argument --lr: must be positive"),
+    (["vae", "--arch", "conv64"], "needs height and width divisible by 16"),
 ])
-def test_bad_arguments_say_what_is_wrong(argv, message, capsys):
+def test_bad_options_say_what_is_wrong(argv, message, mnist_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
-        train.parse_args(argv)
-    assert error.value.code == 2 and message in capsys.readouterr().err
+        main(["train", *argv, "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert message in str(error.value.code) + capsys.readouterr().err
+
+
+def test_an_unknown_model_lists_the_models(capsys):
+    with pytest.raises(SystemExit) as error:
+        main(["train", "gan"])
+    assert error.value.code == 2 and "iwae-k50-dreg" in capsys.readouterr().out
 
 
 def test_missing_files_name_the_file_and_the_place(tmp_path, monkeypatch):
@@ -135,8 +94,8 @@ def _free_port() -> int:
 def test_two_gloo_processes_train_with_ddp(mnist_dir, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "models.train", "--data-dir", str(mnist_dir), "--out", str(out),
-               "--model", "iwae", "--k", "2", "--steps", "3", "--device", "cpu", *TINY]
+               str(_free_port()), "-m", "models", "train", "iwae-k5", "--data-dir", str(mnist_dir), "--out", str(out),
+               "--k", "2", "--steps", "3", "--device", "cpu", *TINY]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
     # A session of its own, so a timeout ends the workers too, not only torchrun.
     process = subprocess.Popen(command, cwd=REPOSITORY, env=environment, stdout=subprocess.PIPE,
@@ -148,23 +107,21 @@ def test_two_gloo_processes_train_with_ddp(mnist_dir, tmp_path):
         _, stderr = process.communicate()
     assert process.returncode == 0, stderr[-3000:]
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert checkpoint["world_size"] == 2 and checkpoint["step"] == 3 and len(checkpoint["noise"]) == 2
+    assert checkpoint["world_size"] == 2 and checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
+    assert not torch.equal(checkpoint["rng"][0]["cpu"], checkpoint["rng"][1]["cpu"])  # each its own noise
 
 
-def test_evaluate_and_compare_run_on_a_trained_model(mnist_dir, tmp_path, capsys):
+def test_evaluate_and_the_seed_tables_run_on_trained_models(mnist_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    train.main(["--data-dir", str(mnist_dir), "--out", str(out), "--model", "hvae", "--steps", "2", *TINY])
-    argv = [str(out / "checkpoint.pt"), "--num-samples", "12", "--chunk-size", "5", "--no-progress",
-            "--data-dir", str(mnist_dir)]
-    first = evaluate.main(argv)
-    evaluate.main(argv)
-    assert (out / "evaluation.json").is_file() and (out / "evaluation-1.json").is_file()
+    main(["train", "hvae", "--data-dir", str(mnist_dir), "--out", str(out), "--steps", "2", *TINY])
+    first = main(["evaluate", str(out), "--num-samples", "12", "--no-progress", "--data-dir", str(mnist_dir)])
     assert json.loads((out / "evaluation.json").read_text())["nll"] == pytest.approx(first["nll"])
     assert first["nll_examples"] == 20 and "active_units_top" in first
-    results = compare.main(["--only", "vae", "iwae-k5", "--budget", "1", "--limit-train", "20", "--batch-size", "10",
-                            "--num-samples", "10", "--nll-limit", "5", "--surgery-limit", "8", "--no-progress",
-                            "--data-dir", str(mnist_dir), "--out", str(tmp_path / "compare")])
+    results = main(["study", "seed-tables", "--only", "vae", "iwae-k5", "--budget", "1", "--limit-train", "20",
+                    "--batch-size", "10", "--num-samples", "10", "--nll-limit", "5", "--surgery-limit", "8",
+                    "--no-progress", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "compare")])
     printed = capsys.readouterr().out
     assert "| 5 | - | - | " in printed and "| VAE |" in printed and results["iwae-k5"]["steps"] == 2
+    assert compare.main(["--only", "vae", "--out", str(tmp_path / "compare")])["vae"] == results["vae"]  # read back
     with pytest.raises(SystemExit):
-        evaluate.parse_args([str(tmp_path / "missing.pt")])
+        main(["evaluate", str(tmp_path / "missing")])

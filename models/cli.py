@@ -1,0 +1,230 @@
+"""The reference models' one command line, ``python -m models``.
+
+    python -m models list                          every model, one line each
+    python -m models train MODEL [options]         train it (python -m models train MODEL --help: its options)
+    python -m models evaluate RUN                  its test metrics, written to RUN/evaluation.json
+    python -m models sample RUN                    its pictures drawn again, into a new RUN/pictures-<n>
+    python -m models study NAME [options]          one of the studies (python -m models study --help)
+
+A run directory holds ``checkpoint.pt``, ``settings.json``, ``metrics.json`` and the model's PNG grids
+(:mod:`models.training.trainer`); ``train MODEL --out RUN --resume`` continues it exactly, with the run's own
+options and a new budget where one is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from models.registry import MODELS, load_run
+from models.training.trainer import Budget, Settings, Trainer, free_run_dir, holds_run, write_json
+
+PROG = "python -m models"
+FAMILIES = {"vae": "likelihood VAEs (models.zoo)", "autoregressive": "autoregressive models",
+            "jacobian": "decoder-Jacobian regularised autoencoders", "flows": "reversible flows and classifiers",
+            "adversarial": "adversarial and disentangling models"}
+# name -> (module with main(argv), what it does)
+STUDIES = {
+    "seed-tables": ("models.compare", "the seed tables' rows side by side: VAE, beta-VAE, GECO, IWAE on MNIST"),
+    "disentanglement": ("models.disentangle", "beta-VAE and FactorVAE on the shapes, both disentanglement metrics"),
+    "revnet-memory": ("models.revnet_memory", "RevNet against its matched ResNet: memory and time against depth"),
+    "grae-toy": ("models.grae_toy", "GRAE on a toy with a known decoder: does it find the right directions"),
+    "gradient-variance": ("models.toys", "score-function against reparameterised gradient variance"),
+    "collapse": ("models.toys", "posterior collapse with a linear decoder, diagonal against full covariance"),
+}
+
+
+def list_models() -> None:
+    width = max(map(len, MODELS))
+    for family, title in FAMILIES.items():
+        print(f"{title}:")
+        for name, entry in MODELS.items():
+            if entry.family == family:
+                print(f"  {name:<{width}}  {entry.description}")
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def train_parser(entry) -> argparse.ArgumentParser:
+    """The options of ``train MODEL``: the training ones, then the model's own (its config's fields)."""
+    parser = argparse.ArgumentParser(prog=f"{PROG} train {entry.name}", description=entry.description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, help=f"run directory (default: runs/{entry.name}-<n>, n the first free)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "
+                     "own options; a budget given here replaces its own")
+    run.add_argument("--data-dir", type=Path, help="dataset directory (default: $VAEKERNELS_DATA or ../shared/data)")
+    budget = ", ".join(f"{value} {key}" for key, value in entry.budget.items())
+    run.add_argument("--steps", type=_positive(int), help=f"optimiser steps in all (default budget: {budget})")
+    run.add_argument("--epochs", type=_positive(int), help="epochs in all")
+    run.add_argument("--minutes", type=_positive(float), help="CPU minutes of this process in all")
+    run.add_argument("--batch-size", type=_positive(int), default=entry.batch_size, help="global batch")
+    run.add_argument("--lr", type=_positive(float), default=entry.lr, help="Adam learning rate")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--limit-train", type=_positive(int), metavar="N", help="train on the first N training images")
+    run.add_argument("--checkpoint-every", type=_positive(int), default=1000, help="steps between checkpoints")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model = parser.add_argument_group(entry.name)
+    defaults = entry.default_config()
+    for f in fields(entry.config):
+        if f.name not in entry.options:
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if isinstance(default, bool):
+            model.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            model.add_argument(flag, type=type(default), default=default, choices=f.metadata["choices"],
+                               help=f.metadata["help"])
+    return parser
+
+
+def train(argv: list[str]) -> dict:
+    if not argv or argv[0] not in MODELS:
+        given = f"; got {argv[0]!r}" if argv and not argv[0].startswith("-") else ""
+        print(f"usage: {PROG} train MODEL [options]; MODEL one of{given}:\n", file=sys.stderr)
+        list_models()
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    entry = MODELS[argv[0]]
+    parser = train_parser(entry)
+    args = parser.parse_args(argv[1:])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = Budget(args.steps, args.epochs, args.minutes)
+    try:
+        if args.resume:
+            if args.out is None or not (args.out / "checkpoint.pt").is_file():
+                parser.error(f"--resume needs --out RUN holding checkpoint.pt; {args.out}/checkpoint.pt does not exist")
+            trainer = Trainer.resume(entry, args.out, budget=budget, device=args.device,
+                                     progress=not args.no_progress)
+        else:
+            out = args.out or free_run_dir(Path("runs"), entry.name)
+            if holds_run(out):
+                parser.error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            config = replace(entry.default_config(), **{name: getattr(args, name) for name in entry.options})
+            if budget == Budget():
+                budget = Budget(**entry.budget)
+            settings = Settings(args.batch_size, args.lr, args.seed, args.data_dir and str(args.data_dir),
+                                args.limit_train, args.checkpoint_every)
+            trainer = Trainer(entry, config, settings, out, budget=budget, device=args.device,
+                              progress=not args.no_progress)
+        metrics = trainer.fit()
+    except (ValueError, FileNotFoundError) as error:  # a bad option, missing data: the message says what to do
+        raise SystemExit(f"{PROG} train {entry.name}: {error}") from None
+    if trainer.rank == 0:
+        print(f"{entry.name}: {metrics['steps']} steps, {metrics['train_cpu_seconds']:.0f} CPU s, last steps "
+              + ", ".join(f"{key} {value:.4g}" for key, value in metrics["last_steps_mean"].items())
+              + f"; written to {trainer.out}")
+    return metrics
+
+
+def free_path(directory: Path, stem: str, suffix: str = "") -> Path:
+    """directory/stem<suffix>, or stem-1, stem-2, ... where taken: nothing is overwritten.
+
+    >>> free_path(Path("/nonexistent"), "evaluation", ".json")
+    PosixPath('/nonexistent/evaluation.json')
+    """
+    path, n = directory / f"{stem}{suffix}", 0
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}-{n}{suffix}"
+    return path
+
+
+def run_parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run", type=Path, help="run directory (holding checkpoint.pt)")
+    parser.add_argument("--data-dir", type=Path, help="dataset directory (default: the run's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def _load(parser, args):
+    if not (args.run / "checkpoint.pt").is_file():
+        parser.error(f"{args.run}/checkpoint.pt does not exist ({PROG} train writes RUN/checkpoint.pt)")
+    return load_run(args.run, args.device, args.data_dir)
+
+
+@torch.no_grad()
+def evaluate(argv: list[str]) -> dict:
+    parser = run_parser("evaluate", "A run's test metrics, printed and written to RUN/evaluation.json "
+                                    "(evaluation-1.json, ... where that exists).")
+    parser.add_argument("--limit", type=_positive(int), metavar="N", help="the first N test images (default all)")
+    parser.add_argument("--num-samples", type=_positive(int), default=5000,
+                        help="importance samples K of the likelihood VAEs' NLL")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    entry, config, model, batches = _load(parser, args)
+    metrics = entry.evaluate(model, batches, {"limit": args.limit, "num_samples": args.num_samples,
+                                              "seed": args.seed, "progress": not args.no_progress})
+    metrics = {"model": entry.name, "run": str(args.run), **metrics}
+    path = free_path(args.run, "evaluation", ".json")
+    write_json(path, metrics)
+    print(json.dumps({key: value for key, value in metrics.items() if not isinstance(value, list)}, indent=2))
+    print(f"written to {path}")
+    return metrics
+
+
+@torch.no_grad()
+def sample(argv: list[str]) -> list[Path]:
+    parser = run_parser("sample", "A run's pictures (samples, reconstructions, ...) drawn again with --seed, into "
+                                  "a new directory.")
+    parser.add_argument("--out", type=Path, help="directory for the PNGs (default: RUN/pictures-<n>, n the first free)")
+    args = parser.parse_args(argv)
+    entry, config, model, batches = _load(parser, args)
+    out = args.out or free_path(args.run, "pictures")
+    if holds_run(out):
+        parser.error(f"{out} is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    from models.training.pictures import save_grid
+
+    written = []
+    for name, (images, columns, shape) in entry.pictures(model, batches, torch.Generator().manual_seed(args.seed),
+                                                         config).items():
+        save_grid(out / name, images, columns, shape)
+        written.append(out / name)
+    print("written: " + ", ".join(map(str, written)))
+    return written
+
+
+def study(argv: list[str]):
+    if not argv or argv[0] not in STUDIES:
+        print(f"usage: {PROG} study NAME [options] (NAME --help: its options); NAME one of:", file=sys.stderr)
+        for name, (_, description) in STUDIES.items():
+            print(f"  {name:<18} {description}", file=sys.stderr)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    module, _ = STUDIES[argv[0]]
+    toy = [argv[0]] if module == "models.toys" else []
+    try:
+        return importlib.import_module(module).main(toy + argv[1:])
+    except FileNotFoundError as error:
+        raise SystemExit(f"{PROG} study {argv[0]}: {error}") from None
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "sample": sample, "study": study}
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "list":
+        return list_models()
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    return COMMANDS[argv[0]](argv[1:])
