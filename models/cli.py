@@ -67,6 +67,7 @@ def train_parser(entry) -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "
                      "own options; a budget given here replaces its own")
     run.add_argument("--data-dir", type=Path, help="dataset directory (default: $VAEKERNELS_DATA or ../shared/data)")
+    run.add_argument("--download", action="store_true", help="fetch missing data files from their canonical URLs")
     budget = ", ".join(f"{value} {key}" for key, value in entry.budget.items())
     run.add_argument("--steps", type=_positive(int), help=f"optimiser steps in all (default budget: {budget})")
     run.add_argument("--epochs", type=_positive(int), help="epochs in all")
@@ -119,7 +120,7 @@ def train(argv: list[str]) -> dict:
             if budget == Budget():
                 budget = Budget(**entry.budget)
             settings = Settings(args.batch_size, args.lr, args.seed, args.data_dir and str(args.data_dir),
-                                args.limit_train, args.checkpoint_every)
+                                args.limit_train, args.checkpoint_every, args.download)
             trainer = Trainer(entry, config, settings, out, budget=budget, device=args.device,
                               progress=not args.no_progress)
         metrics = trainer.fit()

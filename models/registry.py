@@ -142,8 +142,8 @@ DATA = {"mnist": ((28, 28), 10), "binarized-mnist": ((28, 28), 0), "frey": ((28,
 def mnist_batches(prepare, labels: bool = False):
     """The data of a model on MNIST: ``prepare(uint8 images [B, 784], generator)`` makes its input."""
     def data(config, settings) -> Batches:
-        return Batches(load_dataset("mnist", settings.data_dir or default_data_dir()), prepare, settings.batch_size,
-                       settings.seed, settings.limit_train, labels)
+        dataset = load_dataset("mnist", settings.data_dir or default_data_dir(), download=settings.download)
+        return Batches(dataset, prepare, settings.batch_size, settings.seed, settings.limit_train, labels)
     return data
 
 
@@ -226,7 +226,7 @@ def zoo_data(labels: bool):
     def data(config: ZooConfig, settings):
         if config.data == "shapes":
             return ShapesBatches(Shapes(), settings.batch_size, settings.seed)
-        dataset = load_dataset(config.data, settings.data_dir or default_data_dir())
+        dataset = load_dataset(config.data, settings.data_dir or default_data_dir(), download=settings.download)
         return Batches(dataset, functools.partial(_zoo_input, dataset.binary, config.likelihood), settings.batch_size,
                        settings.seed, settings.limit_train, labels)
     return data

@@ -126,6 +126,7 @@ class Settings:
     data_dir: str | None = None
     limit_train: int | None = None
     checkpoint_every: int = 1000
+    download: bool = False
 
 
 def distributed(device_name: str):
