@@ -2,10 +2,10 @@
 same blocks run as an ordinary network (``reference``: every activation stored) and
 torch.compile of that.
 
-The stage is the one of ``models.revnet``'s memory study (width 8 -> F and G on 4 channels,
+The stage is the one of ``models.flows.revnet``'s memory study (width 8 -> F and G on 4 channels,
 16x16, batch 128) at depth 16; its forward+backward group carries the step-time ratio (the
 issue's bar: at most 1.4x the ordinary network) and ``saved_bytes`` (what the graph keeps for
-backward). The depth sweep with peak memory is ``python -m models.revnet_memory``.
+backward). The depth sweep with peak memory is ``python -m models study revnet-memory``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_coupling_backward_step(benchmark, contender, device):
 
 
 def _stage(device: str):
-    from models.revnet import residual_function
+    from models.flows.revnet import residual_function
 
     torch.manual_seed(0)
     half = STAGE_WIDTH // 2

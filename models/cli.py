@@ -26,17 +26,17 @@ from models.registry import MODELS, load_run
 from models.training.trainer import Budget, Settings, Trainer, free_run_dir, holds_run, write_json
 
 PROG = "python -m models"
-FAMILIES = {"vae": "likelihood VAEs (models.zoo)", "autoregressive": "autoregressive models",
+FAMILIES = {"vae": "likelihood VAEs (models.vae.zoo)", "autoregressive": "autoregressive models",
             "jacobian": "decoder-Jacobian regularised autoencoders", "flows": "reversible flows and classifiers",
             "adversarial": "adversarial and disentangling models"}
 # name -> (module with main(argv), what it does)
 STUDIES = {
-    "seed-tables": ("models.compare", "the seed tables' rows side by side: VAE, beta-VAE, GECO, IWAE on MNIST"),
-    "disentanglement": ("models.disentangle", "beta-VAE and FactorVAE on the shapes, both disentanglement metrics"),
-    "revnet-memory": ("models.revnet_memory", "RevNet against its matched ResNet: memory and time against depth"),
-    "grae-toy": ("models.grae_toy", "GRAE on a toy with a known decoder: does it find the right directions"),
-    "gradient-variance": ("models.toys", "score-function against reparameterised gradient variance"),
-    "collapse": ("models.toys", "posterior collapse with a linear decoder, diagonal against full covariance"),
+    "seed-tables": ("models.studies.seed_tables", "the seed tables' rows side by side: VAE, beta-VAE, GECO, IWAE on MNIST"),
+    "disentanglement": ("models.studies.disentanglement", "beta-VAE and FactorVAE on the shapes, both disentanglement metrics"),
+    "revnet-memory": ("models.studies.revnet_memory", "RevNet against its matched ResNet: memory and time against depth"),
+    "grae-toy": ("models.studies.grae_toy", "GRAE on a toy with a known decoder: does it find the right directions"),
+    "gradient-variance": ("models.studies.toys", "score-function against reparameterised gradient variance"),
+    "collapse": ("models.studies.toys", "posterior collapse with a linear decoder, diagonal against full covariance"),
 }
 
 
@@ -211,7 +211,7 @@ def study(argv: list[str]):
             print(f"  {name:<18} {description}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     module, _ = STUDIES[argv[0]]
-    toy = [argv[0]] if module == "models.toys" else []
+    toy = [argv[0]] if module == "models.studies.toys" else []
     try:
         return importlib.import_module(module).main(toy + argv[1:])
     except FileNotFoundError as error:

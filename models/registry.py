@@ -30,23 +30,23 @@ from torch import nn
 from torch.nn import functional as F
 
 import vaekernels
-from models import metrics as zoo_metrics
 from models.adversarial import TECHNIQUE_NAMES, Techniques
+from models.adversarial.factorvae import FactorVAE, latent_traversals
+from models.adversarial.gans import AAE, AVB, CONDITIONS, PRIORS, BiGAN, InfoGAN
+from models.autoregressive.pixelcnnpp import MixtureModel, PixelCNNPlusPlus
+from models.autoregressive.pixelsnail import PixelSNAIL
+from models.autoregressive.pixelvae import GatedDecoder, LatentAutoregressiveModel
+from models.autoregressive.vlae import LocalWindowDecoder
 from models.data import Batches, default_data_dir, dynamic_binarize, load_dataset, to_model_input
-from models.factorvae import FactorVAE, latent_traversals
-from models.gans import AAE, AVB, CONDITIONS, PRIORS, BiGAN, InfoGAN
-from models.grae import Autoencoder
-from models.irevnet import IRevNet
-from models.nice import NICE, bits_per_dim, dequantised
-from models.pixelcnnpp import MixtureModel, PixelCNNPlusPlus
-from models.pixelsnail import PixelSNAIL
-from models.pixelvae import GatedDecoder, LatentAutoregressiveModel
-from models.revnet import MODES, RevNet
-from models.shapes import Shapes, ShapesBatches
+from models.data.shapes import Shapes, ShapesBatches
+from models.flows.irevnet import IRevNet
+from models.flows.nice import NICE, bits_per_dim, dequantised
+from models.flows.revnet import MODES, RevNet
+from models.jacobian.grae import Autoencoder
+from models.metrics import likelihood as zoo_metrics
 from models.training.pictures import reconstruction_rows
 from models.training.trainer import Optimizers, Settings
-from models.vlae import LocalWindowDecoder
-from models.zoo import ARCHITECTURES, ESTIMATORS, LIKELIHOODS, VAE, build_model
+from models.vae.zoo import ARCHITECTURES, ESTIMATORS, LIKELIHOODS, VAE, build_model
 
 Batch = tuple
 
@@ -187,7 +187,7 @@ def shapes_batch(default_batch: int):
     return batch
 
 
-# --- the likelihood zoo (models.zoo) ---------------------------------------------------------------------------
+# --- the likelihood zoo (models.vae.zoo) ---------------------------------------------------------------------------
 
 @dataclass
 class ZooConfig:
@@ -258,7 +258,7 @@ def vae_pictures(model, batches, generator, config) -> dict:
 
 
 def zoo_evaluate(model, batches, options) -> dict:
-    """Importance-sampled NLL, active units, ELBO surgery and reconstruction (models.metrics)."""
+    """Importance-sampled NLL, active units, ELBO surgery and reconstruction (models.metrics.likelihood)."""
     x, y = batches.test(options.get("limit"))
     device = next(model.parameters()).device
     return zoo_metrics.evaluate_model(

@@ -9,11 +9,12 @@ import pytest
 import torch
 from fake_data import write_fake_mnist
 
-from models import adversarial, disentangle
+from models import adversarial
 from models.adversarial import HistoricalAverage, Optimizers, Techniques, VirtualBatchNorm, virtual_batch
+from models.adversarial.factorvae import FactorVAE, latent_traversals, permute_dims
+from models.adversarial.gans import AAE, AVB, BiGAN, InfoGAN, sample_prior
 from models.cli import main
-from models.factorvae import FactorVAE, latent_traversals, permute_dims
-from models.gans import AAE, AVB, BiGAN, InfoGAN, sample_prior
+from models.studies import disentanglement as disentangle
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,8 +5,8 @@ models and command on it."""
 import pytest
 import torch
 
-from models import disentanglement as metrics
-from models.shapes import Shapes
+from models.data.shapes import Shapes
+from models.metrics import disentanglement as metrics
 
 SMALL = Shapes(scales=3, orientations=8, positions=6, size=16)
 

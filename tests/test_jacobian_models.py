@@ -6,7 +6,8 @@ import pytest
 import torch
 from tqdm.auto import tqdm
 
-from models import grae, grae_toy
+from models.jacobian import grae
+from models.studies import grae_toy
 from vaekernels.reference import jacobian as ref
 
 

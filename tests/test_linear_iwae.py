@@ -99,7 +99,7 @@ def test_a_shared_gradient_reuses_the_forward_and_any_other_recomputes(monkeypat
 
 def test_zoo_decoder_features_and_output_layer_are_its_forward():
     """The fused path of the zoo's models reads the decoder in two parts: together they are decode()."""
-    from models.zoo import build_model
+    from models.vae.zoo import build_model
 
     torch.manual_seed(0)
     for arch, classes in (("mlp", 0), ("linear", 0), ("mlp", 3)):

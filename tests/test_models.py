@@ -9,7 +9,7 @@ import torch
 from fake_data import synthetic_binary, write_fake_mnist, write_idx
 
 from models import data
-from models.zoo import ESTIMATORS, build_model
+from models.vae.zoo import ESTIMATORS, build_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

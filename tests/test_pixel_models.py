@@ -4,7 +4,7 @@ lower the loss, and sampling (their training command: tests/test_models_cli.py).
 import pytest
 import torch
 
-from models import pixelcnnpp, pixelsnail, pixelvae, vlae
+from models.autoregressive import pixelcnnpp, pixelsnail, pixelvae, vlae
 
 
 def tiny_networks():

@@ -6,10 +6,10 @@ import json
 import torch
 import torch.nn.functional as nnf
 
-from models import revnet_memory
-from models.irevnet import IRevNet
-from models.nice import NICE, bits_per_dim
-from models.revnet import MODES, RevNet
+from models.flows.irevnet import IRevNet
+from models.flows.nice import NICE, bits_per_dim
+from models.flows.revnet import MODES, RevNet
+from models.studies import revnet_memory
 
 
 def test_revnet_modes_give_the_same_gradients_and_running_stats():

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import vaekernels
-from models import metrics, toys
-from models.zoo import LIKELIHOODS, MODELS, VAE, LagrangeMultiplier, Likelihood, build_model, capacity
+from models.metrics import likelihood as metrics
+from models.studies import toys
+from models.vae.zoo import LIKELIHOODS, MODELS, VAE, LagrangeMultiplier, Likelihood, build_model, capacity
 
 MULTIPLIER_MODELS = ("geco", "geco-iwae", "vhp-vae")
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 from fake_data import write_fake_mnist
 
-from models import compare, data
+from models import data
 from models.cli import main
+from models.studies import seed_tables as compare
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TINY = ["--latent-dim", "3", "--hidden-dim", "8", "--batch-size", "10", "--limit-train", "30", "--no-progress"]

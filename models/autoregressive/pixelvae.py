@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import vaekernels
+from models.autoregressive.pixelcnnpp import sample_autoregressively
 from vaekernels.nn import GatedPixelCNNLayer
-from models.pixelcnnpp import sample_autoregressively
 
 
 class Encoder(nn.Module):

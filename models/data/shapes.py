@@ -34,7 +34,7 @@ POSITION_RANGE = (0.2, 0.8)
 
 
 def _fail(fn: str, message: str, error: type = ValueError):
-    raise error(f"models.shapes.{fn}: {message}")
+    raise error(f"models.data.shapes.{fn}: {message}")
 
 
 class Shapes:

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 
+from models.flows.revnet import MODES, RevNet
 from models.training.trainer import holds_run, write_json
-from models.revnet import MODES, RevNet
 
 LABELS = {"reversible": "RevNet (reversible)", "resnet": "matched ResNet", "checkpoint": "ResNet + checkpoint/block"}
 

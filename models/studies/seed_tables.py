@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from models import metrics as zoo_metrics
 from models.cli import train
+from models.metrics import likelihood as zoo_metrics
 from models.registry import load_run
 from models.training.trainer import free_run_dir
 

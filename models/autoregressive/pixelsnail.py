@@ -15,9 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.autoregressive.pixelcnnpp import (
+    DownRightShiftedConv2d,
+    DownShiftedConv2d,
+    GatedResnet,
+    down_shift,
+    right_shift,
+)
 from vaekernels.nn import CausalAttention2d
 from vaekernels.reference.logistic_mixture import num_params
-from models.pixelcnnpp import DownRightShiftedConv2d, DownShiftedConv2d, GatedResnet, down_shift, right_shift
 
 
 class SnailBlock(nn.Module):

@@ -24,8 +24,8 @@ import argparse
 import torch
 
 import vaekernels
-from models.metrics import active_units
-from models.zoo import build_model
+from models.metrics.likelihood import active_units
+from models.vae.zoo import build_model
 
 
 def gradient_variance(dim: int, samples: int = 10000, sigma: float = 1.0, seed: int = 0) -> dict:
@@ -72,7 +72,7 @@ def gaussian_data(covariance: str, n: int = 2000, dim: int = 5, rank: int = 2, s
         factors = torch.randn(dim, rank, generator=generator)
         scale = torch.linalg.cholesky(factors @ factors.T + 0.1 * torch.eye(dim))
     else:
-        raise ValueError(f"models.toys.gaussian_data: covariance must be 'diagonal' or 'full', got {covariance!r}")
+        raise ValueError(f"models.studies.toys.gaussian_data: covariance must be 'diagonal' or 'full', got {covariance!r}")
     return mean + torch.randn(n, dim, generator=generator) @ scale.T
 
 

@@ -4,7 +4,7 @@ The decoder is autoregressive but sees only a small window: one type-A masked 3x
 (:class:`vaekernels.nn.MaskedConv2d`: the four causal neighbours of a pixel) followed by 1x1
 layers, so it can model local texture (stroke continuity) but not the shape of a digit; global
 structure must go through z, which enters as a 28x28 feature map decoded from the latent. The
-encoder and the loss (negative ELBO, in nats) are PixelVAE's (:mod:`models.pixelvae`); the KL
+encoder and the loss (negative ELBO, in nats) are PixelVAE's (:mod:`models.autoregressive.pixelvae`); the KL
 term in metrics.json is the information z carries.
 
     nice -n 10 python -m models train vlae --minutes 2

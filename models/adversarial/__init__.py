@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.training.trainer import Optimizers
-from models.zoo import mlp
+from models.vae.zoo import mlp
 
 
 def _fail(fn: str, message: str, error: type = ValueError):
@@ -61,7 +61,7 @@ def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tens
 
 
 def leaky_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """The zoo's :func:`~models.zoo.mlp` with LeakyReLU(0.2): the discriminators' and encoders' net.
+    """The zoo's :func:`~models.vae.zoo.mlp` with LeakyReLU(0.2): the discriminators' and encoders' net.
 
     >>> leaky_mlp(3, 8, 1)(torch.zeros(2, 3)).shape
     torch.Size([2, 1])

@@ -16,7 +16,7 @@ BiGAN     encoder E and generator G; D tells (x, E(x)) from (G(z), z) (Donahue e
 ========  =====================================================================================
 
 MLPs throughout (a CPU budget). The likelihood models' decoders are Bernoulli through the zoo's
-:class:`~models.zoo.Likelihood` (the fused log-density); InfoGAN's continuous codes are scored by
+:class:`~models.vae.zoo.Likelihood` (the fused log-density); InfoGAN's continuous codes are scored by
 the fused Gaussian log-density and AVB's T adds the fused log N(z; 0, I).
 
 Example::
@@ -38,10 +38,20 @@ from torch import nn
 from torch.nn import functional as F
 
 import vaekernels
-from .adversarial import (TECHNIQUE_NAMES, AdversarialModel, Optimizers, Techniques, VirtualBatchNorm,
-                          discriminator_loss, feature_matching_loss, generator_loss, leaky_mlp, virtual_batch)
+from models.adversarial import (
+    TECHNIQUE_NAMES,
+    AdversarialModel,
+    Optimizers,
+    Techniques,
+    VirtualBatchNorm,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+    leaky_mlp,
+    virtual_batch,
+)
 from models.training.pictures import reconstruction_rows
-from .zoo import Likelihood, standard_normal_log_prob
+from models.vae.zoo import Likelihood, standard_normal_log_prob
 
 PRIORS = ("gaussian", "mixture", "swiss-roll")
 CONDITIONS = ("none", "discriminator", "decoder")
@@ -49,7 +59,7 @@ REFERENCE_BATCH = 64  # the virtual batch norm's fixed reference batch
 
 
 def _fail(fn: str, message: str, error: type = ValueError):
-    raise error(f"models.gans.{fn}: {message}")
+    raise error(f"models.adversarial.gans.{fn}: {message}")
 
 
 def sample_prior(kind: str, n: int, dim: int, labels: torch.Tensor | None = None, generator=None,

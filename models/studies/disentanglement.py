@@ -5,7 +5,7 @@ Trains each of the three models (``python -m models train beta-vae --data shapes
 ``train factor-vae``: Burgess et al.'s conv64 network, 10 latents, VAE updates on batches of 64, Adam 1e-3,
 one thread) for an equal share of
 ``--budget`` CPU minutes of this process, then scores its posterior means with the beta-VAE
-metric and the FactorVAE metric (:mod:`models.disentanglement`, the protocol stated there,
+metric and the FactorVAE metric (:mod:`models.metrics.disentanglement`, the protocol stated there,
 ``--metric-seed`` fixed) and measures its reconstruction loss (-log p(x|z) in nats per image, z = E_q[z], on 1000 fixed shapes). Prints one
 table, the seed's qualitative claims beside it, and whether they hold here. Each model's run lies
 in ``--out``/<name>; a rerun with the same ``--out`` skips a model whose scores are already there.
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from models.cli import train
-from models.disentanglement import beta_vae_metric, encoder_representation, factor_vae_metric
+from models.data.shapes import Shapes
+from models.metrics.disentanglement import beta_vae_metric, encoder_representation, factor_vae_metric
 from models.registry import load_run
-from models.shapes import Shapes
 from models.training.trainer import free_run_dir, write_json
 
 CLAIMS = {

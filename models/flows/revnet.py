@@ -56,7 +56,7 @@ def trunk(blocks: list[nn.Module], mode: str) -> nn.Module:
         return nn.Sequential(*blocks)
     if mode == "checkpoint":
         return CheckpointedSequential(*blocks)
-    raise ValueError(f"models.revnet: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    raise ValueError(f"models.flows.revnet: mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
 class RevNet(nn.Module):
@@ -74,10 +74,10 @@ class RevNet(nn.Module):
                  mode: str = "reversible", dropout: float = 0.0):
         super().__init__()
         if depth < stages or depth % stages:
-            raise ValueError(f"models.revnet.RevNet: depth must be a positive multiple of stages = {stages}, "
+            raise ValueError(f"models.flows.revnet.RevNet: depth must be a positive multiple of stages = {stages}, "
                              f"got {depth}")
         if width % 2:
-            raise ValueError(f"models.revnet.RevNet: width must be even (F and G take half), got {width}")
+            raise ValueError(f"models.flows.revnet.RevNet: width must be even (F and G take half), got {width}")
         self.mode = mode
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         layers = []

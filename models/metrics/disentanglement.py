@@ -3,7 +3,7 @@
 Both score a representation given as ``represent(factors [N, F]) -> codes [N, d]`` (for a model:
 render the factors, encode, take the posterior means; see :func:`encoder_representation`), so a
 constructed representation of the factors themselves is scored the same way. Each draws its
-factor rows from :class:`models.shapes.Shapes` with a generator seeded by ``seed``, so a score is
+factor rows from :class:`models.data.shapes.Shapes` with a generator seeded by ``seed``, so a score is
 a function of the representation and the protocol alone. The factor a training or evaluation
 point is about cycles through the F factors (point i: factor i mod F), so both sets are balanced
 and a representation that carries no information scores exactly 1/F.
@@ -23,7 +23,7 @@ Protocols (the defaults; Higgins et al. 2017 and Kim & Mnih 2018 used more point
 
 Example::
 
-    >>> from models.shapes import Shapes
+    >>> from models.data.shapes import Shapes
     >>> shapes = Shapes(scales=3, orientations=4, positions=5, size=16)
     >>> def standardised_factors(f):
     ...     return (f.float() - f.float().mean(0)) / f.float().std(0).clamp(min=1e-6)
@@ -39,13 +39,13 @@ from typing import Callable
 
 import torch
 
-from .shapes import Shapes
+from models.data.shapes import Shapes
 
 Representation = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _fail(fn: str, message: str, error: type = ValueError):
-    raise error(f"models.disentanglement.{fn}: {message}")
+    raise error(f"models.metrics.disentanglement.{fn}: {message}")
 
 
 def _check_counts(fn: str, **counts) -> None:

@@ -7,7 +7,7 @@ q(z)'s samples. Samples of prod_j q(z_j) come from :func:`permute_dims`: each la
 permuted independently across a second batch. One training step (Kim & Mnih, Algorithm 2) splits
 the batch in two halves: the VAE steps on the first with loss recon + beta KL + gamma TC_D; then D
 steps on the first half's z (label 1) against the permuted z of the second (label 0). With
-gamma = 0 (and beta > 1) this is the beta-VAE of :mod:`models.zoo`.
+gamma = 0 (and beta > 1) this is the beta-VAE of :mod:`models.vae.zoo`.
 
 Example::
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 import vaekernels
-from .adversarial import Optimizers, discriminator_loss, leaky_mlp
-from .zoo import VAE, reparameterize
+from models.adversarial import Optimizers, discriminator_loss, leaky_mlp
+from models.vae.zoo import VAE, reparameterize
 
 
 def permute_dims(z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -39,7 +39,7 @@ def permute_dims(z: torch.Tensor, generator: torch.Generator | None = None) -> t
     True
     """
     if z.dim() != 2:
-        raise ValueError(f"models.factorvae.permute_dims: z must be [B, d], got shape {list(z.shape)}")
+        raise ValueError(f"models.adversarial.factorvae.permute_dims: z must be [B, d], got shape {list(z.shape)}")
     order = torch.rand(z.shape, generator=generator, device=z.device).argsort(0)
     return z.gather(0, order)
 
@@ -50,7 +50,7 @@ class FactorVAE(VAE):
     def __init__(self, *args, gamma: float = 10.0, discriminator_hidden: int = 256, **kwargs):
         super().__init__(*args, **kwargs)
         if gamma < 0:
-            raise ValueError(f"models.factorvae.FactorVAE: gamma must be >= 0, got {gamma}")
+            raise ValueError(f"models.adversarial.factorvae.FactorVAE: gamma must be >= 0, got {gamma}")
         self.gamma = gamma
         self.discriminator = leaky_mlp(self.latent_dim, discriminator_hidden, 1, layers=3)  # Kim & Mnih's, narrower
 
@@ -61,7 +61,7 @@ class FactorVAE(VAE):
     def train_step(self, x, y, generator, optimizers: Optimizers) -> dict:
         """One update of the VAE, then one of the discriminator; returns the step's statistics."""
         if len(x) < 4:
-            raise ValueError(f"models.factorvae.FactorVAE.train_step: needs a batch of >= 4 (two halves of >= 2), "
+            raise ValueError(f"models.adversarial.factorvae.FactorVAE.train_step: needs a batch of >= 4 (two halves of >= 2), "
                              f"got {len(x)}")
         first, second = x[: len(x) // 2], x[len(x) // 2:]
         mean, log_var = self.encode(first, None)
@@ -91,7 +91,7 @@ def latent_traversals(model: VAE, x: torch.Tensor, values: torch.Tensor, kl_batc
     Rows are ordered by the dimension's average KL to the prior over ``kl_batch`` (most informative first),
     as in Higgins et al.'s figures.
 
-    >>> from models.zoo import build_model
+    >>> from models.vae.zoo import build_model
     >>> model = build_model("vae", data_dim=16, latent_dim=3, hidden_dim=8)
     >>> latent_traversals(model, torch.zeros(16), torch.linspace(-2, 2, 5), torch.zeros(4, 16)).shape
     torch.Size([15, 16])

@@ -1,11 +1,11 @@
 """Evaluation metrics of the zoo: importance-sampled NLL, active units, ELBO surgery, reconstruction.
 
-All take a model of :mod:`models.zoo` and data as the training loop feeds it (x [N, D], labels
+All take a model of :mod:`models.vae.zoo` and data as the training loop feeds it (x [N, D], labels
 [N] or None) and stream over the data in batches, so the whole test set fits in bounded memory.
 
 Example::
 
-    >>> from models.zoo import build_model
+    >>> from models.vae.zoo import build_model
     >>> model = build_model("vae", data_dim=16, latent_dim=2, hidden_dim=8)
     >>> x = torch.bernoulli(torch.full((10, 16), 0.5))
     >>> sorted(evaluate_model(model, x, num_samples=20, progress=False))  # doctest: +NORMALIZE_WHITESPACE
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vaekernels
-from models.zoo import VAE, reparameterize, standard_normal_log_prob
+from models.vae.zoo import VAE, reparameterize, standard_normal_log_prob
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al.: unit u is active when Var_x(E_q[z_u]) > 0.01
 
@@ -42,7 +42,7 @@ def importance_sampled_nll(model: VAE, x, y=None, *, num_samples: int = 5000, ba
     (two layers, the learned prior, the discretised logistic) fold ``chunk_size`` log-weights at a
     time into a running log-sum-exp the same way.
 
-    >>> from models.zoo import build_model
+    >>> from models.vae.zoo import build_model
     >>> model = build_model("hvae", data_dim=6, latent_dim=2, hidden_dim=4, top_latent_dim=2, top_hidden_dim=4)
     >>> importance_sampled_nll(model, torch.ones(3, 6), num_samples=10, chunk_size=4, progress=False).shape
     torch.Size([3])

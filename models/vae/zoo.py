@@ -239,11 +239,11 @@ class VAE(nn.Module):
         super().__init__()
         image_shape = tuple(image_shape) if image_shape else (1, data_dim)
         if image_shape[0] * image_shape[1] != data_dim:
-            raise ValueError(f"models.zoo: image_shape {image_shape} must hold data_dim = {data_dim} pixels")
+            raise ValueError(f"models.vae.zoo: image_shape {image_shape} must hold data_dim = {data_dim} pixels")
         if arch in CONV_LAYERS:
             factor = 2 ** len(CONV_LAYERS[arch][0])
             if image_shape[0] % factor or image_shape[1] % factor:
-                raise ValueError(f"models.zoo: arch={arch!r} needs height and width divisible by {factor}, "
+                raise ValueError(f"models.vae.zoo: arch={arch!r} needs height and width divisible by {factor}, "
                                  f"got {image_shape}")
         self.data_dim, self.image_shape, self.latent_dim = data_dim, image_shape, latent_dim
         self.num_classes, self.k, self.beta = num_classes, k, beta
@@ -255,7 +255,7 @@ class VAE(nn.Module):
         if not self.num_classes:
             return None
         if y is None:
-            raise ValueError("models.zoo: a conditional model needs labels y, got None")
+            raise ValueError("models.vae.zoo: a conditional model needs labels y, got None")
         return nn.functional.one_hot(y.long(), self.num_classes).to(torch.get_default_dtype())
 
     def encode(self, x, y=None):
@@ -441,7 +441,7 @@ class IWAE(VAE):
     def __init__(self, *args, estimator: str = "iwae", **kwargs):
         super().__init__(*args, **kwargs)
         if estimator not in ESTIMATORS:
-            raise ValueError(f"models.zoo.IWAE: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+            raise ValueError(f"models.vae.zoo.IWAE: estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
 
     def forward(self, x, y=None, generator=None):
@@ -459,7 +459,7 @@ class GECOIWAE(IWAE):
     def __init__(self, *args, tolerance: float = 60.0, alpha: float = 0.99, rate: float = 1e-4, **kwargs):
         super().__init__(*args, **kwargs)
         if self.estimator == "dreg":
-            raise ValueError("models.zoo.GECOIWAE: estimator must be 'iwae' or 'stl', got 'dreg'")
+            raise ValueError("models.vae.zoo.GECOIWAE: estimator must be 'iwae' or 'stl', got 'dreg'")
         self.tolerance = tolerance
         self.multiplier = LagrangeMultiplier(alpha, rate)
 
@@ -625,7 +625,7 @@ def build_model(name: str, data_dim: int, image_shape=None, **options) -> VAE:
     import inspect
 
     if name not in MODELS:
-        raise ValueError(f"models.zoo.build_model: name must be one of {MODELS}, got {name!r}")
+        raise ValueError(f"models.vae.zoo.build_model: name must be one of {MODELS}, got {name!r}")
     cls, fixed = {
         "vae": (VAE, {}),
         "beta-vae": (VAE, {}),

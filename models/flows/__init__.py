@@ -1,0 +1,1 @@
+"""Reversible networks: the NICE flow, RevNet and i-RevNet classifiers."""

@@ -1,0 +1,1 @@
+"""Decoder-Jacobian regularised autoencoders: GRAE, GRAE*."""

@@ -1,0 +1,1 @@
+"""The studies ``python -m models study NAME`` runs (:data:`models.cli.STUDIES`)."""

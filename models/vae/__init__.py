@@ -1,0 +1,1 @@
+"""The likelihood-based VAE family (:mod:`models.vae.zoo`)."""
