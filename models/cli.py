@@ -26,14 +26,27 @@ from models.registry import MODELS, load_run
 from models.training.trainer import Budget, Settings, Trainer, free_run_dir, holds_run, write_json
 
 PROG = "python -m models"
-FAMILIES = {"vae": "likelihood VAEs (models.vae.zoo)", "autoregressive": "autoregressive models",
-            "jacobian": "decoder-Jacobian regularised autoencoders", "flows": "reversible flows and classifiers",
-            "adversarial": "adversarial and disentangling models"}
+FAMILIES = {
+    "vae": "likelihood VAEs (models.vae.zoo)",
+    "autoregressive": "autoregressive models",
+    "jacobian": "decoder-Jacobian regularised autoencoders",
+    "flows": "reversible flows and classifiers",
+    "adversarial": "adversarial and disentangling models",
+}
 # name -> (module with main(argv), what it does)
 STUDIES = {
-    "seed-tables": ("models.studies.seed_tables", "the seed tables' rows side by side: VAE, beta-VAE, GECO, IWAE on MNIST"),
-    "disentanglement": ("models.studies.disentanglement", "beta-VAE and FactorVAE on the shapes, both disentanglement metrics"),
-    "revnet-memory": ("models.studies.revnet_memory", "RevNet against its matched ResNet: memory and time against depth"),
+    "seed-tables": (
+        "models.studies.seed_tables",
+        "the seed tables' rows side by side: VAE, beta-VAE, GECO, IWAE on MNIST",
+    ),
+    "disentanglement": (
+        "models.studies.disentanglement",
+        "beta-VAE and FactorVAE on the shapes, both disentanglement metrics",
+    ),
+    "revnet-memory": (
+        "models.studies.revnet_memory",
+        "RevNet against its matched ResNet: memory and time against depth",
+    ),
     "grae-toy": ("models.studies.grae_toy", "GRAE on a toy with a known decoder: does it find the right directions"),
     "gradient-variance": ("models.studies.toys", "score-function against reparameterised gradient variance"),
     "collapse": ("models.studies.toys", "posterior collapse with a linear decoder, diagonal against full covariance"),
@@ -55,17 +68,25 @@ def _positive(kind):
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
+
     return parse
 
 
 def train_parser(entry) -> argparse.ArgumentParser:
     """The options of ``train MODEL``: the training ones, then the model's own (its config's fields)."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} train {entry.name}", description=entry.description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} train {entry.name}",
+        description=entry.description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, help=f"run directory (default: runs/{entry.name}-<n>, n the first free)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "
-                     "own options; a budget given here replaces its own")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, with its "
+        "own options; a budget given here replaces its own",
+    )
     run.add_argument("--data-dir", type=Path, help="dataset directory (default: $VAEKERNELS_DATA or ../shared/data)")
     run.add_argument("--download", action="store_true", help="fetch missing data files from their canonical URLs")
     budget = ", ".join(f"{value} {key}" for key, value in entry.budget.items())
@@ -89,8 +110,9 @@ def train_parser(entry) -> argparse.ArgumentParser:
         if isinstance(default, bool):
             model.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
-            model.add_argument(flag, type=type(default), default=default, choices=f.metadata["choices"],
-                               help=f.metadata["help"])
+            model.add_argument(
+                flag, type=type(default), default=default, choices=f.metadata["choices"], help=f.metadata["help"]
+            )
     return parser
 
 
@@ -110,8 +132,7 @@ def train(argv: list[str]) -> dict:
         if args.resume:
             if args.out is None or not (args.out / "checkpoint.pt").is_file():
                 parser.error(f"--resume needs --out RUN holding checkpoint.pt; {args.out}/checkpoint.pt does not exist")
-            trainer = Trainer.resume(entry, args.out, budget=budget, device=args.device,
-                                     progress=not args.no_progress)
+            trainer = Trainer.resume(entry, args.out, budget=budget, device=args.device, progress=not args.no_progress)
         else:
             out = args.out or free_run_dir(Path("runs"), entry.name)
             if holds_run(out):
@@ -119,17 +140,27 @@ def train(argv: list[str]) -> dict:
             config = replace(entry.default_config(), **{name: getattr(args, name) for name in entry.options})
             if budget == Budget():
                 budget = Budget(**entry.budget)
-            settings = Settings(args.batch_size, args.lr, args.seed, args.data_dir and str(args.data_dir),
-                                args.limit_train, args.checkpoint_every, args.download)
-            trainer = Trainer(entry, config, settings, out, budget=budget, device=args.device,
-                              progress=not args.no_progress)
+            settings = Settings(
+                args.batch_size,
+                args.lr,
+                args.seed,
+                args.data_dir and str(args.data_dir),
+                args.limit_train,
+                args.checkpoint_every,
+                args.download,
+            )
+            trainer = Trainer(
+                entry, config, settings, out, budget=budget, device=args.device, progress=not args.no_progress
+            )
         metrics = trainer.fit()
     except (ValueError, FileNotFoundError) as error:  # a bad option, missing data: the message says what to do
         raise SystemExit(f"{PROG} train {entry.name}: {error}") from None
     if trainer.rank == 0:
-        print(f"{entry.name}: {metrics['steps']} steps, {metrics['train_cpu_seconds']:.0f} CPU s, last steps "
-              + ", ".join(f"{key} {value:.4g}" for key, value in metrics["last_steps_mean"].items())
-              + f"; written to {trainer.out}")
+        print(
+            f"{entry.name}: {metrics['steps']} steps, {metrics['train_cpu_seconds']:.0f} CPU s, last steps "
+            + ", ".join(f"{key} {value:.4g}" for key, value in metrics["last_steps_mean"].items())
+            + f"; written to {trainer.out}"
+        )
     return metrics
 
 
@@ -147,8 +178,9 @@ def free_path(directory: Path, stem: str, suffix: str = "") -> Path:
 
 
 def run_parser(command: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} {command}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("run", type=Path, help="run directory (holding checkpoint.pt)")
     parser.add_argument("--data-dir", type=Path, help="dataset directory (default: the run's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -164,16 +196,22 @@ def _load(parser, args):
 
 @torch.no_grad()
 def evaluate(argv: list[str]) -> dict:
-    parser = run_parser("evaluate", "A run's test metrics, printed and written to RUN/evaluation.json "
-                                    "(evaluation-1.json, ... where that exists).")
+    parser = run_parser(
+        "evaluate",
+        "A run's test metrics, printed and written to RUN/evaluation.json (evaluation-1.json, ... where that exists).",
+    )
     parser.add_argument("--limit", type=_positive(int), metavar="N", help="the first N test images (default all)")
-    parser.add_argument("--num-samples", type=_positive(int), default=5000,
-                        help="importance samples K of the likelihood VAEs' NLL")
+    parser.add_argument(
+        "--num-samples", type=_positive(int), default=5000, help="importance samples K of the likelihood VAEs' NLL"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     entry, config, model, batches = _load(parser, args)
-    metrics = entry.evaluate(model, batches, {"limit": args.limit, "num_samples": args.num_samples,
-                                              "seed": args.seed, "progress": not args.no_progress})
+    metrics = entry.evaluate(
+        model,
+        batches,
+        {"limit": args.limit, "num_samples": args.num_samples, "seed": args.seed, "progress": not args.no_progress},
+    )
     metrics = {"model": entry.name, "run": str(args.run), **metrics}
     path = free_path(args.run, "evaluation", ".json")
     write_json(path, metrics)
@@ -184,8 +222,9 @@ def evaluate(argv: list[str]) -> dict:
 
 @torch.no_grad()
 def sample(argv: list[str]) -> list[Path]:
-    parser = run_parser("sample", "A run's pictures (samples, reconstructions, ...) drawn again with --seed, into "
-                                  "a new directory.")
+    parser = run_parser(
+        "sample", "A run's pictures (samples, reconstructions, ...) drawn again with --seed, into a new directory."
+    )
     parser.add_argument("--out", type=Path, help="directory for the PNGs (default: RUN/pictures-<n>, n the first free)")
     args = parser.parse_args(argv)
     entry, config, model, batches = _load(parser, args)
@@ -196,8 +235,9 @@ def sample(argv: list[str]) -> list[Path]:
     from models.training.pictures import save_grid
 
     written = []
-    for name, (images, columns, shape) in entry.pictures(model, batches, torch.Generator().manual_seed(args.seed),
-                                                         config).items():
+    for name, (images, columns, shape) in entry.pictures(
+        model, batches, torch.Generator().manual_seed(args.seed), config
+    ).items():
         save_grid(out / name, images, columns, shape)
         written.append(out / name)
     print("written: " + ", ".join(map(str, written)))

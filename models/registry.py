@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -126,8 +126,10 @@ def mean_test_loss(loss, model, batches, limit: int | None) -> tuple[float, int]
     and how many images that was."""
     x, y = batches.test(limit)
     device = next(model.parameters()).device
-    total = sum(loss(model, (xb.to(device), None if y is None else y[i:i + 100].to(device))).item() * len(xb)
-                for i, xb in zip(range(0, len(x), 100), x.split(100)))
+    total = sum(
+        loss(model, (xb.to(device), None if y is None else y[i : i + 100].to(device))).item() * len(xb)
+        for i, xb in zip(range(0, len(x), 100), x.split(100), strict=True)
+    )
     return total / len(x), len(x)
 
 
@@ -135,15 +137,22 @@ def mean_test_loss(loss, model, batches, limit: int | None) -> tuple[float, int]
 
 MNIST_PIXELS = 28 * 28
 # Image shape and number of classes of each dataset the models train on.
-DATA = {"mnist": ((28, 28), 10), "binarized-mnist": ((28, 28), 0), "frey": ((28, 20), 0),
-        "caltech": ((28, 28), 101), "shapes": ((64, 64), 0)}
+DATA = {
+    "mnist": ((28, 28), 10),
+    "binarized-mnist": ((28, 28), 0),
+    "frey": ((28, 20), 0),
+    "caltech": ((28, 28), 101),
+    "shapes": ((64, 64), 0),
+}
 
 
 def mnist_batches(prepare, labels: bool = False):
     """The data of a model on MNIST: ``prepare(uint8 images [B, 784], generator)`` makes its input."""
+
     def data(config, settings) -> Batches:
         dataset = load_dataset("mnist", settings.data_dir or default_data_dir(), download=settings.download)
         return Batches(dataset, prepare, settings.batch_size, settings.seed, settings.limit_train, labels)
+
     return data
 
 
@@ -162,19 +171,23 @@ def unit_images(images, generator):
 
 def binary_digits(default_batch: int, image_shape=(MNIST_PIXELS,), labels: bool = True):
     """Batches of binary images about as dense as binarised MNIST's strokes (13% ones), with labels."""
+
     def batch(generator: torch.Generator, batch_size: int | None = None) -> Batch:
         n = batch_size or default_batch
         x = torch.bernoulli(torch.full((n, *image_shape), 0.13), generator=generator)
         return x, torch.randint(0, 10, (n,), generator=generator) if labels else None
+
     return batch
 
 
 def byte_digits(default_batch: int, scale: str):
     """Batches of 256-level images [B, 1, 28, 28]: in [-1, 1] (``"signed"``) or [0, 1] flattened (``"unit"``)."""
+
     def batch(generator: torch.Generator, batch_size: int | None = None) -> Batch:
         levels = torch.randint(0, 256, (batch_size or default_batch, 1, 28, 28), generator=generator).float()
         x = levels / 127.5 - 1 if scale == "signed" else (levels / 255).flatten(1)
         return x, None
+
     return batch
 
 
@@ -184,10 +197,12 @@ def shapes_batch(default_batch: int):
     def batch(generator: torch.Generator, batch_size: int | None = None) -> Batch:
         images, _ = shapes.sample(batch_size or default_batch, generator)
         return images.flatten(1).float(), None
+
     return batch
 
 
 # --- the likelihood zoo (models.vae.zoo) ---------------------------------------------------------------------------
+
 
 @dataclass
 class ZooConfig:
@@ -219,6 +234,7 @@ def zoo_model(method: str):
             raise ValueError(f"models: cvae needs labels; --data {config.data} has none")
         options = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "data"}
         return build_model(method, math.prod(image_shape), image_shape, num_classes=classes, **options)
+
     return make
 
 
@@ -227,8 +243,15 @@ def zoo_data(labels: bool):
         if config.data == "shapes":
             return ShapesBatches(Shapes(), settings.batch_size, settings.seed)
         dataset = load_dataset(config.data, settings.data_dir or default_data_dir(), download=settings.download)
-        return Batches(dataset, functools.partial(_zoo_input, dataset.binary, config.likelihood), settings.batch_size,
-                       settings.seed, settings.limit_train, labels)
+        return Batches(
+            dataset,
+            functools.partial(_zoo_input, dataset.binary, config.likelihood),
+            settings.batch_size,
+            settings.seed,
+            settings.limit_train,
+            labels,
+        )
+
     return data
 
 
@@ -248,9 +271,14 @@ def vae_pictures(model, batches, generator, config) -> dict:
     device = next(model.parameters()).device
     x, y = x.to(device), None if y is None else y.to(device)
     labels = torch.arange(columns * columns, device=device) // columns % max(model.num_classes, 1)
-    pictures = {"reconstructions.png": (reconstruction_rows(x, model.reconstruct(x, y), columns), columns, shape),
-                "samples.png": (model.sample(columns * columns, labels if model.num_classes else None, generator),
-                                columns, shape)}
+    pictures = {
+        "reconstructions.png": (reconstruction_rows(x, model.reconstruct(x, y), columns), columns, shape),
+        "samples.png": (
+            model.sample(columns * columns, labels if model.num_classes else None, generator),
+            columns,
+            shape,
+        ),
+    }
     if isinstance(batches, ShapesBatches):
         traversals = latent_traversals(model, x[0], torch.linspace(-2.5, 2.5, columns), x)
         pictures["traversals.png"] = (traversals, columns, shape)
@@ -262,9 +290,14 @@ def zoo_evaluate(model, batches, options) -> dict:
     x, y = batches.test(options.get("limit"))
     device = next(model.parameters()).device
     return zoo_metrics.evaluate_model(
-        model, x.to(device), None if y is None else y.to(device), num_samples=options["num_samples"],
-        surgery_limit=2000, generator=torch.Generator(device).manual_seed(options["seed"]),
-        progress=options["progress"])
+        model,
+        x.to(device),
+        None if y is None else y.to(device),
+        num_samples=options["num_samples"],
+        surgery_limit=2000,
+        generator=torch.Generator(device).manual_seed(options["seed"]),
+        progress=options["progress"],
+    )
 
 
 def zoo_entry(name: str, method: str, description: str, options=(), benchmarked: bool = True, **defaults):
@@ -274,33 +307,60 @@ def zoo_entry(name: str, method: str, description: str, options=(), benchmarked:
     if method in ("hvae", "hiwae"):  # Burda et al.'s two-layer model: z1 100, z2 50
         defaults.update(latent_dim=100, hidden_dim=100)
     labels = method == "cvae"
-    return ModelEntry(name, description, ZooConfig, zoo_model(method), zoo_data(labels), vae_pictures, zoo_evaluate,
-                      loss=zoo_loss, options=ZOO_COMMON + tuple(options), defaults=defaults,
-                      small={"latent_dim": 4, "hidden_dim": 16}, batch=binary_digits(100), adam_eps=1e-4,
-                      benchmarked=benchmarked)
+    return ModelEntry(
+        name,
+        description,
+        ZooConfig,
+        zoo_model(method),
+        zoo_data(labels),
+        vae_pictures,
+        zoo_evaluate,
+        loss=zoo_loss,
+        options=ZOO_COMMON + tuple(options),
+        defaults=defaults,
+        small={"latent_dim": 4, "hidden_dim": 16},
+        batch=binary_digits(100),
+        adam_eps=1e-4,
+        benchmarked=benchmarked,
+    )
 
 
 def zoo_entries() -> list[ModelEntry]:
     return [
         zoo_entry("vae", "vae", "VAE (Kingma & Welling): MLP 784-200-200-50, Bernoulli, the k-sample ELBO"),
         zoo_entry("beta-vae", "beta-vae", "beta-VAE (Higgins et al.), beta 0.5 as in the seed table"),
-        zoo_entry("capacity-vae", "capacity-vae", "beta-VAE with controlled capacity (Burgess et al.)",
-                  ("gamma", "capacity_max", "capacity_steps")),
+        zoo_entry(
+            "capacity-vae",
+            "capacity-vae",
+            "beta-VAE with controlled capacity (Burgess et al.)",
+            ("gamma", "capacity_max", "capacity_steps"),
+        ),
         zoo_entry("geco", "geco", "GECO (Rezende & Viola): min KL s.t. reconstruction <= kappa^2", GECO),
         zoo_entry("cvae", "cvae", "conditional VAE (Sohn et al.): one-hot labels into encoder and decoder"),
         zoo_entry("iwae-k5", "iwae", "IWAE (Burda et al.), k = 5", ("estimator",), k=5),
         zoo_entry("iwae-k50", "iwae", "IWAE, k = 50", ("estimator",), k=50),
-        zoo_entry("iwae-k50-dreg", "iwae", "IWAE, k = 50, DReG estimator (Tucker et al.)", ("estimator",), k=50,
-                  estimator="dreg"),
+        zoo_entry(
+            "iwae-k50-dreg",
+            "iwae",
+            "IWAE, k = 50, DReG estimator (Tucker et al.)",
+            ("estimator",),
+            k=50,
+            estimator="dreg",
+        ),
         zoo_entry("geco-iwae", "geco-iwae", "GECO + IWAE, k = 5 (the seed's)", ("estimator",) + GECO, k=5),
         zoo_entry("hvae", "hvae", "two stochastic layers (Burda et al.), the k-sample ELBO", benchmarked=False),
         zoo_entry("hiwae-k5", "hiwae", "two stochastic layers, IWAE bound, k = 5", k=5),
-        zoo_entry("vhp-vae", "vhp-vae", "VHP-VAE (Klushyn et al.): learned hierarchical prior, constrained",
-                  GECO + ("prior_k",)),
+        zoo_entry(
+            "vhp-vae",
+            "vhp-vae",
+            "VHP-VAE (Klushyn et al.): learned hierarchical prior, constrained",
+            GECO + ("prior_k",),
+        ),
     ]
 
 
 # --- autoregressive models -------------------------------------------------------------------------------------
+
 
 @dataclass
 class GatedPixelCNNConfig:
@@ -350,8 +410,9 @@ def pixelcnn_plus_plus(config: MixtureConfig):
 
 
 def pixelsnail(config: MixtureConfig):
-    return MixtureModel(PixelSNAIL(1, config.filters, config.blocks, config.resnets, config.key_channels,
-                                   config.heads, config.mixtures))
+    return MixtureModel(
+        PixelSNAIL(1, config.filters, config.blocks, config.resnets, config.key_channels, config.heads, config.mixtures)
+    )
 
 
 @dataclass
@@ -381,12 +442,14 @@ def autoregressive_pictures(model, batches, generator, config) -> dict:
 def nats_evaluation(loss, bits: bool):
     """The test ``loss`` in nats per image (the NLL, or the negative ELBO, an upper bound on it), and in bits per
     dim where ``bits``."""
+
     def evaluate(model, batches, options) -> dict:
         nats, count = mean_test_loss(loss, model, batches, options.get("limit"))
         metrics = {"test_nats": nats, "test_images": count}
         if bits:
             metrics["test_bits_per_dim"] = nats / (MNIST_PIXELS * math.log(2))
         return metrics
+
     return evaluate
 
 
@@ -395,37 +458,85 @@ SMALL_MIXTURE = {"filters": 8, "blocks": 1, "mixtures": 2}
 
 def autoregressive_entries() -> list[ModelEntry]:
     binary_images = binary_digits(32, (1, 28, 28), labels=False)
-    common = {"pictures": autoregressive_pictures, "loss": autoregressive_loss, "batch_size": 32, "lr": 2e-3,
-              "budget": {"minutes": 2.0}, "family": "autoregressive"}
+    common = {
+        "pictures": autoregressive_pictures,
+        "loss": autoregressive_loss,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "budget": {"minutes": 2.0},
+        "family": "autoregressive",
+    }
     return [
-        ModelEntry("gated-pixelcnn", "Gated PixelCNN (van den Oord et al.): 6 layers of 32 channels, "
-                   "class-conditional, binarised MNIST", GatedPixelCNNConfig, gated_pixelcnn, gated_pixelcnn_data,
-                   gated_pixelcnn_pictures, nats_evaluation(gated_pixelcnn_loss, False), loss=gated_pixelcnn_loss,
-                   options=("channels", "layers", "levels"), small={"channels": 8, "layers": 2},
-                   batch=binary_digits(32, (1, 28, 28)), batch_size=32, budget={"epochs": 1},
-                   family="autoregressive"),
-        ModelEntry("pixelcnn++", "PixelCNN++ (Salimans et al.): 32 filters, 3 blocks, 5 logistics, 256-level MNIST",
-                   MixtureConfig, pixelcnn_plus_plus, mnist_batches(signed_images),
-                   evaluate=nats_evaluation(autoregressive_loss, True), options=("filters", "blocks", "mixtures", "samples"),
-                   small=SMALL_MIXTURE, batch=byte_digits(32, "signed"), **common),
-        ModelEntry("pixelsnail", "PixelSNAIL (Chen et al.): 32 filters, 2 blocks x 2 resnets, causal attention",
-                   MixtureConfig, pixelsnail, mnist_batches(signed_images),
-                   evaluate=nats_evaluation(autoregressive_loss, True), defaults={"blocks": 2},
-                   options=("filters", "blocks", "resnets", "key_channels", "heads", "mixtures", "samples"),
-                   small={**SMALL_MIXTURE, "resnets": 1, "key_channels": 4, "heads": 1},
-                   batch=byte_digits(32, "signed"), **common),
-        ModelEntry("pixelvae", "PixelVAE (Gulrajani et al.): latent 16, 3 gated PixelCNN layers in the decoder",
-                   LatentAutoregressiveConfig, pixelvae, mnist_batches(binarized_images),
-                   evaluate=nats_evaluation(autoregressive_loss, False), options=("latent_dim", "channels", "samples"),
-                   small={"latent_dim": 4, "channels": 8}, batch=binary_images, **common),
-        ModelEntry("vlae", "VLAE (Chen et al.): latent 16, a 3x3 type-A window decoder", LatentAutoregressiveConfig,
-                   vlae, mnist_batches(binarized_images), evaluate=nats_evaluation(autoregressive_loss, False),
-                   options=("latent_dim", "channels", "samples"), small={"latent_dim": 4, "channels": 8},
-                   batch=binary_images, **common),
+        ModelEntry(
+            "gated-pixelcnn",
+            "Gated PixelCNN (van den Oord et al.): 6 layers of 32 channels, class-conditional, binarised MNIST",
+            GatedPixelCNNConfig,
+            gated_pixelcnn,
+            gated_pixelcnn_data,
+            gated_pixelcnn_pictures,
+            nats_evaluation(gated_pixelcnn_loss, False),
+            loss=gated_pixelcnn_loss,
+            options=("channels", "layers", "levels"),
+            small={"channels": 8, "layers": 2},
+            batch=binary_digits(32, (1, 28, 28)),
+            batch_size=32,
+            budget={"epochs": 1},
+            family="autoregressive",
+        ),
+        ModelEntry(
+            "pixelcnn++",
+            "PixelCNN++ (Salimans et al.): 32 filters, 3 blocks, 5 logistics, 256-level MNIST",
+            MixtureConfig,
+            pixelcnn_plus_plus,
+            mnist_batches(signed_images),
+            evaluate=nats_evaluation(autoregressive_loss, True),
+            options=("filters", "blocks", "mixtures", "samples"),
+            small=SMALL_MIXTURE,
+            batch=byte_digits(32, "signed"),
+            **common,
+        ),
+        ModelEntry(
+            "pixelsnail",
+            "PixelSNAIL (Chen et al.): 32 filters, 2 blocks x 2 resnets, causal attention",
+            MixtureConfig,
+            pixelsnail,
+            mnist_batches(signed_images),
+            evaluate=nats_evaluation(autoregressive_loss, True),
+            defaults={"blocks": 2},
+            options=("filters", "blocks", "resnets", "key_channels", "heads", "mixtures", "samples"),
+            small={**SMALL_MIXTURE, "resnets": 1, "key_channels": 4, "heads": 1},
+            batch=byte_digits(32, "signed"),
+            **common,
+        ),
+        ModelEntry(
+            "pixelvae",
+            "PixelVAE (Gulrajani et al.): latent 16, 3 gated PixelCNN layers in the decoder",
+            LatentAutoregressiveConfig,
+            pixelvae,
+            mnist_batches(binarized_images),
+            evaluate=nats_evaluation(autoregressive_loss, False),
+            options=("latent_dim", "channels", "samples"),
+            small={"latent_dim": 4, "channels": 8},
+            batch=binary_images,
+            **common,
+        ),
+        ModelEntry(
+            "vlae",
+            "VLAE (Chen et al.): latent 16, a 3x3 type-A window decoder",
+            LatentAutoregressiveConfig,
+            vlae,
+            mnist_batches(binarized_images),
+            evaluate=nats_evaluation(autoregressive_loss, False),
+            options=("latent_dim", "channels", "samples"),
+            small={"latent_dim": 4, "channels": 8},
+            batch=binary_images,
+            **common,
+        ),
     ]
 
 
 # --- decoder Jacobians: GRAE ------------------------------------------------------------------------------------
+
 
 @dataclass
 class GRAEConfig:
@@ -440,8 +551,10 @@ def grae(method: str):
     def make(config: GRAEConfig):
         if not 0 <= config.columns <= config.latent_dim:
             raise ValueError(f"models: --columns must be in [0, {config.latent_dim}], got {config.columns}")
-        return Autoencoder(method, config.arch, config.latent_dim, config.hidden_dim, config.beta,
-                           config.columns or None)
+        return Autoencoder(
+            method, config.arch, config.latent_dim, config.hidden_dim, config.beta, config.columns or None
+        )
+
     return make
 
 
@@ -454,35 +567,62 @@ def grae_pictures(model, batches, generator, config) -> dict:
     x = x.to(next(model.parameters()).device)
     reconstruction = model.decoder(model.encode(x)).clamp(0, 1)
     z = torch.randn(100, model.latent, generator=generator).to(x.device)
-    return {"reconstructions.png": (reconstruction_rows(x, reconstruction), 10, (28, 28)),
-            "samples.png": (model.decoder(z).clamp(0, 1), 10, (28, 28))}
+    return {
+        "reconstructions.png": (reconstruction_rows(x, reconstruction), 10, (28, 28)),
+        "samples.png": (model.decoder(z).clamp(0, 1), 10, (28, 28)),
+    }
 
 
 def grae_evaluate(model, batches, options) -> dict:
     x, _ = batches.test(options.get("limit"))
     x = x.to(next(model.parameters()).device)
-    return {"test_half_sq_error": 0.5 * (x - model.decoder(model.encode(x))).square().sum(-1).mean().item(),
-            "test_images": len(x)}
+    return {
+        "test_half_sq_error": 0.5 * (x - model.decoder(model.encode(x))).square().sum(-1).mean().item(),
+        "test_images": len(x),
+    }
 
 
 def grae_entry(name: str, method: str, description: str, options, benchmarked: bool = True) -> ModelEntry:
-    return ModelEntry(name, description, GRAEConfig, grae(method), mnist_batches(unit_images), grae_pictures,
-                      grae_evaluate, loss=grae_loss, options=options, small={"hidden_dim": 16},
-                      batch=byte_digits(100, "unit"), budget={"epochs": 2}, benchmarked=benchmarked, family="jacobian")
+    return ModelEntry(
+        name,
+        description,
+        GRAEConfig,
+        grae(method),
+        mnist_batches(unit_images),
+        grae_pictures,
+        grae_evaluate,
+        loss=grae_loss,
+        options=options,
+        small={"hidden_dim": 16},
+        batch=byte_digits(100, "unit"),
+        budget={"epochs": 2},
+        benchmarked=benchmarked,
+        family="jacobian",
+    )
 
 
 def grae_entries() -> list[ModelEntry]:
     common = ("arch", "beta", "latent_dim", "hidden_dim")
     return [
-        grae_entry("grae-star", "grae-star", "GRAE* (Kumar & Poole): MLP 784-256-256-8 softplus, one sampled "
-                   "Jacobian column a step", common + ("columns",)),
+        grae_entry(
+            "grae-star",
+            "grae-star",
+            "GRAE* (Kumar & Poole): MLP 784-256-256-8 softplus, one sampled Jacobian column a step",
+            common + ("columns",),
+        ),
         grae_entry("grae", "grae", "GRAE: the exact log-determinant regulariser, as grae-star", common),
-        grae_entry("grae-beta-vae", "beta-vae", "the Gaussian beta-VAE that GRAE approximates, as grae-star",
-                   common, benchmarked=False),
+        grae_entry(
+            "grae-beta-vae",
+            "beta-vae",
+            "the Gaussian beta-VAE that GRAE approximates, as grae-star",
+            common,
+            benchmarked=False,
+        ),
     ]
 
 
 # --- reversible networks: flows and classifiers ------------------------------------------------------------------
+
 
 @dataclass
 class NICEConfig:
@@ -538,16 +678,21 @@ def classifier_pictures(model, batches, generator, config) -> dict:
     rows = [torch.cat([row, row.new_zeros(10 - len(row), *row.shape[1:])]) for row in rows]
     pictures = {"predictions.png": (torch.cat(rows), 10, (28, 28))}
     if isinstance(model, IRevNet):
-        pictures["reconstructions.png"] = (reconstruction_rows(x[:50], model.inverse(model.features(x[:50]))
-                                                               .clamp(0, 1)), 10, (28, 28))
+        pictures["reconstructions.png"] = (
+            reconstruction_rows(x[:50], model.inverse(model.features(x[:50])).clamp(0, 1)),
+            10,
+            (28, 28),
+        )
     return pictures
 
 
 def classifier_evaluate(model, batches, options) -> dict:
     x, y = batches.test(options.get("limit"))
     device = next(model.parameters()).device
-    correct = sum((model(xb.to(device)).argmax(1).cpu() == yb.long()).sum().item()
-                  for xb, yb in zip(x.split(500), y.split(500)))
+    correct = sum(
+        (model(xb.to(device)).argmax(1).cpu() == yb.long()).sum().item()
+        for xb, yb in zip(x.split(500), y.split(500), strict=True)
+    )
     metrics = {"test_accuracy": correct / len(x), "test_images": len(x)}
     if isinstance(model, IRevNet):
         xb = x[:500].to(device)
@@ -557,27 +702,58 @@ def classifier_evaluate(model, batches, options) -> dict:
 
 
 def reversible_entries() -> list[ModelEntry]:
-    classifier = {"loss": classifier_loss, "batch_size": 64, "budget": {"epochs": 1}, "benchmarked": False,
-                  "family": "flows"}
+    classifier = {
+        "loss": classifier_loss,
+        "batch_size": 64,
+        "budget": {"epochs": 1},
+        "benchmarked": False,
+        "family": "flows",
+    }
     return [
-        ModelEntry("nice", "NICE (Dinh et al.): additive-coupling flow, exact likelihood of dequantised MNIST",
-                   NICEConfig, lambda config: NICE(config.blocks, config.hidden, config.layers),
-                   mnist_batches(dequantised), nice_pictures, nice_evaluate, loss=nice_loss,
-                   options=("blocks", "hidden", "layers"), small={"blocks": 1, "hidden": 8, "layers": 1},
-                   budget={"epochs": 1}, benchmarked=False, family="flows"),
-        ModelEntry("revnet", "RevNet (Gomez et al.) MNIST classifier; --mode resnet/checkpoint: its matched ResNet",
-                   RevNetConfig, lambda c: RevNet(c.depth, c.width, c.stages, mode=c.mode, dropout=c.dropout),
-                   mnist_batches(classifier_images, labels=True), classifier_pictures, classifier_evaluate,
-                   options=("mode", "depth", "width", "stages", "dropout"), small={"depth": 2, "width": 4},
-                   **classifier),
-        ModelEntry("irevnet", "i-RevNet (Jacobsen et al.): a bijective MNIST classifier", IRevNetConfig,
-                   lambda config: IRevNet(config.blocks, config.hidden),
-                   mnist_batches(classifier_images, labels=True), classifier_pictures, classifier_evaluate,
-                   options=("blocks", "hidden"), small={"blocks": 1, "hidden": 4}, **classifier),
+        ModelEntry(
+            "nice",
+            "NICE (Dinh et al.): additive-coupling flow, exact likelihood of dequantised MNIST",
+            NICEConfig,
+            lambda config: NICE(config.blocks, config.hidden, config.layers),
+            mnist_batches(dequantised),
+            nice_pictures,
+            nice_evaluate,
+            loss=nice_loss,
+            options=("blocks", "hidden", "layers"),
+            small={"blocks": 1, "hidden": 8, "layers": 1},
+            budget={"epochs": 1},
+            benchmarked=False,
+            family="flows",
+        ),
+        ModelEntry(
+            "revnet",
+            "RevNet (Gomez et al.) MNIST classifier; --mode resnet/checkpoint: its matched ResNet",
+            RevNetConfig,
+            lambda c: RevNet(c.depth, c.width, c.stages, mode=c.mode, dropout=c.dropout),
+            mnist_batches(classifier_images, labels=True),
+            classifier_pictures,
+            classifier_evaluate,
+            options=("mode", "depth", "width", "stages", "dropout"),
+            small={"depth": 2, "width": 4},
+            **classifier,
+        ),
+        ModelEntry(
+            "irevnet",
+            "i-RevNet (Jacobsen et al.): a bijective MNIST classifier",
+            IRevNetConfig,
+            lambda config: IRevNet(config.blocks, config.hidden),
+            mnist_batches(classifier_images, labels=True),
+            classifier_pictures,
+            classifier_evaluate,
+            options=("blocks", "hidden"),
+            small={"blocks": 1, "hidden": 4},
+            **classifier,
+        ),
     ]
 
 
 # --- adversarial models -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class AdversarialConfig:
@@ -589,8 +765,9 @@ class AdversarialConfig:
     continuous: int = option(2, "continuous codes, uniform on [-1, 1]")
     info_weight: float = option(1.0, "lambda of the information term")
     prior: str = option("gaussian", "the code's prior (mixture, swiss-roll: 2-D)", PRIORS)
-    condition: str = option("none", "one-hot label into the discriminator (with the prior's matching part) or "
-                            "decoder", CONDITIONS)
+    condition: str = option(
+        "none", "one-hot label into the discriminator (with the prior's matching part) or decoder", CONDITIONS
+    )
     noise_dim: int = option(8, "noise units into the black-box encoder")
     feature_matching: bool = option(False, "improved GAN: the generator matches the discriminator's features")
     historical_averaging: float = option(0.0, "improved GAN: weight of ||theta - mean of past theta||^2")
@@ -604,19 +781,32 @@ def adversarial_model(kind):
         if kind is FactorVAE:
             return FactorVAE(64 * 64, (64, 64), arch="conv64", latent_dim=c.latent_dim, beta=c.beta, gamma=c.gamma)
         if kind is InfoGAN:
-            return InfoGAN(MNIST_PIXELS, (28, 28), noise_dim=c.latent_dim, categories=c.categories,
-                           continuous=c.continuous, hidden_dim=c.hidden_dim, info_weight=c.info_weight,
-                           techniques=techniques)
+            return InfoGAN(
+                MNIST_PIXELS,
+                (28, 28),
+                noise_dim=c.latent_dim,
+                categories=c.categories,
+                continuous=c.continuous,
+                hidden_dim=c.hidden_dim,
+                info_weight=c.info_weight,
+                techniques=techniques,
+            )
         if kind is AAE:
             if c.prior != "gaussian" and c.latent_dim != 2:
                 raise ValueError(f"models: --prior {c.prior} is 2-D: --latent-dim must be 2, got {c.latent_dim}")
-            return AAE(MNIST_PIXELS, (28, 28), latent_dim=c.latent_dim, hidden_dim=c.hidden_dim, prior=c.prior,
-                       condition=c.condition, techniques=techniques)
+            return AAE(
+                MNIST_PIXELS,
+                (28, 28),
+                latent_dim=c.latent_dim,
+                hidden_dim=c.hidden_dim,
+                prior=c.prior,
+                condition=c.condition,
+                techniques=techniques,
+            )
         if kind is AVB:
-            return AVB(MNIST_PIXELS, (28, 28), latent_dim=c.latent_dim, hidden_dim=c.hidden_dim,
-                       noise_dim=c.noise_dim)
-        return BiGAN(MNIST_PIXELS, (28, 28), latent_dim=c.latent_dim, hidden_dim=c.hidden_dim,
-                     techniques=techniques)
+            return AVB(MNIST_PIXELS, (28, 28), latent_dim=c.latent_dim, hidden_dim=c.hidden_dim, noise_dim=c.noise_dim)
+        return BiGAN(MNIST_PIXELS, (28, 28), latent_dim=c.latent_dim, hidden_dim=c.hidden_dim, techniques=techniques)
+
     return make
 
 
@@ -646,32 +836,79 @@ def adversarial_entries() -> list[ModelEntry]:
     def entry(name, kind, description, options, benchmarked=False, **extra):
         likelihood = "bernoulli" if kind in (AAE, AVB) else "gaussian"
         gan = {"lr": 2e-4, "betas": (0.5, 0.999), "data": mnist_batches(_mnist_input(likelihood), labels=True)}
-        settings = {"batch_size": 64, "budget": {"steps": 1000}, "small": {"latent_dim": 2, "hidden_dim": 16},
-                    **({} if kind is FactorVAE else gan), **extra}
-        return ModelEntry(name, description, AdversarialConfig, adversarial_model(kind), pictures=adversarial_pictures,
-                          evaluate=no_test_metric, train_step=adversarial_step, options=options,
-                          benchmarked=benchmarked, family="adversarial", **settings)
+        settings = {
+            "batch_size": 64,
+            "budget": {"steps": 1000},
+            "small": {"latent_dim": 2, "hidden_dim": 16},
+            **({} if kind is FactorVAE else gan),
+            **extra,
+        }
+        return ModelEntry(
+            name,
+            description,
+            AdversarialConfig,
+            adversarial_model(kind),
+            pictures=adversarial_pictures,
+            evaluate=no_test_metric,
+            train_step=adversarial_step,
+            options=options,
+            benchmarked=benchmarked,
+            family="adversarial",
+            **settings,
+        )
 
     improved = tuple(TECHNIQUE_NAMES)
     return [
-        entry("factor-vae", FactorVAE, "FactorVAE (Kim & Mnih) on the 64x64 shapes: conv64, a VAE and a "
-              "discriminator step", ("latent_dim", "beta", "gamma"), benchmarked=True, loss=zoo_loss,
-              data=lambda config, settings: ShapesBatches(Shapes(), settings.batch_size, settings.seed),
-              batch=shapes_batch(64), small={"latent_dim": 4}),
-        entry("infogan", InfoGAN, "InfoGAN (Chen et al.) on MNIST: a categorical and continuous codes",
-              ("latent_dim", "hidden_dim", "categories", "continuous", "info_weight") + improved,
-              defaults={"latent_dim": 62}),
-        entry("aae", AAE, "adversarial autoencoder (Makhzani et al.) on MNIST, 2-D code",
-              ("latent_dim", "hidden_dim", "prior", "condition") + AAE.SUPPORTED, defaults={"latent_dim": 2}),
-        entry("avb", AVB, "adversarial variational Bayes (Mescheder et al.) on MNIST",
-              ("latent_dim", "hidden_dim", "noise_dim"), defaults={"latent_dim": 8}),
-        entry("bigan", BiGAN, "BiGAN / ALI (Donahue et al.; Dumoulin et al.) on MNIST",
-              ("latent_dim", "hidden_dim") + improved, defaults={"latent_dim": 16}),
+        entry(
+            "factor-vae",
+            FactorVAE,
+            "FactorVAE (Kim & Mnih) on the 64x64 shapes: conv64, a VAE and a discriminator step",
+            ("latent_dim", "beta", "gamma"),
+            benchmarked=True,
+            loss=zoo_loss,
+            data=lambda config, settings: ShapesBatches(Shapes(), settings.batch_size, settings.seed),
+            batch=shapes_batch(64),
+            small={"latent_dim": 4},
+        ),
+        entry(
+            "infogan",
+            InfoGAN,
+            "InfoGAN (Chen et al.) on MNIST: a categorical and continuous codes",
+            ("latent_dim", "hidden_dim", "categories", "continuous", "info_weight") + improved,
+            defaults={"latent_dim": 62},
+        ),
+        entry(
+            "aae",
+            AAE,
+            "adversarial autoencoder (Makhzani et al.) on MNIST, 2-D code",
+            ("latent_dim", "hidden_dim", "prior", "condition") + AAE.SUPPORTED,
+            defaults={"latent_dim": 2},
+        ),
+        entry(
+            "avb",
+            AVB,
+            "adversarial variational Bayes (Mescheder et al.) on MNIST",
+            ("latent_dim", "hidden_dim", "noise_dim"),
+            defaults={"latent_dim": 8},
+        ),
+        entry(
+            "bigan",
+            BiGAN,
+            "BiGAN / ALI (Donahue et al.; Dumoulin et al.) on MNIST",
+            ("latent_dim", "hidden_dim") + improved,
+            defaults={"latent_dim": 16},
+        ),
     ]
 
 
-MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in zoo_entries() + autoregressive_entries()
-                                 + grae_entries() + reversible_entries() + adversarial_entries()}
+MODELS: dict[str, ModelEntry] = {
+    entry.name: entry
+    for entry in zoo_entries()
+    + autoregressive_entries()
+    + grae_entries()
+    + reversible_entries()
+    + adversarial_entries()
+}
 """Every model that ``python -m models train`` trains, by name."""
 
 REGISTRY: dict[str, ModelEntry] = {name: entry for name, entry in MODELS.items() if entry.benchmarked}

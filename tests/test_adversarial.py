@@ -97,8 +97,10 @@ def test_beta_vae_traversals_order_rows_by_kl():
         model.encoder.head.bias[:3] = torch.tensor([0.0, 3.0, 1.0])  # means: dimension 1 far, then 2, then 0
         model.encoder.head.weight.zero_()
     grid = latent_traversals(model, torch.zeros(256), torch.tensor([-1.0, 1.0]), torch.zeros(5, 256))
-    z_rows = [model.decode(torch.tensor([[[-1.0 if j == k else b for j, b in enumerate([0.0, 3.0, 1.0])]]]))
-              for k in (1, 2, 0)]
+    z_rows = [
+        model.decode(torch.tensor([[[-1.0 if j == k else b for j, b in enumerate([0.0, 3.0, 1.0])]]]))
+        for k in (1, 2, 0)
+    ]
     expected = torch.cat([model.likelihood.mean(z).squeeze(1) for z in z_rows])
     torch.testing.assert_close(grid[::2], expected)
 
@@ -108,8 +110,9 @@ def test_infogan_recovers_its_codes():
     assert mean(history, "information", LAST) < mean(history, "information", FIRST) - 0.5
 
 
-@pytest.mark.parametrize("prior, condition", [("gaussian", "none"), ("mixture", "discriminator"),
-                                              ("swiss-roll", "decoder")])
+@pytest.mark.parametrize(
+    "prior, condition", [("gaussian", "none"), ("mixture", "discriminator"), ("swiss-roll", "decoder")]
+)
 def test_aae_reconstructs_and_its_codes_follow_the_prior(prior, condition):
     model = AAE(16, (4, 4), latent_dim=2, hidden_dim=32, prior=prior, condition=condition, classes=4)
     history = run(model, 40)
@@ -131,8 +134,9 @@ def test_bigan_trains_with_and_without_the_techniques(techniques):
 
 
 def test_infogan_with_every_technique_trains():
-    model = InfoGAN(16, (4, 4), noise_dim=4, categories=4, continuous=1, hidden_dim=32,
-                    techniques=Techniques(True, 0.1, 0.2, True))
+    model = InfoGAN(
+        16, (4, 4), noise_dim=4, categories=4, continuous=1, hidden_dim=32, techniques=Techniques(True, 0.1, 0.2, True)
+    )
     history = run(model, 20)
     assert mean(history, "information", LAST) < mean(history, "information", FIRST)
     assert model.histories["generator"].count.item() == 21
@@ -162,6 +166,7 @@ def test_label_smoothing_moves_the_optimal_discriminator_to_one_minus_alpha():
         loss = adversarial.discriminator_loss(logit, torch.full((1,), -30.0), smoothing=0.2)
         loss.backward()
         return loss
+
     optimizer.step(closure)
     assert torch.sigmoid(logit).item() == pytest.approx(0.8, abs=1e-4)
 
@@ -193,7 +198,7 @@ def test_virtual_batch_norm_makes_examples_independent_of_their_batch():
     net = torch.nn.Sequential(torch.nn.Linear(3, 5), VirtualBatchNorm(5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     reference, x = torch.randn(16, 3), torch.randn(6, 3)
     whole = virtual_batch(net, reference, x)
-    alone = torch.cat([virtual_batch(net, reference, x[i:i + 1]) for i in range(6)])
+    alone = torch.cat([virtual_batch(net, reference, x[i : i + 1]) for i in range(6)])
     torch.testing.assert_close(whole, alone)
     batch_norm = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5))
     assert not torch.allclose(batch_norm(x)[:3], batch_norm(x[:3]))  # what plain batch norm does instead
@@ -201,7 +206,7 @@ def test_virtual_batch_norm_makes_examples_independent_of_their_batch():
     layer = VirtualBatchNorm(1, eps=0.0)
     ones = torch.ones(3, 1)
     out = virtual_batch(layer, ones, torch.tensor([[5.0]]))  # mean (3 + 5) / 4 = 2, variance (3 + 25) / 4 - 4 = 3
-    torch.testing.assert_close(out, torch.tensor([[3 / 3 ** 0.5]]))
+    torch.testing.assert_close(out, torch.tensor([[3 / 3**0.5]]))
     with pytest.raises(RuntimeError, match="no reference statistics"):
         layer(ones)
 
@@ -225,13 +230,41 @@ def mnist_dir(tmp_path_factory):
 TINY = ["--steps", "2", "--batch-size", "8", "--no-progress"]
 
 
-@pytest.mark.parametrize("argv, pictures", [
-    (["infogan", "--latent-dim", "4", "--hidden-dim", "16"], ["samples.png", "traversal-c1.png", "traversal-c2.png"]),
-    (["aae", "--prior", "swiss-roll", "--condition", "decoder", "--label-smoothing", "0.1", "--hidden-dim", "16"],
-     ["reconstructions.png", "samples.png"]),
-    (["bigan", "--feature-matching", "--historical-averaging", "0.01", "--virtual-batch-norm", "--hidden-dim", "16"],
-     ["reconstructions.png", "samples.png"]),
-])
+@pytest.mark.parametrize(
+    "argv, pictures",
+    [
+        (
+            ["infogan", "--latent-dim", "4", "--hidden-dim", "16"],
+            ["samples.png", "traversal-c1.png", "traversal-c2.png"],
+        ),
+        (
+            [
+                "aae",
+                "--prior",
+                "swiss-roll",
+                "--condition",
+                "decoder",
+                "--label-smoothing",
+                "0.1",
+                "--hidden-dim",
+                "16",
+            ],
+            ["reconstructions.png", "samples.png"],
+        ),
+        (
+            [
+                "bigan",
+                "--feature-matching",
+                "--historical-averaging",
+                "0.01",
+                "--virtual-batch-norm",
+                "--hidden-dim",
+                "16",
+            ],
+            ["reconstructions.png", "samples.png"],
+        ),
+    ],
+)
 def test_the_improved_gan_options_train_from_the_command_line(mnist_dir, tmp_path, argv, pictures):
     out = tmp_path / "run"
     metrics = main(["train", *argv, *TINY, "--data-dir", str(mnist_dir), "--out", str(out)])
@@ -239,8 +272,18 @@ def test_the_improved_gan_options_train_from_the_command_line(mnist_dir, tmp_pat
 
 
 def test_resume_continues_exactly_with_historical_averaging_and_virtual_batch_norm(mnist_dir, tmp_path):
-    common = ["--historical-averaging", "0.01", "--virtual-batch-norm", "--batch-size", "8", "--hidden-dim", "16",
-              "--no-progress", "--data-dir", str(mnist_dir)]
+    common = [
+        "--historical-averaging",
+        "0.01",
+        "--virtual-batch-norm",
+        "--batch-size",
+        "8",
+        "--hidden-dim",
+        "16",
+        "--no-progress",
+        "--data-dir",
+        str(mnist_dir),
+    ]
     main(["train", "bigan", *common, "--steps", "7", "--out", str(tmp_path / "whole")])  # 5 steps an epoch
     main(["train", "bigan", *common, "--steps", "3", "--out", str(tmp_path / "split")])
     main(["train", "bigan", "--out", str(tmp_path / "split"), "--resume", "--steps", "7", "--no-progress"])
@@ -250,14 +293,17 @@ def test_resume_continues_exactly_with_historical_averaging_and_virtual_batch_no
     assert first["history"] == second["history"] and len(first["history"]) == 7
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["aae", "--prior", "mixture", "--latent-dim", "3"], "--prior mixture is 2-D: --latent-dim must be 2"),
-    (["avb", "--label-smoothing", "0.1"], "unrecognized arguments: --label-smoothing"),
-    (["aae", "--feature-matching"], "unrecognized arguments: --feature-matching"),
-    (["bigan", "--label-smoothing", "1"], "label_smoothing must lie in [0, 1), got 1.0"),
-    (["bigan", "--steps", "0"], "argument --steps: must be positive, got 0"),
-    (["factor-vae", "--batch-size", "2"], "needs a batch of >= 4"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["aae", "--prior", "mixture", "--latent-dim", "3"], "--prior mixture is 2-D: --latent-dim must be 2"),
+        (["avb", "--label-smoothing", "0.1"], "unrecognized arguments: --label-smoothing"),
+        (["aae", "--feature-matching"], "unrecognized arguments: --feature-matching"),
+        (["bigan", "--label-smoothing", "1"], "label_smoothing must lie in [0, 1), got 1.0"),
+        (["bigan", "--steps", "0"], "argument --steps: must be positive, got 0"),
+        (["factor-vae", "--batch-size", "2"], "needs a batch of >= 4"),
+    ],
+)
 def test_bad_options_say_what_is_wrong(argv, message, mnist_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         main(["train", *argv, "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"), "--no-progress"])
@@ -265,9 +311,27 @@ def test_bad_options_say_what_is_wrong(argv, message, mnist_dir, tmp_path, capsy
 
 
 def test_disentangle_command_prints_both_metrics_and_reuses_finished_runs(tmp_path, capsys):
-    argv = ["--budget", "1", "--steps", "1", "--train-points", "10", "--eval-points", "5", "--pairs", "2",
-            "--vote-batch", "4", "--variance-points", "32", "--reconstruction-points", "8", "--no-progress",
-            "--out", str(tmp_path)]
+    argv = [
+        "--budget",
+        "1",
+        "--steps",
+        "1",
+        "--train-points",
+        "10",
+        "--eval-points",
+        "5",
+        "--pairs",
+        "2",
+        "--vote-batch",
+        "4",
+        "--variance-points",
+        "32",
+        "--reconstruction-points",
+        "8",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     results = disentangle.main(argv)
     printed = capsys.readouterr().out
     assert "| beta-VAE, beta = 4 | 1 |" in printed and "- larger beta raises the beta-VAE metric: " in printed

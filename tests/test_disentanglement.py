@@ -28,10 +28,12 @@ def test_factors_reproduce_the_image_and_the_grid_is_complete():
 def test_each_factor_moves_the_shape_the_way_it_says():
     shapes = Shapes()
     base = torch.tensor([[1, 0, 0, 16, 16]])
+
     def centre(factors):
         image = shapes.render(factors)[0].float()
         rows, columns = image.nonzero().float().mean(0)
         return columns.item(), rows.item(), image.sum().item()
+
     x0, y0, area0 = centre(base)
     x1, y1, _ = centre(base + torch.tensor([[0, 0, 0, 10, 0]]))
     x2, y2, _ = centre(base + torch.tensor([[0, 0, 0, 0, 10]]))
@@ -51,19 +53,29 @@ def test_draws_are_deterministic_under_a_seed():
     assert torch.equal(SMALL.values(first[1])[:, 0], first[1][:, 0].float())
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: Shapes(scales=0), "Shapes: scales must be an integer >= 1, got 0"),
-    (lambda: Shapes(size=4), "Shapes: size must be an integer >= 8, got 4"),
-    (lambda: SMALL.render(torch.zeros(2, 4, dtype=torch.long)), "render: factors must be an integer tensor [N, 5]"),
-    (lambda: SMALL.render(torch.zeros(2, 5)), "got torch.float32 tensor of shape [2, 5]"),
-    (lambda: SMALL.render(torch.tensor([[0, 0, 8, 0, 0]])), "factors[0, 2] (orientation) must lie in [0, 8), got 8"),
-    (lambda: SMALL.index_to_factors(torch.tensor([len(SMALL)])), "index must be a 1-d tensor of values in [0, "),
-    (lambda: SMALL.sample(0), "sample_factors: n must be a positive integer, got 0"),
-    (lambda: metrics.beta_vae_metric(lambda f: f.float(), SMALL, pairs=1), "beta_vae_metric: pairs must be an "
-                                                                           "integer >= 2, got 1"),
-    (lambda: metrics.factor_vae_metric(lambda f: f.float()[:1], SMALL, train_points=5, eval_points=5),
-     "factor_vae_metric: represent must map factors [N, F] to float codes [N, d]"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: Shapes(scales=0), "Shapes: scales must be an integer >= 1, got 0"),
+        (lambda: Shapes(size=4), "Shapes: size must be an integer >= 8, got 4"),
+        (lambda: SMALL.render(torch.zeros(2, 4, dtype=torch.long)), "render: factors must be an integer tensor [N, 5]"),
+        (lambda: SMALL.render(torch.zeros(2, 5)), "got torch.float32 tensor of shape [2, 5]"),
+        (
+            lambda: SMALL.render(torch.tensor([[0, 0, 8, 0, 0]])),
+            "factors[0, 2] (orientation) must lie in [0, 8), got 8",
+        ),
+        (lambda: SMALL.index_to_factors(torch.tensor([len(SMALL)])), "index must be a 1-d tensor of values in [0, "),
+        (lambda: SMALL.sample(0), "sample_factors: n must be a positive integer, got 0"),
+        (
+            lambda: metrics.beta_vae_metric(lambda f: f.float(), SMALL, pairs=1),
+            "beta_vae_metric: pairs must be an integer >= 2, got 1",
+        ),
+        (
+            lambda: metrics.factor_vae_metric(lambda f: f.float()[:1], SMALL, train_points=5, eval_points=5),
+            "factor_vae_metric: represent must map factors [N, F] to float codes [N, d]",
+        ),
+    ],
+)
 def test_bad_arguments_say_what_is_wrong(call, message):
     with pytest.raises((ValueError, TypeError)) as error:
         call()
@@ -83,14 +95,19 @@ REPRESENTATIONS = {
     "constant": lambda factors: torch.ones(len(factors), 5),
     "rotation": lambda factors: standardised(factors) @ ROTATION,
 }
-PROTOCOL = {"beta_vae_metric": dict(train_points=200, eval_points=100, pairs=16),
-            "factor_vae_metric": dict(train_points=200, eval_points=100, batch_size=32, variance_points=512)}
+PROTOCOL = {
+    "beta_vae_metric": dict(train_points=200, eval_points=100, pairs=16),
+    "factor_vae_metric": dict(train_points=200, eval_points=100, batch_size=32, variance_points=512),
+}
 
 
 @pytest.fixture(scope="module")
 def scores():
-    return {(metric, name): getattr(metrics, metric)(represent, SMALL, **PROTOCOL[metric])["score"]
-            for metric in PROTOCOL for name, represent in REPRESENTATIONS.items()}
+    return {
+        (metric, name): getattr(metrics, metric)(represent, SMALL, **PROTOCOL[metric])["score"]
+        for metric in PROTOCOL
+        for name, represent in REPRESENTATIONS.items()
+    }
 
 
 @pytest.mark.parametrize("metric", PROTOCOL)
@@ -118,5 +135,6 @@ def test_metrics_are_deterministic_under_a_seed(metric):
 def test_factor_vae_metric_drops_collapsed_dimensions():
     def represent(factors):  # the true factors, and five more dimensions of almost no variance
         return torch.cat([standardised(factors), 1e-3 * standardised(factors)], 1)
+
     result = metrics.factor_vae_metric(represent, SMALL, **PROTOCOL["factor_vae_metric"])
     assert result["kept_dimensions"] == [0, 1, 2, 3, 4] and result["score"] >= 0.9

@@ -33,8 +33,9 @@ def test_toy_optimal_covariance_is_the_jacfwd_one(family):
 
 
 def test_toy_training_raises_the_elbo():
-    args = grae_toy._parse_args(["--out", "/nonexistent/grae_toy", "--samples", "200", "--steps", "30",
-                                 "--batch-size", "100"])
+    args = grae_toy._parse_args(
+        ["--out", "/nonexistent/grae_toy", "--samples", "200", "--steps", "30", "--batch-size", "100"]
+    )
     x, _ = grae_toy.make_data(args, torch.Generator().manual_seed(0))
     for family in grae_toy.FAMILIES:
         torch.manual_seed(0)  # the initialisation train() starts from
@@ -46,8 +47,9 @@ def test_toy_training_raises_the_elbo():
         assert trained.negative_elbo(x, args.noise).item() < before
 
 
-@pytest.mark.parametrize("method,arch", [("grae", "mlp"), ("grae-star", "mlp"), ("grae-star", "conv"),
-                                         ("beta-vae", "mlp")])
+@pytest.mark.parametrize(
+    "method,arch", [("grae", "mlp"), ("grae-star", "mlp"), ("grae-star", "conv"), ("beta-vae", "mlp")]
+)
 def test_grae_objectives_train(method, arch):
     torch.manual_seed(0)
     model = grae.Autoencoder(method, arch, latent=3, hidden=16, beta=0.2, columns=1)

@@ -12,8 +12,12 @@ from models.cli import main
 from models.registry import MODELS
 
 # Beyond each model's small options: fewer pixel-by-pixel samples, so that the pictures stay quick.
-EXTRA = {"pixelcnn++": ["--samples", "1"], "pixelsnail": ["--samples", "1"], "pixelvae": ["--samples", "1"],
-         "vlae": ["--samples", "1"]}
+EXTRA = {
+    "pixelcnn++": ["--samples", "1"],
+    "pixelsnail": ["--samples", "1"],
+    "pixelvae": ["--samples", "1"],
+    "vlae": ["--samples", "1"],
+}
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ def tiny_networks():
     torch.manual_seed(0)
     return {
         "pixelcnnpp": pixelcnnpp.PixelCNNPlusPlus(1, filters=8, blocks=2, mixtures=2).double(),
-        "pixelsnail": pixelsnail.PixelSNAIL(1, filters=8, blocks=2, resnets=1, key_channels=4, heads=2,
-                                            mixtures=2).double(),
+        "pixelsnail": pixelsnail.PixelSNAIL(
+            1, filters=8, blocks=2, resnets=1, key_channels=4, heads=2, mixtures=2
+        ).double(),
     }
 
 
@@ -81,8 +82,8 @@ def synthetic_digits(n, generator):
     """28x28 images of a bright bar at a random column on a dark background, 256 levels."""
     images = torch.zeros(n, 1, 28, 28)
     columns = torch.randint(4, 24, (n,), generator=generator)
-    for image, column in zip(images, columns):
-        image[:, 4:24, column - 2:column + 2] = 1.0
+    for image, column in zip(images, columns, strict=True):
+        image[:, 4:24, column - 2 : column + 2] = 1.0
     return images
 
 

@@ -22,13 +22,13 @@ def test_revnet_modes_give_the_same_gradients_and_running_stats():
         nnf.cross_entropy(model(x), y).backward()
         results[mode] = ([p.grad for p in model.parameters()], [b.clone() for b in model.buffers()])
     for mode in ("reversible", "checkpoint"):
-        for got, want in zip(results[mode][0], results["resnet"][0]):
+        for got, want in zip(results[mode][0], results["resnet"][0], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     # Batch-norm statistics: updated once, as by the ordinary network (torch.utils.checkpoint's
     # recomputation updates them a second time, so it is not held to this).
-    for got, want in zip(results["reversible"][1], results["resnet"][1]):
+    for got, want in zip(results["reversible"][1], results["resnet"][1], strict=True):
         torch.testing.assert_close(got, want)
-    assert any(not torch.equal(a, b) for a, b in zip(results["checkpoint"][1], results["resnet"][1]))
+    assert any(not torch.equal(a, b) for a, b in zip(results["checkpoint"][1], results["resnet"][1], strict=True))
 
 
 def test_irevnet_rebuilds_its_input_from_its_features():
@@ -58,8 +58,25 @@ def test_memory_study_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "study"
     threads = torch.get_num_threads()
     try:
-        rows = revnet_memory.main(["--depths", "2", "4", "--width", "4", "--batch", "4", "--size", "8", "--repeats",
-                                   "1", "--threads", "1", "--out", str(out)])
+        rows = revnet_memory.main(
+            [
+                "--depths",
+                "2",
+                "4",
+                "--width",
+                "4",
+                "--batch",
+                "4",
+                "--size",
+                "8",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert {(r["depth"], r["mode"]) for r in rows} == {(d, m) for d in (2, 4) for m in MODES}

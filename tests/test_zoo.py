@@ -26,8 +26,21 @@ def prototypes(n: int = 96, dim: int = 16, seed: int = 0):
 
 
 def tiny(name, **options):
-    settings = dict(latent_dim=2, hidden_dim=16, k=3, num_classes=4, tolerance=4.0, rate=1e-2, top_latent_dim=2,
-                    top_hidden_dim=8, prior_hidden_dim=8, prior_k=3, capacity_steps=10, capacity_max=2.0, gamma=5.0)
+    settings = dict(
+        latent_dim=2,
+        hidden_dim=16,
+        k=3,
+        num_classes=4,
+        tolerance=4.0,
+        rate=1e-2,
+        top_latent_dim=2,
+        top_hidden_dim=8,
+        prior_hidden_dim=8,
+        prior_k=3,
+        capacity_steps=10,
+        capacity_max=2.0,
+        gamma=5.0,
+    )
     settings.update(options)
     return build_model(name, 16, (4, 4), **settings)
 
@@ -126,8 +139,9 @@ def test_encoder_that_ignores_x_has_no_active_units_and_no_information():
     with torch.no_grad():
         model.encoder.head[0].weight.zero_()  # the first layer sees x; without it every posterior is the same
     x, _ = prototypes(64)
-    results = metrics.evaluate_model(model, x, num_samples=20, chunk_size=7, progress=False,
-                                     generator=torch.Generator().manual_seed(0))
+    results = metrics.evaluate_model(
+        model, x, num_samples=20, chunk_size=7, progress=False, generator=torch.Generator().manual_seed(0)
+    )
     assert results["active_units"] == 0
     assert abs(results["mutual_information"]) < 1e-5
     assert results["average_kl"] == pytest.approx(results["marginal_kl"], abs=1e-5)
@@ -154,21 +168,25 @@ def test_active_units_counts_variances_above_threshold():
 def test_streamed_nll_matches_the_generic_path_and_bounds():
     model = tiny("vae", latent_dim=3)
     x, _ = prototypes(10)
-    fused = metrics.importance_sampled_nll(model, x, num_samples=30, chunk_size=8, batch_size=4, progress=False,
-                                           generator=torch.Generator().manual_seed(3))
+    fused = metrics.importance_sampled_nll(
+        model, x, num_samples=30, chunk_size=8, batch_size=4, progress=False, generator=torch.Generator().manual_seed(3)
+    )
     model.standard_prior = False  # the hierarchical models' path: log-weights folded chunk by chunk
-    generic = metrics.importance_sampled_nll(model, x, num_samples=30, chunk_size=8, batch_size=4, progress=False,
-                                             generator=torch.Generator().manual_seed(3))
+    generic = metrics.importance_sampled_nll(
+        model, x, num_samples=30, chunk_size=8, batch_size=4, progress=False, generator=torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(fused, generic, rtol=1e-5, atol=1e-4)
     assert (fused > 0).all()
 
 
 def test_score_function_gradient_is_unbiased_but_far_noisier():
     result = toys.gradient_variance(3, samples=20000)
-    torch.testing.assert_close(torch.tensor(result["reparameterised_mean"]), torch.tensor(result["true_gradient"]),
-                               atol=0.05, rtol=0)
-    torch.testing.assert_close(torch.tensor(result["score_function_mean"]), torch.tensor(result["true_gradient"]),
-                               atol=0.3, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(result["reparameterised_mean"]), torch.tensor(result["true_gradient"]), atol=0.05, rtol=0
+    )
+    torch.testing.assert_close(
+        torch.tensor(result["score_function_mean"]), torch.tensor(result["true_gradient"]), atol=0.3, rtol=0
+    )
     assert result["reparameterised_variance"] == pytest.approx(1.0, rel=0.05)  # d/dmu f = x - z, Var = sigma^2
     assert result["score_function_variance"] > 5 * result["reparameterised_variance"]
 
@@ -187,5 +205,5 @@ def test_composed_bound_matches_the_fused_one(estimator, monkeypatch):
         loss, _ = twin(x, None, torch.Generator().manual_seed(1))
         loss.backward()
         results.append([loss.detach()] + [p.grad for p in twin.parameters()])
-    for fused, composed in zip(*results):
+    for fused, composed in zip(*results, strict=True):
         torch.testing.assert_close(composed, fused, rtol=1e-5, atol=1e-6)

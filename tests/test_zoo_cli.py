@@ -30,14 +30,17 @@ def mnist_dir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["geco-iwae", "--estimator", "dreg"], "estimator must be 'iwae' or 'stl', got 'dreg'"),
-    (["hiwae-k5", "--estimator", "stl"], "unrecognized arguments: --estimator stl"),
-    (["cvae", "--data", "binarized-mnist"], "cvae needs labels"),
-    (["vae", "--resume", "--out", "/nonexistent/run"], "--resume needs --out RUN holding checkpoint.pt"),
-    (["vae", "--lr", "-1"], "argument --lr: must be positive"),
-    (["vae", "--arch", "conv64"], "needs height and width divisible by 16"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["geco-iwae", "--estimator", "dreg"], "estimator must be 'iwae' or 'stl', got 'dreg'"),
+        (["hiwae-k5", "--estimator", "stl"], "unrecognized arguments: --estimator stl"),
+        (["cvae", "--data", "binarized-mnist"], "cvae needs labels"),
+        (["vae", "--resume", "--out", "/nonexistent/run"], "--resume needs --out RUN holding checkpoint.pt"),
+        (["vae", "--lr", "-1"], "argument --lr: must be positive"),
+        (["vae", "--arch", "conv64"], "needs height and width divisible by 16"),
+    ],
+)
 def test_bad_options_say_what_is_wrong(argv, message, mnist_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         main(["train", *argv, "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"), "--steps", "1"])
@@ -66,8 +69,11 @@ def test_missing_files_name_the_file_and_the_place(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(data, "_download", offline)
-    with pytest.raises(FileNotFoundError, match=r"Downloading failed: https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
-                                                r" \(<urlopen error no network>\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"Downloading failed: https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
+        r" \(<urlopen error no network>\)",
+    ):
         data.load_frey_faces(tmp_path, download=True)
 
 
@@ -94,13 +100,41 @@ def _free_port() -> int:
 
 def test_two_gloo_processes_train_with_ddp(mnist_dir, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "models", "train", "iwae-k5", "--data-dir", str(mnist_dir), "--out", str(out),
-               "--k", "2", "--steps", "3", "--device", "cpu", *TINY]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "models",
+        "train",
+        "iwae-k5",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
+        "--k",
+        "2",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        *TINY,
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
     # A session of its own, so a timeout ends the workers too, not only torchrun.
-    process = subprocess.Popen(command, cwd=REPOSITORY, env=environment, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=REPOSITORY,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, stderr = process.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -118,9 +152,32 @@ def test_evaluate_and_the_seed_tables_run_on_trained_models(mnist_dir, tmp_path,
     first = main(["evaluate", str(out), "--num-samples", "12", "--no-progress", "--data-dir", str(mnist_dir)])
     assert json.loads((out / "evaluation.json").read_text())["nll"] == pytest.approx(first["nll"])
     assert first["nll_examples"] == 20 and "active_units_top" in first
-    results = main(["study", "seed-tables", "--only", "vae", "iwae-k5", "--budget", "1", "--limit-train", "20",
-                    "--batch-size", "10", "--num-samples", "10", "--nll-limit", "5", "--surgery-limit", "8",
-                    "--no-progress", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "compare")])
+    results = main(
+        [
+            "study",
+            "seed-tables",
+            "--only",
+            "vae",
+            "iwae-k5",
+            "--budget",
+            "1",
+            "--limit-train",
+            "20",
+            "--batch-size",
+            "10",
+            "--num-samples",
+            "10",
+            "--nll-limit",
+            "5",
+            "--surgery-limit",
+            "8",
+            "--no-progress",
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(tmp_path / "compare"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| 5 | - | - | " in printed and "| VAE |" in printed and results["iwae-k5"]["steps"] == 2
     assert compare.main(["--only", "vae", "--out", str(tmp_path / "compare")])["vae"] == results["vae"]  # read back

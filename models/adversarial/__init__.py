@@ -90,12 +90,12 @@ class HistoricalAverage(nn.Module):
         return [getattr(self, f"mean{index}") for index in range(len(self._buffers) - 1)]
 
     def penalty(self, parameters: list) -> torch.Tensor:
-        return sum((p - mean).square().sum() for p, mean in zip(parameters, self._means()))
+        return sum((p - mean).square().sum() for p, mean in zip(parameters, self._means(), strict=True))
 
     @torch.no_grad()
     def update(self, parameters: list) -> None:
         self.count += 1
-        for p, mean in zip(parameters, self._means()):
+        for p, mean in zip(parameters, self._means(), strict=True):
             mean += (p - mean) / self.count
 
 
@@ -129,8 +129,11 @@ class VirtualBatchNorm(nn.Module):
             mean, square = x.mean(dims, keepdim=True), x.square().mean(dims, keepdim=True)
             self.reference = (count, mean, square)
         elif self.reference is None:
-            _fail("VirtualBatchNorm", "no reference statistics: call the network through virtual_batch(net, "
-                                      "reference, x)", RuntimeError)
+            _fail(
+                "VirtualBatchNorm",
+                "no reference statistics: call the network through virtual_batch(net, reference, x)",
+                RuntimeError,
+            )
         else:
             count, reference_mean, reference_square = self.reference
             own = x[0].numel() // x.shape[1]  # positions per example and channel (1 for [B, C])
@@ -138,7 +141,8 @@ class VirtualBatchNorm(nn.Module):
             per_example = dims[1:]
             mean = (1 - weight) * reference_mean + weight * (x.mean(per_example, keepdim=True) if per_example else x)
             square = (1 - weight) * reference_square + weight * (
-                x.square().mean(per_example, keepdim=True) if per_example else x.square())
+                x.square().mean(per_example, keepdim=True) if per_example else x.square()
+            )
         shape = [1, -1] + [1] * (x.dim() - 2)
         scale = torch.rsqrt((square - mean.square()).clamp(min=0) + self.eps) * self.weight.reshape(shape)
         return (x - mean) * scale + self.bias.reshape(shape)
@@ -181,8 +185,8 @@ class Techniques:
                 _fail("Techniques", f"{model} does not take {name} (it takes {', '.join(supported) or 'none'})")
 
 
-
 TECHNIQUE_NAMES = tuple(field.name for field in fields(Techniques))
+
 
 class AdversarialModel(nn.Module):
     """Players (named groups of submodules, each with its own optimiser) and the techniques they train with.
@@ -203,8 +207,9 @@ class AdversarialModel(nn.Module):
     def _start_histories(self) -> None:
         """Call once the players' modules exist: the historical means start at their initial parameters."""
         if self.techniques.historical_averaging:
-            self.histories = nn.ModuleDict({name: HistoricalAverage(self._parameters_of(name))
-                                            for name in self.PLAYERS})
+            self.histories = nn.ModuleDict(
+                {name: HistoricalAverage(self._parameters_of(name)) for name in self.PLAYERS}
+            )
 
     def _parameters_of(self, name: str) -> list:
         return [p for attribute in self.PLAYERS[name] for p in getattr(self, attribute).parameters()]

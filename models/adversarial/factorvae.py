@@ -61,9 +61,11 @@ class FactorVAE(VAE):
     def train_step(self, x, y, generator, optimizers: Optimizers) -> dict:
         """One update of the VAE, then one of the discriminator; returns the step's statistics."""
         if len(x) < 4:
-            raise ValueError(f"models.adversarial.factorvae.FactorVAE.train_step: needs a batch of >= 4 (two halves of >= 2), "
-                             f"got {len(x)}")
-        first, second = x[: len(x) // 2], x[len(x) // 2:]
+            raise ValueError(
+                f"models.adversarial.factorvae.FactorVAE.train_step: needs a batch of >= 4 (two halves of >= 2), "
+                f"got {len(x)}"
+            )
+        first, second = x[: len(x) // 2], x[len(x) // 2 :]
         mean, log_var = self.encode(first, None)
         z = reparameterize(mean, log_var, 1, generator)
         reconstruction = -self.likelihood.log_prob(self.decode(z, None), first).mean()
@@ -80,8 +82,14 @@ class FactorVAE(VAE):
         real, fake = self.discriminator(z.detach()), self.discriminator(other)
         discriminator = discriminator_loss(real, fake)
         optimizers.step("discriminator", discriminator)
-        return {"loss": loss.detach(), "reconstruction": reconstruction.detach(), "kl": kl.detach(),
-                "tc": tc.detach(), "tc_minibatch": tc_minibatch, "discriminator": discriminator.detach()}
+        return {
+            "loss": loss.detach(),
+            "reconstruction": reconstruction.detach(),
+            "kl": kl.detach(),
+            "tc": tc.detach(),
+            "tc_minibatch": tc_minibatch,
+            "discriminator": discriminator.detach(),
+        }
 
 
 @torch.no_grad()

@@ -62,8 +62,9 @@ def _fail(fn: str, message: str, error: type = ValueError):
     raise error(f"models.adversarial.gans.{fn}: {message}")
 
 
-def sample_prior(kind: str, n: int, dim: int, labels: torch.Tensor | None = None, generator=None,
-                 classes: int = 10) -> torch.Tensor:
+def sample_prior(
+    kind: str, n: int, dim: int, labels: torch.Tensor | None = None, generator=None, classes: int = 10
+) -> torch.Tensor:
     """n draws [n, dim] of an AAE prior; with ``labels`` [n], each from the part its label owns.
 
     ``mixture``: 10 2-D Gaussians with means on a circle of radius 4, standard deviations 0.5 along the
@@ -87,13 +88,19 @@ def sample_prior(kind: str, n: int, dim: int, labels: torch.Tensor | None = None
         angle = 2 * math.pi * labels.float() / classes
         radial = 4 + 0.5 * torch.randn(n, generator=generator)
         across = 0.1 * torch.randn(n, generator=generator)
-        return torch.stack([radial * torch.cos(angle) - across * torch.sin(angle),
-                            radial * torch.sin(angle) + across * torch.cos(angle)], 1)
+        return torch.stack(
+            [
+                radial * torch.cos(angle) - across * torch.sin(angle),
+                radial * torch.sin(angle) + across * torch.cos(angle),
+            ],
+            1,
+        )
     position = (labels.float() + torch.rand(n, generator=generator)) / classes
     theta = math.pi * (1 + 3 * position)
     radius = theta / math.pi
     return torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], 1) + 0.05 * torch.randn(
-        (n, 2), generator=generator)
+        (n, 2), generator=generator
+    )
 
 
 def generator_net(code_dim: int, hidden_dim: int, data_dim: int, virtual: bool) -> nn.Sequential:
@@ -103,15 +110,22 @@ def generator_net(code_dim: int, hidden_dim: int, data_dim: int, virtual: bool) 
     torch.Size([2, 16])
     """
     norm = VirtualBatchNorm if virtual else nn.BatchNorm1d
-    return nn.Sequential(nn.Linear(code_dim, hidden_dim), norm(hidden_dim), nn.ReLU(),
-                         nn.Linear(hidden_dim, hidden_dim), norm(hidden_dim), nn.ReLU(),
-                         nn.Linear(hidden_dim, data_dim))
+    return nn.Sequential(
+        nn.Linear(code_dim, hidden_dim),
+        norm(hidden_dim),
+        nn.ReLU(),
+        nn.Linear(hidden_dim, hidden_dim),
+        norm(hidden_dim),
+        nn.ReLU(),
+        nn.Linear(hidden_dim, data_dim),
+    )
 
 
 def features_net(in_dim: int, hidden_dim: int) -> nn.Sequential:
     """A discriminator's body: its last layer's output d(x) is what feature matching matches."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LeakyReLU(0.2),
-                         nn.Linear(hidden_dim, hidden_dim), nn.LeakyReLU(0.2))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, hidden_dim), nn.LeakyReLU(0.2)
+    )
 
 
 def _one_hot(fn: str, y, classes: int) -> torch.Tensor:
@@ -154,8 +168,18 @@ class InfoGAN(_ImageGAN):
 
     PLAYERS = {"discriminator": ("body", "real_head", "code_head"), "generator": ("generator",)}
 
-    def __init__(self, data_dim: int, image_shape, *, noise_dim: int = 62, categories: int = 10, continuous: int = 2,
-                 hidden_dim: int = 512, info_weight: float = 1.0, techniques: Techniques | None = None):
+    def __init__(
+        self,
+        data_dim: int,
+        image_shape,
+        *,
+        noise_dim: int = 62,
+        categories: int = 10,
+        continuous: int = 2,
+        hidden_dim: int = 512,
+        info_weight: float = 1.0,
+        techniques: Techniques | None = None,
+    ):
         super().__init__(techniques)
         if categories < 2:
             _fail("InfoGAN", f"categories must be >= 2, got {categories}")
@@ -190,9 +214,12 @@ class InfoGAN(_ImageGAN):
         fake = self.generate(codes)
         real_features, fake_features = self.body(x), self.body(fake.detach())
         real_logits = self.real_head(real_features)
-        discriminator = self.update(optimizers, "discriminator", discriminator_loss(
-            real_logits, self.real_head(fake_features), self.techniques.label_smoothing)
-            + self.info_weight * self.information_loss(fake_features, category, continuous))
+        discriminator = self.update(
+            optimizers,
+            "discriminator",
+            discriminator_loss(real_logits, self.real_head(fake_features), self.techniques.label_smoothing)
+            + self.info_weight * self.information_loss(fake_features, category, continuous),
+        )
         fake_features = self.body(fake)
         real_features = None  # the body's features of real data after the update: feature matching's target
         if self.techniques.feature_matching:
@@ -201,8 +228,12 @@ class InfoGAN(_ImageGAN):
         adversarial = self._generator_adversarial(real_features, fake_features, self.real_head(fake_features))
         information = self.information_loss(fake_features, category, continuous)
         self.update(optimizers, "generator", adversarial + self.info_weight * information)
-        return {"discriminator": discriminator, "generator": adversarial.detach(), "information": information.detach(),
-                "real_probability": torch.sigmoid(real_logits.detach()).mean()}
+        return {
+            "discriminator": discriminator,
+            "generator": adversarial.detach(),
+            "information": information.detach(),
+            "real_probability": torch.sigmoid(real_logits.detach()).mean(),
+        }
 
     @torch.no_grad()
     def pictures(self, x, y, generator) -> dict:
@@ -244,9 +275,18 @@ class AAE(_Autoencoder):
     PLAYERS = {"autoencoder": ("encoder", "decoder"), "discriminator": ("discriminator",), "encoder": ("encoder",)}
     SUPPORTED = ("historical_averaging", "label_smoothing")
 
-    def __init__(self, data_dim: int, image_shape, *, latent_dim: int = 2, hidden_dim: int = 512,
-                 prior: str = "gaussian", condition: str = "none", classes: int = 10,
-                 techniques: Techniques | None = None):
+    def __init__(
+        self,
+        data_dim: int,
+        image_shape,
+        *,
+        latent_dim: int = 2,
+        hidden_dim: int = 512,
+        prior: str = "gaussian",
+        condition: str = "none",
+        classes: int = 10,
+        techniques: Techniques | None = None,
+    ):
         super().__init__(techniques)
         if prior not in PRIORS:
             _fail("AAE", f"prior must be one of {PRIORS}, got {prior!r}")
@@ -263,8 +303,9 @@ class AAE(_Autoencoder):
         self._start_histories()
 
     def _with_label(self, where: str, z, y):
-        return torch.cat([z, _one_hot(f"AAE ({where}-conditioned)", y, self.classes)], 1) if self.condition == where \
-            else z
+        return (
+            torch.cat([z, _one_hot(f"AAE ({where}-conditioned)", y, self.classes)], 1) if self.condition == where else z
+        )
 
     def decode(self, z, y=None) -> torch.Tensor:
         return self.decoder(self._with_label("decoder", z, y))
@@ -277,15 +318,23 @@ class AAE(_Autoencoder):
         return sample_prior(self.prior, n, self.latent_dim, given, generator, self.classes)
 
     def train_step(self, x, y, generator, optimizers: Optimizers) -> dict:
-        reconstruction = self.update(optimizers, "autoencoder",
-                                     self._reconstruction(self.decode(self.encoder(x), y), x))
+        reconstruction = self.update(
+            optimizers, "autoencoder", self._reconstruction(self.decode(self.encoder(x), y), x)
+        )
         z = self.encoder(x)
         prior = self.sample_latents(len(x), y, generator)
-        discriminator = self.update(optimizers, "discriminator", discriminator_loss(
-            self.discriminator(self._with_label("discriminator", prior, y)),
-            self.discriminator(self._with_label("discriminator", z.detach(), y)), self.techniques.label_smoothing))
-        regularisation = self.update(optimizers, "encoder", generator_loss(
-            self.discriminator(self._with_label("discriminator", z, y))))
+        discriminator = self.update(
+            optimizers,
+            "discriminator",
+            discriminator_loss(
+                self.discriminator(self._with_label("discriminator", prior, y)),
+                self.discriminator(self._with_label("discriminator", z.detach(), y)),
+                self.techniques.label_smoothing,
+            ),
+        )
+        regularisation = self.update(
+            optimizers, "encoder", generator_loss(self.discriminator(self._with_label("discriminator", z, y)))
+        )
         return {"reconstruction": reconstruction, "discriminator": discriminator, "regularisation": regularisation}
 
 
@@ -342,8 +391,15 @@ class BiGAN(_ImageGAN):
 
     PLAYERS = {"discriminator": ("body", "real_head"), "encoder_generator": ("encoder", "generator")}
 
-    def __init__(self, data_dim: int, image_shape, *, latent_dim: int = 16, hidden_dim: int = 512,
-                 techniques: Techniques | None = None):
+    def __init__(
+        self,
+        data_dim: int,
+        image_shape,
+        *,
+        latent_dim: int = 16,
+        hidden_dim: int = 512,
+        techniques: Techniques | None = None,
+    ):
         super().__init__(techniques)
         self.data_dim, self.image_shape, self.latent_dim = data_dim, tuple(image_shape), latent_dim
         self.encoder = leaky_mlp(data_dim, hidden_dim, latent_dim)
@@ -360,8 +416,9 @@ class BiGAN(_ImageGAN):
         fake, encoded = self.generate(z), self.encoder(x)
         real_logits = self.real_head(self.body(torch.cat([x, encoded.detach()], 1)))
         fake_logits = self.real_head(self.body(torch.cat([fake.detach(), z], 1)))
-        discriminator = self.update(optimizers, "discriminator", discriminator_loss(
-            real_logits, fake_logits, self.techniques.label_smoothing))
+        discriminator = self.update(
+            optimizers, "discriminator", discriminator_loss(real_logits, fake_logits, self.techniques.label_smoothing)
+        )
         real_features, fake_features = self.body(torch.cat([x, encoded], 1)), self.body(torch.cat([fake, z], 1))
         real_logits = self.real_head(real_features)
         encoder = F.binary_cross_entropy_with_logits(real_logits, torch.zeros_like(real_logits))
@@ -375,5 +432,7 @@ class BiGAN(_ImageGAN):
 
     @torch.no_grad()
     def pictures(self, x, y, generator) -> dict:
-        return {"samples.png": (self.generate(self.sample_codes(100, generator)[0]), 10),
-                "reconstructions.png": (reconstruction_rows(x, self.reconstruct(x)), 10)}
+        return {
+            "samples.png": (self.generate(self.sample_codes(100, generator)[0]), 10),
+            "reconstructions.png": (reconstruction_rows(x, self.reconstruct(x)), 10),
+        }

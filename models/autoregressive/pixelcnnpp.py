@@ -81,23 +81,25 @@ class PixelCNNPlusPlus(nn.Module):
         self.ul_init_up = DownShiftedConv2d(channels + 1, filters, (1, 3))
         self.ul_init_left = DownRightShiftedConv2d(channels + 1, filters, (2, 1))
         self.u_blocks = nn.ModuleList(GatedResnet(filters, DownShiftedConv2d, (2, 3)) for _ in range(blocks))
-        self.ul_blocks = nn.ModuleList(GatedResnet(filters, DownRightShiftedConv2d, (2, 2), filters)
-                                       for _ in range(blocks))
+        self.ul_blocks = nn.ModuleList(
+            GatedResnet(filters, DownRightShiftedConv2d, (2, 2), filters) for _ in range(blocks)
+        )
         self.head = nn.Conv2d(filters, num_params(channels, mixtures), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
         u = down_shift(self.u_init(x))
         ul = down_shift(self.ul_init_up(x)) + right_shift(self.ul_init_left(x))
-        for u_block, ul_block in zip(self.u_blocks, self.ul_blocks):
+        for u_block, ul_block in zip(self.u_blocks, self.ul_blocks, strict=True):
             u = u_block(u)
             ul = ul_block(ul, u)
         return self.head(F.elu(ul))
 
 
 @torch.no_grad()
-def sample_autoregressively(step: Callable[[torch.Tensor, int, int], torch.Tensor], n: int, device,
-                            start: float = 0.0, size: int = 28) -> torch.Tensor:
+def sample_autoregressively(
+    step: Callable[[torch.Tensor, int, int], torch.Tensor], n: int, device, start: float = 0.0, size: int = 28
+) -> torch.Tensor:
     """Fills an [n, 1, size, size] canvas pixel by pixel in raster order: ``step(canvas, i, j)``
     returns the values of pixel (i, j) for the whole batch (one full forward per pixel)."""
     canvas = torch.full((n, 1, size, size), start, device=device)
@@ -124,7 +126,9 @@ class MixtureModel(nn.Module):
         net = self.network
 
         def step(canvas, i, j):
-            params = net(canvas)[:, :, i:i + 1, j:j + 1]
-            return vaekernels.discretized_logistic_mixture_sample(params, net.channels, net.mixtures, generator)[..., 0, 0]
+            params = net(canvas)[:, :, i : i + 1, j : j + 1]
+            return vaekernels.discretized_logistic_mixture_sample(params, net.channels, net.mixtures, generator)[
+                ..., 0, 0
+            ]
 
         return (sample_autoregressively(step, n, device, start=-1.0, size=size) + 1) / 2

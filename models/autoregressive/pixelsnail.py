@@ -42,8 +42,16 @@ class SnailBlock(nn.Module):
 class PixelSNAIL(nn.Module):
     """``forward(x)`` maps x [B, C, H, W] in [-1, 1] to mixture params [B, P, H, W]."""
 
-    def __init__(self, channels: int = 1, filters: int = 32, blocks: int = 2, resnets: int = 2,
-                 key_channels: int = 16, heads: int = 2, mixtures: int = 5):
+    def __init__(
+        self,
+        channels: int = 1,
+        filters: int = 32,
+        blocks: int = 2,
+        resnets: int = 2,
+        key_channels: int = 16,
+        heads: int = 2,
+        mixtures: int = 5,
+    ):
         super().__init__()
         self.channels, self.mixtures = channels, mixtures
         self.init_up = DownShiftedConv2d(channels + 1, filters, (1, 3))

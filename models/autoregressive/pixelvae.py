@@ -26,8 +26,14 @@ class Encoder(nn.Module):
 
     def __init__(self, latent_dim: int, filters: int = 32):
         super().__init__()
-        self.convs = nn.Sequential(nn.Conv2d(1, filters, 4, 2, 1), nn.ReLU(), nn.Conv2d(filters, 2 * filters, 4, 2, 1),
-                                   nn.ReLU(), nn.Flatten(), nn.Linear(2 * filters * 7 * 7, 2 * latent_dim))
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, filters, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(filters, 2 * filters, 4, 2, 1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(2 * filters * 7 * 7, 2 * latent_dim),
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.convs(x).chunk(2, dim=1)
@@ -68,8 +74,15 @@ class GatedDecoder(nn.Module):
     def __init__(self, latent_dim: int, channels: int = 32, layers: int = 3):
         super().__init__()
         self.layers = nn.ModuleList(
-            GatedPixelCNNLayer(1 if n == 0 else channels, channels, 7 if n == 0 else 3, "A" if n == 0 else "B",
-                               cond_features=latent_dim) for n in range(layers))
+            GatedPixelCNNLayer(
+                1 if n == 0 else channels,
+                channels,
+                7 if n == 0 else 3,
+                "A" if n == 0 else "B",
+                cond_features=latent_dim,
+            )
+            for n in range(layers)
+        )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,14 @@ class LocalWindowDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, channels: int = 32):
         super().__init__()
-        self.from_z = nn.Sequential(nn.Linear(latent_dim, channels * 7 * 7), nn.Unflatten(1, (channels, 7, 7)),
-                                    nn.ReLU(), nn.ConvTranspose2d(channels, channels, 4, 2, 1), nn.ReLU(),
-                                    nn.ConvTranspose2d(channels, channels, 4, 2, 1))
+        self.from_z = nn.Sequential(
+            nn.Linear(latent_dim, channels * 7 * 7),
+            nn.Unflatten(1, (channels, 7, 7)),
+            nn.ReLU(),
+            nn.ConvTranspose2d(channels, channels, 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(channels, channels, 4, 2, 1),
+        )
         self.window = MaskedConv2d(1, channels, 3, mask_type="A")
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1))
 

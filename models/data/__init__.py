@@ -123,8 +123,11 @@ def _locate(
                 path = None
         (found if path else missing).append(path or " or ".join(options))
     if missing:
-        how = (f"Downloading failed: {'; '.join(failures)}." if failures
-               else "Pass --download (download=True) to fetch them from their canonical locations.")
+        how = (
+            f"Downloading failed: {'; '.join(failures)}."
+            if failures
+            else "Pass --download (download=True) to fetch them from their canonical locations."
+        )
         raise FileNotFoundError(
             f"models.data: {what} file(s) missing: {', '.join(missing)}. Place them in {root / subdir}/ "
             f"(or point --data-dir / VAEKERNELS_DATA at another directory). {how} {source}"
@@ -169,8 +172,9 @@ def read_idx(path: str | Path, magic: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(payload), dtype=torch.uint8).reshape(shape)
 
 
-def load_mnist(split: str = "train", data_dir: str | Path | None = None, *, verify_md5: bool = False,
-               download: bool = False):
+def load_mnist(
+    split: str = "train", data_dir: str | Path | None = None, *, verify_md5: bool = False, download: bool = False
+):
     """MNIST images [N, 28, 28] and labels [N], both uint8, from the original IDX ``.gz`` files.
 
     ``split`` is "train" (60000) or "test" (10000). ``verify_md5`` checks the files against the
@@ -195,9 +199,7 @@ def load_mnist(split: str = "train", data_dir: str | Path | None = None, *, veri
     if verify_md5:
         for path in (image_path, label_path):
             if (digest := _md5(path)) != MNIST_MD5[path.name]:
-                raise ValueError(
-                    f"models.data.load_mnist: {path} must have MD5 {MNIST_MD5[path.name]}, got {digest}"
-                )
+                raise ValueError(f"models.data.load_mnist: {path} must have MD5 {MNIST_MD5[path.name]}, got {digest}")
     images = read_idx(image_path, IDX_IMAGES_MAGIC)
     labels = read_idx(label_path, IDX_LABELS_MAGIC)
     if images.shape[0] != labels.shape[0]:
@@ -208,8 +210,9 @@ def load_mnist(split: str = "train", data_dir: str | Path | None = None, *, veri
     return images, labels
 
 
-def load_binarized_mnist(split: str = "train", data_dir: str | Path | None = None, *, download: bool = False
-                         ) -> torch.Tensor:
+def load_binarized_mnist(
+    split: str = "train", data_dir: str | Path | None = None, *, download: bool = False
+) -> torch.Tensor:
     """Statically binarised MNIST (Larochelle & Murray's 50k/10k/10k split): uint8 [N, 784] in {0, 1}.
 
     >>> load_binarized_mnist("valid", "/data").shape  # doctest: +SKIP
@@ -346,8 +349,14 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
         test, test_labels = load_mnist("test", data_dir, download=download)
         return Dataset(train.flatten(1), train_labels, test.flatten(1), test_labels, (28, 28), False, 10)
     if name == "binarized-mnist":
-        return Dataset(load_binarized_mnist("train", data_dir, download=download), None,
-                       load_binarized_mnist("test", data_dir, download=download), None, (28, 28), True)
+        return Dataset(
+            load_binarized_mnist("train", data_dir, download=download),
+            None,
+            load_binarized_mnist("test", data_dir, download=download),
+            None,
+            (28, 28),
+            True,
+        )
     if name == "frey":
         faces = load_frey_faces(data_dir, download=download)
         return Dataset(faces[:1765], None, faces[1765:], None, FREY_SHAPE, False)
@@ -389,8 +398,9 @@ class Batches:
     (3, torch.Size([2, 4]), True)
     """
 
-    def __init__(self, data: Dataset, prepare, batch_size: int, seed: int, limit: int | None = None,
-                 labels: bool = False):
+    def __init__(
+        self, data: Dataset, prepare, batch_size: int, seed: int, limit: int | None = None, labels: bool = False
+    ):
         self.data, self.prepare, self.batch_size, self.seed, self.labels = data, prepare, batch_size, seed, labels
         self.train = data.train[:limit]
         self.image_shape = data.image_shape
@@ -401,11 +411,12 @@ class Batches:
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(
-                self.seed * 1_000_003 + epoch))
-        indices = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+            self._order = torch.randperm(
+                len(self.train), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            )
+        indices = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         x = self.prepare(self.train[indices], torch.Generator().manual_seed(self.seed * 1_000_003 + 999_983 + step))
-        return x, self.data.train_labels[:len(self.train)][indices] if self.labels else None
+        return x, self.data.train_labels[: len(self.train)][indices] if self.labels else None
 
     def test(self, count: int | None = None):
         """The first ``count`` test images (all by default), prepared with a fixed seed of their own."""

@@ -45,8 +45,12 @@ class Shapes:
     """
 
     def __init__(self, scales: int = 6, orientations: int = 40, positions: int = 32, size: int = 64):
-        for name, value, least in (("scales", scales, 1), ("orientations", orientations, 1),
-                                   ("positions", positions, 1), ("size", size, 8)):
+        for name, value, least in (
+            ("scales", scales, 1),
+            ("orientations", orientations, 1),
+            ("positions", positions, 1),
+            ("size", size, 8),
+        ):
             if not isinstance(value, int) or value < least:
                 _fail("Shapes", f"{name} must be an integer >= {least}, got {value!r}")
         self.size = size
@@ -67,19 +71,32 @@ class Shapes:
 
     def check_factors(self, fn: str, factors) -> torch.Tensor:
         """``factors`` as an int64 [N, 5] tensor of grid indices, or an error saying what is wrong."""
-        if not isinstance(factors, torch.Tensor) or factors.is_floating_point() or factors.dim() != 2 \
-                or factors.shape[1] != len(FACTORS):
-            got = (f"{factors.dtype} tensor of shape {list(factors.shape)}" if isinstance(factors, torch.Tensor)
-                   else type(factors).__name__)
-            _fail(fn, f"factors must be an integer tensor [N, {len(FACTORS)}] of indices {FACTORS}, got {got}",
-                  TypeError if not isinstance(factors, torch.Tensor) else ValueError)
+        if (
+            not isinstance(factors, torch.Tensor)
+            or factors.is_floating_point()
+            or factors.dim() != 2
+            or factors.shape[1] != len(FACTORS)
+        ):
+            got = (
+                f"{factors.dtype} tensor of shape {list(factors.shape)}"
+                if isinstance(factors, torch.Tensor)
+                else type(factors).__name__
+            )
+            _fail(
+                fn,
+                f"factors must be an integer tensor [N, {len(FACTORS)}] of indices {FACTORS}, got {got}",
+                TypeError if not isinstance(factors, torch.Tensor) else ValueError,
+            )
         factors = factors.long()
         limits = torch.tensor(self.sizes)
         bad = (factors < 0) | (factors >= limits)
         if bad.any():
             row, column = (int(i) for i in bad.nonzero()[0])
-            _fail(fn, f"factors[{row}, {column}] ({FACTORS[column]}) must lie in [0, {self.sizes[column]}), "
-                      f"got {int(factors[row, column])}")
+            _fail(
+                fn,
+                f"factors[{row}, {column}] ({FACTORS[column]}) must lie in [0, {self.sizes[column]}), "
+                f"got {int(factors[row, column])}",
+            )
         return factors
 
     def values(self, factors: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,12 @@ import vaekernels
 
 
 def bottleneck(channels: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
-                         nn.Conv2d(hidden, channels, 3, padding=1))
+    return nn.Sequential(
+        nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+        nn.BatchNorm2d(hidden),
+        nn.ReLU(),
+        nn.Conv2d(hidden, channels, 3, padding=1),
+    )
 
 
 class IRevNet(nn.Module):
@@ -41,11 +45,14 @@ class IRevNet(nn.Module):
         for _ in range(stages):
             channels *= 4
             layers.append(vaekernels.nn.InvertibleDownsample(2))
-            layers += [vaekernels.nn.AdditiveCoupling(bottleneck(channels // 2, hidden),
-                                                      bottleneck(channels // 2, hidden)) for _ in range(blocks)]
+            layers += [
+                vaekernels.nn.AdditiveCoupling(bottleneck(channels // 2, hidden), bottleneck(channels // 2, hidden))
+                for _ in range(blocks)
+            ]
         self.trunk = vaekernels.nn.ReversibleSequential(*layers)
-        self.head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(channels, classes))
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)

@@ -52,8 +52,11 @@ class NICE(nn.Module):
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("unorder", torch.argsort(order), persistent=False)
         self.flow = vaekernels.nn.ReversibleSequential(
-            *[vaekernels.nn.AdditiveCoupling(mlp(D // 2, hidden, layers), mlp(D // 2, hidden, layers))
-              for _ in range(blocks)])
+            *[
+                vaekernels.nn.AdditiveCoupling(mlp(D // 2, hidden, layers), mlp(D // 2, hidden, layers))
+                for _ in range(blocks)
+            ]
+        )
         self.log_scale = nn.Parameter(torch.zeros(D))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,13 @@ MODES = ("reversible", "resnet", "checkpoint")
 
 def residual_function(channels: int, dropout: float = 0.0) -> nn.Sequential:
     """RevNet's F or G: BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3, channels to channels."""
-    layers = [nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-              nn.BatchNorm2d(channels), nn.ReLU()]
+    layers = [
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+    ]
     if dropout:
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=False))
@@ -70,12 +75,21 @@ class RevNet(nn.Module):
     torch.Size([3, 10])
     """
 
-    def __init__(self, depth: int = 8, width: int = 16, stages: int = 2, in_channels: int = 1, classes: int = 10,
-                 mode: str = "reversible", dropout: float = 0.0):
+    def __init__(
+        self,
+        depth: int = 8,
+        width: int = 16,
+        stages: int = 2,
+        in_channels: int = 1,
+        classes: int = 10,
+        mode: str = "reversible",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if depth < stages or depth % stages:
-            raise ValueError(f"models.flows.revnet.RevNet: depth must be a positive multiple of stages = {stages}, "
-                             f"got {depth}")
+            raise ValueError(
+                f"models.flows.revnet.RevNet: depth must be a positive multiple of stages = {stages}, got {depth}"
+            )
         if width % 2:
             raise ValueError(f"models.flows.revnet.RevNet: width must be even (F and G take half), got {width}")
         self.mode = mode
@@ -85,14 +99,18 @@ class RevNet(nn.Module):
             channels = width * 2**stage
             if stage:
                 layers.append(nn.Conv2d(channels // 2, channels, 1, stride=2, bias=False))
-            blocks = [vaekernels.nn.AdditiveCoupling(residual_function(channels // 2, dropout),
-                                                     residual_function(channels // 2, dropout))
-                      for _ in range(depth // stages)]
+            blocks = [
+                vaekernels.nn.AdditiveCoupling(
+                    residual_function(channels // 2, dropout), residual_function(channels // 2, dropout)
+                )
+                for _ in range(depth // stages)
+            ]
             layers.append(trunk(blocks, mode))
         self.stages = nn.Sequential(*layers)
         final = width * 2 ** (stages - 1)
-        self.head = nn.Sequential(nn.BatchNorm2d(final), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(final, classes))
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(final), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(final, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))

@@ -31,16 +31,20 @@ PIXELS = 784
 
 def mlp_decoder(latent: int, hidden: int) -> nn.Sequential:
     # Ends with nn.Linear (the Gaussian mean), so the regulariser takes the fused MLP path.
-    return nn.Sequential(nn.Linear(latent, hidden), nn.Softplus(), nn.Linear(hidden, hidden), nn.Softplus(),
-                         nn.Linear(hidden, PIXELS))
+    return nn.Sequential(
+        nn.Linear(latent, hidden), nn.Softplus(), nn.Linear(hidden, hidden), nn.Softplus(), nn.Linear(hidden, PIXELS)
+    )
 
 
 class ConvDecoder(nn.Module):
     def __init__(self, latent: int, hidden: int):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(latent, hidden), nn.Softplus(), nn.Linear(hidden, 32 * 7 * 7), nn.Softplus())
-        self.deconv = nn.Sequential(nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1), nn.Softplus(),
-                                    nn.ConvTranspose2d(16, 1, 4, stride=2, padding=1))
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1),
+            nn.Softplus(),
+            nn.ConvTranspose2d(16, 1, 4, stride=2, padding=1),
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.deconv(self.fc(z).view(-1, 32, 7, 7)).flatten(1)
@@ -48,19 +52,31 @@ class ConvDecoder(nn.Module):
 
 def encoder(arch: str, outputs: int, hidden: int) -> nn.Module:
     if arch == "mlp":
-        return nn.Sequential(nn.Linear(PIXELS, hidden), nn.Softplus(), nn.Linear(hidden, hidden), nn.Softplus(),
-                             nn.Linear(hidden, outputs))
-    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.Softplus(),
-                         nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.Softplus(), nn.Flatten(),
-                         nn.Linear(32 * 7 * 7, hidden), nn.Softplus(), nn.Linear(hidden, outputs))
+        return nn.Sequential(
+            nn.Linear(PIXELS, hidden),
+            nn.Softplus(),
+            nn.Linear(hidden, hidden),
+            nn.Softplus(),
+            nn.Linear(hidden, outputs),
+        )
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, 16, 4, stride=2, padding=1),
+        nn.Softplus(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1),
+        nn.Softplus(),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, hidden),
+        nn.Softplus(),
+        nn.Linear(hidden, outputs),
+    )
 
 
 class Autoencoder(nn.Module):
     """GRAE / GRAE* (deterministic encoder h) or the β-VAE (encoder mean and log-variance), with the objective's β
     and, for GRAE*, the Jacobian columns sampled per step (None: all of them)."""
 
-    def __init__(self, method: str, arch: str, latent: int, hidden: int, beta: float = 0.2,
-                 columns: int | None = 1):
+    def __init__(self, method: str, arch: str, latent: int, hidden: int, beta: float = 0.2, columns: int | None = 1):
         super().__init__()
         self.method, self.latent, self.beta, self.columns = method, latent, beta, columns
         self.encoder = encoder(arch, 2 * latent if method == "beta-vae" else latent, hidden)
@@ -82,6 +98,7 @@ class Autoencoder(nn.Module):
         reconstruction = 0.5 * (x - self.decoder(z)).square().sum(-1)
         # Sampled columns estimate GRAE*'s bound; GRAE's exact log-determinant takes all of them.
         exact = self.method == "grae"
-        regulariser = vaekernels.grae_regularizer(self.decoder, z, beta, exact=exact,
-                                                  num_columns=None if exact else self.columns, generator=generator)
+        regulariser = vaekernels.grae_regularizer(
+            self.decoder, z, beta, exact=exact, num_columns=None if exact else self.columns, generator=generator
+        )
         return (reconstruction + 0.5 * beta * (z.square().sum(-1) + regulariser)).mean()

@@ -35,7 +35,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -58,8 +58,11 @@ def _check_counts(fn: str, **counts) -> None:
 def _represent(fn: str, represent: Representation, factors: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     codes = torch.cat([represent(part) for part in factors.split(chunk)])
     if codes.dim() != 2 or codes.shape[0] != len(factors) or not codes.is_floating_point():
-        _fail(fn, f"represent must map factors [N, F] to float codes [N, d]; for N = {len(factors)} it returned "
-                  f"{codes.dtype} {list(codes.shape)}")
+        _fail(
+            fn,
+            f"represent must map factors [N, F] to float codes [N, d]; for N = {len(factors)} it returned "
+            f"{codes.dtype} {list(codes.shape)}",
+        )
     return codes.float()
 
 
@@ -96,13 +99,22 @@ def linear_classifier_accuracy(train_x, train_y, eval_x, eval_y, classes: int, i
 
     optimizer.step(closure)
     with torch.no_grad():
-        return tuple(((x @ weight + bias).argmax(1) == y).sum().item() / len(y)
-                     for x, y in ((train_x, train_y), (eval_x, eval_y)))
+        return tuple(
+            ((x @ weight + bias).argmax(1) == y).sum().item() / len(y)
+            for x, y in ((train_x, train_y), (eval_x, eval_y))
+        )
 
 
 @torch.no_grad()
-def beta_vae_metric(represent: Representation, shapes: Shapes, *, train_points: int = 500, eval_points: int = 300,
-                    pairs: int = 32, seed: int = 0) -> dict:
+def beta_vae_metric(
+    represent: Representation,
+    shapes: Shapes,
+    *,
+    train_points: int = 500,
+    eval_points: int = 300,
+    pairs: int = 32,
+    seed: int = 0,
+) -> dict:
     """Higgins et al.'s metric: accuracy of a linear classifier predicting the shared factor y from z_diff.
 
     Returns ``score`` (evaluation accuracy), ``train_accuracy`` and the protocol's counts.
@@ -120,22 +132,37 @@ def beta_vae_metric(represent: Representation, shapes: Shapes, *, train_points: 
     z_diff = (codes[0] - codes[1]).abs().mean(1)
     train, test = slice(0, train_points), slice(train_points, None)
     train_accuracy, score = linear_classifier_accuracy(z_diff[train], factor[train], z_diff[test], factor[test], count)
-    return {"score": score, "train_accuracy": train_accuracy, "train_points": train_points,
-            "eval_points": eval_points, "pairs": pairs, "seed": seed}
+    return {
+        "score": score,
+        "train_accuracy": train_accuracy,
+        "train_points": train_points,
+        "eval_points": eval_points,
+        "pairs": pairs,
+        "seed": seed,
+    }
 
 
 @torch.no_grad()
-def factor_vae_metric(represent: Representation, shapes: Shapes, *, train_points: int = 500, eval_points: int = 300,
-                      batch_size: int = 64, variance_points: int = 4096, collapsed: float = 0.05,
-                      seed: int = 0) -> dict:
+def factor_vae_metric(
+    represent: Representation,
+    shapes: Shapes,
+    *,
+    train_points: int = 500,
+    eval_points: int = 300,
+    batch_size: int = 64,
+    variance_points: int = 4096,
+    collapsed: float = 0.05,
+    seed: int = 0,
+) -> dict:
     """Kim & Mnih's metric: accuracy of the majority-vote classifier from argmin normalised variance to the
     fixed factor. A representation whose every dimension collapsed scores 0.
 
     Returns ``score`` (evaluation accuracy), ``train_accuracy``, the kept dimensions and the protocol's counts.
     """
     fn = "factor_vae_metric"
-    _check_counts(fn, train_points=train_points, eval_points=eval_points, batch_size=batch_size,
-                  variance_points=variance_points)
+    _check_counts(
+        fn, train_points=train_points, eval_points=eval_points, batch_size=batch_size, variance_points=variance_points
+    )
     generator = torch.Generator().manual_seed(seed)
     scale = _represent(fn, represent, shapes.sample_factors(variance_points, generator)).var(0)
     kept = (scale >= collapsed).nonzero().squeeze(1)
@@ -144,15 +171,22 @@ def factor_vae_metric(represent: Representation, shapes: Shapes, *, train_points
     factor = torch.arange(points) % count
     rows = _fixed_factor_rows(shapes, factor, batch_size, generator)
     codes = _represent(fn, represent, rows.flatten(0, 1)).unflatten(0, (points, batch_size))
-    result = {"kept_dimensions": kept.tolist(), "train_points": train_points, "eval_points": eval_points,
-              "batch_size": batch_size, "variance_points": variance_points, "seed": seed}
+    result = {
+        "kept_dimensions": kept.tolist(),
+        "train_points": train_points,
+        "eval_points": eval_points,
+        "batch_size": batch_size,
+        "variance_points": variance_points,
+        "seed": seed,
+    }
     if not len(kept):
         return {"score": 0.0, "train_accuracy": 0.0, **result}
     normalised = codes[..., kept] / scale[kept].sqrt()
     dimension = normalised.var(1).argmin(1)
     votes = torch.zeros(len(kept), count, dtype=torch.long)
-    votes.index_put_((dimension[:train_points], factor[:train_points]), torch.ones(train_points, dtype=torch.long),
-                     accumulate=True)
+    votes.index_put_(
+        (dimension[:train_points], factor[:train_points]), torch.ones(train_points, dtype=torch.long), accumulate=True
+    )
     majority = votes.argmax(1)  # the classifier: each dimension predicts its most frequent factor
     train_accuracy = votes.max(1).values.sum().item() / train_points
     score = (majority[dimension[train_points:]] == factor[train_points:]).sum().item() / eval_points
@@ -168,6 +202,7 @@ def encoder_representation(encode: Callable[[torch.Tensor], torch.Tensor], shape
     >>> represent(torch.zeros(2, 5, dtype=torch.long)).shape
     torch.Size([2, 3])
     """
+
     def represent(factors):
         return encode(shapes.render(factors).flatten(1).float())
 

@@ -29,12 +29,21 @@ ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al.: unit u is active when Var_x(E_q[z_
 
 def _batches(x, y, batch_size):
     for start in range(0, len(x), batch_size):
-        yield x[start:start + batch_size], None if y is None else y[start:start + batch_size]
+        yield x[start : start + batch_size], None if y is None else y[start : start + batch_size]
 
 
 @torch.no_grad()
-def importance_sampled_nll(model: VAE, x, y=None, *, num_samples: int = 5000, batch_size: int = 100,
-                           chunk_size: int = 500, generator=None, progress: bool = True) -> torch.Tensor:
+def importance_sampled_nll(
+    model: VAE,
+    x,
+    y=None,
+    *,
+    num_samples: int = 5000,
+    batch_size: int = 100,
+    chunk_size: int = 500,
+    generator=None,
+    progress: bool = True,
+) -> torch.Tensor:
     """-log p(x) per example [N], with ``num_samples`` importance samples from q(z|x).
 
     Models with one stochastic layer, the prior N(0, I) and a likelihood the fused bound takes go
@@ -54,8 +63,14 @@ def importance_sampled_nll(model: VAE, x, y=None, *, num_samples: int = 5000, ba
     for xb, yb in _batches(x, y, batch_size):
         if fused:
             nll = vaekernels.importance_sampled_nll(
-                xb, lambda data: model.encode(data, yb), lambda z: model.decode(z, yb), num_samples, chunk_size,
-                generator=generator, **model.likelihood.bound_kwargs())
+                xb,
+                lambda data, yb=yb: model.encode(data, yb),
+                lambda z, yb=yb: model.decode(z, yb),
+                num_samples,
+                chunk_size,
+                generator=generator,
+                **model.likelihood.bound_kwargs(),
+            )
         else:
             total = torch.full((len(xb),), float("-inf"), device=xb.device)
             for start in range(0, num_samples, chunk_size):
@@ -108,9 +123,19 @@ def elbo_surgery(z, mean, log_var, log_prior=standard_normal_log_prob) -> dict:
 
 
 @torch.no_grad()
-def evaluate_model(model: VAE, x, y=None, *, num_samples: int = 5000, nll_limit: int | None = None,
-                   surgery_limit: int | None = 2000, batch_size: int = 100, chunk_size: int = 500,
-                   generator=None, progress: bool = True) -> dict:
+def evaluate_model(
+    model: VAE,
+    x,
+    y=None,
+    *,
+    num_samples: int = 5000,
+    nll_limit: int | None = None,
+    surgery_limit: int | None = 2000,
+    batch_size: int = 100,
+    chunk_size: int = 500,
+    generator=None,
+    progress: bool = True,
+) -> dict:
     """Every metric on (x, y): NLL (on the first ``nll_limit`` points), active units, ELBO surgery
     (on the first ``surgery_limit``: its cost grows as N^2), reconstruction loss -E_q[log p(x|z)]
     and squared error ||x - E[x|z]||^2 per example, one z ~ q(z|x) each."""
@@ -125,12 +150,16 @@ def evaluate_model(model: VAE, x, y=None, *, num_samples: int = 5000, nll_limit:
         means.append(mean), log_vars.append(log_var), draws.append(z[:, 0])
     means, log_vars, draws = torch.cat(means), torch.cat(log_vars), torch.cat(draws)
     count, variances = active_units(means)
-    metrics = {"active_units": count, "latent_variances": variances.tolist(),
-               "reconstruction": torch.cat(reconstruction).mean().item(),
-               "squared_error": torch.cat(squared).mean().item()}
+    metrics = {
+        "active_units": count,
+        "latent_variances": variances.tolist(),
+        "reconstruction": torch.cat(reconstruction).mean().item(),
+        "squared_error": torch.cat(squared).mean().item(),
+    }
     if hasattr(model, "top_means"):  # z1's prior is p(z1 | z2), not a density of z1 alone
-        metrics["active_units_top"] = active_units(torch.cat([model.top_means(xb, yb) for xb, yb in
-                                                              _batches(x, y, batch_size)]))[0]
+        metrics["active_units_top"] = active_units(
+            torch.cat([model.top_means(xb, yb) for xb, yb in _batches(x, y, batch_size)])
+        )[0]
     else:
         keep = slice(0, surgery_limit)
         metrics.update(elbo_surgery(draws[keep], means[keep], log_vars[keep], model.log_prior))
@@ -138,9 +167,20 @@ def evaluate_model(model: VAE, x, y=None, *, num_samples: int = 5000, nll_limit:
         metrics["average_kl_analytic"] = vaekernels.gaussian_kl(means, log_vars).mean().item()
     nll_x = x[:nll_limit]
     started = time.perf_counter()
-    nll = importance_sampled_nll(model, nll_x, None if y is None else y[:nll_limit], num_samples=num_samples,
-                                 batch_size=batch_size, chunk_size=chunk_size, generator=generator,
-                                 progress=progress)
-    metrics.update(nll=nll.mean().item(), nll_samples=num_samples, nll_examples=len(nll_x),
-                   nll_seconds=time.perf_counter() - started)
+    nll = importance_sampled_nll(
+        model,
+        nll_x,
+        None if y is None else y[:nll_limit],
+        num_samples=num_samples,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        generator=generator,
+        progress=progress,
+    )
+    metrics.update(
+        nll=nll.mean().item(),
+        nll_samples=num_samples,
+        nll_examples=len(nll_x),
+        nll_seconds=time.perf_counter() - started,
+    )
     return metrics

@@ -50,8 +50,9 @@ def true_weights(outputs: int, latent: int, kind: str, generator: torch.Generato
 def make_data(args, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     weights = true_weights(args.outputs, args.latent, args.w, generator)
     z = torch.randn(args.samples, args.latent, generator=generator)
-    x = NONLINEARITIES[args.nu]()(z @ weights.t()) + args.noise * torch.randn(args.samples, args.outputs,
-                                                                               generator=generator)
+    x = NONLINEARITIES[args.nu]()(z @ weights.t()) + args.noise * torch.randn(
+        args.samples, args.outputs, generator=generator
+    )
     return x, weights
 
 
@@ -125,8 +126,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latent", type=int, default=3, help="d")
     parser.add_argument("--outputs", type=int, default=10, help="D")
     parser.add_argument("--nu", choices=sorted(NONLINEARITIES), default="tanh")
-    parser.add_argument("--w", choices=("orthogonal", "gaussian"), default="orthogonal",
-                        help="W's columns: orthogonal with distinct norms 2..1, or i.i.d. N(0, 1/d) entries")
+    parser.add_argument(
+        "--w",
+        choices=("orthogonal", "gaussian"),
+        default="orthogonal",
+        help="W's columns: orthogonal with distinct norms 2..1, or i.i.d. N(0, 1/d) entries",
+    )
     parser.add_argument("--noise", type=float, default=0.05, help="σ of ε")
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=6000)
@@ -151,25 +156,36 @@ def main(argv=None) -> dict:
         for family in FAMILIES:
             model = train(args, family, seed, x, progress)
             learnt, optimal = model.covariance().detach(), optimal_covariance(model, x, args.noise)
-            results[family].append({
-                "seed": seed,
-                "alignment": alignment(model.decoder[0].weight.detach(), weights),
-                "covariance_rel_error": ((learnt - optimal).norm() / optimal.norm()).item(),
-                "negative_elbo": model.negative_elbo(x, args.noise).item(),
-            })
+            results[family].append(
+                {
+                    "seed": seed,
+                    "alignment": alignment(model.decoder[0].weight.detach(), weights),
+                    "covariance_rel_error": ((learnt - optimal).norm() / optimal.norm()).item(),
+                    "negative_elbo": model.negative_elbo(x, args.noise).item(),
+                }
+            )
     progress.close()
-    print(f"x = {args.nu}(W z) + ε, d = {args.latent}, D = {args.outputs}, W {args.w}, σ = {args.noise}; "
-          f"{args.steps} Adam steps per run")
+    print(
+        f"x = {args.nu}(W z) + ε, d = {args.latent}, D = {args.outputs}, W {args.w}, σ = {args.noise}; "
+        f"{args.steps} Adam steps per run"
+    )
     print("family      seed  alignment(A, W)  |Σ - Σ*| / |Σ*|  -ELBO")
     for family, runs in results.items():
         for run in runs:
-            print(f"{family:<11} {run['seed']:>4}  {run['alignment']:>15.3f}  {run['covariance_rel_error']:>15.3f}  "
-                  f"{run['negative_elbo']:>6.2f}")
+            print(
+                f"{family:<11} {run['seed']:>4}  {run['alignment']:>15.3f}  {run['covariance_rel_error']:>15.3f}  "
+                f"{run['negative_elbo']:>6.2f}"
+            )
     summary = {family: sum(r["alignment"] for r in runs) / len(runs) for family, runs in results.items()}
     print("mean alignment: " + ", ".join(f"{family} {value:.3f}" for family, value in summary.items()))
     _plot(results, args.out / "alignment.png")
-    (args.out / "metrics.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                                       "runs": results, "mean_alignment": summary}, indent=2) + "\n")
+    (args.out / "metrics.json").write_text(
+        json.dumps(
+            {"settings": {k: str(v) for k, v in vars(args).items()}, "runs": results, "mean_alignment": summary},
+            indent=2,
+        )
+        + "\n"
+    )
     return results
 
 
@@ -180,7 +196,7 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(4.5, 3.5))
-    for i, (family, runs) in enumerate(results.items()):
+    for i, runs in enumerate(results.values()):
         values = [r["alignment"] for r in runs]
         axes.scatter([i] * len(values), values, alpha=0.7)
         axes.hlines(sum(values) / len(values), i - 0.2, i + 0.2, color="black")

@@ -81,9 +81,14 @@ def step_peak(step, device: torch.device) -> int | None:
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
             step()
-        events = sorted((e for e in _walk(profiler.profiler.kineto_results.experimental_event_tree())
-                         if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"),
-                        key=lambda e: e.start_time_ns)
+        events = sorted(
+            (
+                e
+                for e in _walk(profiler.profiler.kineto_results.experimental_event_tree())
+                if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"
+            ),
+            key=lambda e: e.start_time_ns,
+        )
     except (ImportError, AttributeError, RuntimeError):
         return None
     if not events:
@@ -97,6 +102,7 @@ def _step(model, x, y, synchronize):
         model.zero_grad(set_to_none=True)
         nnf.cross_entropy(model(x), y).backward()
         synchronize()
+
     return step
 
 
@@ -126,11 +132,17 @@ def measure(depths, *, width, stages, batch, size, repeats, device, seed=0, log=
             grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             peak = step_peak(steps[mode], device)
             keep = [x, *model.parameters()]
-            saved = saved_bytes(lambda: nnf.cross_entropy(model(x), y), keep=keep)
-            row = {"depth": depth, "mode": mode, "peak_bytes": peak, "grad_bytes": grad_bytes,
-                   "activation_bytes": None if peak is None else peak - grad_bytes, "saved_bytes": saved,
-                   "ms": 1e3 * statistics.median(times[mode]) if repeats else None,
-                   "ms_all": [1e3 * t for t in times[mode]]}
+            saved = saved_bytes(lambda model=model: nnf.cross_entropy(model(x), y), keep=keep)
+            row = {
+                "depth": depth,
+                "mode": mode,
+                "peak_bytes": peak,
+                "grad_bytes": grad_bytes,
+                "activation_bytes": None if peak is None else peak - grad_bytes,
+                "saved_bytes": saved,
+                "ms": 1e3 * statistics.median(times[mode]) if repeats else None,
+                "ms_all": [1e3 * t for t in times[mode]],
+            }
             rows.append(row)
             log(f"depth {depth:3d} {mode:10s} peak {_mb(peak)} MB  saved {_mb(saved)} MB  {_ms(row['ms'])} ms")
     return rows
@@ -152,30 +164,40 @@ def table(rows: list[dict]) -> str:
     """The rows as a markdown table, with the ratios the issue's bars are stated in."""
     by = {(r["depth"], r["mode"]): r for r in rows}
     depths = sorted({r["depth"] for r in rows})
-    lines = ["| depth | variant | peak MB | activations MB | saved for backward MB | step ms | "
-             "peak / RevNet | time / RevNet |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| depth | variant | peak MB | activations MB | saved for backward MB | step ms | "
+        "peak / RevNet | time / RevNet |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for depth in depths:
         rev = by[(depth, "reversible")]
         for mode in MODES:
             r = by[(depth, mode)]
-            lines.append(f"| {depth} | {LABELS[mode]} | {_mb(r['peak_bytes'])} | {_mb(r['activation_bytes'])} | "
-                         f"{_mb(r['saved_bytes'])} | {_ms(r['ms'])} | {_ratio(r['peak_bytes'], rev['peak_bytes'])} | "
-                         f"{_ratio(r['ms'], rev['ms'])} |")
+            lines.append(
+                f"| {depth} | {LABELS[mode]} | {_mb(r['peak_bytes'])} | {_mb(r['activation_bytes'])} | "
+                f"{_mb(r['saved_bytes'])} | {_ms(r['ms'])} | {_ratio(r['peak_bytes'], rev['peak_bytes'])} | "
+                f"{_ratio(r['ms'], rev['ms'])} |"
+            )
     revs = [by[(d, "reversible")] for d in depths]
     if revs[0]["peak_bytes"] is not None:
         growth = revs[-1]["peak_bytes"] / revs[0]["peak_bytes"] - 1
         act_growth = revs[-1]["activation_bytes"] / revs[0]["activation_bytes"] - 1
         last = depths[-1]
-        lines += ["", f"RevNet peak from depth {depths[0]} to {last}: {100 * growth:+.1f}% "
-                      f"(activations {100 * act_growth:+.1f}%); at depth {last} the matched ResNet's peak is "
-                      f"{by[(last, 'resnet')]['peak_bytes'] / revs[-1]['peak_bytes']:.1f}x the RevNet's "
-                      f"(activations {by[(last, 'resnet')]['activation_bytes'] / revs[-1]['activation_bytes']:.1f}x)."]
+        lines += [
+            "",
+            f"RevNet peak from depth {depths[0]} to {last}: {100 * growth:+.1f}% "
+            f"(activations {100 * act_growth:+.1f}%); at depth {last} the matched ResNet's peak is "
+            f"{by[(last, 'resnet')]['peak_bytes'] / revs[-1]['peak_bytes']:.1f}x the RevNet's "
+            f"(activations {by[(last, 'resnet')]['activation_bytes'] / revs[-1]['activation_bytes']:.1f}x).",
+        ]
     for depth in depths:
         rev = by[(depth, "reversible")]
         if rev["ms"] is not None:
-            lines.append(f"depth {depth}: RevNet step time {_ratio(rev['ms'], by[(depth, 'resnet')]['ms'])}x the "
-                         f"ResNet, {_ratio(rev['ms'], by[(depth, 'checkpoint')]['ms'])}x per-block checkpointing "
-                         f"(medians)")
+            lines.append(
+                f"depth {depth}: RevNet step time {_ratio(rev['ms'], by[(depth, 'resnet')]['ms'])}x the "
+                f"ResNet, {_ratio(rev['ms'], by[(depth, 'checkpoint')]['ms'])}x per-block checkpointing "
+                f"(medians)"
+            )
     return "\n".join(lines)
 
 
@@ -226,14 +248,24 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = measure(args.depths, width=args.width, stages=args.stages, batch=args.batch, size=args.size,
-                   repeats=args.repeats, device=device)
+    rows = measure(
+        args.depths,
+        width=args.width,
+        stages=args.stages,
+        batch=args.batch,
+        size=args.size,
+        repeats=args.repeats,
+        device=device,
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    setting = (f"width {args.width}, {args.stages} stages, batch {args.batch}, {args.size}x{args.size} input, "
-               f"float32, {name}, median of {args.repeats}")
+    setting = (
+        f"width {args.width}, {args.stages} stages, batch {args.batch}, {args.size}x{args.size} input, "
+        f"float32, {name}, median of {args.repeats}"
+    )
     text = f"{setting}\n\n{table(rows)}\n"
     print(text)
     (out / "table.md").write_text(text)
-    write_json(out / "results.json", {"settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}, "device": name, "rows": rows})
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    write_json(out / "results.json", {"settings": settings, "device": name, "rows": rows})
     plot(rows, out / "revnet_memory.png", f"RevNet vs matched ResNet: {setting}")
     return rows

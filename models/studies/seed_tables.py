@@ -42,8 +42,12 @@ RUNS = {
     "iwae-k50": ["iwae-k50"],
 }
 # Seed 000 (MNIST): model -> (marginal KL, reconstruction loss).
-SEED_TAMING = {"vae": (1.5813, 55.8484), "beta-vae": (10.5938, 15.1434), "geco": (10.4975, 14.6269),
-               "geco-iwae": (1.3640, 12.9214)}
+SEED_TAMING = {
+    "vae": (1.5813, 55.8484),
+    "beta-vae": (10.5938, 15.1434),
+    "geco": (10.4975, 14.6269),
+    "geco-iwae": (1.3640, 12.9214),
+}
 # Seed 001 / Burda et al. Table 1 (MNIST, one stochastic layer): k -> ((VAE NLL, AU), (IWAE NLL, AU)).
 SEED_BURDA = {1: ((86.76, 19), (86.76, 19)), 5: ((86.47, 20), (85.54, 22)), 50: ((86.35, 20), (84.78, 25))}
 TAMING_LABELS = {"vae": "VAE", "beta-vae": "beta-VAE (beta=0.5)", "geco": "GECO", "geco-iwae": "GECO + IWAE (k=5)"}
@@ -51,15 +55,23 @@ TAMING_LABELS = {"vae": "VAE", "beta-vae": "beta-VAE (beta=0.5)", "geco": "GECO"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m models study seed-tables", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=2.0,
-                        help="training epochs per model (2 = 1200 steps of 100 images: 40 min for all eight "
-                             "models and their evaluation on 2 shared cores, the k = 50 pair taking half; "
-                             "below about 1 epoch the VAEs have not yet left the mean-image plateau)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=2.0,
+        help="training epochs per model (2 = 1200 steps of 100 images: 40 min for all eight "
+        "models and their evaluation on 2 shared cores, the k = 50 pair taking half; "
+        "below about 1 epoch the VAEs have not yet left the mean-image plateau)",
+    )
     parser.add_argument("--num-samples", type=int, default=5000, help="importance samples K of the test NLL")
     parser.add_argument("--nll-limit", type=int, default=1000, help="test images in the NLL (10000: all)")
     parser.add_argument("--surgery-limit", type=int, default=2000, help="test images in the ELBO surgery")
-    parser.add_argument("--tolerance", type=float, default=80.0,
-                        help="GECO's kappa^2 in nats per image, below the VAE's reconstruction loss at this budget")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=80.0,
+        help="GECO's kappa^2 in nats per image, below the VAE's reconstruction loss at this budget",
+    )
     parser.add_argument("--only", nargs="+", choices=sorted(RUNS), help="train and evaluate only these models")
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path, help="directory of the runs (default: runs/compare-<n>)")
@@ -88,8 +100,16 @@ def run_one(name: str, args, out: Path) -> dict:
     if (run_dir / "checkpoint.pt").is_file():
         train([RUNS[name][0], "--resume", *budget])
     else:
-        argv = RUNS[name] + ["--data", "mnist", "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-                             "--checkpoint-every", str(10 * steps)]
+        argv = RUNS[name] + [
+            "--data",
+            "mnist",
+            "--batch-size",
+            str(args.batch_size),
+            "--seed",
+            str(args.seed),
+            "--checkpoint-every",
+            str(10 * steps),
+        ]
         argv += ["--tolerance", str(args.tolerance)] if name.startswith("geco") else []
         argv += ["--data-dir", str(args.data_dir)] if args.data_dir else []
         argv += ["--limit-train", str(args.limit_train)] if args.limit_train else []
@@ -98,10 +118,15 @@ def run_one(name: str, args, out: Path) -> dict:
     _, _, model, batches = load_run(run_dir, data_dir=args.data_dir)
     x, _ = batches.test()
     started = time.perf_counter()
-    results = zoo_metrics.evaluate_model(model, x, num_samples=args.num_samples, nll_limit=args.nll_limit,
-                                         surgery_limit=args.surgery_limit,
-                                         generator=torch.Generator().manual_seed(args.seed),
-                                         progress=not args.no_progress)
+    results = zoo_metrics.evaluate_model(
+        model,
+        x,
+        num_samples=args.num_samples,
+        nll_limit=args.nll_limit,
+        surgery_limit=args.surgery_limit,
+        generator=torch.Generator().manual_seed(args.seed),
+        progress=not args.no_progress,
+    )
     results.update(train_seconds=train_seconds, eval_seconds=time.perf_counter() - started, steps=steps)
     evaluation.write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -109,35 +134,46 @@ def run_one(name: str, args, out: Path) -> dict:
 
 def tables(results: dict, args) -> str:
     """The two tables as Markdown, ours next to the seeds'."""
-    lines = [f"Budget: {args.budget} epoch(s) per model ({results[next(iter(results))]['steps']} steps of "
-             f"{args.batch_size}); NLL with K={args.num_samples} over {args.nll_limit} test images; "
-             f"marginal KL over {args.surgery_limit}.", ""]
+    lines = [
+        f"Budget: {args.budget} epoch(s) per model ({results[next(iter(results))]['steps']} steps of "
+        f"{args.batch_size}); NLL with K={args.num_samples} over {args.nll_limit} test images; "
+        f"marginal KL over {args.surgery_limit}.",
+        "",
+    ]
     if any(name in results for name in SEED_TAMING):
-        lines += ["| model | marginal KL | reconstruction loss | avg KL | MI | seed: marginal KL "
-                  "| seed: reconstruction |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "| model | marginal KL | reconstruction loss | avg KL | MI | seed: marginal KL | seed: reconstruction |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for name, (seed_kl, seed_recon) in SEED_TAMING.items():
             if name in results:
                 r = results[name]
-                lines.append(f"| {TAMING_LABELS[name]} | {r['marginal_kl']:.4f} | {r['reconstruction']:.4f} | "
-                             f"{r['average_kl']:.2f} | {r['mutual_information']:.2f} | {seed_kl} | {seed_recon} |")
+                lines.append(
+                    f"| {TAMING_LABELS[name]} | {r['marginal_kl']:.4f} | {r['reconstruction']:.4f} | "
+                    f"{r['average_kl']:.2f} | {r['mutual_information']:.2f} | {seed_kl} | {seed_recon} |"
+                )
         lines.append("")
     names = {1: ("vae", "vae"), 5: ("vae-k5", "iwae-k5"), 50: ("vae-k50", "iwae-k50")}
     if any(name in results for pair in names.values() for name in pair):
-        lines += ["| k | VAE NLL | VAE AU | IWAE NLL | IWAE AU | seed: VAE NLL / AU | seed: IWAE NLL / AU |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "| k | VAE NLL | VAE AU | IWAE NLL | IWAE AU | seed: VAE NLL / AU | seed: IWAE NLL / AU |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for k, (vae, iwae) in names.items():
             cells = []
             for name in (vae, iwae):
                 r = results.get(name)
                 cells += [f"{r['nll']:.2f}", str(r["active_units"])] if r else ["-", "-"]
             (seed_vae, seed_iwae) = SEED_BURDA[k]
-            lines.append(f"| {k} | {' | '.join(cells)} | {seed_vae[0]} / {seed_vae[1]} "
-                         f"| {seed_iwae[0]} / {seed_iwae[1]} |")
+            lines.append(
+                f"| {k} | {' | '.join(cells)} | {seed_vae[0]} / {seed_vae[1]} | {seed_iwae[0]} / {seed_iwae[1]} |"
+            )
         lines.append("")
     lines += ["| run | train s | eval s (NLL s) |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {r.get('train_seconds', 0):.0f} | {r.get('eval_seconds', 0):.0f} ({r['nll_seconds']:.0f}) |"
-              for name, r in results.items()]
+    lines += [
+        f"| {name} | {r.get('train_seconds', 0):.0f} | {r.get('eval_seconds', 0):.0f} ({r['nll_seconds']:.0f}) |"
+        for name, r in results.items()
+    ]
     return "\n".join(lines)
 
 
@@ -152,4 +188,3 @@ def main(argv=None) -> dict:
     (out / "tables.md").write_text(text)
     print(text)
     return results
-

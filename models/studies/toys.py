@@ -72,7 +72,9 @@ def gaussian_data(covariance: str, n: int = 2000, dim: int = 5, rank: int = 2, s
         factors = torch.randn(dim, rank, generator=generator)
         scale = torch.linalg.cholesky(factors @ factors.T + 0.1 * torch.eye(dim))
     else:
-        raise ValueError(f"models.studies.toys.gaussian_data: covariance must be 'diagonal' or 'full', got {covariance!r}")
+        raise ValueError(
+            f"models.studies.toys.gaussian_data: covariance must be 'diagonal' or 'full', got {covariance!r}"
+        )
     return mean + torch.randn(n, dim, generator=generator) @ scale.T
 
 
@@ -95,7 +97,7 @@ def posterior_collapse(covariance: str, steps: int = 500, dim: int = 5, seed: in
     others = [p for p in model.parameters() if p is not weight]
     optimizer = torch.optim.Adam([{"params": others}, {"params": [weight], "weight_decay": 0.1}], lr=1e-2)
     generator = torch.Generator().manual_seed(seed)
-    for step in range(steps):  # full batches: minibatch noise would let the unused directions drift
+    for _ in range(steps):  # full batches: minibatch noise would let the unused directions drift
         loss, _ = model(data, generator=generator)
         optimizer.zero_grad()
         loss.backward()
@@ -103,8 +105,13 @@ def posterior_collapse(covariance: str, steps: int = 500, dim: int = 5, seed: in
     with torch.no_grad():
         count, variances = active_units(model.encode(data)[0])
         loss, stats = model.eval()(data, generator=generator)
-    return {"covariance": covariance, "active_units": count, "latent_variances": variances.tolist(),
-            "negative_elbo": loss.item(), "kl": stats["kl"].item()}
+    return {
+        "covariance": covariance,
+        "active_units": count,
+        "latent_variances": variances.tolist(),
+        "negative_elbo": loss.item(),
+        "kl": stats["kl"].item(),
+    }
 
 
 def main(argv=None) -> None:
@@ -121,5 +128,7 @@ def main(argv=None) -> None:
     else:
         for covariance in ("diagonal", "full"):
             r = posterior_collapse(covariance)
-            print(f"Sigma {covariance}: {r['active_units']} active units of 5 (Var_x E_q[z] = "
-                  f"{', '.join(f'{v:.3f}' for v in r['latent_variances'])}), KL {r['kl']:.3f}")
+            print(
+                f"Sigma {covariance}: {r['active_units']} active units of 5 (Var_x E_q[z] = "
+                f"{', '.join(f'{v:.3f}' for v in r['latent_variances'])}), KL {r['kl']:.3f}"
+            )

@@ -16,8 +16,9 @@ def reconstruction_rows(x: torch.Tensor, reconstruction: torch.Tensor, columns: 
     [0.0, 1.0, 0.0, 1.0]
     """
     rows = len(x) // columns
-    pairs = torch.stack([x[: rows * columns].reshape(rows, columns, -1),
-                         reconstruction[: rows * columns].reshape(rows, columns, -1)], 1)
+    pairs = torch.stack(
+        [x[: rows * columns].reshape(rows, columns, -1), reconstruction[: rows * columns].reshape(rows, columns, -1)], 1
+    )
     return pairs.reshape(-1, pairs.shape[-1])
 
 

@@ -45,8 +45,9 @@ class Optimizers:
 
     def __init__(self, groups: dict, lr: float, betas=(0.5, 0.999), eps: float = 1e-8):
         # fused: one pass over all of a player's parameters rather than a few ops per parameter.
-        self.optimizers = {name: torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
-                           for name, params in groups.items()}
+        self.optimizers = {
+            name: torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True) for name, params in groups.items()
+        }
 
     def step(self, name: str, loss: torch.Tensor) -> None:
         """One update of player ``name`` on ``loss``; only that player's gradients are zeroed first."""
@@ -175,8 +176,18 @@ class Trainer:
     through this one loop.
     """
 
-    def __init__(self, entry, config, settings: Settings, out: Path, *, budget: Budget, device: str = "cpu",
-                 progress: bool = True, checkpoint: dict | None = None):
+    def __init__(
+        self,
+        entry,
+        config,
+        settings: Settings,
+        out: Path,
+        *,
+        budget: Budget,
+        device: str = "cpu",
+        progress: bool = True,
+        checkpoint: dict | None = None,
+    ):
         self.entry, self.config, self.settings, self.budget = entry, config, settings, budget
         self.rank, self.world, self.device = distributed(device)
         self.out, self.progress = out, progress and self.rank == 0
@@ -189,8 +200,10 @@ class Trainer:
         self.step, self.history, self.cpu_seconds = 0, [], 0.0
         if checkpoint is not None:
             if checkpoint["world_size"] != self.world:
-                raise SystemExit(f"models: {out} was trained by {checkpoint['world_size']} process(es); resume it "
-                                 f"with as many, got {self.world}")
+                raise SystemExit(
+                    f"models: {out} was trained by {checkpoint['world_size']} process(es); resume it "
+                    f"with as many, got {self.world}"
+                )
             self.model.load_state_dict(checkpoint["model"])
             self.optimizers.load_state_dict(checkpoint["optimizers"])
             _set_rng_state(checkpoint["rng"][self.rank], self.device)
@@ -203,17 +216,34 @@ class Trainer:
         checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
         config = entry.config(**checkpoint["config"])
         kept = Budget(**checkpoint["budget"])
-        budget = Budget(**{key: value if value is not None else getattr(kept, key)
-                           for key, value in asdict(budget).items()})
-        return cls(entry, config, Settings(**checkpoint["settings"]), out, budget=budget, device=device,
-                   progress=progress, checkpoint=checkpoint)
+        budget = Budget(
+            **{key: value if value is not None else getattr(kept, key) for key, value in asdict(budget).items()}
+        )
+        return cls(
+            entry,
+            config,
+            Settings(**checkpoint["settings"]),
+            out,
+            budget=budget,
+            device=device,
+            progress=progress,
+            checkpoint=checkpoint,
+        )
 
     def state(self) -> dict:
-        return {"model_name": self.entry.name, "config": asdict(self.config), "settings": asdict(self.settings),
-                "budget": asdict(self.budget), "model": self.model.state_dict(),
-                "optimizers": self.optimizers.state_dict(), "rng": _gather(_rng_state(self.device), self.world),
-                "step": self.step, "history": self.history, "cpu_seconds": self.cpu_seconds,
-                "world_size": self.world}
+        return {
+            "model_name": self.entry.name,
+            "config": asdict(self.config),
+            "settings": asdict(self.settings),
+            "budget": asdict(self.budget),
+            "model": self.model.state_dict(),
+            "optimizers": self.optimizers.state_dict(),
+            "rng": _gather(_rng_state(self.device), self.world),
+            "step": self.step,
+            "history": self.history,
+            "cpu_seconds": self.cpu_seconds,
+            "world_size": self.world,
+        }
 
     def save(self) -> None:
         state = self.state()  # every process joins the gathering of the generators' states
@@ -224,29 +254,46 @@ class Trainer:
         """Trains until the budget runs out; writes the checkpoint, the pictures and metrics.json."""
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "settings.json", {"model": self.entry.name, "config": asdict(self.config),
-                                                    "settings": asdict(self.settings), "budget": asdict(self.budget),
-                                                    "world_size": self.world})
+            write_json(
+                self.out / "settings.json",
+                {
+                    "model": self.entry.name,
+                    "config": asdict(self.config),
+                    "settings": asdict(self.settings),
+                    "budget": asdict(self.budget),
+                    "world_size": self.world,
+                },
+            )
         total = self.budget.total_steps(self.data.steps_per_epoch)
         if not math.isfinite(total) and self.budget.minutes is None:
-            raise ValueError("models.training.Trainer: the budget has no limit (a dataset without epochs needs "
-                             "steps or minutes)")
+            raise ValueError(
+                "models.training.Trainer: the budget has no limit (a dataset without epochs needs steps or minutes)"
+            )
         seconds_allowed = math.inf if self.budget.minutes is None else 60 * self.budget.minutes
-        bar = tqdm(total=total if math.isfinite(total) else None, initial=self.step, unit="step",
-                   desc=self.entry.name, disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=total if math.isfinite(total) else None,
+            initial=self.step,
+            unit="step",
+            desc=self.entry.name,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         started, wall_started, cpu_before = time.process_time(), time.perf_counter(), self.cpu_seconds
         self.model.train()
         while self.step < total and self.cpu_seconds < seconds_allowed:
             x, y = self.data.batch(self.step)
-            batch = (x[self.rank::self.world].to(self.device), None if y is None else y[self.rank::self.world].to(
-                self.device))
-            stats = {key: float(value) for key, value in self.entry.update(self.model, self.optimizers,
-                                                                               batch).items()}
+            batch = (
+                x[self.rank :: self.world].to(self.device),
+                None if y is None else y[self.rank :: self.world].to(self.device),
+            )
+            stats = {key: float(value) for key, value in self.entry.update(self.model, self.optimizers, batch).items()}
             if not all(math.isfinite(value) for value in stats.values()):
                 bar.close()
-                raise SystemExit(f"models: training {self.entry.name} stopped at step {self.step + 1}: a statistic is "
-                                 f"not finite ({stats}). The checkpoint in {self.out} is from before it; lower --lr and "
-                                 f"resume, or start again.")
+                raise SystemExit(
+                    f"models: training {self.entry.name} stopped at step {self.step + 1}: a statistic is "
+                    f"not finite ({stats}). The checkpoint in {self.out} is from before it; lower --lr and "
+                    f"resume, or start again."
+                )
             self.history.append(stats)
             self.step += 1
             self.cpu_seconds = cpu_before + time.process_time() - started
@@ -265,11 +312,17 @@ class Trainer:
     def metrics(self, seconds: float) -> dict:
         last = self.history[-50:]
         steps_per_epoch = self.data.steps_per_epoch
-        return {"model": self.entry.name, "description": self.entry.description, "config": asdict(self.config),
-                "settings": asdict(self.settings), "steps": self.step,
-                "epochs": None if steps_per_epoch is None else self.step / steps_per_epoch,
-                "train_cpu_seconds": self.cpu_seconds, "train_seconds_this_session": seconds,
-                "last_steps_mean": {key: sum(s[key] for s in last) / len(last) for key in last[0]} if last else {}}
+        return {
+            "model": self.entry.name,
+            "description": self.entry.description,
+            "config": asdict(self.config),
+            "settings": asdict(self.settings),
+            "steps": self.step,
+            "epochs": None if steps_per_epoch is None else self.step / steps_per_epoch,
+            "train_cpu_seconds": self.cpu_seconds,
+            "train_seconds_this_session": seconds,
+            "last_steps_mean": {key: sum(s[key] for s in last) / len(last) for key in last[0]} if last else {},
+        }
 
     @torch.no_grad()
     def write_pictures(self, directory: Path) -> list[str]:
@@ -277,8 +330,9 @@ class Trainer:
         training goes on as if no picture had been drawn."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             self.model.eval()
-            pictures = self.entry.pictures(self.model, self.data, torch.Generator().manual_seed(self.settings.seed),
-                                           self.config)
+            pictures = self.entry.pictures(
+                self.model, self.data, torch.Generator().manual_seed(self.settings.seed), self.config
+            )
             self.model.train()
         for name, (images, columns, shape) in pictures.items():
             save_grid(directory / name, images, columns, shape)

@@ -49,8 +49,9 @@ ESTIMATORS = ("iwae", "dreg", "stl")
 MIN_LOG_SCALE = -6.0  # a pixel that never varies would otherwise drive its Gaussian variance to zero
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, activation=nn.Tanh,
-        output: type[nn.Linear] = nn.Linear) -> nn.Sequential:
+def mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, activation=nn.Tanh, output: type[nn.Linear] = nn.Linear
+) -> nn.Sequential:
     """``layers`` hidden layers of ``hidden_dim`` units (``activation()`` after each: tanh by default), then a
     linear output (an instance of ``output``).
 
@@ -74,7 +75,7 @@ class Encoder(nn.Module):
         if arch in CONV_LAYERS:
             channels, dense = CONV_LAYERS[arch]
             layers = [nn.Unflatten(-1, (1, height, width))]
-            for c_in, c_out in zip((1,) + channels, channels):
+            for c_in, c_out in itertools.pairwise((1, *channels)):
                 layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.ReLU()]
             features = channels[-1] * (height >> len(channels)) * (width >> len(channels))
             layers.append(nn.Flatten())
@@ -110,12 +111,17 @@ class Decoder(nn.Module):
             layers = [nn.Linear(latent_dim + cond_dim, dense), nn.ReLU()] if dense else []
             layers += [nn.Linear(dense or latent_dim + cond_dim, math.prod(small)), nn.ReLU(), nn.Unflatten(-1, small)]
             widths = channels[::-1] + (1,)
-            for c_in, c_out in zip(widths, widths[1:]):
+            for c_in, c_out in itertools.pairwise(widths):
                 layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.ReLU()]
             self.net = nn.Sequential(*layers[:-1], nn.Flatten())  # no ReLU on the likelihood's parameters
         else:  # a Bernoulli likelihood and bound can then be fused into the output layer
-            self.net = mlp(latent_dim + cond_dim, hidden_dim, height * width, 2 if arch == "mlp" else 0,
-                           output=vaekernels.nn.BernoulliLinear)
+            self.net = mlp(
+                latent_dim + cond_dim,
+                hidden_dim,
+                height * width,
+                2 if arch == "mlp" else 0,
+                output=vaekernels.nn.BernoulliLinear,
+            )
 
     @staticmethod
     def _rows(z: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
@@ -234,8 +240,19 @@ class VAE(nn.Module):
 
     standard_prior = True
 
-    def __init__(self, data_dim: int, image_shape=None, *, arch: str = "mlp", likelihood: str = "bernoulli",
-                 latent_dim: int = 50, hidden_dim: int = 200, num_classes: int = 0, k: int = 1, beta: float = 1.0):
+    def __init__(
+        self,
+        data_dim: int,
+        image_shape=None,
+        *,
+        arch: str = "mlp",
+        likelihood: str = "bernoulli",
+        latent_dim: int = 50,
+        hidden_dim: int = 200,
+        num_classes: int = 0,
+        k: int = 1,
+        beta: float = 1.0,
+    ):
         super().__init__()
         image_shape = tuple(image_shape) if image_shape else (1, data_dim)
         if image_shape[0] * image_shape[1] != data_dim:
@@ -243,8 +260,9 @@ class VAE(nn.Module):
         if arch in CONV_LAYERS:
             factor = 2 ** len(CONV_LAYERS[arch][0])
             if image_shape[0] % factor or image_shape[1] % factor:
-                raise ValueError(f"models.vae.zoo: arch={arch!r} needs height and width divisible by {factor}, "
-                                 f"got {image_shape}")
+                raise ValueError(
+                    f"models.vae.zoo: arch={arch!r} needs height and width divisible by {factor}, got {image_shape}"
+                )
         self.data_dim, self.image_shape, self.latent_dim = data_dim, image_shape, latent_dim
         self.num_classes, self.k, self.beta = num_classes, k, beta
         self.encoder = Encoder(arch, image_shape, latent_dim, hidden_dim, num_classes)
@@ -289,18 +307,29 @@ class VAE(nn.Module):
         z = reparameterize(mean, log_var, k, generator)
         layer = self.fused_output_layer
         if layer is not None:
-            return layer.iwae_bound(self.decoder.features(z, self.condition(y)), x, self.log_prior(z), None,
-                                    estimator=estimator, z=z, q=(mean, log_var))
+            return layer.iwae_bound(
+                self.decoder.features(z, self.condition(y)),
+                x,
+                self.log_prior(z),
+                None,
+                estimator=estimator,
+                z=z,
+                q=(mean, log_var),
+            )
         return self._iw_bound(self.decode(z, y), x, z, (mean, log_var), self.log_prior(z), estimator)
 
     def _iw_bound(self, out, x, z, q, log_pz, estimator):
         if self.likelihood.fused:
-            return vaekernels.iwae_bound(out, x, log_pz, None, estimator=estimator, z=z, q=q,
-                                         **self.likelihood.bound_kwargs())
+            return vaekernels.iwae_bound(
+                out, x, log_pz, None, estimator=estimator, z=z, q=q, **self.likelihood.bound_kwargs()
+            )
         # The discretised logistic has no fused kernel: the same bound from its parts.
         mean, log_var = (t.detach() if estimator != "iwae" else t for t in q)
-        log_w = self.likelihood.log_prob(out, x) + log_pz - vaekernels.gaussian_log_prob(
-            z, mean.unsqueeze(1), log_var.unsqueeze(1))
+        log_w = (
+            self.likelihood.log_prob(out, x)
+            + log_pz
+            - vaekernels.gaussian_log_prob(z, mean.unsqueeze(1), log_var.unsqueeze(1))
+        )
         if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
             reweight_path_gradient(z, log_w.detach())
         return vaekernels.log_mean_exp(log_w, dim=1)
@@ -354,8 +383,7 @@ def capacity(step, capacity_max: float, capacity_steps: int):
 class CapacityVAE(VAE):
     """beta-VAE with controlled capacity: -E_q[log p(x|z)] + gamma |KL - C(t)|, t counting training steps."""
 
-    def __init__(self, *args, gamma: float = 100.0, capacity_max: float = 25.0, capacity_steps: int = 10000,
-                 **kwargs):
+    def __init__(self, *args, gamma: float = 100.0, capacity_max: float = 25.0, capacity_steps: int = 10000, **kwargs):
         super().__init__(*args, **kwargs)
         self.gamma, self.capacity_max, self.capacity_steps = gamma, capacity_max, capacity_steps
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -367,8 +395,7 @@ class CapacityVAE(VAE):
         if self.training:  # a new tensor, as LagrangeMultiplier's log_lambda, not an in-place update
             self.step = self.step + 1
         loss = reconstruction.mean() + self.gamma * (kl.mean() - target).abs()
-        return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(),
-                      "capacity": target}
+        return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(), "capacity": target}
 
 
 class LagrangeMultiplier(nn.Module):
@@ -431,8 +458,7 @@ class GECO(VAE):
         reconstruction, kl = self.terms(x, y, generator)
         lam, constraint = self.multiplier(reconstruction.mean() - self.tolerance)
         loss = kl.mean() + lam * constraint
-        return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(),
-                      "lambda": lam}
+        return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(), "lambda": lam}
 
 
 class IWAE(VAE):
@@ -471,8 +497,7 @@ class GECOIWAE(IWAE):
         reconstruction = -self.likelihood.log_prob(out, x).mean(1)
         lam, constraint = self.multiplier(reconstruction.mean() - self.tolerance)
         loss = -bound.mean() + (lam - 1) * constraint
-        return loss, {"bound": bound.mean().detach(), "reconstruction": reconstruction.mean().detach(),
-                      "lambda": lam}
+        return loss, {"bound": bound.mean().detach(), "reconstruction": reconstruction.mean().detach(), "lambda": lam}
 
 
 class GaussianMLP(nn.Module):
@@ -498,8 +523,18 @@ class HierarchicalVAE(VAE):
 
     standard_prior = False
 
-    def __init__(self, data_dim, image_shape=None, *, latent_dim: int = 100, hidden_dim: int = 100,
-                 top_latent_dim: int = 50, top_hidden_dim: int = 50, importance_weighted: bool = False, **kwargs):
+    def __init__(
+        self,
+        data_dim,
+        image_shape=None,
+        *,
+        latent_dim: int = 100,
+        hidden_dim: int = 100,
+        top_latent_dim: int = 50,
+        top_hidden_dim: int = 50,
+        importance_weighted: bool = False,
+        **kwargs,
+    ):
         super().__init__(data_dim, image_shape, latent_dim=latent_dim, hidden_dim=hidden_dim, **kwargs)
         self.top_latent_dim, self.importance_weighted = top_latent_dim, importance_weighted
         self.up = GaussianMLP(latent_dim, top_hidden_dim, top_latent_dim)  # q(z2 | z1)
@@ -510,11 +545,13 @@ class HierarchicalVAE(VAE):
         z1 = reparameterize(mean1, log_var1, k, generator)
         mean2, log_var2 = self.up(z1)
         z2 = mean2 + torch.exp(0.5 * log_var2) * torch.randn(
-            z1.shape[:2] + (self.top_latent_dim,), generator=generator, device=x.device, dtype=z1.dtype)
+            z1.shape[:2] + (self.top_latent_dim,), generator=generator, device=x.device, dtype=z1.dtype
+        )
         prior_mean1, prior_log_var1 = self.down(z2)
         log_pz = vaekernels.gaussian_log_prob(z1, prior_mean1, prior_log_var1) + standard_normal_log_prob(z2)
-        log_qz = (vaekernels.gaussian_log_prob(z1, mean1.unsqueeze(1), log_var1.unsqueeze(1))
-                  + vaekernels.gaussian_log_prob(z2, mean2, log_var2))
+        log_qz = vaekernels.gaussian_log_prob(
+            z1, mean1.unsqueeze(1), log_var1.unsqueeze(1)
+        ) + vaekernels.gaussian_log_prob(z2, mean2, log_var2)
         return z1, log_pz, log_qz
 
     def _log_weights(self, x, y, k, generator):
@@ -569,8 +606,17 @@ class VHPVAE(VAE):
 
     standard_prior = False
 
-    def __init__(self, *args, prior_latent_dim: int | None = None, prior_hidden_dim: int = 100, prior_k: int = 8,
-                 tolerance: float = 60.0, alpha: float = 0.99, rate: float = 1e-4, **kwargs):
+    def __init__(
+        self,
+        *args,
+        prior_latent_dim: int | None = None,
+        prior_hidden_dim: int = 100,
+        prior_k: int = 8,
+        tolerance: float = 60.0,
+        alpha: float = 0.99,
+        rate: float = 1e-4,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.prior_latent_dim = prior_latent_dim or self.latent_dim
         self.prior_k, self.tolerance = prior_k, tolerance
@@ -585,8 +631,16 @@ class VHPVAE(VAE):
         mean, log_var = self.prior_posterior(flat)
         zeta = reparameterize(mean, log_var, self.prior_k, self._generator)
         z_mean, z_log_var = self.prior_net(zeta)
-        bound = vaekernels.iwae_bound(z_mean, flat, standard_normal_log_prob(zeta), None, likelihood="gaussian",
-                                      log_var=z_log_var, z=zeta, q=(mean, log_var))
+        bound = vaekernels.iwae_bound(
+            z_mean,
+            flat,
+            standard_normal_log_prob(zeta),
+            None,
+            likelihood="gaussian",
+            log_var=z_log_var,
+            z=zeta,
+            q=(mean, log_var),
+        )
         return bound.reshape(z.shape[:2])
 
     def forward(self, x, y=None, generator=None):
@@ -598,8 +652,7 @@ class VHPVAE(VAE):
         kl = (log_q - self.log_prior(z)).mean(1)
         lam, constraint = self.multiplier(reconstruction.mean() - self.tolerance)
         loss = kl.mean() + lam * constraint
-        return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(),
-                      "lambda": lam}
+        return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach(), "lambda": lam}
 
     def log_weights(self, x, y=None, k: int = 1, generator=None):
         self._generator = generator
