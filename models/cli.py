@@ -62,6 +62,15 @@ def list_models() -> None:
                 print(f"  {name:<{width}}  {entry.description}")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not for None or a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -77,7 +86,7 @@ def train_parser(entry) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} train {entry.name}",
         description=entry.description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, help=f"run directory (default: runs/{entry.name}-<n>, n the first free)")
@@ -178,9 +187,7 @@ def free_path(directory: Path, stem: str, suffix: str = "") -> Path:
 
 
 def run_parser(command: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=f"{PROG} {command}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=description, formatter_class=_DefaultsHelp)
     parser.add_argument("run", type=Path, help="run directory (holding checkpoint.pt)")
     parser.add_argument("--data-dir", type=Path, help="dataset directory (default: the run's)")
     parser.add_argument("--seed", type=int, default=0)
