@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from models.registry import MODELS, load_run
-from models.training.trainer import Budget, Settings, Trainer, free_run_dir, holds_run, write_json
+from models.training.trainer import Budget, Settings, Trainer, distributed, free_run_dir, holds_run, write_json
 
 PROG = "python -m models"
 FAMILIES = {
@@ -125,6 +125,20 @@ def train_parser(entry) -> argparse.ArgumentParser:
     return parser
 
 
+def new_run_dir(parser, out: Path | None, stem: str, device: str) -> Path:
+    """``out``, or runs/<stem>-<n> for the first free n, refused where it holds a run. Under torchrun rank 0
+    decides and tells the others, which would otherwise find the directory rank 0 has just begun to write."""
+    rank, world, _ = distributed(device)
+    out = out or free_run_dir(Path("runs"), stem)
+    decision = [out, rank == 0 and holds_run(out)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(decision)
+    out, taken = decision
+    if taken:
+        parser.error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return out
+
+
 def train(argv: list[str]) -> dict:
     if not argv or argv[0] not in MODELS:
         given = f"; got {argv[0]!r}" if argv and not argv[0].startswith("-") else ""
@@ -143,9 +157,7 @@ def train(argv: list[str]) -> dict:
                 parser.error(f"--resume needs --out RUN holding checkpoint.pt; {args.out}/checkpoint.pt does not exist")
             trainer = Trainer.resume(entry, args.out, budget=budget, device=args.device, progress=not args.no_progress)
         else:
-            out = args.out or free_run_dir(Path("runs"), entry.name)
-            if holds_run(out):
-                parser.error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            out = new_run_dir(parser, args.out, entry.name, args.device)
             config = replace(entry.default_config(), **{name: getattr(args, name) for name in entry.options})
             if budget == Budget():
                 budget = Budget(**entry.budget)
