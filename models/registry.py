@@ -68,7 +68,7 @@ class ModelEntry:
       one made-up training batch of the data's shape and range (the benchmarks' and compile tests');
     - ``loss(model, batch)``: the scalar it minimises, or ``train_step(model, optimizers, batch)``, one update
       of each of its players (adversarial models), returning its statistics;
-    - ``pictures(model, batches, generator)``: PNG name -> (images, columns, image shape);
+    - ``pictures(model, batches, generator, config)``: PNG name -> (images, columns, image shape);
     - ``evaluate(model, batches, options)``: the test metrics.
     """
 
