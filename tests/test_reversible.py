@@ -242,6 +242,24 @@ def test_autograd_grad_accumulation_and_retain_graph():
         assert torch.allclose(p.grad, a + 2 * b, rtol=1e-5, atol=1e-6)
 
 
+def test_each_blocks_parameter_gradients_are_accumulated_before_the_walk_goes_on():
+    """The walk hands each block's parameter gradients to autograd (.grad, DDP's hooks) as soon as
+    the block is reversed, so it never holds the gradients of more than one block."""
+    blocks = [AdditiveCoupling(mlp(4), mlp(4)) for _ in range(4)]
+    events = []
+    for i, block in enumerate(blocks):
+        block.F.register_forward_pre_hook(lambda module, args, i=i: events.append(("recompute", i)))
+        for p in block.parameters():
+            p.register_post_accumulate_grad_hook(lambda p, i=i: events.append(("accumulated", i)))
+    y = ReversibleSequential(*blocks)(torch.randn(5, 8))
+    events.clear()  # the forward's calls of F
+    y.square().sum().backward()
+    for i in range(1, len(blocks)):
+        before = events[:events.index(("recompute", i - 1))]
+        assert before.count(("accumulated", i)) == len(list(blocks[i].parameters()))
+    assert events.count(("accumulated", 0)) == len(list(blocks[0].parameters()))
+
+
 @pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
 def test_compiled_branches_give_the_eager_gradients(compiler):
     torch.manual_seed(0)

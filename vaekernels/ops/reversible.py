@@ -13,9 +13,10 @@ so the walk allocates no full-size buffer per block.
 Dropout and other randomness inside a block see the same random numbers in the recomputation
 (the RNG state before each block is kept, as ``torch.utils.checkpoint`` does) and the global
 RNG is left where the forward left it; batch-norm running statistics are updated once, in the
-forward; the recomputation runs under the forward's autocast state. Parameter gradients are
-outputs of one autograd function, so ``torch.autograd.grad``, gradient accumulation and DDP's
-hooks see them as they would from an ordinary network.
+forward; the recomputation runs under the forward's autocast state. Each block is an autograd
+node whose outputs include its parameter gradients, so ``torch.autograd.grad``, gradient
+accumulation and DDP's hooks see them as they would from an ordinary network, block by block as
+the walk goes: it holds one block's parameter gradients at a time.
 
 The blocks (``vaekernels.nn.AdditiveCoupling``, ``AffineCoupling``, ``InvertibleDownsample``, or
 any module with ``forward`` and ``inverse``) are in :mod:`vaekernels.nn.reversible`; the oracle,
@@ -177,8 +178,10 @@ def _grads(outputs, inputs, grad_outputs):
 
 
 class _Walk:
-    """What the autograd function needs besides tensors: the blocks, the parameter tensors each
-    block computed with (where they live in its modules), and the options."""
+    """One call's blocks, the parameter tensors each block computed with (where they live in its
+    modules), the options, and the two residual streams that the chain of autograd nodes hands
+    from block to block: the activations in the forward, the rebuilt inputs and their gradients in
+    the backward."""
 
     def __init__(self, blocks: Sequence[nn.Module], preserve_rng_state: bool, stream_dtype: torch.dtype | None):
         self.blocks = list(blocks)
@@ -186,12 +189,10 @@ class _Walk:
         # torch.func.functional_call they are swapped in for the call and gone by backward.
         self.slots = [[(m, name, t) for m in block.modules() for name, t in m._parameters.items()
                        if t is not None and t.requires_grad] for block in self.blocks]
-        self.params = list(dict.fromkeys(t for slots in self.slots for _, _, t in slots))
-        index = {id(p): i for i, p in enumerate(self.params)}
         self.block_params = [list(dict.fromkeys(t for _, _, t in slots)) for slots in self.slots]
-        self.block_index = [[index[id(p)] for p in ps] for ps in self.block_params]
         self.preserve_rng_state = preserve_rng_state
         self.stream_dtype = stream_dtype
+        self.streams = None  # (x1, x2) in the forward; (y1, y2, g1, g2, grad_logdet) in the backward
 
     @contextlib.contextmanager
     def bound(self, i: int):
@@ -208,58 +209,93 @@ class _Walk:
                 m._parameters[name] = t
 
 
-class _ReversibleFunction(torch.autograd.Function):
+# The walk is a chain of autograd nodes, one per block, linked by empty tensors while the streams
+# travel in the _Walk: the engine runs each block's node as soon as the block after it is done and
+# accumulates that block's parameter gradients (into .grad, DDP's hooks, or autograd.grad's
+# results) before the next one, so the walk holds one block's gradients at a time, not the
+# whole network's.
+
+
+def _first_derivatives_only(gradients, anchors):
+    return first_derivatives_only(
+        "reversible_sequential", gradients, anchors,
+        "vaekernels.reference.reversible.reversible_sequential (ordinary autograd, which stores the activations) "
+        "has higher derivatives.")
+
+
+class _Enter(torch.autograd.Function):
+    """x into the walk's streams."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, walk: _Walk, *params: torch.Tensor):
-        fn = "reversible_sequential"
-        x1, x2 = _halves(fn, x if walk.stream_dtype is None else x.to(walk.stream_dtype), "x")
-        cuda_devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        tapes, logdet = [], None
-        for i, block in enumerate(walk.blocks):
-            tapes.append(_RngTape(walk.preserve_rng_state, cuda_devices))
-            x1, x2, block_logdet = _forward_pair(block, x1, x2, tapes[-1], f"{fn}: blocks[{i}]")
-            tapes[-1].close()
-            if block_logdet is not None:
-                logdet = block_logdet if logdet is None else logdet + block_logdet
+    def forward(ctx, x: torch.Tensor, walk: _Walk):
+        x1, x2 = _halves("reversible_sequential", x if walk.stream_dtype is None else x.to(walk.stream_dtype), "x")
+        walk.streams = (x1, x2, None)
+        ctx.walk, ctx.input_dtype = walk, x.dtype
+        return x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        _, _, g1, g2, grad_logdet = ctx.walk.streams
+        ctx.walk.streams = None
+        grad_x = torch.cat([g1, g2], 1).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        return _first_derivatives_only(grad_x, (g1, g2, grad_logdet)), None
+
+
+class _Block(torch.autograd.Function):
+    """Block i: its forward on the streams, and in backward its inputs rebuilt and its gradients."""
+
+    @staticmethod
+    def forward(ctx, link: torch.Tensor, walk: _Walk, i: int, *params: torch.Tensor):
+        x1, x2 = walk.streams[:2]
+        cuda_devices = [x1.device.index or 0] if x1.device.type == "cuda" else []
+        ctx.tape = _RngTape(walk.preserve_rng_state, cuda_devices)
+        x1, x2, logdet = _forward_pair(walk.blocks[i], x1, x2, ctx.tape, f"reversible_sequential: blocks[{i}]")
+        ctx.tape.close()
+        total = walk.streams[2]
+        walk.streams = (x1, x2, logdet if total is None else total if logdet is None else total + logdet)
+        ctx.walk, ctx.i = walk, i
+        ctx.autocast = _autocast_state(x1.device.type)
+        return link.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, link_grad):
+        walk, i = ctx.walk, ctx.i
+        y1, y2, g1, g2, grad_logdet = walk.streams
+        block, params = walk.blocks[i], walk.block_params[i]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            for device_type, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            stack.enter_context(walk.bound(i))
+            stack.enter_context(_running_stats_kept(_frozen_batch_norms(block)))
+            y1, y2, g1, g2, grads = _reverse_pair(block, y1, y2, g1, g2, grad_logdet, params, ctx.tape)
+        walk.streams = (y1, y2, g1, g2, grad_logdet)
+        return (link_grad, None, None, *_first_derivatives_only(tuple(grads), (g1, g2, grad_logdet)))
+
+
+class _Exit(torch.autograd.Function):
+    """The streams out as (y, logdet); y is the one activation kept for backward."""
+
+    @staticmethod
+    def forward(ctx, link: torch.Tensor, walk: _Walk):
+        x1, x2, logdet = walk.streams
         y = torch.cat([x1, x2], 1)
-        del x1, x2
-        if logdet is None:
-            logdet = y.new_zeros(y.shape[0])
-        ctx.walk, ctx.tapes = walk, tapes
-        ctx.autocast = _autocast_state(x.device.type)
-        ctx.input_dtype = x.dtype
+        walk.streams = None
+        ctx.walk = walk
         ctx.save_for_backward(y)
         ctx.set_materialize_grads(False)
-        return y, logdet
+        return y, (y.new_zeros(y.shape[0]) if logdet is None else logdet)
 
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
-        walk = ctx.walk
         (y,) = ctx.saved_tensors
         fn = "reversible_sequential"
-        y1, y2 = _halves(fn, y, "the output")
         if grad_y is None:
             grad_y = torch.zeros_like(y)
-        g1, g2 = _halves(fn, grad_y.to(y.dtype), "the output gradient")
-        param_grads: list[torch.Tensor | None] = [None] * len(walk.params)
-        for i in reversed(range(len(walk.blocks))):
-            block, params = walk.blocks[i], walk.block_params[i]
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(torch.enable_grad())
-                for device_type, enabled, dtype in ctx.autocast:
-                    stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
-                stack.enter_context(walk.bound(i))
-                stack.enter_context(_running_stats_kept(_frozen_batch_norms(block)))
-                y1, y2, g1, g2, grads = _reverse_pair(block, y1, y2, g1, g2, grad_logdet, params, ctx.tapes[i])
-            for j, grad in zip(walk.block_index[i], grads):
-                if grad is not None:
-                    param_grads[j] = grad if param_grads[j] is None else param_grads[j] + grad
-        del y1, y2
-        grad_x = torch.cat([g1, g2], 1).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
-        return first_derivatives_only(
-            "reversible_sequential", (grad_x, None, *param_grads), (y, grad_y, grad_logdet),
-            "vaekernels.reference.reversible.reversible_sequential (ordinary autograd, which stores the activations) "
-            "has higher derivatives.")
+        # Copies the walk owns and overwrites, so a second backward (retain_graph) starts afresh.
+        ctx.walk.streams = (*_halves(fn, y, "the output"), *_halves(fn, grad_y.to(y.dtype), "the output gradient"),
+                            grad_logdet)
+        return y.new_empty(0), None
 
 
 def _forward_pair(block: nn.Module, x1: torch.Tensor, x2: torch.Tensor, rng: _RngTape, where: str):
@@ -336,4 +372,7 @@ def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, prese
     if x.dim() < 2:
         fail(fn, f"x must have shape [B, C, ...], got {list(x.shape)}")
     walk = _Walk(blocks, preserve_rng_state, stream_dtype)
-    return _ReversibleFunction.apply(x, walk, *walk.params)
+    link = _Enter.apply(x, walk)
+    for i, params in enumerate(walk.block_params):
+        link = _Block.apply(link, walk, i, *params)
+    return _Exit.apply(link, walk)
