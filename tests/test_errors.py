@@ -102,6 +102,55 @@ CASES = [
      r"masked_conv2d: x must have non-empty dims"),
     (lambda: _ATTEND(torch.zeros(0, 4, 3, 3), torch.zeros(0, 5, 3, 3)), ValueError,
      r"nn.CausalAttention2d: query must have shape \[B, 4, H, W\] with B, H, W >= 1"),
+    # modules name themselves (or the method called), not the functional op they wrap
+    (lambda: vnn.IWAEBound()(torch.zeros(2, 3, 5), torch.zeros(1, 5), torch.zeros(2, 3), torch.zeros(2, 3)),
+     ValueError, r"nn.IWAEBound: x must have shape \[B, \*event\] = \[2, 5\], got \[1, 5\]"),
+    (lambda: vnn.IWAEBound()(torch.zeros(2, 3, 5), torch.ones(2, 5), torch.zeros(2, 3), None), ValueError,
+     r"nn.IWAEBound: log_qz must be a \[B, K\] tensor"),
+    (lambda: vnn.BernoulliLinear(0, 3), ValueError, r"nn.BernoulliLinear: in_features must be an int >= 1, got 0"),
+    (lambda: vnn.BernoulliLinear(4, 5).iwae_bound(torch.zeros(2, 3, 6), torch.ones(2, 5), torch.zeros(2, 3),
+                                                  torch.zeros(2, 3)), ValueError,
+     r"nn.BernoulliLinear.iwae_bound: h must have shape \[B, K, in_features = 4\] with B, K >= 1, got \[2, 3, 6\]"),
+    (lambda: vnn.BernoulliLinear(4, 5).expected_log_prob(torch.zeros(2, 3, 4).double(), torch.ones(2, 5)), TypeError,
+     r"nn.BernoulliLinear.expected_log_prob: h must have the dtype of the layer's parameters"),
+    (lambda: vnn.BernoulliLinear(4, 5).expected_log_prob(torch.zeros(2, 3, 4), torch.ones(2, 4)), ValueError,
+     r"nn.BernoulliLinear.expected_log_prob: x must have shape \[B, \*event\]"),
+    (lambda: vnn.GRAERegularizer(-1.0), ValueError, r"nn.GRAERegularizer: beta must be a positive number"),
+    (lambda: vnn.GRAERegularizer(1.0, exact="yes"), TypeError, r"nn.GRAERegularizer: exact must be a bool"),
+    (lambda: vnn.GRAERegularizer(1.0)(_mlp(), torch.zeros(3, 5)), ValueError,
+     r"nn.GRAERegularizer: z must have shape \[B, 2\]"),
+    (lambda: vnn.GRAERegularizer(1.0, num_columns=5)(_mlp(), torch.zeros(3, 2)), ValueError,
+     r"nn.GRAERegularizer: num_columns must be an integer in \[1, 2\]"),
+    (lambda: vnn.MaskedConv2d(2, 4, 3)(torch.zeros(1, 3, 4, 4)), ValueError,
+     r"nn.MaskedConv2d: x must have shape \[B, in_channels = 2, H, W\] with B, H, W >= 1, got \[1, 3, 4, 4\]"),
+    (lambda: vnn.MaskedConv2d(2, 4, 3)(torch.zeros(1, 2, 4, 4).double()), TypeError,
+     r"nn.MaskedConv2d: x must have the dtype of the module's parameters"),
+    (lambda: vnn.MaskedConv2d(2, 4, 3, stride=None), TypeError, r"nn.MaskedConv2d: stride must be an int or a pair"),
+    (lambda: vnn.MaskedConv2d(2, 4, 3, channel_groups="a"), TypeError,
+     r"nn.MaskedConv2d: channel_groups must be an int"),
+    (lambda: _MODEL.sample(1, (2, 2), torch.tensor(5)), ValueError,
+     r"nn.GatedPixelCNN.sample: y must hold class labels"),
+    (lambda: vnn.InvertibleDownsample()("a"), TypeError, r"nn.InvertibleDownsample: input must be a torch.Tensor"),
+    (lambda: vnn.AdditiveCoupling(nn.Linear(2, 2))(torch.zeros(3, 4).double()), TypeError,
+     r"nn.AdditiveCoupling: input must have the dtype of the block's parameters \(torch.float32\)"),
+    (lambda: vnn.AffineCoupling(nn.Linear(2, 4))(torch.zeros(3, 6)), ValueError,
+     r"nn.AffineCoupling: net could not be applied to a half of shape \[3, 3\]"),
+    # functions
+    (lambda: vaekernels.importance_sampled_nll(torch.ones(2, 3), _encode, lambda z: torch.zeros(2, z.shape[1], 3).long(),
+                                               4), TypeError,
+     r"importance_sampled_nll: decode\(z\) must be a floating-point tensor, got dtype torch.int64"),
+    (lambda: vaekernels.aggregate_posterior_log_density(_Q[0], _Q[0], _Q[0], per_dim="a"), TypeError,
+     "aggregate_posterior_log_density: per_dim must be a bool"),
+    (lambda: vaekernels.discretized_logistic_mixture_sample(torch.zeros(0, 30, 2, 2), 3, 3), ValueError,
+     r"discretized_logistic_mixture_sample: params must have non-empty dims"),
+    (lambda: vaekernels.discretized_logistic_mixture_sample(torch.zeros(1, 30, 2, 2), 3, 3, "a"), TypeError,
+     "discretized_logistic_mixture_sample: generator must be a torch.Generator"),
+    (lambda: vaekernels.importance_sampled_nll(torch.ones(2, 3), _encode, lambda z: torch.zeros(2, z.shape[1], 4), 4,
+                                               output_layer=nn.Linear(4, 5)), ValueError,
+     r"importance_sampled_nll: output_layer must have out_features = 3"),
+    (lambda: vaekernels.importance_sampled_nll(torch.ones(2, 3), _encode, lambda z: torch.zeros(2, z.shape[1], 5), 4,
+                                               output_layer=nn.Linear(4, 3)), ValueError,
+     r"importance_sampled_nll: decode\(z\) must return the output layer's input \[B, k, in_features\] = \[2, 4, 4\]"),
     # the reversible stack
     (lambda: vaekernels.reversible_sequential(None, torch.zeros(3, 4)), TypeError,
      "reversible_sequential: blocks must be a sequence of invertible modules, got NoneType"),
@@ -115,6 +164,19 @@ def test_exact_grae_of_a_non_finite_gram_matrix_is_nan_not_an_error():
     z = torch.tensor([[0.1, 0.2], [float("nan"), 0.0]])
     out = vaekernels.grae_regularizer(_mlp(), z, 1.0, exact=True)
     assert torch.isfinite(out[0]) and torch.isnan(out[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_linear_iwae_bound_checks_log_pz_and_q_on_every_backend(backend):
+    # The reference path went straight to the oracle: a bad log_pz or q met a raw torch error there.
+    h, weight, x = torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.ones(2, 5)
+    with vaekernels.use_backend(backend):
+        with pytest.raises(ValueError, match=r"^vaekernels.linear_iwae_bound: log_pz must have shape \[B, K\]"):
+            vaekernels.linear_iwae_bound(h, weight, None, x, torch.zeros(2, 4), torch.zeros(2, 3))
+        with pytest.raises(ValueError, match=r"^vaekernels.linear_iwae_bound: estimator 'dreg' needs z="):
+            vaekernels.linear_iwae_bound(h, weight, None, x, torch.zeros(2, 3), None, estimator="dreg")
+        with pytest.raises(TypeError, match=r"^vaekernels.linear_iwae_bound: q must be a \(mean, log_var\) pair"):
+            vaekernels.linear_iwae_bound(h, weight, None, x, torch.zeros(2, 3), None, z=torch.zeros(2, 3, 2), q="a")
 
 
 @pytest.mark.parametrize("call, error, message", CASES)

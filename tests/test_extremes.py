@@ -236,3 +236,73 @@ def test_logistic_mixture_gradient_at_large_log_scales(device_backend, channels)
         vaekernels.discretized_logistic_mixture_nll(expected, x.double(), M, reduction="sum").backward()
     assert torch.isfinite(expected.grad).all()
     torch.testing.assert_close(leaf.grad.double(), expected.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_log_mean_exp_of_a_row_holding_plus_inf(device_backend):
+    # out = +inf; the softmax's limit puts the gradient evenly on the +inf entries (exp(x - out)
+    # was inf / inf = NaN there and made the whole row NaN); a NaN beside +inf stays NaN.
+    device, _ = device_backend
+    x = torch.tensor([[INF, 1.0, -INF, 0.0], [INF, INF, 2.0, -3.0], [INF, float("nan"), 0.0, 0.0]], device=device,
+                     requires_grad=True)
+    out = vaekernels.log_mean_exp(x)
+    assert out[:2].tolist() == [INF, INF] and torch.isnan(out[2])
+    grad_finite = torch.autograd.grad(out[:2].sum(), x, retain_graph=True)[0]
+    grad_nan = torch.autograd.grad(out[2], x)[0]
+    assert grad_finite[:2].tolist() == [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]
+    assert torch.isnan(grad_nan[2, :2]).all()
+    # Through the bound: a sample of log-weight +inf takes all the weight.
+    logits = torch.zeros(1, 3, 2, device=device, requires_grad=True)
+    log_pz = torch.tensor([[INF, 0.0, 0.0]], device=device)
+    bound = vaekernels.iwae_bound(logits, torch.ones(1, 2, device=device), log_pz, torch.zeros(1, 3, device=device))
+    bound.backward()
+    assert bound.item() == INF
+    torch.testing.assert_close(logits.grad, torch.tensor([[[0.5, 0.5], [0.0, 0.0], [0.0, 0.0]]], device=device))
+
+
+@pytest.mark.parametrize("value", [INF, -INF])
+def test_aggregate_posterior_of_an_infinite_code_is_minus_inf(device_backend, value):
+    # No posterior has density at an infinite z: log q(z_i) = -inf, the other rows as without it.
+    # (C++: the padding lanes' 1 / std of 0 times an infinite difference gave NaN for the row.)
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(0)
+    z, mean, log_var = (torch.randn(5, 3, device=device, generator=generator) for _ in range(3))
+    z[1, 2] = value
+    joint = vaekernels.aggregate_posterior_log_density(z, mean, log_var)
+    per_dim = vaekernels.aggregate_posterior_log_density(z, mean, log_var, per_dim=True)
+    with vaekernels.use_backend("reference"):
+        expected = vaekernels.aggregate_posterior_log_density(z.double(), mean.double(), log_var.double())
+        expected_per_dim = vaekernels.aggregate_posterior_log_density(z.double(), mean.double(), log_var.double(),
+                                                                      per_dim=True)
+    assert joint[1].item() == -INF and per_dim[1, 2].item() == -INF
+    torch.testing.assert_close(joint.double(), expected)
+    torch.testing.assert_close(per_dim.double(), expected_per_dim)
+
+
+def test_gaussian_kl_at_an_infinite_log_var(device_backend):
+    # KL = (exp(lv) - 1 - lv + mean^2) / 2 is +inf and so is its slope in lv; the reference's
+    # unselected branch expm1(lv) - lv gave its 0 * inf = NaN to the gradient.
+    device, _ = device_backend
+    mean = torch.tensor([[0.5, 1.0]], device=device, requires_grad=True)
+    log_var = torch.tensor([[INF, 0.3]], device=device, requires_grad=True)
+    out = vaekernels.gaussian_kl(mean, log_var)
+    out.sum().backward()
+    assert out.item() == INF
+    assert mean.grad.tolist() == [[0.5, 1.0]]
+    assert log_var.grad[0, 0].item() == INF
+    torch.testing.assert_close(log_var.grad[0, 1], 0.5 * torch.expm1(torch.tensor(0.3, device=device)))
+
+
+@pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.ELU, torch.nn.Tanh, torch.nn.LeakyReLU])
+def test_jacobian_of_a_nan_code_is_nan_where_it_reaches(device_backend, activation):
+    # Triton's relu and elu dropped a NaN pre-activation (tl.where(x > 0, x, 0), tl.minimum):
+    # finite columns for an example whose code is NaN, where torch's activations keep it NaN.
+    device, _ = device_backend
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 5), activation(), torch.nn.Linear(5, 4), torch.nn.Softplus(),
+                                  torch.nn.Linear(4, 3)).to(device)
+    z = torch.randn(3, 2, device=device)
+    z[0, 0] = float("nan")
+    norms = vaekernels.jacobian_column_sq_norms(decoder, z)
+    expected = torch.func.vmap(torch.func.jacfwd(copy.deepcopy(decoder).double()))(z.double()).square().sum(1)
+    assert torch.isnan(norms[0]).all()
+    torch.testing.assert_close(norms.double(), expected, rtol=1e-5, atol=1e-6, equal_nan=True)

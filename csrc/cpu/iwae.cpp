@@ -180,6 +180,16 @@ at::Tensor log_mean_exp_backward(const at::Tensor& grad, const at::Tensor& x, co
           std::fill_n(grad_row, N, scalar_t(0));
           continue;
         }
+        // A row holding +inf (and no NaN, or out would be NaN) has out = +inf, and its softmax is,
+        // in the limit, spread evenly over the +inf entries, where exp(x - out) is inf / inf = NaN
+        // there and 0 elsewhere.
+        if (out_ptr[r] == std::numeric_limits<scalar_t>::infinity()) {
+          const scalar_t* row = x_ptr + r * N;
+          const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+          const scalar_t share = grad_ptr[r] / scalar_t(std::count(row, row + N, inf));
+          for (int64_t n = 0; n < N; ++n) grad_row[n] = row[n] == inf ? share : scalar_t(0);
+          continue;
+        }
         // exp(x - out) normalised by its own sum, not by N: out is rounded (by a whole unit at
         // out = -1e7 in float), and exp(x - out) / N would then sum to anything between 1/e and e.
         // out still serves as the shift that keeps the exponentials in range: x - out is at most
@@ -312,11 +322,14 @@ struct LaneLogSumExp {
   }
 };
 
-// a * b, but 0 where a is 0 even if b is inf: a zero difference or weight times a term that
-// overflowed (1 / std for log_var < -176 in float, or w far from the mean of a tiny variance).
+// a * b, but 0 where a or b is 0 even if the other is inf: a zero difference or weight times a
+// term that overflowed (1 / std for log_var < -176 in float, or w far from the mean of a tiny
+// variance), and an infinite z against a padding column (1 / std stored as 0), which would be
+// 0 * inf = NaN in the padding lanes and so in the whole row's log-sum-exp.
 template <typename T>
 Vectorized<T> times_unless_zero(const Vectorized<T>& a, const Vectorized<T>& b) {
-  return (a != Vectorized<T>(T(0))) & (a * b);
+  const Vectorized<T> zero(T(0));
+  return (a != zero) & (b != zero) & (a * b);
 }
 
 // a * b and a * b + c, through times_unless_zero where kGuarded.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.iwae import ESTIMATORS, LIKELIHOODS, REDUCTIONS, iwae_bound
-from ..ops.linear_iwae import linear_expected_log_prob, linear_iwae_bound
+from ..ops._checks import check_float, check_int, fail
+from ..ops.iwae import ESTIMATORS, LIKELIHOODS, REDUCTIONS, _iwae_bound
+from ..ops.linear_iwae import _linear_expected_log_prob, _linear_iwae_bound
 
 
 class IWAEBound(nn.Module):
@@ -28,10 +29,11 @@ class IWAEBound(nn.Module):
                 raise ValueError(f"vaekernels.nn.IWAEBound: {name} must be one of {choices}, got {value!r}")
         self.likelihood, self.estimator, self.reduction = likelihood, estimator, reduction
 
-    def forward(self, logits: torch.Tensor, x: torch.Tensor, log_pz: torch.Tensor,
-                log_qz: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        return iwae_bound(logits, x, log_pz, log_qz, likelihood=self.likelihood, estimator=self.estimator,
-                          reduction=self.reduction, **kwargs)
+    def forward(self, logits: torch.Tensor, x: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor | None = None,
+                *, log_var: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return _iwae_bound("nn.IWAEBound", logits, x, log_pz, log_qz, self.likelihood, self.estimator, self.reduction,
+                           log_var, z, q)
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, estimator={self.estimator!r}, reduction={self.reduction!r}"
@@ -55,11 +57,28 @@ class BernoulliLinear(nn.Linear):
         torch.Size([4])
     """
 
-    def iwae_bound(self, h: torch.Tensor, x: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor | None = None,
-                   **kwargs) -> torch.Tensor:
-        """The bound of ``x`` under logits ``self(h)``, h [B, K, in_features]: :func:`vaekernels.linear_iwae_bound`."""
-        return linear_iwae_bound(h, self.weight, self.bias, x, log_pz, log_qz, **kwargs)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        for arg, value in (("in_features", in_features), ("out_features", out_features)):
+            check_int("nn.BernoulliLinear", arg, value)
+        super().__init__(in_features, out_features, bias, device, dtype)
 
-    def expected_log_prob(self, h: torch.Tensor, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def _check_h(self, fn: str, h) -> None:
+        """h against the layer (the op itself would name its weight, which the caller did not pass)."""
+        check_float(fn, "h", h, self.weight, "the layer's parameters")
+        if h.dim() != 3 or h.shape[2] != self.in_features or 0 in h.shape:
+            fail(fn, f"h must have shape [B, K, in_features = {self.in_features}] with B, K >= 1, got {list(h.shape)}")
+
+    def iwae_bound(self, h: torch.Tensor, x: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor | None = None,
+                   *, estimator: str = "iwae", reduction: str = "none", z: torch.Tensor | None = None,
+                   q: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_size: int | None = None) -> torch.Tensor:
+        """The bound of ``x`` under logits ``self(h)``, h [B, K, in_features]: :func:`vaekernels.linear_iwae_bound`."""
+        fn = "nn.BernoulliLinear.iwae_bound"
+        self._check_h(fn, h)
+        return _linear_iwae_bound(fn, h, self.weight, self.bias, x, log_pz, log_qz, estimator, reduction, z, q,
+                                  chunk_size)
+
+    def expected_log_prob(self, h: torch.Tensor, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
         """(1/K) sum_k log p(x | logits self(h_k)) [B]: :func:`vaekernels.linear_expected_log_prob`."""
-        return linear_expected_log_prob(h, self.weight, self.bias, x, **kwargs)
+        fn = "nn.BernoulliLinear.expected_log_prob"
+        self._check_h(fn, h)
+        return _linear_expected_log_prob(fn, h, self.weight, self.bias, x, chunk_size)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.jacobian import grae_regularizer
+from ..ops.jacobian import _grae_regularizer, check_grae_settings
+
+_NAME = "nn.GRAERegularizer"
 
 
 class GRAERegularizer(nn.Module):
@@ -20,11 +22,11 @@ class GRAERegularizer(nn.Module):
 
     def __init__(self, beta: float, exact: bool = False, num_columns: int | None = None):
         super().__init__()
+        check_grae_settings(_NAME, beta, exact, num_columns)
         self.beta, self.exact, self.num_columns = beta, exact, num_columns
 
     def forward(self, decoder: nn.Module, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return grae_regularizer(decoder, z, self.beta, exact=self.exact, num_columns=self.num_columns,
-                                generator=generator)
+        return _grae_regularizer(_NAME, decoder, z, self.beta, self.exact, self.num_columns, generator)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, exact={self.exact}, num_columns={self.num_columns}"

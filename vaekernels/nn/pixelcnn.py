@@ -13,11 +13,20 @@ from ..ops.pixelcnn import (GATES, MASK_TYPES, causal_conv2d, gated_activation, 
 from ..ops._checks import check_float, check_int, fail
 from ..reference.pixelcnn import causal_mask
 
-_LAYER, _MODEL = "nn.GatedPixelCNNLayer", "nn.GatedPixelCNN"
+_LAYER, _MODEL, _CONV = "nn.GatedPixelCNNLayer", "nn.GatedPixelCNN", "nn.MaskedConv2d"
 
 
 def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _int_or_pair(fn: str, arg: str, value) -> tuple[int, int]:
+    """``value`` as a pair of ints, from an int or a pair of ints."""
+    if not (isinstance(value, int) or isinstance(value, (tuple, list)) and len(value) == 2) or isinstance(value, bool):
+        fail(fn, f"{arg} must be an int or a pair of ints, got {value!r}", TypeError)
+    for item in _pair(value):
+        check_int(fn, arg, item, minimum=0)
+    return _pair(value)
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -39,13 +48,15 @@ class MaskedConv2d(nn.Conv2d):
                  channel_groups: int = 1, bias: bool = True, stride=1, padding="same", dilation=1, groups: int = 1,
                  padding_mode: str = "zeros", device=None, dtype=None):
         name = "vaekernels.nn.MaskedConv2d"
-        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            check_int("nn.MaskedConv2d", arg, value)
-        if not (isinstance(kernel_size, int) or isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2):
-            fail("nn.MaskedConv2d", f"kernel_size must be an int or a pair of ints, got {kernel_size!r}", TypeError)
-        for value in _pair(kernel_size):
-            check_int("nn.MaskedConv2d", "kernel_size", value)
-        kh, kw = _pair(kernel_size)
+        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                           ("channel_groups", channel_groups), ("groups", groups)):
+            check_int(_CONV, arg, value)
+        kh, kw = _int_or_pair(_CONV, "kernel_size", kernel_size)
+        for arg, value in (("kernel_size", kh), ("kernel_size", kw)):
+            check_int(_CONV, arg, value)
+        stride, dilation = _int_or_pair(_CONV, "stride", stride), _int_or_pair(_CONV, "dilation", dilation)
+        if padding != "same":
+            padding = _int_or_pair(_CONV, "padding", padding)
         if mask_type not in MASK_TYPES:
             raise ValueError(f"{name}: mask_type must be 'A' or 'B', got {mask_type!r}")
         if kh % 2 == 0 or kw % 2 == 0:
@@ -67,6 +78,11 @@ class MaskedConv2d(nn.Conv2d):
                                          dtype=self.weight.dtype, device=self.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checked against the module, not as masked_conv2d would (naming a weight the caller did not pass).
+        check_float(_CONV, "x", x, self.weight, "the module's parameters")
+        if x.dim() != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
+            fail(_CONV, f"x must have shape [B, in_channels = {self.in_channels}, H, W] with B, H, W >= 1, "
+                        f"got {list(x.shape)}")
         return masked_conv2d(x, self.weight, self.bias, self.mask_type, channel_groups=self.channel_groups)
 
     def extra_repr(self) -> str:
@@ -240,23 +256,25 @@ class GatedPixelCNN(nn.Module):
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.levels == 2 else x * (2.0 / (self.levels - 1)) - 1.0
 
-    def _condition(self, y: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor | None:
+    def _condition(self, y: torch.Tensor | None, batch: int, like: torch.Tensor, fn: str = _MODEL
+                   ) -> torch.Tensor | None:
+        """The one-hot condition [B, num_classes] of labels y, its errors naming ``fn``, the method called."""
         if not self.num_classes:
             return None
         if y is None:
-            raise ValueError(f"vaekernels.nn.GatedPixelCNN: the model is class-conditional "
-                             f"({self.num_classes} classes); pass the labels y [B]")
+            fail(fn, f"y must be given: the model is class-conditional ({self.num_classes} classes); pass the "
+                     f"labels y [B]")
         if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
             got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
-            fail(_MODEL, f"y must be an integer tensor of class labels, got {got}", TypeError)
+            fail(fn, f"y must be an integer tensor of class labels, got {got}", TypeError)
         if y.dim() > 1 or (y.dim() == 1 and y.shape[0] != batch):
-            fail(_MODEL, f"y must have shape [B] = [{batch}] (or be a scalar), got {list(y.shape)}")
+            fail(fn, f"y must have shape [B] = [{batch}] (or be a scalar), got {list(y.shape)}")
         if y.device != like.device:
-            fail(_MODEL, f"y must be on the model's device ({like.device}), got {y.device}")
+            fail(fn, f"y must be on the model's device ({like.device}), got {y.device}")
         # On the CPU only: reading the range back from a GPU would synchronise every forward.
         if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling() and (
                 int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            fail(_MODEL, f"y must hold class labels in [0, {self.num_classes - 1}], got values in "
+            fail(fn, f"y must hold class labels in [0, {self.num_classes - 1}], got values in "
                          f"[{int(y.min())}, {int(y.max())}]")
         return F.one_hot(y.expand(batch) if y.dim() == 0 else y, self.num_classes).to(like.dtype)
 
@@ -316,7 +334,7 @@ class GatedPixelCNN(nn.Module):
         x = torch.zeros(n, self.in_channels, height, width, dtype=param.dtype, device=param.device)
         logits = torch.zeros(n, self.in_channels, *((self.levels,) if self.levels > 2 else ()), height, width,
                              dtype=param.dtype, device=param.device)
-        cond = self._condition(y, n, x)
+        cond = self._condition(y, n, x, _MODEL + ".sample")
         step = self._cached_sampler(x, cond) if cached else None
         # The cached steps are products of a few thousand elements, too small to share across
         # threads: on a busy machine the hand-offs would cost a hundred times their arithmetic.

@@ -20,8 +20,12 @@ from ..ops._checks import check_float, fail
 from ..ops.reversible import _grads, _halves, check_blocks, coupling_backward_step, reversible_sequential
 
 
-def _split(cls: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(cls: str, x: torch.Tensor, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     check_float(f"nn.{cls}", "input", x)
+    parameter = next((p for p in block.parameters() if p.is_floating_point()), None)
+    # Else the branch's own matmul would say it, naming neither block nor argument (autocast casts for it).
+    if parameter is not None and not torch.is_autocast_enabled(x.device.type):
+        check_float(f"nn.{cls}", "input", x, parameter, "the block's parameters")
     if x.dim() < 2 or x.shape[1] % 2:
         fail(f"nn.{cls}", f"input must have shape [B, C, ...] with an even channel count C to split into "
                           f"halves, got {list(x.shape)}")
@@ -35,8 +39,17 @@ def _check_pair(cls: str, x1: torch.Tensor, x2: torch.Tensor) -> None:
                           f"got {shape}")
 
 
+def _apply(cls: str, name: str, module: nn.Module, x: torch.Tensor):
+    try:
+        return module(x)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:  # e.g. a half of another width than the branch takes
+        fail(f"nn.{cls}", f"{name} could not be applied to a half of shape {list(x.shape)}: {error}")
+
+
 def _branch(cls: str, name: str, module: nn.Module, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    out = module(x)
+    out = _apply(cls, name, module, x)
     if not isinstance(out, torch.Tensor) or out.shape != like.shape:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         fail(f"nn.{cls}", f"{name} must map a half [B, C/2, ...] to a tensor of the other half's shape "
@@ -81,13 +94,13 @@ class AdditiveCoupling(nn.Module):
         self.F, self.G = F, G
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = _split("AdditiveCoupling", x)
+        x1, x2 = _split("AdditiveCoupling", x, self)
         y1 = x1 + _branch("AdditiveCoupling", "F", self.F, x2, x1)
         y2 = x2 if self.G is None else x2 + _branch("AdditiveCoupling", "G", self.G, y1, x2)
         return torch.cat([y1, y2], 1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        y1, y2 = _split("AdditiveCoupling", y)
+        y1, y2 = _split("AdditiveCoupling", y, self)
         x2 = y2 if self.G is None else y2 - _branch("AdditiveCoupling", "G", self.G, y1, y2)
         x1 = y1 - _branch("AdditiveCoupling", "F", self.F, x2, y1)
         return torch.cat([x1, x2], 1)
@@ -151,7 +164,7 @@ class AffineCoupling(nn.Module):
         self.net = net
 
     def _scale_shift(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.net(x1)
+        out = _apply("AffineCoupling", "net", self.net, x1)
         expected = [x1.shape[0], 2 * x1.shape[1], *x1.shape[2:]]
         if not isinstance(out, torch.Tensor) or list(out.shape) != expected:
             got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -164,12 +177,12 @@ class AffineCoupling(nn.Module):
         return s.flatten(1).sum(1, dtype=torch.promote_types(s.dtype, torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x1, x2 = _split("AffineCoupling", x)
+        x1, x2 = _split("AffineCoupling", x, self)
         s, t = self._scale_shift(x1)
         return torch.cat([x1, x2 * torch.exp(s) + t], 1), self._logdet(s)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        y1, y2 = _split("AffineCoupling", y)
+        y1, y2 = _split("AffineCoupling", y, self)
         s, t = self._scale_shift(y1)
         return torch.cat([y1, (y2 - t) * torch.exp(-s)], 1)
 
@@ -215,6 +228,7 @@ class InvertibleDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.block_size
+        check_float("nn.InvertibleDownsample", "input", x)
         if x.dim() != 4 or x.shape[2] % r or x.shape[3] % r:
             fail("nn.InvertibleDownsample", f"input must have shape [B, C, H, W] with H and W divisible by "
                                             f"block_size = {r}, got {list(x.shape)}")
@@ -222,6 +236,7 @@ class InvertibleDownsample(nn.Module):
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         r = self.block_size
+        check_float("nn.InvertibleDownsample", "inverse input", y)
         if y.dim() != 4 or y.shape[1] % (r * r):
             fail("nn.InvertibleDownsample", f"inverse input must have shape [B, C, H, W] with C divisible by "
                                             f"block_size^2 = {r * r}, got {list(y.shape)}")

@@ -129,7 +129,8 @@ def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch
     sum to 1 however the output rounds (at magnitudes of 1e7 in float32 too).
 
     NaN and ±inf: ``-inf`` entries weigh 0, and a slice of all ``-inf`` gives ``-inf`` and a zero
-    gradient; a slice holding ``+inf`` gives ``+inf`` and NaN in its gradient; a NaN gives NaN.
+    gradient; a slice holding ``+inf`` gives ``+inf``, its gradient shared evenly by the ``+inf``
+    entries (the softmax's limit; 0 elsewhere); a NaN gives NaN.
 
     Example:
         >>> import torch, vaekernels
@@ -394,7 +395,11 @@ def iwae_bound(
         ...                               z=z, q=(mean, log_var), reduction="mean")
         >>> loss.backward()
     """
-    fn = "iwae_bound"
+    return _iwae_bound("iwae_bound", logits, x, log_pz, log_qz, likelihood, estimator, reduction, log_var, z, q)
+
+
+def _iwae_bound(fn: str, logits, x, log_pz, log_qz, likelihood, estimator, reduction, log_var, z, q) -> torch.Tensor:
+    """:func:`iwae_bound`, its errors naming ``fn``, the public caller (the function or a module)."""
     check_choice(fn, "likelihood", likelihood, LIKELIHOODS)
     check_choice(fn, "estimator", estimator, ESTIMATORS)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
@@ -523,6 +528,9 @@ def importance_sampled_nll(
     check_float(fn, "x", x)
     if x.dim() < 2 or x.shape[0] == 0:
         fail(fn, f"x must have shape [B, *event] with B >= 1, got {list(x.shape)}")
+    if output_layer is not None and output_layer.out_features != math.prod(x.shape[1:]):
+        fail(fn, f"output_layer must have out_features = {math.prod(x.shape[1:])} (x's elements per example), "
+                 f"got {output_layer.out_features}")
     encoded = encode(x)
     if not (isinstance(encoded, (tuple, list)) and len(encoded) == 2):
         fail(fn, f"encode(x) must return a (mean, log_var) pair, got {type(encoded).__name__}", TypeError)
@@ -544,12 +552,16 @@ def importance_sampled_nll(
         log_qz = gaussian_log_prob(z, mean.unsqueeze(1), q_log_var.unsqueeze(1))
         decoded = decode(z)
         if output_layer is not None:
+            expected, what = [*z.shape[:2], output_layer.in_features], "the output layer's input [B, k, in_features]"
+        else:
+            expected, what = [*z.shape[:2], *x.shape[1:]], "[B, k, *event]"
+        if not isinstance(decoded, torch.Tensor) or list(decoded.shape) != expected:
+            got = list(decoded.shape) if isinstance(decoded, torch.Tensor) else type(decoded).__name__
+            fail(fn, f"decode(z) must return {what} = {expected} for z of shape {list(z.shape)}, got {got}")
+        check_float(fn, "decode(z)", decoded, x, "x")
+        if output_layer is not None:
             bound = _linear_iwae_bound(decoded, output_layer.weight, output_layer.bias, x, log_pz, log_qz)
         else:
-            if not isinstance(decoded, torch.Tensor) or decoded.shape != (*z.shape[:2], *x.shape[1:]):
-                got = list(decoded.shape) if isinstance(decoded, torch.Tensor) else type(decoded).__name__
-                fail(fn, f"decode(z) must return [B, k, *event] = {[*z.shape[:2], *x.shape[1:]]} for z of shape "
-                         f"{list(z.shape)}, got {got}")
             bound = iwae_bound(decoded, x, log_pz, log_qz, likelihood=likelihood, log_var=log_var)
         # The chunk's bound is its log-mean-exp; turn it back into a sum before merging.
         total = torch.logaddexp(total, bound + math.log(samples))
@@ -642,6 +654,8 @@ def aggregate_posterior_log_density(
 
 def _aggregate_log_density(fn: str, z, mean, log_var, dataset_size, per_dim: bool = False) -> torch.Tensor:
     """:func:`aggregate_posterior_log_density`, its errors naming ``fn``, the public caller."""
+    if not isinstance(per_dim, bool):
+        fail(fn, f"per_dim must be a bool, got {type(per_dim).__name__} {per_dim!r}", TypeError)
     fused = _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal=per_dim)
     if fused is None:
         return reference.aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size,

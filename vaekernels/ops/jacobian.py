@@ -20,6 +20,7 @@ same signatures is :mod:`vaekernels.reference.jacobian`.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -497,16 +498,29 @@ def grae_regularizer(decoder, z: torch.Tensor, beta: float, *, exact: bool = Fal
         >>> bool((exact <= bound + 1e-5).all())
         True
     """
-    fn = "grae_regularizer"
-    _check_z(fn, z)
-    _check_decoder(fn, decoder, z)
-    d = z.shape[1]
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        fail(fn, f"beta must be a positive number, got {beta!r}")
+    check_grae_settings("grae_regularizer", beta, exact, num_columns)
+    return _grae_regularizer("grae_regularizer", decoder, z, beta, exact, num_columns, generator)
+
+
+def check_grae_settings(fn: str, beta, exact, num_columns) -> None:
+    """The regulariser's settings, apart from z (num_columns <= d is checked against z)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0 or not math.isfinite(beta):
+        fail(fn, f"beta must be a positive number (and finite), got {beta!r}")
+    if not isinstance(exact, bool):
+        fail(fn, f"exact must be a bool, got {type(exact).__name__} {exact!r}", TypeError)
     if exact and num_columns is not None:
         fail(fn, f"num_columns samples the columns of the GRAE* bound; exact=True takes none, got {num_columns!r}")
     if num_columns is not None and (isinstance(num_columns, bool) or not isinstance(num_columns, int)
-                                    or not 1 <= num_columns <= d):
+                                    or num_columns < 1):
+        fail(fn, f"num_columns must be a positive int or None, got {num_columns!r}")
+
+
+def _grae_regularizer(fn: str, decoder, z, beta, exact, num_columns, generator) -> torch.Tensor:
+    """:func:`grae_regularizer` after the settings' check, its errors naming ``fn``, the public caller."""
+    _check_z(fn, z)
+    _check_decoder(fn, decoder, z)
+    d = z.shape[1]
+    if num_columns is not None and num_columns > d:
         fail(fn, f"num_columns must be an integer in [1, {d}] (z has d = {d} columns), got {num_columns!r}")
     if exact:
         eye = torch.eye(d, dtype=z.dtype, device=z.device)

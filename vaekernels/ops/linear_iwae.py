@@ -276,15 +276,22 @@ def linear_iwae_bound(
         >>> torch.allclose(bound, vaekernels.iwae_bound(layer(h), x, log_pz, log_qz), atol=1e-5)
         True
     """
-    fn = "linear_iwae_bound"
+    return _linear_iwae_bound("linear_iwae_bound", h, weight, bias, x, log_pz, log_qz, estimator, reduction, z, q,
+                              chunk_size)
+
+
+def _linear_iwae_bound(fn: str, h, weight, bias, x, log_pz, log_qz, estimator, reduction, z, q, chunk_size):
+    """:func:`linear_iwae_bound`, its errors naming ``fn``, the public caller (the function or a module)."""
     check_choice(fn, "estimator", estimator, ESTIMATORS)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     _, _, _, chunk_rows = _check_layer(fn, h, weight, bias, x, chunk_size)
-    backend = _backend.choose(fn, h.device, h.dtype)
+    # Checked on every backend: the reference would meet a bad log_pz or q as a raw torch error.
+    checked_log_qz = _checked_log_qz(fn, log_pz, log_qz, z, q, estimator, h, "h")
+    backend = _backend.choose("linear_iwae_bound", h.device, h.dtype)
     if backend == "reference":
         return reference.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz, estimator=estimator,
                                            reduction=reduction, z=z, q=q)
-    log_ratio = log_pz - _checked_log_qz(fn, log_pz, log_qz, z, q, estimator, h, "h")
+    log_ratio = log_pz - checked_log_qz
     bound, log_px = _fused(h, weight, bias, x, log_ratio, False, chunk_rows, backend)
     return _estimated(bound, log_px + log_ratio, z, estimator, reduction)
 
@@ -304,9 +311,13 @@ def linear_expected_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.
         >>> torch.allclose(expected, vaekernels.bernoulli_log_prob(layer(h), x).mean(1), atol=1e-5)
         True
     """
-    fn = "linear_expected_log_prob"
+    return _linear_expected_log_prob("linear_expected_log_prob", h, weight, bias, x, chunk_size)
+
+
+def _linear_expected_log_prob(fn: str, h, weight, bias, x, chunk_size):
+    """:func:`linear_expected_log_prob`, its errors naming ``fn``, the public caller."""
     batch, samples, _, chunk_rows = _check_layer(fn, h, weight, bias, x, chunk_size)
-    backend = _backend.choose(fn, h.device, h.dtype)
+    backend = _backend.choose("linear_expected_log_prob", h.device, h.dtype)
     if backend == "reference":
         return reference.linear_expected_log_prob(h, weight, bias, x)
     return _fused(h, weight, bias, x, h.new_zeros(batch, samples), True, chunk_rows, backend)[0]

@@ -135,4 +135,8 @@ def discretized_logistic_mixture_sample(params: torch.Tensor, channels: int, num
     """
     fn = "discretized_logistic_mixture_sample"
     _check_mixture(fn, params, channels, num_mixtures)
+    if 0 in params.shape:
+        fail(fn, f"params must have non-empty dims (B, P, H, W >= 1), got shape {list(params.shape)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        fail(fn, f"generator must be a torch.Generator or None, got {type(generator).__name__}", TypeError)
     return reference.discretized_logistic_mixture_sample(params, channels, num_mixtures, generator, quantize)

@@ -15,19 +15,43 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def log_mean_exp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
-    """log(mean(exp(x))) along ``dim``; a slice of all -inf gives -inf with a zero gradient.
+    """log(mean(exp(x))) along ``dim``; a slice of all -inf gives -inf with a zero gradient, one
+    holding +inf gives +inf with the gradient shared evenly by its +inf entries (the softmax's limit).
 
     Written as max + log(mean(exp(x - max))) with the max held constant, so that the gradient is
     exp(x - max) / sum(exp(x - max)), whose weights sum to 1 however the output rounds
     (logsumexp's own backward takes exp(x - output): at x = [-1e7] * 4 + [-inf] * 2 in float32 the
     output rounds by a whole unit and its weights sum to 1.47)."""
     empty = torch.isneginf(x).all(dim, keepdim=True)  # the log of a zero mean
-    x = torch.where(empty, 0.0, x)
-    shift = x.amax(dim, keepdim=True).detach()
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)  # +inf and NaN are their own answer
-    out = shift + torch.log(torch.exp(x - shift).mean(dim, keepdim=True))
-    out = torch.where(empty, float("-inf"), out)
+    # A slice holding +inf (and no NaN) has out = +inf, and its softmax is, in the limit, spread
+    # evenly over the +inf entries (exp(x - out) would be inf / inf = NaN there). So the +inf
+    # entries count as 0 and the others as -inf, whose softmax is that limit, with x's gradient
+    # passed straight through; out gets its +inf back at the end.
+    top = torch.isposinf(x)
+    infinite = top.any(dim, keepdim=True) & ~torch.isnan(x).any(dim, keepdim=True)
+    values = torch.where(infinite, torch.where(top, 0.0, float("-inf")), torch.where(empty, 0.0, x.detach()))
+    finite = _StraightThrough.apply(x, values)
+    shift = finite.amax(dim, keepdim=True).detach()
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)  # NaN is its own answer
+    out = shift + torch.log(torch.exp(finite - shift).mean(dim, keepdim=True))
+    out = torch.where(empty, float("-inf"), out + torch.where(infinite, float("inf"), 0.0))
     return out if keepdim else out.squeeze(dim)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``values`` in the forward, the gradient passed to ``x`` unchanged (nothing saved)."""
+
+    @staticmethod
+    def forward(x, values):
+        return values
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +103,11 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
 
 def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(log_var)) || N(0, I)) summed over the last dim; +inf at log_var = +inf (where
-    expm1(log_var) - log_var is inf - inf)."""
-    excess = torch.where(torch.isposinf(log_var), float("inf"), torch.expm1(log_var) - log_var)
+    expm1(log_var) - log_var is inf - inf), with the gradient exp(log_var) / 2 = +inf there: the
+    infinite slice goes through exp alone, and the other branch sees 0 (its backward would be NaN)."""
+    infinite = torch.isposinf(log_var)
+    finite = torch.where(infinite, 0.0, log_var)
+    excess = torch.where(infinite, torch.exp(log_var), torch.expm1(finite) - finite)
     return 0.5 * (excess + mean**2).sum(-1)
 
 

@@ -122,6 +122,7 @@ def _log_mean_exp_fwd_kernel(
     # Sum of the NaN inputs only (0 when there are none): added to the result, it keeps a NaN
     # visible even in a row whose +inf maximum overrides the sum.
     nan_probe = tl.zeros([BLOCK_R], ACC)
+    inf_count = tl.zeros([BLOCK_R], ACC)
     for n0 in range(0, N, BLOCK_N):
         cols, mask = _col_block(n0, N, row_mask, BLOCK_N)
         x = _load_tile(x_rows, cols, stride_n, mask, ACC, other=float("-inf"))
@@ -132,9 +133,14 @@ def _log_mean_exp_fwd_kernel(
         running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
         running_max = new_max
         nan_probe += tl.sum(tl.where(x != x, x, 0.0), axis=1)
+        if STATS:
+            inf_count += tl.sum(tl.where(x == float("inf"), 1.0, 0.0), axis=1)
     if STATS:
         _store_rows(out_ptr, rows, running_max, row_mask)
-        _store_rows(log_sum_ptr, rows, tl.log(running_sum), row_mask)
+        # A row holding +inf: its sum is exp(inf - inf) = NaN, but the softmax's limit is 1 / count
+        # on its +inf entries, kept as log count (NaN still, with a NaN in the row).
+        log_sum = tl.where(running_max == float("inf"), tl.log(inf_count) + nan_probe, tl.log(running_sum))
+        _store_rows(log_sum_ptr, rows, log_sum, row_mask)
     else:
         # N may arrive as the constexpr 1 (Triton specialises it), which has no .to(); adding it to
         # an ACC zero converts either form.
@@ -163,6 +169,11 @@ def _log_mean_exp_bwd_kernel(
     shift = tl.where(empty, 0.0, row_max)
     x = _load_tile(x_ptr + rows * stride_r, cols, stride_n, mask, ACC)
     weights = tl.where(empty[:, None], 0.0, tl.exp((x - shift[:, None]) - log_sum[:, None]))
+    # A row holding +inf (max = +inf): 1 / count on its +inf entries, 0 elsewhere (x - max is NaN
+    # and -inf there); log_sum is log count, or NaN with a NaN in the row.
+    infinite = row_max == float("inf")
+    top = tl.where(x == float("inf"), 1.0, 0.0) * tl.exp(-log_sum[:, None])
+    weights = tl.where(infinite[:, None], top, weights)
     _store_tile(grad_x_ptr, rows, cols, N, grad[:, None] * weights, mask)
 
 

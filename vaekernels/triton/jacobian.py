@@ -66,8 +66,8 @@ def _activation(x, p0, p1, ACT: tl.constexpr):
         out = _sigmoid(x)
         d1 = out * (1.0 - out)
         d2 = d1 * (1.0 - 2.0 * out)
-    elif ACT == 2:  # relu
-        out = tl.where(x > 0, x, zero)
+    elif ACT == 2:  # relu; a NaN stays NaN, as in torch.relu (x > 0 is false for it)
+        out = tl.where((x > 0) | (x != x), x, zero)
         d1 = tl.where(x > 0, 1.0, 0.0) + zero
         d2 = zero
     elif ACT == 3:  # leaky_relu(p0)
@@ -82,7 +82,8 @@ def _activation(x, p0, p1, ACT: tl.constexpr):
         d1 = tl.where(linear, 1.0, s)
         d2 = tl.where(linear, zero, p0 * s * (1.0 - s))
     elif ACT == 5:  # elu(alpha=p0)
-        e = tl.exp(tl.minimum(x, zero)) * p0
+        # tl.minimum would drop a NaN (a finite 0 for it): propagated, as torch.nn.functional.elu does.
+        e = tl.exp(tl.minimum(x, zero, propagate_nan=tl.PropagateNan.ALL)) * p0
         out = tl.where(x > 0, x, e - p0)
         d1 = tl.where(x > 0, 1.0, e)
         d2 = tl.where(x > 0, zero, e)
