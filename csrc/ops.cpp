@@ -20,6 +20,9 @@ TORCH_LIBRARY(vaekernels, m) {
   m.def("bernoulli_log_prob_backward(Tensor grad, Tensor logits, Tensor x) -> Tensor");
   // sum_d log N(x; mean, exp(log_var)) over [P, Q, D] -> [P, Q].
   m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor log_var) -> Tensor");
+  // Its gradients with respect to the inputs asked for, in the order x, mean, log_var: [P, Q, D] each.
+  m.def("gaussian_log_prob_backward(Tensor grad, Tensor x, Tensor mean, Tensor log_var, bool x_grad, "
+        "bool mean_grad, bool log_var_grad) -> Tensor[]");
   // KL(N(mean, exp(log_var)) || N(0, I)) summed over the last dim of [P, Q, D] -> [P, Q].
   m.def("gaussian_kl(Tensor mean, Tensor log_var) -> Tensor");
   // For z [B, d] and a batch of posteriors (mean, log_var) [N, d]:

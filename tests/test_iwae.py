@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vaekernels
-from conftest import rel_err
+from conftest import needs_cpp, rel_err
 from vaekernels import reference
 from vaekernels.reference import iwae as ref
 
@@ -131,6 +131,39 @@ def test_gaussian_log_prob_standard_normal_closed_form(device_backend):
     zero = torch.zeros(4, 10, device=device, dtype=torch.float64)
     expected = torch.full((4,), -5 * math.log(2 * math.pi), device=device, dtype=torch.float64)
     assert torch.allclose(vaekernels.gaussian_log_prob(zero, zero, zero), expected, rtol=1e-14)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wanted", [(True, True, True), (True, False, False), (False, True, True), (False, False, True)])
+def test_gaussian_log_prob_backward_kernel_is_the_composite(dtype, wanted):
+    """The C++ one-pass backward against autograd through the reference's guarded formula, on
+    broadcast (stride-0) rows with a partial last vector, x = mean at tiny and huge variances,
+    and infinite variances; only the gradients asked for come back."""
+    x = randn(3, 4, 19, device="cpu", dtype=dtype, seed=0)
+    mean = randn(3, 1, 19, device="cpu", dtype=dtype, seed=1)
+    log_var = randn(19, device="cpu", dtype=dtype, seed=2)
+    x[0, 0, :3] = mean[0, 0, :3]
+    log_var[:3] = torch.tensor([-200.0, 200.0, -1e4])
+    log_var[3:5] = torch.tensor([float("inf"), float("-inf")])
+    mean, log_var = mean.expand(3, 4, 19), log_var.expand(3, 4, 19)
+    grad = randn(3, 4, device="cpu", dtype=dtype, seed=3)
+    got = torch.ops.vaekernels.gaussian_log_prob_backward(grad, x, mean, log_var, *wanted)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, mean, log_var)]
+    expected = torch.autograd.grad(ref.gaussian_log_prob(*leaves), [t for t, w in zip(leaves, wanted) if w], grad)
+    assert len(got) == len(expected)
+    # Where w = (x - mean) / var overflows (a zero density: variance 0 away from the mean), the
+    # reference holds w constant but autograd still meets 0 * inf there (NaN); the kernel gives
+    # what holding it constant means: no gradient through w, so d/dx = 0 and d/dlog_var = -g / 2.
+    held = ((x - mean) != 0) & (log_var * -0.25 >= math.log(torch.finfo(dtype).max) / 2)
+    for g, e, which in zip(got, expected, [i for i, w in enumerate(wanted) if w]):
+        held_value = (-0.5 * grad.unsqueeze(-1)).expand_as(g) if which == 2 else torch.zeros_like(g)
+        torch.testing.assert_close(g[held], held_value[held], rtol=1e-6, atol=0)
+        # w^2 - 1 cancels near w = 1: float32 rounding there is absolute, of the order of g.
+        torch.testing.assert_close(g[~held], e[~held], equal_nan=True, atol=1e-6 if dtype == torch.float32 else 1e-14,
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-13)
+    torch.library.opcheck(torch.ops.vaekernels.gaussian_log_prob_backward.default,
+                          (grad, x.clamp(-3, 3), mean.clamp(-3, 3), log_var.clamp(-3, 3), *wanted))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

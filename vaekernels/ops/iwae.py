@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import _backend
 from ..reference import iwae as reference
 from ._checks import check_choice, check_float, check_shape, fail
-from ._registry import define_triton_op, register
+from ._registry import define_triton_op, namespaces, register
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 ESTIMATORS = ("iwae", "dreg", "stl")
@@ -219,12 +219,20 @@ def _bernoulli_log_prob(fn: str, logits: torch.Tensor, x: torch.Tensor) -> torch
 
 
 def _make_gaussian_log_prob_backward(ops):
+    fused = hasattr(ops, "gaussian_log_prob_backward")  # the C++ namespace has the one-pass kernel
+
     def backward(ctx, grad):
         x, mean, log_var = ctx.saved_tensors
+        # Grad mode on means create_graph=True: the composite below is differentiable again.
+        if fused and not torch.is_grad_enabled():
+            grads = iter(ops.gaussian_log_prob_backward(grad, x, mean, log_var, *ctx.needs_input_grad))
+            return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
         grad = grad.unsqueeze(-1)
         # w = (x - mean) / std, then w / std: (x - mean) exp(-log_var) would be 0 * inf at x = mean for
         # log_var < -88 in float32; w is 0 there for any log_var, and so is w / std.
         standardised = reference.standardised(x, mean, log_var)
+        # An infinite w (a zero density) passes no gradient through itself, as in the reference.
+        standardised = torch.where(torch.isinf(standardised), 0.0, standardised)
         scaled = reference.standardised(standardised, 0.0, log_var)
         grad_x = -grad * scaled if ctx.needs_input_grad[0] else None
         grad_mean = grad * scaled if ctx.needs_input_grad[1] else None
@@ -233,6 +241,12 @@ def _make_gaussian_log_prob_backward(ops):
     return backward
 
 
+def _gaussian_log_prob_backward_fake(grad, x, mean, log_var, x_grad, mean_grad, log_var_grad):
+    return [x.new_empty(x.shape) for needed in (x_grad, mean_grad, log_var_grad) if needed]
+
+
+if "vaekernels" in namespaces():  # C++ only: the Triton namespace keeps the composite backward
+    torch.library.register_fake("vaekernels::gaussian_log_prob_backward", _gaussian_log_prob_backward_fake)
 register("gaussian_log_prob", _row_reduction_fake, _save_inputs, _make_gaussian_log_prob_backward,
          twice_differentiable=True)
 
