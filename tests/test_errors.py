@@ -155,6 +155,14 @@ CASES = [
     (lambda: vaekernels.reversible_sequential(None, torch.zeros(3, 4)), TypeError,
      "reversible_sequential: blocks must be a sequence of invertible modules, got NoneType"),
     (lambda: vnn.AdditiveCoupling(nn.Linear(2, 2))("a"), TypeError, "nn.AdditiveCoupling: input must be a torch.Tensor"),
+    # a block that cannot take the stream: the error names the call the user made, then the block
+    (lambda: vaekernels.reversible_sequential([vnn.AdditiveCoupling(nn.Linear(2, 2))], torch.zeros(3, 4).double()),
+     ValueError, r"reversible_sequential: blocks\[0\] \(AdditiveCoupling\) could not be applied to the halves "
+                 r"\[3, 2\] and \[3, 2\] \(torch.float64\) of its input: .*same dtype"),
+    (lambda: vnn.ReversibleSequential(vnn.AdditiveCoupling(nn.Linear(2, 2)))(torch.zeros(3, 4, 5)), ValueError,
+     r"nn.ReversibleSequential: blocks\[0\] \(AdditiveCoupling\) could not be applied"),
+    (lambda: vnn.ReversibleSequential(vnn.AdditiveCoupling(nn.Linear(2, 2)))(torch.zeros(3, 5)), ValueError,
+     r"nn.ReversibleSequential: blocks\[0\] \(AdditiveCoupling\) could not be applied .*even channel count"),
 ]
 
 

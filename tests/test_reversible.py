@@ -387,7 +387,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"AdditiveCoupling: input must have shape \[B, C, \.\.\.\] with an even "
                                          r"channel count C to split into halves, got \[3, 5\]"):
         net(torch.randn(3, 5))
-    with pytest.raises(ValueError, match=r"reversible_sequential: x must have shape \[B, C, \.\.\.\], got \[4\]"):
+    with pytest.raises(ValueError, match=r"nn.ReversibleSequential: x must have shape \[B, C, \.\.\.\], got \[4\]"):
         net(torch.randn(4))
     with pytest.raises(TypeError, match=r"blocks\[1\] must be an invertible nn.Module .* got Linear"):
         ReversibleSequential(AdditiveCoupling(nn.Linear(2, 2)), nn.Linear(4, 4))

@@ -17,7 +17,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from ..ops._checks import check_float, fail
-from ..ops.reversible import _grads, _halves, check_blocks, coupling_backward_step, reversible_sequential
+from ..ops.reversible import _grads, _halves, _reversible_sequential, check_blocks, coupling_backward_step
 
 
 def _split(cls: str, x: torch.Tensor, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,8 +287,8 @@ class ReversibleSequential(nn.Module):
         self.returns_logdet = any(getattr(b, "returns_logdet", False) for b in blocks)
 
     def forward(self, x: torch.Tensor):
-        y, logdet = reversible_sequential(self.blocks, x, preserve_rng_state=self.preserve_rng_state,
-                                          stream_dtype=self.stream_dtype)
+        y, logdet = _reversible_sequential("nn.ReversibleSequential", self.blocks, x, self.preserve_rng_state,
+                                           self.stream_dtype)
         return (y, logdet) if self.returns_logdet else y
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,9 @@ class _Walk:
     from block to block: the activations in the forward, the rebuilt inputs and their gradients in
     the backward."""
 
-    def __init__(self, blocks: Sequence[nn.Module], preserve_rng_state: bool, stream_dtype: torch.dtype | None):
+    def __init__(self, fn: str, blocks: Sequence[nn.Module], preserve_rng_state: bool,
+                 stream_dtype: torch.dtype | None):
+        self.fn = fn
         self.blocks = list(blocks)
         # The tensors in the modules now, not module.parameters() later: under
         # torch.func.functional_call they are swapped in for the call and gone by backward.
@@ -228,7 +230,7 @@ class _Enter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, walk: _Walk):
-        x1, x2 = _halves("reversible_sequential", x if walk.stream_dtype is None else x.to(walk.stream_dtype), "x")
+        x1, x2 = _halves(walk.fn, x if walk.stream_dtype is None else x.to(walk.stream_dtype), "x")
         walk.streams = (x1, x2, None)
         ctx.walk, ctx.input_dtype = walk, x.dtype
         return x.new_empty(0)
@@ -249,7 +251,17 @@ class _Block(torch.autograd.Function):
         x1, x2 = walk.streams[:2]
         cuda_devices = [x1.device.index or 0] if x1.device.type == "cuda" else []
         ctx.tape = _RngTape(walk.preserve_rng_state, cuda_devices)
-        x1, x2, logdet = _forward_pair(walk.blocks[i], x1, x2, ctx.tape, f"reversible_sequential: blocks[{i}]")
+        block = walk.blocks[i]
+        try:
+            x1, x2, logdet = _forward_pair(block, x1, x2, ctx.tape, f"{walk.fn}: blocks[{i}]")
+        except torch.OutOfMemoryError:
+            raise
+        except (ValueError, TypeError, RuntimeError) as error:
+            # The block's own message (a raw torch error, or one naming the block's class) said
+            # which call of the user's went wrong only by its traceback.
+            fail(walk.fn, f"blocks[{i}] ({type(block).__name__}) could not be applied to the halves "
+                          f"{list(x1.shape)} and {list(x2.shape)} ({x1.dtype}) of its input: {error}",
+                 type(error) if isinstance(error, (ValueError, TypeError)) else ValueError)
         ctx.tape.close()
         total = walk.streams[2]
         walk.streams = (x1, x2, logdet if total is None else total if logdet is None else total + logdet)
@@ -289,7 +301,7 @@ class _Exit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
         (y,) = ctx.saved_tensors
-        fn = "reversible_sequential"
+        fn = ctx.walk.fn
         if grad_y is None:
             grad_y = torch.zeros_like(y)
         # Copies the walk owns and overwrites, so a second backward (retain_graph) starts afresh.
@@ -363,7 +375,11 @@ def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, prese
         >>> x.grad.shape, logdet.tolist()
         (torch.Size([3, 4]), [0.0, 0.0, 0.0])
     """
-    fn = "reversible_sequential"
+    return _reversible_sequential("reversible_sequential", blocks, x, preserve_rng_state, stream_dtype)
+
+
+def _reversible_sequential(fn: str, blocks, x, preserve_rng_state: bool, stream_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reversible_sequential`, its errors naming ``fn``, the public caller (the function or a module)."""
     if not isinstance(blocks, Iterable) or isinstance(blocks, str):
         fail(fn, f"blocks must be a sequence of invertible modules, got {type(blocks).__name__}", TypeError)
     blocks = list(blocks)
@@ -371,7 +387,7 @@ def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, prese
     check_float(fn, "x", x)
     if x.dim() < 2:
         fail(fn, f"x must have shape [B, C, ...], got {list(x.shape)}")
-    walk = _Walk(blocks, preserve_rng_state, stream_dtype)
+    walk = _Walk(fn, blocks, preserve_rng_state, stream_dtype)
     link = _Enter.apply(x, walk)
     for i, params in enumerate(walk.block_params):
         link = _Block.apply(link, walk, i, *params)
