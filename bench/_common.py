@@ -33,8 +33,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -105,8 +105,13 @@ def run_contenders(
     step = _step(fn, inputs, mode, device)
     benchmark.group = f"{op} {shape} {mode}"
     benchmark.extra_info.update(
-        op=op, shape=shape, mode=mode, contender=contender, dtype=str(tensors[0].dtype).removeprefix("torch."),
-        device=device.type, **extra_info,
+        op=op,
+        shape=shape,
+        mode=mode,
+        contender=contender,
+        dtype=str(tensors[0].dtype).removeprefix("torch."),
+        device=device.type,
+        **extra_info,
     )
 
     # The fastest call sizes the rounds: the first ones compile, and a busy machine only slows.
@@ -120,8 +125,12 @@ def run_contenders(
     # benchmark.stats is None under --benchmark-disable.
     if bytes_moved is not None and benchmark.stats:
         achieved, attainable = bytes_moved / benchmark.stats.stats.median, attainable_bandwidth(device.type)
-        benchmark.extra_info.update(bytes_moved=bytes_moved, achieved_GBps=achieved / 1e9,
-                                    attainable_GBps=attainable / 1e9, bandwidth_fraction=achieved / attainable)
+        benchmark.extra_info.update(
+            bytes_moved=bytes_moved,
+            achieved_GBps=achieved / 1e9,
+            attainable_GBps=attainable / 1e9,
+            bandwidth_fraction=achieved / attainable,
+        )
     if measure_memory:
         benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
     if mode == "forward+backward":
@@ -144,10 +153,12 @@ def _step(fn: Callable, inputs: Sequence, mode: str, device: torch.device) -> Ca
         raise ValueError(f"run_contenders: mode must be one of {', '.join(MODES)}, got {mode!r}")
     synchronize = _synchronizer(device)
     if mode == "forward":
+
         def forward():
             with torch.no_grad():
                 fn(*inputs)
             synchronize()
+
         return forward
 
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -157,6 +168,7 @@ def _step(fn: Callable, inputs: Sequence, mode: str, device: torch.device) -> Ca
     def forward_backward():
         torch.autograd.grad(_total(fn(*inputs)), leaves)
         synchronize()
+
     return forward_backward
 
 
@@ -235,8 +247,11 @@ def _peak_cpu_allocated(step: Callable[[], None]) -> int | None:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
             step()
         events = list(_walk(profiler.profiler.kineto_results.experimental_event_tree()))
-        totals = [event.extra_fields.total_allocated for event in events
-                  if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu"]
+        totals = [
+            event.extra_fields.total_allocated
+            for event in events
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu"
+        ]
     except (ImportError, AttributeError, RuntimeError):
         return None
     return max([0, *totals])
@@ -265,8 +280,9 @@ def keep_freed_memory() -> None:
         raise RuntimeError("keep_freed_memory: glibc's mallopt refused the thresholds")
 
 
-def interleaved_medians(calls: dict[str, Callable[[], None]], device: str, rounds: int,
-                        warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+    calls: dict[str, Callable[[], None]], device: str, rounds: int, warmup: int = 2
+) -> dict[str, float]:
     """Median seconds of each zero-argument call on ``device``, timed round-robin: one call of
     each per round for ``rounds`` rounds after ``warmup`` calls of each. On a machine shared with
     other work, and under an allocator whose state drifts, what comes and goes then falls on
@@ -277,7 +293,9 @@ def interleaved_medians(calls: dict[str, Callable[[], None]], device: str, round
         def run():
             call()
             synchronize()
+
         return run
+
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -292,11 +310,19 @@ def report_interleaved(title: str, file_stem: str, row_label: str, medians: dict
     """Prints the medians and fused's speed-ups (visible with ``-s``) and appends them as a
     markdown row to ``.benchmarks/<file_stem>_interleaved.md``."""
     names = list(medians)
-    print(f"\n{title}, interleaved medians (ms): " + ", ".join(f"{n} {1e3 * m:.1f}" for n, m in medians.items())
-          + "; fused speed-up: " + ", ".join(f"{m / medians['fused']:.2f}× {n}" for n, m in medians.items()
-                                              if n != "fused"))
-    line = (f"| {row_label} | " + " | ".join(f"{1e3 * medians[n]:.1f}" for n in names) + " | "
-            + " | ".join(f"{medians[n] / medians['fused']:.2f}×" for n in names if n != "fused") + " |")
+    print(
+        f"\n{title}, interleaved medians (ms): "
+        + ", ".join(f"{n} {1e3 * m:.1f}" for n, m in medians.items())
+        + "; fused speed-up: "
+        + ", ".join(f"{m / medians['fused']:.2f}× {n}" for n, m in medians.items() if n != "fused")
+    )
+    line = (
+        f"| {row_label} | "
+        + " | ".join(f"{1e3 * medians[n]:.1f}" for n in names)
+        + " | "
+        + " | ".join(f"{medians[n] / medians['fused']:.2f}×" for n in names if n != "fused")
+        + " |"
+    )
     path = BENCH_DIR.parent / ".benchmarks" / f"{file_stem}_interleaved.md"
     path.parent.mkdir(exist_ok=True)
     with path.open("a") as table:
@@ -353,7 +379,9 @@ def peak_bytes_in_subprocess(module: str, setup: str, *args, device: str = "cpu"
     """
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, str(BENCH_DIR), module, setup, json.dumps(args), device],
-        capture_output=True, text=True, timeout=timeout_s,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
     if result.returncode != 0:
         raise RuntimeError(f"{module}.{setup}{args} failed in a subprocess:\n{result.stderr[-4000:]}")

@@ -14,14 +14,22 @@ import datetime
 import os
 import platform
 
+import _common
 import pytest
 import torch
 
-import _common
-
 COLUMNS = (
-    "op / shape / mode", "device", "fused backend", "reference ms", "compiled ms", "fused ms",
-    "× reference", "× compiled", "peak mem fused/ref", "saved fused/ref", "fused % of bandwidth",
+    "op / shape / mode",
+    "device",
+    "fused backend",
+    "reference ms",
+    "compiled ms",
+    "fused ms",
+    "× reference",
+    "× compiled",
+    "peak mem fused/ref",
+    "saved fused/ref",
+    "fused % of bandwidth",
 )
 LEGEND = (
     "ms: the median of one call; compilation and warm-up are not timed.",
@@ -43,7 +51,7 @@ def pytest_configure(config):
     try:
         _common.keep_freed_memory()
     except RuntimeError as error:
-        raise pytest.UsageError(f"{KEEP_FREED}=1: {error}")
+        raise pytest.UsageError(f"{KEEP_FREED}=1: {error}") from error
 
 
 @pytest.hookimpl(trylast=True)
@@ -102,8 +110,12 @@ def _row(key, cells) -> list[str]:
 
 
 def _bandwidth_legend(rows) -> list[str]:
-    attainable = {info["device"]: info["attainable_GBps"]
-                  for cells in rows.values() for _, info in cells.values() if "attainable_GBps" in info}
+    attainable = {
+        info["device"]: info["attainable_GBps"]
+        for cells in rows.values()
+        for _, info in cells.values()
+        if "attainable_GBps" in info
+    }
     if not attainable:
         return []
     measured = ", ".join(f"{device} {gbps:.1f} GB/s" for device, gbps in attainable.items())

@@ -60,13 +60,18 @@ def versions(device: str) -> dict[str, str]:
     found = {"device": device, "torch": torch.__version__, "CUDA (torch)": str(torch.version.cuda)}
     try:
         import triton
+
         found["triton"] = triton.__version__
     except ImportError:
         found["triton"] = "not installed"
     driver = "unknown"
     if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, check=False)
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         driver = query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout.strip() else driver
     found["driver"] = driver
     found["python"] = sys.version.split()[0]
@@ -79,8 +84,10 @@ def steps(python: str, dry_run: bool) -> list[Step]:
     build = [python, "setup.py", "build_ext", "--inplace"]
     return [
         Step("build the extensions (VAEKERNELS_CUDA=1)", ["echo", "dry run:", *build] if dry_run else build),
-        Step("GPU tests: pytest tests -k 'cuda or half_precision'",
-             [*pytest, "tests", "-q", "-k", "cuda or half_precision", *collect]),
+        Step(
+            "GPU tests: pytest tests -k 'cuda or half_precision'",
+            [*pytest, "tests", "-q", "-k", "cuda or half_precision", *collect],
+        ),
         Step("GPU bench: pytest bench -k cuda", [*pytest, "bench", "-k", "cuda", *collect]),
     ]
 
@@ -91,8 +98,15 @@ def run_step(step: Step, deadline: float, env: dict[str, str], log: Path | None,
         return
     start = time.monotonic()
     # A process group of its own: a stopped pytest takes its compile workers and children with it.
-    process = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        step.command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=left)
         if process.returncode == 0:
@@ -121,10 +135,18 @@ def run_step(step: Step, deadline: float, env: dict[str, str], log: Path | None,
 
 def section(found: dict[str, str], done: list[Step], bench_table: str | None, dry_run: bool) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## GPU check{' (dry run, no GPU)' if dry_run else ''}: {found['device']}, {when}", "",
-             "`make gpu-check` (bench/gpu_check.py).", "",
-             "| " + " | ".join(found) + " |", "|" + "---|" * len(found), "| " + " | ".join(found.values()) + " |", "",
-             "| step | outcome | seconds | last line |", "|:---|:---|---:|:---|"]
+    lines = [
+        f"## GPU check{' (dry run, no GPU)' if dry_run else ''}: {found['device']}, {when}",
+        "",
+        "`make gpu-check` (bench/gpu_check.py).",
+        "",
+        "| " + " | ".join(found) + " |",
+        "|" + "---|" * len(found),
+        "| " + " | ".join(found.values()) + " |",
+        "",
+        "| step | outcome | seconds | last line |",
+        "|:---|:---|---:|:---|",
+    ]
     lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.tail.replace('|', '/')} |" for s in done]
     if bench_table:
         lines += ["", bench_table.strip()]
@@ -134,8 +156,12 @@ def section(found: dict[str, str], done: list[Step], bench_table: str | None, dr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for everything (default 540)")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md",
-                        help="the markdown file the section is appended to")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "bench" / "RESULTS.md",
+        help="the markdown file the section is appended to",
+    )
     parser.add_argument("--logs", type=Path, default=None, help="a folder for each step's whole output")
     parser.add_argument("--dry-run", action="store_true", help="no GPU needed: no build, tests collected only")
     args = parser.parse_args(argv)
@@ -145,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     if device is None and not args.dry_run:
         print("gpu-check: no CUDA device here (torch.cuda.is_available() is False or torch is missing); nothing to do")
         return 0
-    env = dict(os.environ, VAEKERNELS_CUDA="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(
+        os.environ,
+        VAEKERNELS_CUDA="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
     done = steps(sys.executable, args.dry_run)
     started = time.time()
     for step in done:

@@ -7,16 +7,11 @@ K = 500 and K = 5000 in a fresh interpreter each, to show it does not grow with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
-
-import vaekernels
-from vaekernels import _backend
-from vaekernels.reference import iwae as reference
-
 from _common import (
     CONTENDERS,
     MODES,
@@ -30,6 +25,10 @@ from _common import (
     run_contenders,
     streamed_bytes,
 )
+
+import vaekernels
+from vaekernels import _backend
+from vaekernels.reference import iwae as reference
 
 BATCH, SAMPLES, PIXELS = 128, 50, 784
 LME_COLUMNS = 5000
@@ -63,31 +62,46 @@ def _binary(*shape, device):
 
 CASES = {
     "iwae_bound": Case(
-        f"B{BATCH} K{SAMPLES} D{PIXELS}", "bernoulli_log_prob",
-        lambda device: (_leaf(BATCH, SAMPLES, PIXELS, device=device), _binary(BATCH, PIXELS, device=device),
-                        _leaf(BATCH, SAMPLES, device=device), _leaf(BATCH, SAMPLES, device=device)),
+        f"B{BATCH} K{SAMPLES} D{PIXELS}",
+        "bernoulli_log_prob",
+        lambda device: (
+            _leaf(BATCH, SAMPLES, PIXELS, device=device),
+            _binary(BATCH, PIXELS, device=device),
+            _leaf(BATCH, SAMPLES, device=device),
+            _leaf(BATCH, SAMPLES, device=device),
+        ),
         # logits, x, log p(z), log q(z) in; the bound per example out; gradients of all but x.
-        streamed_bytes(read=LOGITS_BYTES + DATA_BYTES + 2 * PER_SAMPLE_BYTES, written=PER_EXAMPLE_BYTES,
-                       grads=LOGITS_BYTES + 2 * PER_SAMPLE_BYTES),
+        streamed_bytes(
+            read=LOGITS_BYTES + DATA_BYTES + 2 * PER_SAMPLE_BYTES,
+            written=PER_EXAMPLE_BYTES,
+            grads=LOGITS_BYTES + 2 * PER_SAMPLE_BYTES,
+        ),
     ),
     "bernoulli_log_prob": Case(
-        f"B{BATCH} K{SAMPLES} D{PIXELS}", "bernoulli_log_prob",
+        f"B{BATCH} K{SAMPLES} D{PIXELS}",
+        "bernoulli_log_prob",
         lambda device: (_leaf(BATCH, SAMPLES, PIXELS, device=device), _binary(BATCH, PIXELS, device=device)),
         streamed_bytes(read=LOGITS_BYTES + DATA_BYTES, written=PER_SAMPLE_BYTES, grads=LOGITS_BYTES),
     ),
     "log_mean_exp": Case(
-        f"{BATCH}x{LME_COLUMNS}", "log_mean_exp",
+        f"{BATCH}x{LME_COLUMNS}",
+        "log_mean_exp",
         lambda device: (_leaf(BATCH, LME_COLUMNS, device=device),),
         streamed_bytes(read=LME_BYTES, written=PER_EXAMPLE_BYTES, grads=LME_BYTES),
     ),
     "gaussian_kl": Case(
-        f"B{BATCH} d50", "gaussian_kl",
+        f"B{BATCH} d50",
+        "gaussian_kl",
         lambda device: (_leaf(BATCH, 50, device=device), _leaf(BATCH, 50, device=device, scale=0.5)),
     ),
     "aggregate_posterior_log_density": Case(
-        "B256 d10", "aggregate_posterior",
-        lambda device: (_leaf(256, 10, device=device), _leaf(256, 10, device=device),
-                        _leaf(256, 10, device=device, scale=0.5)),
+        "B256 d10",
+        "aggregate_posterior",
+        lambda device: (
+            _leaf(256, 10, device=device),
+            _leaf(256, 10, device=device),
+            _leaf(256, 10, device=device, scale=0.5),
+        ),
     ),
 }
 
@@ -105,9 +119,17 @@ def test_iwae_op(benchmark, op, mode, contender, device):
     case = CASES[op]
     torch.manual_seed(0)
     fn = contender_fn(contender, getattr(reference, op), getattr(vaekernels, op))
-    run_contenders(benchmark, fn, case.make_inputs(device), op=op, shape=case.shape, mode=mode,
-                   contender=contender, bytes_moved=None if case.bytes_moved is None else case.bytes_moved[mode],
-                   **_fused_backend(contender, case.kernel, device))
+    run_contenders(
+        benchmark,
+        fn,
+        case.make_inputs(device),
+        op=op,
+        shape=case.shape,
+        mode=mode,
+        contender=contender,
+        bytes_moved=None if case.bytes_moved is None else case.bytes_moved[mode],
+        **_fused_backend(contender, case.kernel, device),
+    )
 
 
 # ----------------------------------------------------------------------------- NLL, K = 5000
@@ -121,10 +143,12 @@ NLL_FUNCTIONS = {"reference": reference.importance_sampled_nll, "fused": vaekern
 def nll_model(device: str):
     """Binarised data and a small MLP VAE (d = 50, one hidden layer of 200) with fixed weights."""
     torch.manual_seed(0)
-    encoder = torch.nn.Sequential(torch.nn.Linear(PIXELS, NLL_HIDDEN), torch.nn.Tanh(),
-                                  torch.nn.Linear(NLL_HIDDEN, 2 * NLL_LATENT)).to(device)
-    decoder = torch.nn.Sequential(torch.nn.Linear(NLL_LATENT, NLL_HIDDEN), torch.nn.Tanh(),
-                                  torch.nn.Linear(NLL_HIDDEN, PIXELS)).to(device)
+    encoder = torch.nn.Sequential(
+        torch.nn.Linear(PIXELS, NLL_HIDDEN), torch.nn.Tanh(), torch.nn.Linear(NLL_HIDDEN, 2 * NLL_LATENT)
+    ).to(device)
+    decoder = torch.nn.Sequential(
+        torch.nn.Linear(NLL_LATENT, NLL_HIDDEN), torch.nn.Tanh(), torch.nn.Linear(NLL_HIDDEN, PIXELS)
+    ).to(device)
 
     def encode(x):
         mean, log_var = encoder(x).chunk(2, dim=-1)
@@ -173,20 +197,32 @@ def _reference_fits(device: str) -> bool:
 def test_importance_sampled_nll(benchmark, contender, device):
     if contender == "reference" and not _reference_fits(device):
         pytest.skip(f"the reference NLL at K={NLL_SAMPLES} needs more {device} memory than is free")
-    peaks = {k: peak_bytes_in_subprocess("test_iwae", "nll_call", contender, k, device, device=device)
-             for k in NLL_MEMORY_SAMPLES}
+    peaks = {
+        k: peak_bytes_in_subprocess("test_iwae", "nll_call", contender, k, device, device=device)
+        for k in NLL_MEMORY_SAMPLES
+    }
     how = f"in chunks of {NLL_CHUNK}" if contender == "fused" else "all samples at once"
     what = "peak resident memory" if device == "cpu" else "peak allocated memory"
-    note = (f"importance_sampled_nll {contender} ({device}, {how}), {what} of one call in a fresh process: "
-            + ", ".join(f"{format_bytes(peak)} at K={k}" for k, peak in peaks.items()))
+    note = f"importance_sampled_nll {contender} ({device}, {how}), {what} of one call in a fresh process: " + ", ".join(
+        f"{format_bytes(peak)} at K={k}" for k, peak in peaks.items()
+    )
 
     x, encode, decode = nll_model(device)
     nll, generator = NLL_FUNCTIONS[contender], torch.Generator(device).manual_seed(0)
     run_contenders(
-        benchmark, lambda x: nll(x, encode, decode, num_samples=NLL_SAMPLES, chunk_size=NLL_CHUNK, generator=generator),
-        (x,), op="importance_sampled_nll", shape=f"B{NLL_BATCH} D{PIXELS} K{NLL_SAMPLES}", mode="forward",
-        contender=contender, warmup_calls=0, min_rounds=1, measure_memory=False,
-        peak_bytes=peaks[NLL_SAMPLES], peak_bytes_by_samples={str(k): p for k, p in peaks.items()}, note=note,
+        benchmark,
+        lambda x: nll(x, encode, decode, num_samples=NLL_SAMPLES, chunk_size=NLL_CHUNK, generator=generator),
+        (x,),
+        op="importance_sampled_nll",
+        shape=f"B{NLL_BATCH} D{PIXELS} K{NLL_SAMPLES}",
+        mode="forward",
+        contender=contender,
+        warmup_calls=0,
+        min_rounds=1,
+        measure_memory=False,
+        peak_bytes=peaks[NLL_SAMPLES],
+        peak_bytes_by_samples={str(k): p for k, p in peaks.items()},
+        note=note,
         **_fused_backend(contender, "bernoulli_log_prob", device),
     )
 
@@ -197,11 +233,19 @@ def test_importance_sampled_nll_output_layer_interleaved(device):
     round-robin (``-s`` shows the medians); the peak resident memory of each in a fresh process."""
     calls = {contender: nll_call(contender, NLL_SAMPLES, device) for contender in ("fused", OUTPUT_LAYER)}
     medians = interleaved_medians(calls, device, rounds=3, warmup=0)
-    peaks = {contender: peak_bytes_in_subprocess("test_iwae", "nll_call", contender, NLL_SAMPLES, device,
-                                                 device=device) for contender in calls}
-    print(f"\nimportance_sampled_nll B{NLL_BATCH} K{NLL_SAMPLES} peak memory: "
-          + ", ".join(f"{contender} {format_bytes(peak)}" for contender, peak in peaks.items()))
+    peaks = {
+        contender: peak_bytes_in_subprocess("test_iwae", "nll_call", contender, NLL_SAMPLES, device, device=device)
+        for contender in calls
+    }
+    print(
+        f"\nimportance_sampled_nll B{NLL_BATCH} K{NLL_SAMPLES} peak memory: "
+        + ", ".join(f"{contender} {format_bytes(peak)}" for contender, peak in peaks.items())
+    )
     # report_interleaved's speed-ups are over its "fused" entry: here the output layer fused in.
-    report_interleaved(f"importance_sampled_nll B{NLL_BATCH} D{PIXELS} K{NLL_SAMPLES}, fused NLL of the whole "
-                       "decoder against the output layer fused in", "nll", device,
-                       {"whole decoder": medians["fused"], "fused": medians[OUTPUT_LAYER]})
+    report_interleaved(
+        f"importance_sampled_nll B{NLL_BATCH} D{PIXELS} K{NLL_SAMPLES}, fused NLL of the whole "
+        "decoder against the output layer fused in",
+        "nll",
+        device,
+        {"whole decoder": medians["fused"], "fused": medians[OUTPUT_LAYER]},
+    )

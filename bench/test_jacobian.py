@@ -20,14 +20,13 @@ import time
 
 import pytest
 import torch
+from _common import devices, format_bytes, interleaved_medians, report_interleaved, run_contenders
 from torch import nn
 
 import vaekernels
 from vaekernels import _backend
 from vaekernels.ops import jacobian as ops_jacobian
 from vaekernels.reference import jacobian as reference
-
-from _common import devices, format_bytes, interleaved_medians, report_interleaved, run_contenders
 
 # (batch, latent d, hidden width, hidden layers, outputs D): MNIST-sized and CIFAR-sized decoders.
 SHAPES = {"B128 d32 h512x2 D784": (128, 32, 512, 2, 784), "B64 d64 h1024x2 D3072": (64, 64, 1024, 2, 3072)}
@@ -78,9 +77,8 @@ def fused_flops(shape) -> float:
     batch, d, width, depth, outputs = shape
     block = ops_jacobian.SYMMETRIC_BLOCK
     sizes = [min(block, width - start) for start in range(0, width, block)]
-    lower = sum(a * b for i, a in enumerate(sizes) for b in sizes[:i + 1])
-    return ((3 * (depth - 1) + 1) * 2 * batch * d * width**2 + 2 * batch * d * lower
-            + 2 * 2 * outputs * width**2)
+    lower = sum(a * b for i, a in enumerate(sizes) for b in sizes[: i + 1])
+    return (3 * (depth - 1) + 1) * 2 * batch * d * width**2 + 2 * batch * d * lower + 2 * 2 * outputs * width**2
 
 
 @functools.cache
@@ -131,10 +129,20 @@ def test_jacobian_column_sq_norms(benchmark, device, shape_name, contender):
     # Every parameter but the last bias, which does not move the Jacobian.
     weights = [p for p in decoder.parameters() if p is not decoder[-1].bias]
     try:
-        run_contenders(benchmark, lambda z, *params: fn(decoder, z), (z, *weights),
-                       op="jacobian_column_sq_norms", shape=shape_name, mode="forward+backward", contender=contender,
-                       jacobian_bytes=4 * batch * outputs * d, warmup_calls=2, min_rounds=5, time_budget_s=3.0,
-                       **extra)
+        run_contenders(
+            benchmark,
+            lambda z, *params: fn(decoder, z),
+            (z, *weights),
+            op="jacobian_column_sq_norms",
+            shape=shape_name,
+            mode="forward+backward",
+            contender=contender,
+            jacobian_bytes=4 * batch * outputs * d,
+            warmup_calls=2,
+            min_rounds=5,
+            time_budget_s=3.0,
+            **extra,
+        )
     except RuntimeError as error:
         # The last reading, saved_bytes, cannot see the storage of the tensors that vmap(jacfwd)
         # saves (functorch wrappers); the timing and peak memory before it stand.
@@ -143,12 +151,14 @@ def test_jacobian_column_sq_norms(benchmark, device, shape_name, contender):
     if contender == "fused" and benchmark.stats:
         flops, rate = fused_flops(shape), gemm_rate(device)
         achieved = flops / benchmark.stats.stats.median
-        benchmark.extra_info.update(gflop=flops / 1e9, achieved_GFLOPs=achieved / 1e9, gemm_GFLOPs=rate / 1e9,
-                                    gemm_fraction=achieved / rate)
+        benchmark.extra_info.update(
+            gflop=flops / 1e9, achieved_GFLOPs=achieved / 1e9, gemm_GFLOPs=rate / 1e9, gemm_fraction=achieved / rate
+        )
         benchmark.extra_info["note"] = (
             f"jacobian_column_sq_norms {shape_name} ({device}): fused {flops / 1e9:.1f} GFLOP at "
             f"{achieved / 1e9:.0f} GFLOP/s, {100 * achieved / rate:.0f}% of {GEMM_PROBE} ({rate / 1e9:.0f} GFLOP/s); "
-            f"the [B, D, d] Jacobian of the reference is {format_bytes(4 * batch * outputs * d)}")
+            f"the [B, D, d] Jacobian of the reference is {format_bytes(4 * batch * outputs * d)}"
+        )
 
 
 INTERLEAVED_ROUNDS = 7
@@ -167,5 +177,6 @@ def test_jacobian_column_sq_norms_interleaved(device, shape_name):
 
     calls = {name: step(_function(name)) for name in CONTENDERS}
     medians = interleaved_medians(calls, device, INTERLEAVED_ROUNDS)
-    report_interleaved(f"jacobian_column_sq_norms {shape_name} forward+backward", "jacobian",
-                       f"{shape_name} | {device}", medians)
+    report_interleaved(
+        f"jacobian_column_sq_norms {shape_name} forward+backward", "jacobian", f"{shape_name} | {device}", medians
+    )

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _common import CONTENDERS, MODES, contender_fn, devices, run_contenders
 
 import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import causal_attention as attention_reference
 from vaekernels.reference import logistic_mixture as reference
-
-from _common import CONTENDERS, MODES, contender_fn, devices, run_contenders
 
 B, C, H, W, M = 64, 3, 32, 32, 10
 
@@ -36,12 +35,26 @@ def _mixture_loss(nll):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", devices())
 def test_discretized_logistic_mixture_nll(benchmark, mode, contender, device):
-    fn = contender_fn(contender, _mixture_loss(reference.discretized_logistic_mixture_nll),
-                      _mixture_loss(vaekernels.discretized_logistic_mixture_nll))
-    extra = {"backend": _backend.choose("discretized_logistic_mixture_nll", torch.device(device))} \
-        if contender == "fused" else {}
-    run_contenders(benchmark, fn, mixture_inputs(device), op="discretized_logistic_mixture_nll",
-                   shape=f"B{B} {C}x{H}x{W} M{M}", mode=mode, contender=contender, **extra)
+    fn = contender_fn(
+        contender,
+        _mixture_loss(reference.discretized_logistic_mixture_nll),
+        _mixture_loss(vaekernels.discretized_logistic_mixture_nll),
+    )
+    extra = (
+        {"backend": _backend.choose("discretized_logistic_mixture_nll", torch.device(device))}
+        if contender == "fused"
+        else {}
+    )
+    run_contenders(
+        benchmark,
+        fn,
+        mixture_inputs(device),
+        op="discretized_logistic_mixture_nll",
+        shape=f"B{B} {C}x{H}x{W} M{M}",
+        mode=mode,
+        contender=contender,
+        **extra,
+    )
 
 
 N_ATTN, L_ATTN, D_ATTN, DV_ATTN = 16 * 2, 28 * 28, 16, 32
@@ -49,8 +62,9 @@ N_ATTN, L_ATTN, D_ATTN, DV_ATTN = 16 * 2, 28 * 28, 16, 32
 
 def attention_inputs(device: str):
     g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(N_ATTN, L_ATTN, d, generator=g).to(device).requires_grad_()
-                 for d in (D_ATTN, D_ATTN, DV_ATTN))
+    return tuple(
+        torch.randn(N_ATTN, L_ATTN, d, generator=g).to(device).requires_grad_() for d in (D_ATTN, D_ATTN, DV_ATTN)
+    )
 
 
 @pytest.mark.parametrize("contender", CONTENDERS)
@@ -59,5 +73,13 @@ def attention_inputs(device: str):
 def test_causal_attention(benchmark, mode, contender, device):
     fn = contender_fn(contender, attention_reference.causal_attention, vaekernels.causal_attention)
     extra = {"backend": _backend.choose("causal_attention", torch.device(device))} if contender == "fused" else {}
-    run_contenders(benchmark, fn, attention_inputs(device), op="causal_attention",
-                   shape=f"N{N_ATTN} L{L_ATTN} D{D_ATTN} Dv{DV_ATTN}", mode=mode, contender=contender, **extra)
+    run_contenders(
+        benchmark,
+        fn,
+        attention_inputs(device),
+        op="causal_attention",
+        shape=f"N{N_ATTN} L{L_ATTN} D{D_ATTN} Dv{DV_ATTN}",
+        mode=mode,
+        contender=contender,
+        **extra,
+    )

@@ -30,11 +30,10 @@ import time
 
 import pytest
 import torch
+from _common import BENCH_DIR, format_bytes, interleaved_medians, peak_bytes
 
 import vaekernels
 from models.registry import REGISTRY
-
-from _common import BENCH_DIR, format_bytes, interleaved_medians, peak_bytes
 
 CONTENDERS = ("reference", "fused", "compiled reference", "compiled fused")
 # Rounds of the four steps: as many as fit in about TIME_BUDGET_S, within [MIN_ROUNDS, ROUNDS].
@@ -116,20 +115,39 @@ def _speedup(slower: float | None, faster: float) -> str:
 
 
 def _table() -> list[str]:
-    header = ["model", "reference ms", "fused ms", "compiled reference ms", "compiled fused ms",
-              "fused × reference", "fused × compiled reference", "best × compiled reference",
-              "peak fused / reference", "first-step losses (ref, fused, compiled ref, compiled fused)"]
+    header = [
+        "model",
+        "reference ms",
+        "fused ms",
+        "compiled reference ms",
+        "compiled fused ms",
+        "fused × reference",
+        "fused × compiled reference",
+        "best × compiled reference",
+        "peak fused / reference",
+        "first-step losses (ref, fused, compiled ref, compiled fused)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in _rows.items():
         m, peaks = row["medians"], row["peaks"]
         best = min(t for t in (m["fused"], m.get("compiled fused")) if t is not None)
-        ratio = "—" if None in peaks.values() or not peaks["reference"] else (
-            f"{peaks['fused'] / peaks['reference']:.2f} ({format_bytes(peaks['fused'])} / "
-            f"{format_bytes(peaks['reference'])})")
-        cells = [f"{name}: {row['entry'].description}", *(_milliseconds(m.get(c)) for c in CONTENDERS),
-                 _speedup(m["reference"], m["fused"]), _speedup(m.get("compiled reference"), m["fused"]),
-                 _speedup(m.get("compiled reference"), best), ratio,
-                 ", ".join(f"{loss:.4g}" if not isinstance(loss, str) else loss for loss in row["first"].values())]
+        ratio = (
+            "—"
+            if None in peaks.values() or not peaks["reference"]
+            else (
+                f"{peaks['fused'] / peaks['reference']:.2f} ({format_bytes(peaks['fused'])} / "
+                f"{format_bytes(peaks['reference'])})"
+            )
+        )
+        cells = [
+            f"{name}: {row['entry'].description}",
+            *(_milliseconds(m.get(c)) for c in CONTENDERS),
+            _speedup(m["reference"], m["fused"]),
+            _speedup(m.get("compiled reference"), m["fused"]),
+            _speedup(m.get("compiled reference"), best),
+            ratio,
+            ", ".join(f"{loss:.4g}" if not isinstance(loss, str) else loss for loss in row["first"].values()),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -140,10 +158,12 @@ def _report():
     if not _rows:
         return
     lines = _table()
-    legend = (f"One training step (loss, backward, optimiser), median of {MIN_ROUNDS} to {ROUNDS} rounds (as many as "
-              f"fit in about {TIME_BUDGET_S:.0f} s) timed round-robin, "
-              f"{torch.get_num_threads()} threads. best: the faster of fused and compiled fused. Peak: how far "
-              "allocated memory rose during one step (CPU: the allocator's running total in the profiler's events).")
+    legend = (
+        f"One training step (loss, backward, optimiser), median of {MIN_ROUNDS} to {ROUNDS} rounds (as many as "
+        f"fit in about {TIME_BUDGET_S:.0f} s) timed round-robin, "
+        f"{torch.get_num_threads()} threads. best: the faster of fused and compiled fused. Peak: how far "
+        "allocated memory rose during one step (CPU: the allocator's running total in the profiler's events)."
+    )
     print("\n" + "\n".join([*lines, legend]))
     TABLE.parent.mkdir(exist_ok=True)
     TABLE.write_text("\n".join([*lines, "", legend]) + "\n")

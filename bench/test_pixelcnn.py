@@ -12,12 +12,11 @@ import functools
 
 import pytest
 import torch
+from _common import CONTENDERS, MODES, contender_fn, devices, interleaved_medians, report_interleaved, run_contenders
 
 import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import pixelcnn as reference
-
-from _common import CONTENDERS, MODES, contender_fn, devices, interleaved_medians, report_interleaved, run_contenders
 
 BATCH, CHANNELS, SIZE = 16, 128, 28
 SHAPE = f"B{BATCH} C{CHANNELS} {SIZE}x{SIZE}"
@@ -46,6 +45,7 @@ def _masked_conv_fns(mask_type: str):
 
     def fused(x, weight, bias):
         return vaekernels.masked_conv2d(x, weight, bias, mask_type)
+
     return ref, fused
 
 
@@ -56,10 +56,22 @@ def _masked_conv_fns(mask_type: str):
 def test_masked_conv2d(benchmark, kernel, mask_type, mode, contender, device):
     torch.manual_seed(0)
     fn = contender_fn(contender, *_masked_conv_fns(mask_type))
-    inputs = (_leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),
-              _leaf(CHANNELS, CHANNELS, kernel, kernel, device=device, scale=0.02), _leaf(CHANNELS, device=device))
-    run_contenders(benchmark, fn, inputs, op=f"masked_conv2d k{kernel} {mask_type}", shape=SHAPE, mode=mode,
-                   contender=contender, **CONV_TIMING, **({"backend": "aten"} if contender == "fused" else {}))
+    inputs = (
+        _leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),
+        _leaf(CHANNELS, CHANNELS, kernel, kernel, device=device, scale=0.02),
+        _leaf(CHANNELS, device=device),
+    )
+    run_contenders(
+        benchmark,
+        fn,
+        inputs,
+        op=f"masked_conv2d k{kernel} {mask_type}",
+        shape=SHAPE,
+        mode=mode,
+        contender=contender,
+        **CONV_TIMING,
+        **({"backend": "aten"} if contender == "fused" else {}),
+    )
 
 
 def _gated_reference(x, cond):
@@ -77,15 +89,24 @@ def test_gated_activation(benchmark, mode, contender, device):
     torch.manual_seed(0)
     fn = contender_fn(contender, _gated_reference, _gated_fused)
     inputs = (_leaf(BATCH, 2 * CHANNELS, SIZE, SIZE, device=device), _leaf(BATCH, 2 * CHANNELS, device=device))
-    run_contenders(benchmark, fn, inputs, op="gated_activation (with condition)", shape=SHAPE, mode=mode,
-                   contender=contender, **_fused_backend(contender, device))
+    run_contenders(
+        benchmark,
+        fn,
+        inputs,
+        op="gated_activation (with condition)",
+        shape=SHAPE,
+        mode=mode,
+        contender=contender,
+        **_fused_backend(contender, device),
+    )
 
 
 @functools.cache
 def _layer(device: str) -> vaekernels.nn.GatedPixelCNNLayer:
     torch.manual_seed(0)
-    return vaekernels.nn.GatedPixelCNNLayer(CHANNELS, CHANNELS, LAYER_KERNEL, "B", skip_channels=CHANNELS,
-                                            cond_features=10).to(device)
+    return vaekernels.nn.GatedPixelCNNLayer(
+        CHANNELS, CHANNELS, LAYER_KERNEL, "B", skip_channels=CHANNELS, cond_features=10
+    ).to(device)
 
 
 @functools.cache
@@ -97,13 +118,17 @@ def _layer_fns(device: str):
 
     def fused(v, h, cond):
         return layer(v, h, cond)
+
     return ref, fused
 
 
 def _layer_inputs(device: str):
     """(v, h, cond): the two stacks' inputs, leaves, and a one-hot class per image."""
-    return (_leaf(BATCH, CHANNELS, SIZE, SIZE, device=device), _leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),
-            torch.eye(10, device=device)[torch.arange(BATCH, device=device) % 10])
+    return (
+        _leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),
+        _leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),
+        torch.eye(10, device=device)[torch.arange(BATCH, device=device) % 10],
+    )
 
 
 @pytest.mark.parametrize("contender", CONTENDERS)
@@ -113,8 +138,17 @@ def test_gated_pixelcnn_layer(benchmark, mode, contender, device):
     torch.manual_seed(0)
     fn = contender_fn(contender, *_layer_fns(device))
     inputs = _layer_inputs(device)
-    run_contenders(benchmark, fn, inputs, op=f"GatedPixelCNNLayer k{LAYER_KERNEL} B skip+cond", shape=SHAPE,
-                   mode=mode, contender=contender, **CONV_TIMING, **_fused_backend(contender, device))
+    run_contenders(
+        benchmark,
+        fn,
+        inputs,
+        op=f"GatedPixelCNNLayer k{LAYER_KERNEL} B skip+cond",
+        shape=SHAPE,
+        mode=mode,
+        contender=contender,
+        **CONV_TIMING,
+        **_fused_backend(contender, device),
+    )
 
 
 LAYER_INTERLEAVED_ROUNDS = 21
@@ -133,8 +167,12 @@ def test_gated_pixelcnn_layer_interleaved(device):
 
     calls = {name: step(contender_fn(name, *_layer_fns(device))) for name in CONTENDERS}
     medians = interleaved_medians(calls, device, LAYER_INTERLEAVED_ROUNDS)
-    report_interleaved(f"GatedPixelCNNLayer k{LAYER_KERNEL} B skip+cond {SHAPE} forward+backward", "gated_layer",
-                       f"{SHAPE} | {device}", medians)
+    report_interleaved(
+        f"GatedPixelCNNLayer k{LAYER_KERNEL} B skip+cond {SHAPE} forward+backward",
+        "gated_layer",
+        f"{SHAPE} | {device}",
+        medians,
+    )
 
 
 @pytest.mark.parametrize("contender", ("reference", "fused"))
@@ -146,10 +184,21 @@ def test_sampling(benchmark, contender, device):
     labels = torch.arange(SAMPLE_IMAGES, device=device) % 10
 
     def sample(labels):
-        return model.sample(SAMPLE_IMAGES, (SIZE, SIZE), labels, cached=contender == "fused",
-                            generator=torch.Generator().manual_seed(0))
+        return model.sample(
+            SAMPLE_IMAGES, (SIZE, SIZE), labels, cached=contender == "fused", generator=torch.Generator().manual_seed(0)
+        )
 
-    run_contenders(benchmark, sample, (labels,), op="GatedPixelCNN.sample (binarised MNIST)",
-                   shape=f"{SAMPLE_IMAGES} images {SIZE}x{SIZE}, {SAMPLE_LAYERS} layers of {SAMPLE_CHANNELS}",
-                   mode="forward", contender=contender, warmup_calls=0, min_rounds=1, max_rounds=3,
-                   measure_memory=False, **_fused_backend(contender, device))
+    run_contenders(
+        benchmark,
+        sample,
+        (labels,),
+        op="GatedPixelCNN.sample (binarised MNIST)",
+        shape=f"{SAMPLE_IMAGES} images {SIZE}x{SIZE}, {SAMPLE_LAYERS} layers of {SAMPLE_CHANNELS}",
+        mode="forward",
+        contender=contender,
+        warmup_calls=0,
+        min_rounds=1,
+        max_rounds=3,
+        measure_memory=False,
+        **_fused_backend(contender, device),
+    )

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _common import CONTENDERS, contender_fn, devices, run_contenders
 
 import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import reversible as reference
-
-from _common import CONTENDERS, contender_fn, devices, run_contenders
 
 STEP_SHAPE = (128, 4, 32, 32)  # one half of a [128, 8, 32, 32] stream
 STAGE_BATCH, STAGE_WIDTH, STAGE_SIZE, STAGE_DEPTH = 128, 8, 16, 16
@@ -35,8 +34,17 @@ def test_coupling_backward_step(benchmark, contender, device):
     inputs = tuple(torch.randn(STEP_SHAPE, device=device) for _ in range(4))
     fn = contender_fn(contender, reference.coupling_backward_step, vaekernels.coupling_backward_step)
     n = inputs[0].numel() * 4
-    run_contenders(benchmark, fn, inputs, op="coupling_backward_step", shape="x".join(map(str, STEP_SHAPE)),
-                   mode="forward", contender=contender, bytes_moved=6 * n, **_fused_backend(contender, device))
+    run_contenders(
+        benchmark,
+        fn,
+        inputs,
+        op="coupling_backward_step",
+        shape="x".join(map(str, STEP_SHAPE)),
+        mode="forward",
+        contender=contender,
+        bytes_moved=6 * n,
+        **_fused_backend(contender, device),
+    )
 
 
 def _stage(device: str):
@@ -44,8 +52,10 @@ def _stage(device: str):
 
     torch.manual_seed(0)
     half = STAGE_WIDTH // 2
-    return [vaekernels.nn.AdditiveCoupling(residual_function(half), residual_function(half)).to(device)
-            for _ in range(STAGE_DEPTH)]
+    return [
+        vaekernels.nn.AdditiveCoupling(residual_function(half), residual_function(half)).to(device)
+        for _ in range(STAGE_DEPTH)
+    ]
 
 
 @pytest.mark.parametrize("contender", CONTENDERS)
@@ -61,6 +71,13 @@ def test_reversible_stage(benchmark, contender, device):
         return vaekernels.reversible_sequential(blocks, x)[0]
 
     fn = contender_fn(contender, ordinary, reversible)
-    run_contenders(benchmark, fn, (x,), op="reversible_sequential",
-                   shape=f"depth{STAGE_DEPTH} B{STAGE_BATCH} C{STAGE_WIDTH} {STAGE_SIZE}x{STAGE_SIZE}",
-                   mode="forward+backward", contender=contender, **_fused_backend(contender, device))
+    run_contenders(
+        benchmark,
+        fn,
+        (x,),
+        op="reversible_sequential",
+        shape=f"depth{STAGE_DEPTH} B{STAGE_BATCH} C{STAGE_WIDTH} {STAGE_SIZE}x{STAGE_SIZE}",
+        mode="forward+backward",
+        contender=contender,
+        **_fused_backend(contender, device),
+    )

@@ -15,11 +15,13 @@ from vaekernels import _backend  # noqa: E402
 
 # For builds without C++ (VAEKERNELS_CPP=0) or installs without triton; in CI neither skips, as
 # test_native_build_is_loaded_on_this_machine and test_triton_of_the_test_extra_is_importable check.
-needs_cpp_and_triton = pytest.mark.skipif(not _backend.triton_available() or not _backend.native()["schemas"],
-                                          reason="needs both the C++ schemas and triton")
-needs_cpp = pytest.mark.skipif(not _backend.native()["schemas"],
-                               reason="built without C++ (VAEKERNELS_CPP=0); CI builds it, as "
-                                      "test_native_build_is_loaded_on_this_machine checks")
+needs_cpp_and_triton = pytest.mark.skipif(
+    not _backend.triton_available() or not _backend.native()["schemas"], reason="needs both the C++ schemas and triton"
+)
+needs_cpp = pytest.mark.skipif(
+    not _backend.native()["schemas"],
+    reason="built without C++ (VAEKERNELS_CPP=0); CI builds it, as test_native_build_is_loaded_on_this_machine checks",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import device_backends, namespace, needs_cpp, rel_err
 
 import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import causal_attention as ref
-from conftest import device_backends, namespace, needs_cpp, rel_err
 
 RTOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 NATIVE = [pair for pair in device_backends() if pair[1] != "reference"]
@@ -30,8 +30,9 @@ def run(fn, inputs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("lead,L,D,Dv", [((1,), 1, 4, 4), ((2,), 37, 5, 3), ((2, 3), 50, 8, 16), ((1,), 70, 16, 7),
-                                         ((2,), 90, 20, 24)])
+@pytest.mark.parametrize(
+    "lead,L,D,Dv", [((1,), 1, 4, 4), ((2,), 37, 5, 3), ((2, 3), 50, 8, 16), ((1,), 70, 16, 7), ((2,), 90, 20, 24)]
+)
 def test_matches_reference(device_backend, dtype, lead, L, D, Dv):
     device, _ = device_backend
     inputs = qkv(*lead, L=L, D=D, Dv=Dv, dtype=dtype, device=device)
@@ -70,7 +71,7 @@ def test_causality_with_zero_tolerance(device_backend):
         k3, v3 = k.clone(), v.clone()
         k3[:, t] += 5.0
         v3[:, t] += 5.0
-        assert torch.equal(vaekernels.causal_attention(q, k3, v3)[:, :t + 1], base[:, :t + 1])
+        assert torch.equal(vaekernels.causal_attention(q, k3, v3)[:, : t + 1], base[:, : t + 1])
     i = 23
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     vaekernels.causal_attention(*leaves)[:, i].sum().backward()
@@ -148,8 +149,9 @@ def test_opcheck(device_backend):
     scale = 1 / math.sqrt(4)
     torch.library.opcheck(ops.causal_attention.default, (q.requires_grad_(), k.requires_grad_(), v, scale))
     out, lse = ops.causal_attention(q.detach(), k.detach(), v, scale)
-    torch.library.opcheck(ops.causal_attention_backward.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v, out, lse, scale))
+    torch.library.opcheck(
+        ops.causal_attention_backward.default, (torch.randn_like(out), q.detach(), k.detach(), v, out, lse, scale)
+    )
 
 
 @pytest.mark.parametrize("device_backend", NATIVE, ids=lambda p: f"{p[0]}-{p[1]}")
@@ -175,14 +177,17 @@ def test_compile_fullgraph_matches_eager(device_backend):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("change,error,match", [
-    (lambda q, k, v: (q, k[:, :-1], v), ValueError, "k must have q's shape"),
-    (lambda q, k, v: (q, k, v[:, :-1]), ValueError, r"v must have shape \[..., L, Dv\]"),
-    (lambda q, k, v: (q[0, 0], k[0, 0], v[0, 0]), ValueError, r"q must have shape \[..., L, D\]"),
-    (lambda q, k, v: (q.long(), k, v), TypeError, "q must be a floating-point tensor"),
-    (lambda q, k, v: (q, k.float(), v), TypeError, "k must have the dtype of q"),
-    (lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError, "non-empty last dim"),
-])
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda q, k, v: (q, k[:, :-1], v), ValueError, "k must have q's shape"),
+        (lambda q, k, v: (q, k, v[:, :-1]), ValueError, r"v must have shape \[..., L, Dv\]"),
+        (lambda q, k, v: (q[0, 0], k[0, 0], v[0, 0]), ValueError, r"q must have shape \[..., L, D\]"),
+        (lambda q, k, v: (q.long(), k, v), TypeError, "q must be a floating-point tensor"),
+        (lambda q, k, v: (q, k.float(), v), TypeError, "k must have the dtype of q"),
+        (lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError, "non-empty last dim"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(change, error, match):
     q, k, v = change(*qkv(2, L=5, D=4))
     with pytest.raises(error, match=match):

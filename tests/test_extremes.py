@@ -18,8 +18,11 @@ def test_log_mean_exp_weights_sum_to_one_whatever_the_output_rounds(device_backe
     # In float32 log_mean_exp of four equal entries rounds back to the entries (a unit of 1 at
     # 1e7); weights exp(x - out) / N then come out 1/6 for N = 6, where the softmax is 1/4.
     device, _ = device_backend
-    x = torch.tensor([[magnitude] * 4 + [-INF] * 2, [magnitude, magnitude - 1.0, -INF, -INF, -INF, -INF]],
-                     device=device, requires_grad=True)
+    x = torch.tensor(
+        [[magnitude] * 4 + [-INF] * 2, [magnitude, magnitude - 1.0, -INF, -INF, -INF, -INF]],
+        device=device,
+        requires_grad=True,
+    )
     vaekernels.log_mean_exp(x).sum().backward()
     expected = torch.softmax(x.detach().double(), -1)
     torch.testing.assert_close(x.grad.double(), expected, rtol=1e-6, atol=0)
@@ -31,8 +34,14 @@ def test_bernoulli_log_prob_of_infinite_logits_is_zero_or_minus_inf(device_backe
     device, _ = device_backend
     # (logit, x, log p): a certain logit that matches x costs nothing; one that contradicts it,
     # or meets a fractional x, makes x impossible.
-    cases = [(INF, 1.0, 0.0), (INF, 0.0, -INF), (-INF, 0.0, 0.0), (-INF, 1.0, -INF), (INF, 0.5, -INF),
-             (-INF, 0.25, -INF)]
+    cases = [
+        (INF, 1.0, 0.0),
+        (INF, 0.0, -INF),
+        (-INF, 0.0, 0.0),
+        (-INF, 1.0, -INF),
+        (INF, 0.5, -INF),
+        (-INF, 0.25, -INF),
+    ]
     logits = torch.tensor([c[0] for c in cases], dtype=dtype, device=device).view(-1, 1, 1)
     x = torch.tensor([c[1] for c in cases], dtype=dtype, device=device).view(-1, 1)
     out = vaekernels.bernoulli_log_prob(logits, x)
@@ -74,8 +83,10 @@ def test_gaussian_log_prob_of_a_tiny_difference_over_a_tiny_std_matches_float64(
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("estimator", ["aggregate_posterior_log_density", "marginal_kl", "mutual_information",
-                                       "total_correlation", "per_dim"])
+@pytest.mark.parametrize(
+    "estimator",
+    ["aggregate_posterior_log_density", "marginal_kl", "mutual_information", "total_correlation", "per_dim"],
+)
 def test_aggregate_posterior_of_tiny_variances_is_finite(device_backend, estimator):
     # Each z_i sits on the mean of its own posterior of variance e^-200, far (in its stds) from
     # the others': log q(z_i) = log((1/N) N(z_i; z_i, e^-200)) and the other pairs weigh 0.
@@ -112,7 +123,7 @@ def test_logistic_mixture_with_infinite_log_scales(device_backend):
     x = torch.zeros(B, 3, H, W, device=device)
     # Every component infinitely wide in red: no bin has mass, the NLL is +inf.
     params = torch.zeros(B, 10 * M, H, W, device=device)
-    params[:, 2 * M:3 * M] = INF  # red's log-scales (logits M, red means M, red log-scales M)
+    params[:, 2 * M : 3 * M] = INF  # red's log-scales (logits M, red means M, red log-scales M)
     nll = vaekernels.discretized_logistic_mixture_nll(params, x, M, reduction="none")
     assert nll.eq(INF).all(), nll
     # One component infinitely wide: it has no mass and no gradient; the others are the mixture.
@@ -125,9 +136,23 @@ def test_logistic_mixture_with_infinite_log_scales(device_backend):
     without[:, 2 * M] = 0.0
     with vaekernels.use_backend("reference"):
         log_pi = torch.log_softmax(without[:, :M], 1)
-        per_component = torch.stack([-vaekernels.discretized_logistic_mixture_nll(
-            torch.cat([torch.full_like(without[:, :M], -INF).index_fill(1, torch.tensor([m], device=device), 0.0),
-                       without[:, M:]], 1), x.double(), M, reduction="none") for m in range(1, M)])
+        per_component = torch.stack(
+            [
+                -vaekernels.discretized_logistic_mixture_nll(
+                    torch.cat(
+                        [
+                            torch.full_like(without[:, :M], -INF).index_fill(1, torch.tensor([m], device=device), 0.0),
+                            without[:, M:],
+                        ],
+                        1,
+                    ),
+                    x.double(),
+                    M,
+                    reduction="none",
+                )
+                for m in range(1, M)
+            ]
+        )
     expected = -torch.logsumexp(torch.stack([log_pi[:, m] for m in range(1, M)]) + per_component, 0)
     torch.testing.assert_close(nll.double(), expected, rtol=1e-5, atol=1e-5)
     nll.sum().backward()
@@ -202,8 +227,9 @@ def test_jacobian_of_an_infinite_weight_is_what_forward_mode_gives(device_backen
 def test_jacobian_of_a_weight_whose_square_overflows(device_backend):
     # One path z -> 1e-20 z -> 1e20 (.): J = 1 exactly, but WᵀW = 1e40 is inf in float32.
     device, _ = device_backend
-    decoder = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.LeakyReLU(0.5),
-                                  torch.nn.Linear(1, 2, bias=False)).to(device)
+    decoder = torch.nn.Sequential(
+        torch.nn.Linear(1, 1, bias=False), torch.nn.LeakyReLU(0.5), torch.nn.Linear(1, 2, bias=False)
+    ).to(device)
     with torch.no_grad():
         decoder[0].weight.fill_(1e-20)
         decoder[2].weight.copy_(torch.tensor([[1e20], [0.0]]))
@@ -227,8 +253,11 @@ def test_logistic_mixture_gradient_at_large_log_scales(device_backend, channels)
     params = torch.randn(1, P, side, side, device=device, generator=torch.Generator(device).manual_seed(0))
     for c in range(channels):
         log_scales = M + c * (P - M) // channels + M
-        params[:, log_scales] = torch.tensor([20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 88.0, 100.0], device=device
-                                             ).repeat_interleave(side).view(side, side)
+        params[:, log_scales] = (
+            torch.tensor([20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 88.0, 100.0], device=device)
+            .repeat_interleave(side)
+            .view(side, side)
+        )
     leaf = params.clone().requires_grad_()
     vaekernels.discretized_logistic_mixture_nll(leaf, x, M, reduction="sum").backward()
     expected = params.double().requires_grad_()
@@ -242,8 +271,9 @@ def test_log_mean_exp_of_a_row_holding_plus_inf(device_backend):
     # out = +inf; the softmax's limit puts the gradient evenly on the +inf entries (exp(x - out)
     # was inf / inf = NaN there and made the whole row NaN); a NaN beside +inf stays NaN.
     device, _ = device_backend
-    x = torch.tensor([[INF, 1.0, -INF, 0.0], [INF, INF, 2.0, -3.0], [INF, float("nan"), 0.0, 0.0]], device=device,
-                     requires_grad=True)
+    x = torch.tensor(
+        [[INF, 1.0, -INF, 0.0], [INF, INF, 2.0, -3.0], [INF, float("nan"), 0.0, 0.0]], device=device, requires_grad=True
+    )
     out = vaekernels.log_mean_exp(x)
     assert out[:2].tolist() == [INF, INF] and torch.isnan(out[2])
     grad_finite = torch.autograd.grad(out[:2].sum(), x, retain_graph=True)[0]
@@ -271,8 +301,9 @@ def test_aggregate_posterior_of_an_infinite_code_is_minus_inf(device_backend, va
     per_dim = vaekernels.aggregate_posterior_log_density(z, mean, log_var, per_dim=True)
     with vaekernels.use_backend("reference"):
         expected = vaekernels.aggregate_posterior_log_density(z.double(), mean.double(), log_var.double())
-        expected_per_dim = vaekernels.aggregate_posterior_log_density(z.double(), mean.double(), log_var.double(),
-                                                                      per_dim=True)
+        expected_per_dim = vaekernels.aggregate_posterior_log_density(
+            z.double(), mean.double(), log_var.double(), per_dim=True
+        )
     assert joint[1].item() == -INF and per_dim[1, 2].item() == -INF
     torch.testing.assert_close(joint.double(), expected)
     torch.testing.assert_close(per_dim.double(), expected_per_dim)
@@ -298,8 +329,9 @@ def test_jacobian_of_a_nan_code_is_nan_where_it_reaches(device_backend, activati
     # finite columns for an example whose code is NaN, where torch's activations keep it NaN.
     device, _ = device_backend
     torch.manual_seed(0)
-    decoder = torch.nn.Sequential(torch.nn.Linear(2, 5), activation(), torch.nn.Linear(5, 4), torch.nn.Softplus(),
-                                  torch.nn.Linear(4, 3)).to(device)
+    decoder = torch.nn.Sequential(
+        torch.nn.Linear(2, 5), activation(), torch.nn.Linear(5, 4), torch.nn.Softplus(), torch.nn.Linear(4, 3)
+    ).to(device)
     z = torch.randn(3, 2, device=device)
     z[0, 0] = float("nan")
     norms = vaekernels.jacobian_column_sq_norms(decoder, z)

@@ -26,12 +26,17 @@ def _gpu_check():
 @no_gpu
 def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
     results = tmp_path / "RESULTS.md"
-    done = subprocess.run(["make", "-s", "gpu-check", f"PYTHON={sys.executable}",
-                           f"GPU_CHECK_ARGS=--results {results}"], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        ["make", "-s", "gpu-check", f"PYTHON={sys.executable}", f"GPU_CHECK_ARGS=--results {results}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [
-        "gpu-check: no CUDA device here (torch.cuda.is_available() is False or torch is missing); nothing to do"]
+        "gpu-check: no CUDA device here (torch.cuda.is_available() is False or torch is missing); nothing to do"
+    ]
     assert not results.exists()
 
 
@@ -45,12 +50,18 @@ def test_dry_run_goes_through_every_step_and_writes_the_section(tmp_path, capsys
     assert text.startswith("# earlier sections stay\n")
     assert "## GPU check (dry run, no GPU): none" in text
     import triton
+
     assert f"| none | {torch.__version__} | {torch.version.cuda} | {triton.__version__} |" in text
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1] for line in text.splitlines()
-            if line.startswith(("| build", "| GPU"))}
-    assert rows == {"build the extensions (VAEKERNELS_CUDA=1)": "passed",
-                    "GPU tests: pytest tests -k 'cuda or half_precision'": "passed",
-                    "GPU bench: pytest bench -k cuda": "nothing selected (no CUDA here)"}
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1]
+        for line in text.splitlines()
+        if line.startswith(("| build", "| GPU"))
+    }
+    assert rows == {
+        "build the extensions (VAEKERNELS_CUDA=1)": "passed",
+        "GPU tests: pytest tests -k 'cuda or half_precision'": "passed",
+        "GPU bench: pytest bench -k cuda": "nothing selected (no CUDA here)",
+    }
     # The half-precision tests are what the test step collects without CUDA.
     assert "tests/test_half_precision.py: " in (tmp_path / "logs" / "gpu_check.log").read_text()
 
@@ -59,13 +70,23 @@ def test_dry_run_goes_through_every_step_and_writes_the_section(tmp_path, capsys
 def test_a_step_past_the_budget_is_stopped_and_the_rest_reported_not_run(tmp_path, monkeypatch):
     gpu_check = _gpu_check()
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
-    monkeypatch.setattr(gpu_check, "steps", lambda python, dry_run: [
-        gpu_check.Step("build", ["true"]), gpu_check.Step("slow", sleeper), gpu_check.Step("after", ["true"])])
+    monkeypatch.setattr(
+        gpu_check,
+        "steps",
+        lambda python, dry_run: [
+            gpu_check.Step("build", ["true"]),
+            gpu_check.Step("slow", sleeper),
+            gpu_check.Step("after", ["true"]),
+        ],
+    )
     results = tmp_path / "RESULTS.md"
     assert gpu_check.main(["--dry-run", "--results", str(results), "--budget", str(gpu_check.RESERVE + 2)]) == 0
 
-    rows = [line.split(" | ")[:2] for line in results.read_text().splitlines()
-            if line.startswith(("| build", "| slow", "| after"))]
+    rows = [
+        line.split(" | ")[:2]
+        for line in results.read_text().splitlines()
+        if line.startswith(("| build", "| slow", "| after"))
+    ]
     assert [name for name, _ in rows] == ["| build", "| slow", "| after"]
     assert rows[0][1] == "passed"
     assert rows[1][1].startswith("stopped after ") and rows[1][1].endswith(" s (time budget)")

@@ -17,18 +17,20 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import rel_err
 from torch import nn
 
 import vaekernels
-from conftest import rel_err
 from vaekernels.reference import logistic_mixture
 
 HALVES = (torch.float16, torch.bfloat16)
-ROUNDING = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+ROUNDING = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-pytestmark = pytest.mark.skipif("triton" not in vaekernels.available_backends(),
-                                reason="needs triton (CI has it: test_triton_of_the_test_extra_is_importable)")
+pytestmark = pytest.mark.skipif(
+    "triton" not in vaekernels.available_backends(),
+    reason="needs triton (CI has it: test_triton_of_the_test_extra_is_importable)",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,31 +66,46 @@ def _coupling(stream, update, grad, grad_update):
 # roundings, as noted per case. The errors measured on the interpreter are in bench/RESULTS.md.
 CASES = {
     "log_mean_exp": Case(lambda g: (_randn(g, 6, 40, scale=3.0),), vaekernels.log_mean_exp, 2),
-    "bernoulli_log_prob": Case(lambda g: (_randn(g, 3, 5, 70, scale=2.0), _binary(g, 3, 70)),
-                               vaekernels.bernoulli_log_prob, 2),
+    "bernoulli_log_prob": Case(
+        lambda g: (_randn(g, 3, 5, 70, scale=2.0), _binary(g, 3, 70)), vaekernels.bernoulli_log_prob, 2
+    ),
     # The backward is PyTorch ops in the input dtype, a rounding each.
-    "gaussian_log_prob": Case(lambda g: (_randn(g, 3, 5, 9), _randn(g, 3, 1, 9), _randn(g, 9, scale=0.5)),
-                              vaekernels.gaussian_log_prob, 4),
+    "gaussian_log_prob": Case(
+        lambda g: (_randn(g, 3, 5, 9), _randn(g, 3, 1, 9), _randn(g, 9, scale=0.5)), vaekernels.gaussian_log_prob, 4
+    ),
     "gaussian_kl": Case(lambda g: (_randn(g, 7, 9), _randn(g, 7, 9, scale=0.5)), vaekernels.gaussian_kl, 2),
-    "iwae_bound": Case(lambda g: (_randn(g, 3, 6, 70, scale=2.0), _binary(g, 3, 70), _randn(g, 3, 6),
-                                  _randn(g, 3, 6)), vaekernels.iwae_bound, 2),
-    "aggregate_posterior_log_density": Case(lambda g: (_randn(g, 9, 4), _randn(g, 9, 4), _randn(g, 9, 4, scale=0.3)),
-                                            vaekernels.aggregate_posterior_log_density, 2),
+    "iwae_bound": Case(
+        lambda g: (_randn(g, 3, 6, 70, scale=2.0), _binary(g, 3, 70), _randn(g, 3, 6), _randn(g, 3, 6)),
+        vaekernels.iwae_bound,
+        2,
+    ),
+    "aggregate_posterior_log_density": Case(
+        lambda g: (_randn(g, 9, 4), _randn(g, 9, 4), _randn(g, 9, 4, scale=0.3)),
+        vaekernels.aggregate_posterior_log_density,
+        2,
+    ),
     # Per dimension: the kernels' marginal path.
     "aggregate_posterior_log_density per_dim": Case(
         lambda g: (_randn(g, 9, 4), _randn(g, 9, 4), _randn(g, 9, 4, scale=0.3)),
-        lambda z, mean, log_var: vaekernels.aggregate_posterior_log_density(z, mean, log_var, per_dim=True), 2),
+        lambda z, mean, log_var: vaekernels.aggregate_posterior_log_density(z, mean, log_var, per_dim=True),
+        2,
+    ),
     "gated_activation": Case(lambda g: (_randn(g, 2, 8, 3, 5), _randn(g, 2, 8)), vaekernels.gated_activation, 2),
     # The backward recovers each pixel's log sum_m pi_m p_m(x) from the forward's NLL, stored in
     # the input dtype (4 nats: 2e-3 apart in float16), and d/d logit_m = pi_m - r_m cancels.
     "discretized_logistic_mixture_nll": Case(
-        lambda g: (_randn(g, 2, logistic_mixture.num_params(3, 2), 4, 3),
-                   torch.randint(0, 256, (2, 3, 4, 3), generator=g).float() / 127.5 - 1),
-        lambda params, x: vaekernels.discretized_logistic_mixture_nll(params, x, 2, "none"), 32),
+        lambda g: (
+            _randn(g, 2, logistic_mixture.num_params(3, 2), 4, 3),
+            torch.randint(0, 256, (2, 3, 4, 3), generator=g).float() / 127.5 - 1,
+        ),
+        lambda params, x: vaekernels.discretized_logistic_mixture_nll(params, x, 2, "none"),
+        32,
+    ),
     # The row log-sum-exp is stored in the input dtype, and the backward's probabilities
     # exp(s - lse) inherit its absolute rounding: one more unit.
-    "causal_attention": Case(lambda g: (_randn(g, 2, 19, 5), _randn(g, 2, 19, 5), _randn(g, 2, 19, 3)),
-                             vaekernels.causal_attention, 4),
+    "causal_attention": Case(
+        lambda g: (_randn(g, 2, 19, 5), _randn(g, 2, 19, 5), _randn(g, 2, 19, 3)), vaekernels.causal_attention, 4
+    ),
     # The tangents of every layer are stored in the input dtype, each rounding carried through the
     # next layer's product, and so is the metric W^T W.
     "jacobian_column_sq_norms": Case(lambda g: (_randn(g, 5, 3),), None, 8, _decoder),
@@ -103,10 +120,11 @@ def _run(name: str, case: Case, inputs: tuple, module: nn.Module | None):
     return case.run(*inputs)
 
 
-def _forward_backward(name: str, case: Case, dtype: torch.dtype, backend: str, inputs: tuple,
-                      module: nn.Module | None):
-    inputs = tuple(t.detach().to(DEVICE, dtype).requires_grad_(t.requires_grad) if t.is_floating_point() else
-                   t.to(DEVICE) for t in inputs)
+def _forward_backward(name: str, case: Case, dtype: torch.dtype, backend: str, inputs: tuple, module: nn.Module | None):
+    inputs = tuple(
+        t.detach().to(DEVICE, dtype).requires_grad_(t.requires_grad) if t.is_floating_point() else t.to(DEVICE)
+        for t in inputs
+    )
     module = None if module is None else _cast_module(module, dtype)
     with vaekernels.use_backend(backend):
         out = _run(name, case, inputs, module)
@@ -129,8 +147,9 @@ def test_triton_op_in_half_precision_matches_the_float32_reference(name, dtype):
     inputs = case.make_inputs(g)
     module = case.module() if case.module is not None else None
     # The reference sees exactly the values the half-precision run sees.
-    rounded = tuple(t.detach().to(dtype).float().requires_grad_(t.requires_grad) if t.is_floating_point() else t
-                    for t in inputs)
+    rounded = tuple(
+        t.detach().to(dtype).float().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in inputs
+    )
     if module is not None:
         module = _cast_module(module, dtype)
     out, grads = _forward_backward(name, case, dtype, "triton", rounded, module)

@@ -4,17 +4,22 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_triton_schema_is_cpp, device_backends, namespace, needs_cpp, needs_cpp_and_triton, rel_err
 from torch import nn
 
 import vaekernels
-from conftest import assert_triton_schema_is_cpp, device_backends, namespace, needs_cpp, needs_cpp_and_triton, rel_err
 from vaekernels import _backend
 from vaekernels.ops import jacobian as ops_jacobian
 from vaekernels.reference import jacobian as ref
 
 ACTIVATIONS = {
-    "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid(), "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.1),
-    "softplus": nn.Softplus(beta=1.5, threshold=3.0), "elu": nn.ELU(alpha=0.7), "gelu": nn.GELU(),
+    "tanh": nn.Tanh(),
+    "sigmoid": nn.Sigmoid(),
+    "relu": nn.ReLU(),
+    "leaky_relu": nn.LeakyReLU(0.1),
+    "softplus": nn.Softplus(beta=1.5, threshold=3.0),
+    "elu": nn.ELU(alpha=0.7),
+    "gelu": nn.GELU(),
 }
 PARAMS = {"leaky_relu": (0.1, 0.0), "softplus": (1.5, 3.0), "elu": (0.7, 0.0)}
 # ||out - ref|| / ||ref|| bounds against the float64 reference.
@@ -40,7 +45,8 @@ def mlp(widths, activation, seed=0, dtype=torch.float64, device="cpu"):
 
 def randn(*shape, device="cpu", dtype=torch.float64, seed=0, scale=1.0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale).to(
-        device=device, dtype=dtype)
+        device=device, dtype=dtype
+    )
 
 
 def param_grads(fn, decoder, z, seed=7):
@@ -82,8 +88,10 @@ def test_tangent_step_matches_reference(device_backend, activation, shared, dtyp
     pre, tangent = step_inputs(device, dtype, shared=shared)
     leaves = [pre.clone().requires_grad_(), tangent.clone().requires_grad_()]
     out, t_out = step(*leaves, activation, p0, p1)
-    g_out, g_t = randn(*out.shape, seed=3, device=device, dtype=dtype), randn(*t_out.shape, seed=4, device=device,
-                                                                                dtype=dtype)
+    g_out, g_t = (
+        randn(*out.shape, seed=3, device=device, dtype=dtype),
+        randn(*t_out.shape, seed=4, device=device, dtype=dtype),
+    )
     grads = torch.autograd.grad((out * g_out).sum() + (t_out * g_t).sum(), leaves)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref_out, ref_t = ref.jacobian_tangent_step(*ref_leaves, activation, p0, p1)
@@ -103,11 +111,13 @@ def test_shared_tangent_gets_the_batch_sum(device_backend, threads):
     torch.set_num_threads(threads)
     try:
         grad_pre, grad_shared = _backend.ops(backend).jacobian_tangent_step_backward(
-            None, grad_tangent, pre, tangent, "tanh", 0.0, 0.0)
+            None, grad_tangent, pre, tangent, "tanh", 0.0, 0.0
+        )
     finally:
         torch.set_num_threads(previous)
     expected_pre, expected_each = _backend.ops(backend).jacobian_tangent_step_backward(
-        None, grad_tangent, pre, tangent.expand(64, -1, -1), "tanh", 0.0, 0.0)
+        None, grad_tangent, pre, tangent.expand(64, -1, -1), "tanh", 0.0, 0.0
+    )
     assert grad_shared.shape == (1, 32, 64)
     torch.testing.assert_close(grad_shared, expected_each.sum(0, keepdim=True), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_pre, expected_pre, rtol=0, atol=0)
@@ -134,8 +144,9 @@ def test_gram_reduce_matches_reference(device_backend, shape, diagonal, block, c
         grads = torch.autograd.grad((out * cotangent).sum() + (tm * cotangent_tm).sum(), [tangent, metric])
         leaves = [tangent.detach().double().requires_grad_(), metric.detach().double().requires_grad_()]
         expected, expected_tm = ref.jacobian_gram_reduce(*leaves, diagonal)
-        expected_grads = torch.autograd.grad((expected * cotangent.double()).sum()
-                                             + (expected_tm * cotangent_tm.double()).sum(), leaves)
+        expected_grads = torch.autograd.grad(
+            (expected * cotangent.double()).sum() + (expected_tm * cotangent_tm.double()).sum(), leaves
+        )
         assert_rel(out, expected, dtype)
         assert_rel(tm, expected_tm, dtype)
         for got, want in zip(grads, expected_grads):
@@ -175,14 +186,18 @@ def test_gradcheck_float64(device_backend):
     pre, tangent = step_inputs(device, torch.float64, batch=2, k=2, h=3)
     for activation in ("softplus", "elu", "gelu"):
         p0, p1 = PARAMS.get(activation, (0.0, 0.0))
-        assert torch.autograd.gradcheck(lambda p, t: ops.jacobian_tangent_step(p, t, activation, p0, p1),
-                                        (pre.requires_grad_(), tangent.requires_grad_()))
+        assert torch.autograd.gradcheck(
+            lambda p, t, activation=activation, p0=p0, p1=p1: ops.jacobian_tangent_step(p, t, activation, p0, p1),
+            (pre.requires_grad_(), tangent.requires_grad_()),
+        )
     factor = randn(4, 3, device=device, seed=3).requires_grad_()
     for diagonal in (True, False):
-        assert torch.autograd.gradcheck(lambda t, f: ops.jacobian_gram_reduce(t, f.t() @ f, diagonal),
-                                        (tangent, factor))
-        assert torch.autograd.gradcheck(lambda t, f: ops.jacobian_gram_reduce(t, f.t() @ f, diagonal)[0],
-                                        (tangent, factor))
+        assert torch.autograd.gradcheck(
+            lambda t, f, diagonal=diagonal: ops.jacobian_gram_reduce(t, f.t() @ f, diagonal), (tangent, factor)
+        )
+        assert torch.autograd.gradcheck(
+            lambda t, f, diagonal=diagonal: ops.jacobian_gram_reduce(t, f.t() @ f, diagonal)[0], (tangent, factor)
+        )
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -196,8 +211,12 @@ def test_column_norms_and_gram_match_jacfwd(device_backend, activation):
     check_public(vaekernels.jacobian_column_sq_norms, ref.jacobian_column_sq_norms, decoder, z)
     check_public(vaekernels.jacobian_gram, ref.jacobian_gram, decoder, z)
     columns = [2, 0, 2]
-    check_public(lambda g, v: vaekernels.jacobian_column_sq_norms(g, v, columns),
-                 lambda g, v: ref.jacobian_column_sq_norms(g, v, columns), decoder, z)
+    check_public(
+        lambda g, v: vaekernels.jacobian_column_sq_norms(g, v, columns),
+        lambda g, v: ref.jacobian_column_sq_norms(g, v, columns),
+        decoder,
+        z,
+    )
 
 
 @pytest.mark.parametrize("widths", [[4, 9], [2, 6, 6, 3], [5, 17, 1]])
@@ -239,10 +258,14 @@ def test_gradcheck_through_the_public_functions(device_backend):
     def with_weight(fn):
         def call(z, w):
             return fn(nn.Sequential(_LinearWith(w, decoder[0].bias), nn.Tanh(), decoder[2]), z)
+
         return call
 
-    for fn in (vaekernels.jacobian_column_sq_norms, vaekernels.jacobian_gram,
-               lambda g, v: vaekernels.grae_regularizer(g, v, 0.3, exact=True)):
+    for fn in (
+        vaekernels.jacobian_column_sq_norms,
+        vaekernels.jacobian_gram,
+        lambda g, v: vaekernels.grae_regularizer(g, v, 0.3, exact=True),
+    ):
         assert torch.autograd.gradcheck(with_weight(fn), (z, weight))
 
 
@@ -277,18 +300,24 @@ def test_sampled_columns_estimate_is_unbiased():
     beta = 0.3
     bound = vaekernels.grae_regularizer(decoder, z, beta)
     # Exactly: averaging over every draw of one column of five is the bound.
-    per_column = [vaekernels.grae_regularizer(decoder, z, beta, num_columns=1,
-                                              generator=torch.Generator().manual_seed(s)) for s in range(40)]
+    per_column = [
+        vaekernels.grae_regularizer(decoder, z, beta, num_columns=1, generator=torch.Generator().manual_seed(s))
+        for s in range(40)
+    ]
     assert_rel(torch.stack(per_column).unique(dim=0).mean(0), bound)
     # Over many seeds, two columns a draw: the mean within 4 standard errors of the bound.
-    draws = torch.stack([vaekernels.grae_regularizer(decoder, z, beta, num_columns=2,
-                                                     generator=torch.Generator().manual_seed(s))
-                         for s in range(1000)])
+    draws = torch.stack(
+        [
+            vaekernels.grae_regularizer(decoder, z, beta, num_columns=2, generator=torch.Generator().manual_seed(s))
+            for s in range(1000)
+        ]
+    )
     standard_error = draws.std(0) / 1000**0.5
     assert ((draws.mean(0) - bound).abs() <= 4 * standard_error).all()
     # And the reference draws the same columns.
-    assert_rel(draws[3], ref.grae_regularizer(decoder, z, beta, num_columns=2,
-                                              generator=torch.Generator().manual_seed(3)))
+    assert_rel(
+        draws[3], ref.grae_regularizer(decoder, z, beta, num_columns=2, generator=torch.Generator().manual_seed(3))
+    )
 
 
 class ConvDecoder(nn.Module):
@@ -350,8 +379,9 @@ def test_compile_fullgraph(device_backend, compiler):
     z = randn(4, 3, device=device, dtype=torch.float32, seed=10)
 
     def everything(z):
-        return (vaekernels.jacobian_column_sq_norms(decoder, z, [0, 2]).sum(-1)
-                + vaekernels.grae_regularizer(decoder, z, 0.5, exact=True))
+        return vaekernels.jacobian_column_sq_norms(decoder, z, [0, 2]).sum(-1) + vaekernels.grae_regularizer(
+            decoder, z, 0.5, exact=True
+        )
 
     torch._dynamo.reset()
     compiled = torch.compile(everything, fullgraph=True, backend=compiler)
@@ -362,9 +392,10 @@ def test_module_is_the_function():
     decoder = mlp([3, 7, 4], "relu")
     z = randn(5, 3, seed=11)
     module = vaekernels.nn.GRAERegularizer(beta=0.2, num_columns=2)
-    assert torch.equal(module(decoder, z, generator=torch.Generator().manual_seed(0)),
-                       vaekernels.grae_regularizer(decoder, z, 0.2, num_columns=2,
-                                                   generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        module(decoder, z, generator=torch.Generator().manual_seed(0)),
+        vaekernels.grae_regularizer(decoder, z, 0.2, num_columns=2, generator=torch.Generator().manual_seed(0)),
+    )
 
 
 class _RoundThrough(torch.autograd.Function):
@@ -384,22 +415,36 @@ class Rounding(nn.Module):
         return _RoundThrough.apply(x)
 
 
-@pytest.mark.parametrize("call,error,message", [
-    (lambda g, z: vaekernels.jacobian_column_sq_norms(nn.Sequential(nn.Linear(3, 4), Rounding(), nn.Linear(4, 2)), z),
-     ValueError, "could not be differentiated in forward mode"),
-    (lambda g, z: vaekernels.jacobian_gram(g, z[:, :2]), ValueError, "z must have shape [B, 3]"),
-    (lambda g, z: vaekernels.jacobian_column_sq_norms(g, z, [0, 3]), IndexError, "columns must lie in [0, 2]"),
-    (lambda g, z: vaekernels.jacobian_column_sq_norms(g, z, [-1]), IndexError, "got -1"),
-    (lambda g, z: vaekernels.jacobian_column_sq_norms(g, z, [0.5]), ValueError, "integer column indices"),
-    (lambda g, z: vaekernels.jacobian_gram(g, z[0]), ValueError, "z must have shape [B, d]"),
-    (lambda g, z: vaekernels.jacobian_gram(g, z.long()), TypeError, "z must be a floating-point tensor"),
-    (lambda g, z: vaekernels.jacobian_gram("decoder", z), TypeError, "decoder must be an nn.Module"),
-    (lambda g, z: vaekernels.grae_regularizer(g, z, 0.0), ValueError, "beta must be a positive number"),
-    (lambda g, z: vaekernels.grae_regularizer(g, z, 1.0, num_columns=4), ValueError,
-     "num_columns must be an integer in [1, 3]"),
-    (lambda g, z: vaekernels.grae_regularizer(g, z, 1.0, exact=True, num_columns=1), ValueError,
-     "exact=True takes none"),
-])
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (
+            lambda g, z: vaekernels.jacobian_column_sq_norms(
+                nn.Sequential(nn.Linear(3, 4), Rounding(), nn.Linear(4, 2)), z
+            ),
+            ValueError,
+            "could not be differentiated in forward mode",
+        ),
+        (lambda g, z: vaekernels.jacobian_gram(g, z[:, :2]), ValueError, "z must have shape [B, 3]"),
+        (lambda g, z: vaekernels.jacobian_column_sq_norms(g, z, [0, 3]), IndexError, "columns must lie in [0, 2]"),
+        (lambda g, z: vaekernels.jacobian_column_sq_norms(g, z, [-1]), IndexError, "got -1"),
+        (lambda g, z: vaekernels.jacobian_column_sq_norms(g, z, [0.5]), ValueError, "integer column indices"),
+        (lambda g, z: vaekernels.jacobian_gram(g, z[0]), ValueError, "z must have shape [B, d]"),
+        (lambda g, z: vaekernels.jacobian_gram(g, z.long()), TypeError, "z must be a floating-point tensor"),
+        (lambda g, z: vaekernels.jacobian_gram("decoder", z), TypeError, "decoder must be an nn.Module"),
+        (lambda g, z: vaekernels.grae_regularizer(g, z, 0.0), ValueError, "beta must be a positive number"),
+        (
+            lambda g, z: vaekernels.grae_regularizer(g, z, 1.0, num_columns=4),
+            ValueError,
+            "num_columns must be an integer in [1, 3]",
+        ),
+        (
+            lambda g, z: vaekernels.grae_regularizer(g, z, 1.0, exact=True, num_columns=1),
+            ValueError,
+            "exact=True takes none",
+        ),
+    ],
+)
 def test_bad_input_raises_a_clear_error(call, error, message):
     decoder = mlp([3, 4, 2], "tanh", dtype=torch.float32)
     with pytest.raises(error, match="vaekernels.(jacobian|grae)") as raised:

@@ -4,9 +4,9 @@ recomputing backward), estimators, chunking, memory kept for backward, registrat
 
 import pytest
 import torch
+from conftest import assert_triton_schema_is_cpp, needs_cpp, rel_err
 
 import vaekernels
-from conftest import assert_triton_schema_is_cpp, needs_cpp, rel_err
 from vaekernels.reference import linear_iwae as ref
 
 RTOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -47,21 +47,31 @@ def test_bound_and_gradients_match_the_unfused_bound(device_backend, dtype, redu
     device, _ = device_backend
     h, weight, bias, x, log_pz, log_qz = layer_inputs(dtype=dtype, device=device)
     # reduction "none" with a random cotangent: examples get different gradients, the recomputing backward.
-    cotangent = None if reduction != "none" else torch.randn(6, generator=torch.Generator().manual_seed(3),
-                                                             dtype=torch.float64).to(device=device, dtype=dtype)
+    cotangent = (
+        None
+        if reduction != "none"
+        else torch.randn(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(
+            device=device, dtype=dtype
+        )
+    )
 
     def fused(h, weight, bias, log_pz, log_qz):
-        return vaekernels.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz, reduction=reduction,
-                                            chunk_size=chunk_size)
+        return vaekernels.linear_iwae_bound(
+            h, weight, bias, x, log_pz, log_qz, reduction=reduction, chunk_size=chunk_size
+        )
 
     def unfused(h, weight, bias, log_pz, log_qz):
         with vaekernels.use_backend("reference"):
-            return vaekernels.iwae_bound(torch.nn.functional.linear(h, weight, bias), x.to(h.dtype), log_pz, log_qz,
-                                         reduction=reduction)
+            return vaekernels.iwae_bound(
+                torch.nn.functional.linear(h, weight, bias), x.to(h.dtype), log_pz, log_qz, reduction=reduction
+            )
 
     out, grads = value_and_grads(fused, [h, weight, bias, log_pz, log_qz], cotangent)
-    expected, expected_grads = value_and_grads(unfused, [t.double() for t in (h, weight, bias, log_pz, log_qz)],
-                                               None if cotangent is None else cotangent.double())
+    expected, expected_grads = value_and_grads(
+        unfused,
+        [t.double() for t in (h, weight, bias, log_pz, log_qz)],
+        None if cotangent is None else cotangent.double(),
+    )
     assert out.dtype == dtype
     assert_close(out, expected, dtype)
     for got, want in zip(grads, expected_grads):
@@ -78,9 +88,11 @@ def test_a_shared_gradient_reuses_the_forward_and_any_other_recomputes(monkeypat
     chunk_logits = module._chunk_logits
     monkeypatch.setattr(module, "_chunk_logits", lambda *args: made.append(1) or chunk_logits(*args))
     inputs = [h, weight, bias, log_pz, log_qz]
-    _, shared = value_and_grads(lambda *t: -vaekernels.linear_iwae_bound(*t[:3], x, *t[3:], reduction="mean",
-                                                                        chunk_size=10), inputs)
+    _, shared = value_and_grads(
+        lambda *t: -vaekernels.linear_iwae_bound(*t[:3], x, *t[3:], reduction="mean", chunk_size=10), inputs
+    )
     assert len(made) == 3
+
     def bound(*t):
         return vaekernels.linear_iwae_bound(*t[:3], x, *t[3:], chunk_size=10)
 
@@ -103,8 +115,9 @@ def test_zoo_decoder_features_and_output_layer_are_its_forward():
 
     torch.manual_seed(0)
     for arch, classes in (("mlp", 0), ("linear", 0), ("mlp", 3)):
-        model = build_model("cvae" if classes else "iwae", 12, (3, 4), arch=arch, latent_dim=2, hidden_dim=5,
-                            num_classes=classes)
+        model = build_model(
+            "cvae" if classes else "iwae", 12, (3, 4), arch=arch, latent_dim=2, hidden_dim=5, num_classes=classes
+        )
         z, y = torch.randn(4, 3, 2), torch.tensor([0, 1, 2, 0]) if classes else None
         decoded = model.decode(z, y)
         fused = model.decoder.output_layer(model.decoder.features(z, model.condition(y)))
@@ -115,10 +128,12 @@ def test_without_bias_and_with_event_dims(device_backend):
     device, _ = device_backend
     h, weight, _, x, log_pz, log_qz = layer_inputs(D=12, device=device, bias=False)
     images = x.view(6, 3, 4)
-    out, grads = value_and_grads(lambda h, w: vaekernels.linear_iwae_bound(h, w, None, images, log_pz, log_qz),
-                                 [h, weight])
-    expected, expected_grads = value_and_grads(lambda h, w: ref.linear_iwae_bound(h, w, None, x, log_pz, log_qz),
-                                               [h, weight])
+    out, grads = value_and_grads(
+        lambda h, w: vaekernels.linear_iwae_bound(h, w, None, images, log_pz, log_qz), [h, weight]
+    )
+    expected, expected_grads = value_and_grads(
+        lambda h, w: ref.linear_iwae_bound(h, w, None, x, log_pz, log_qz), [h, weight]
+    )
     assert_close(out, expected, torch.float64)
     for got, want in zip(grads, expected_grads):
         assert_close(got, want, torch.float64)
@@ -142,11 +157,13 @@ def test_estimators_match_iwae_bound_of_the_logits(device_backend, estimator):
         log_pz = vaekernels.gaussian_log_prob(z, z.new_zeros(()), z.new_zeros(()))
         h = torch.tanh(hidden(z))
         if fused:
-            bound = vaekernels.linear_iwae_bound(h, output.weight, output.bias, x, log_pz, estimator=estimator,
-                                                 z=z, q=(m, lv), reduction="mean")
+            bound = vaekernels.linear_iwae_bound(
+                h, output.weight, output.bias, x, log_pz, estimator=estimator, z=z, q=(m, lv), reduction="mean"
+            )
         else:
-            bound = vaekernels.iwae_bound(output(h), x, log_pz, None, estimator=estimator, z=z, q=(m, lv),
-                                          reduction="mean")
+            bound = vaekernels.iwae_bound(
+                output(h), x, log_pz, None, estimator=estimator, z=z, q=(m, lv), reduction="mean"
+            )
         params = [m, lv, *hidden.parameters(), *output.parameters()]
         return bound.detach(), torch.autograd.grad(bound, params)
 
@@ -163,11 +180,14 @@ def test_expected_log_prob_is_the_mean_log_likelihood(device_backend, K, uniform
     device, _ = device_backend
     h, weight, bias, x, _, _ = layer_inputs(K=K, device=device)
     cotangent = None if uniform else torch.arange(1.0, 7.0, dtype=torch.float64, device=device)
-    out, grads = value_and_grads(lambda *t: vaekernels.linear_expected_log_prob(*t, x, chunk_size=K),
-                                 [h, weight, bias], cotangent)
+    out, grads = value_and_grads(
+        lambda *t: vaekernels.linear_expected_log_prob(*t, x, chunk_size=K), [h, weight, bias], cotangent
+    )
     expected, expected_grads = value_and_grads(
         lambda h, w, b: vaekernels.reference.iwae.bernoulli_log_prob(torch.nn.functional.linear(h, w, b), x).mean(1),
-        [h, weight, bias], cotangent)
+        [h, weight, bias],
+        cotangent,
+    )
     assert_close(out, expected, torch.float64)
     for got, want in zip(grads, expected_grads):
         assert_close(got, want, torch.float64)
@@ -209,7 +229,9 @@ def test_errors_name_the_function_and_argument():
         vaekernels.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz[:, :2])
     with pytest.raises(ValueError, match=r"^vaekernels.linear_iwae_bound: x must not require grad"):
         vaekernels.linear_iwae_bound(h, weight, bias, x.clone().requires_grad_(), log_pz, log_qz)
-    with pytest.raises(ValueError, match=r"^vaekernels.linear_expected_log_prob: chunk_size must be an int >= 1 or None"):
+    with pytest.raises(
+        ValueError, match=r"^vaekernels.linear_expected_log_prob: chunk_size must be an int >= 1 or None"
+    ):
         vaekernels.linear_expected_log_prob(h, weight, bias, x, chunk_size=0)
     with pytest.raises(TypeError, match=r"^vaekernels.linear_expected_log_prob: h must be a torch.Tensor"):
         vaekernels.linear_expected_log_prob(None, weight, bias, x)
@@ -222,8 +244,12 @@ def test_module_is_a_linear_layer_with_fused_bounds():
     plain.load_state_dict(layer.state_dict())
     h, _, _, x, log_pz, log_qz = layer_inputs()
     torch.testing.assert_close(layer(h), plain(h))
-    torch.testing.assert_close(layer.iwae_bound(h, x, log_pz, log_qz),
-                               vaekernels.iwae_bound(plain(h), x, log_pz, log_qz), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        layer.iwae_bound(h, x, log_pz, log_qz),
+        vaekernels.iwae_bound(plain(h), x, log_pz, log_qz),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @needs_cpp
@@ -236,12 +262,26 @@ def test_opcheck(namespace, with_grads, elbo):
     h, weight, bias, log_ratio = leaves([h, weight, bias, log_pz - log_qz])
     args = (h, weight, bias, x, log_ratio, elbo, with_grads, 2)
     torch.library.opcheck(ops.linear_bernoulli_iwae.default, args)
-    _, _, weights, grad_h, grad_weight, grad_bias = ops.linear_bernoulli_iwae(*[
-        t.detach() if isinstance(t, torch.Tensor) else t for t in args])
+    _, _, weights, grad_h, grad_weight, grad_bias = ops.linear_bernoulli_iwae(
+        *[t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    )
     grad_bound = torch.randn(3, dtype=torch.float64)
-    torch.library.opcheck(ops.linear_bernoulli_iwae_backward.default,
-                          (grad_bound, torch.zeros(3, 2, dtype=torch.float64), h.detach(), weight.detach(),
-                           bias.detach(), x, weights, grad_h, grad_weight, grad_bias, 2))
+    torch.library.opcheck(
+        ops.linear_bernoulli_iwae_backward.default,
+        (
+            grad_bound,
+            torch.zeros(3, 2, dtype=torch.float64),
+            h.detach(),
+            weight.detach(),
+            bias.detach(),
+            x,
+            weights,
+            grad_h,
+            grad_weight,
+            grad_bias,
+            2,
+        ),
+    )
 
 
 @needs_cpp
@@ -279,16 +319,20 @@ def test_compiles_without_graph_breaks(backend):
 
 def test_importance_sampled_nll_through_the_output_layer_is_the_same_estimate():
     torch.manual_seed(0)
-    encoder, hidden, output = torch.nn.Linear(9, 6), torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh()), \
-        torch.nn.Linear(8, 9)
+    encoder, hidden, output = (
+        torch.nn.Linear(9, 6),
+        torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh()),
+        torch.nn.Linear(8, 9),
+    )
     x = torch.bernoulli(torch.full((4, 9), 0.3))
 
     def encode(x):
         return encoder(x).chunk(2, dim=-1)
 
     def nll(decode, **extra):
-        return vaekernels.importance_sampled_nll(x, encode, decode, 50, 7, generator=torch.Generator().manual_seed(1),
-                                                 **extra)
+        return vaekernels.importance_sampled_nll(
+            x, encode, decode, 50, 7, generator=torch.Generator().manual_seed(1), **extra
+        )
 
     fused = nll(hidden, output_layer=output)
     torch.testing.assert_close(fused, nll(torch.nn.Sequential(hidden, output)), rtol=1e-5, atol=1e-5)

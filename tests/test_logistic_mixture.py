@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import device_backends, namespace, rel_err
 
 import vaekernels
 from vaekernels import _backend
 from vaekernels.reference import logistic_mixture as ref
-from conftest import device_backends, namespace, rel_err
 
 # ||out - ref|| / ||ref|| bounds against a float64 reference.
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-11}
@@ -37,16 +37,23 @@ def openai_formula(params, x, M):
     xs = x.unsqueeze(2)
     if C == 3:
         c = torch.tanh(coeffs)
-        means = torch.stack([means[:, 0], means[:, 1] + c[:, 0] * xs[:, 0],
-                             means[:, 2] + c[:, 1] * xs[:, 0] + c[:, 2] * xs[:, 1]], 1)
+        means = torch.stack(
+            [means[:, 0], means[:, 1] + c[:, 0] * xs[:, 0], means[:, 2] + c[:, 1] * xs[:, 0] + c[:, 2] * xs[:, 1]], 1
+        )
     centred, inv_stdv = xs - means, torch.exp(-log_scales)
     plus_in, min_in = inv_stdv * (centred + 1 / 255), inv_stdv * (centred - 1 / 255)
     cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
     mid_in = inv_stdv * centred
     log_pdf_mid = mid_in - log_scales - 2 * F.softplus(mid_in)
-    log_probs = torch.where(xs < -0.999, plus_in - F.softplus(plus_in), torch.where(
-        xs > 0.999, -F.softplus(min_in), torch.where(
-            cdf_delta > 1e-5, torch.log(torch.clamp(cdf_delta, min=1e-12)), log_pdf_mid - math.log(127.5))))
+    log_probs = torch.where(
+        xs < -0.999,
+        plus_in - F.softplus(plus_in),
+        torch.where(
+            xs > 0.999,
+            -F.softplus(min_in),
+            torch.where(cdf_delta > 1e-5, torch.log(torch.clamp(cdf_delta, min=1e-12)), log_pdf_mid - math.log(127.5)),
+        ),
+    )
     return -torch.logsumexp(log_probs.sum(1) + torch.log_softmax(logits, 1), 1)
 
 
@@ -108,8 +115,9 @@ def test_reductions_and_bits_per_dim(device_backend):
     params, x = make_inputs(3, 3, 2, 4, 5, device=device)
     per_pixel = vaekernels.discretized_logistic_mixture_nll(params, x, 2, reduction="none")
     torch.testing.assert_close(vaekernels.discretized_logistic_mixture_nll(params, x, 2), per_pixel.sum())
-    torch.testing.assert_close(vaekernels.discretized_logistic_mixture_nll(params, x, 2, reduction="mean"),
-                               per_pixel.sum((1, 2)).mean())
+    torch.testing.assert_close(
+        vaekernels.discretized_logistic_mixture_nll(params, x, 2, reduction="mean"), per_pixel.sum((1, 2)).mean()
+    )
 
 
 def test_probabilities_of_all_256_values_sum_to_one(device_backend):
@@ -263,8 +271,9 @@ def test_opcheck(device_backend, C):
     ops = namespace(backend)
     torch.library.opcheck(ops.discretized_logistic_mixture_nll.default, (params.requires_grad_(), x, 2))
     nll = ops.discretized_logistic_mixture_nll(params.detach(), x, 2)
-    torch.library.opcheck(ops.discretized_logistic_mixture_nll_backward.default,
-                          (torch.randn_like(nll), params.detach(), x, nll, 2))
+    torch.library.opcheck(
+        ops.discretized_logistic_mixture_nll_backward.default, (torch.randn_like(nll), params.detach(), x, nll, 2)
+    )
 
 
 @pytest.mark.parametrize("device_backend", NATIVE, ids=lambda p: f"{p[0]}-{p[1]}")
@@ -274,8 +283,12 @@ def test_gradcheck_float64(device_backend, C):
     params, x = make_inputs(1, C, 2, 1, 2, device=device, seed=4)
     with vaekernels.use_backend(backend):
         assert torch.autograd.gradcheck(
-            lambda p: vaekernels.discretized_logistic_mixture_nll(p, x, 2, "none"), (params.requires_grad_(),),
-            eps=1e-6, atol=1e-7, rtol=1e-5)
+            lambda p: vaekernels.discretized_logistic_mixture_nll(p, x, 2, "none"),
+            (params.requires_grad_(),),
+            eps=1e-6,
+            atol=1e-7,
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("device_backend", NATIVE, ids=lambda p: f"{p[0]}-{p[1]}")
@@ -300,15 +313,18 @@ def test_compile_fullgraph_matches_eager(device_backend):
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("change,error,match", [
-    (lambda p, x: (p[:, :-1], x), ValueError, r"params must have P = 10 \* num_mixtures = 20 channels"),
-    (lambda p, x: (p, x[:, :2]), ValueError, "1 or 3 channels, got 2"),
-    (lambda p, x: (p, x[..., :-1]), ValueError, "x must have shape"),
-    (lambda p, x: (p[0], x), ValueError, r"params must have shape \[B, P, H, W\]"),
-    (lambda p, x: (p.long(), x), TypeError, "params must be a floating-point tensor"),
-    (lambda p, x: (p, x.double()), TypeError, "x must have the dtype of params"),
-    (lambda p, x: (p[:0], x[:0]), ValueError, "non-empty batch"),
-])
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda p, x: (p[:, :-1], x), ValueError, r"params must have P = 10 \* num_mixtures = 20 channels"),
+        (lambda p, x: (p, x[:, :2]), ValueError, "1 or 3 channels, got 2"),
+        (lambda p, x: (p, x[..., :-1]), ValueError, "x must have shape"),
+        (lambda p, x: (p[0], x), ValueError, r"params must have shape \[B, P, H, W\]"),
+        (lambda p, x: (p.long(), x), TypeError, "params must be a floating-point tensor"),
+        (lambda p, x: (p, x.double()), TypeError, "x must have the dtype of params"),
+        (lambda p, x: (p[:0], x[:0]), ValueError, "non-empty batch"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(change, error, match):
     params, x = make_inputs(2, 3, 2, 3, 4, dtype=torch.float32)
     params, x = change(params, x)

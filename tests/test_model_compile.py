@@ -11,10 +11,10 @@ import copy
 
 import pytest
 import torch
+from conftest import needs_cpp
 from torch._dynamo.testing import CompileCounter, EagerAndRecordGraphs
 
 import vaekernels
-from conftest import needs_cpp
 from models.registry import REGISTRY
 
 BACKENDS = ["auto", "reference"]
@@ -41,8 +41,16 @@ def loss_and_grads(loss_fn, model, batch):
 
 # Models whose reference-backend graph is another's with other arithmetic on the loss (the same
 # reference ops): compiled on the fused backend only, to keep CI short.
-REFERENCE_LIKE_ANOTHER = {"beta-vae", "capacity-vae", "geco", "cvae", "iwae-k5", "iwae-k50-dreg", "geco-iwae",
-                          "hiwae-k5"}
+REFERENCE_LIKE_ANOTHER = {
+    "beta-vae",
+    "capacity-vae",
+    "geco",
+    "cvae",
+    "iwae-k5",
+    "iwae-k50-dreg",
+    "geco-iwae",
+    "hiwae-k5",
+}
 
 
 def compile_cases():

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import device_backends, rel_err
 
 import vaekernels
-from conftest import device_backends, rel_err
 from vaekernels import _backend
 from vaekernels.ops import pixelcnn as pixelcnn_ops
 from vaekernels.ops.pixelcnn import MASK_TYPES, causal_conv2d, gated_conv1x1
@@ -21,7 +21,8 @@ NATIVE = [pytest.param(pair, id=f"{pair[0]}-{pair[1]}") for pair in device_backe
 
 def randn(*shape, device="cpu", dtype=torch.float64, seed=0, scale=1.0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale).to(
-        device=device, dtype=dtype)
+        device=device, dtype=dtype
+    )
 
 
 def grads(fn, inputs, seed=7):
@@ -48,14 +49,27 @@ def check_against_reference(fused, oracle, inputs, dtype, rtol=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel,mask_type,groups", [((1, 1), "B", 1), ((1, 1), "A", 3), ((3, 3), "A", 1),
-                                                     ((5, 3), "B", 1), ((1, 5), "A", 1), ((7, 7), "B", 3),
-                                                     ((3, 5), "A", 3)])
+@pytest.mark.parametrize(
+    "kernel,mask_type,groups",
+    [
+        ((1, 1), "B", 1),
+        ((1, 1), "A", 3),
+        ((3, 3), "A", 1),
+        ((5, 3), "B", 1),
+        ((1, 5), "A", 1),
+        ((7, 7), "B", 3),
+        ((3, 5), "A", 3),
+    ],
+)
 def test_masked_conv2d_matches_dense_conv_times_mask(dtype, kernel, mask_type, groups):
     x, weight, bias = randn(2, 6, 5, 7, dtype=dtype), randn(9, 6, *kernel, dtype=dtype, seed=1), randn(9, seed=2)
-    check_against_reference(lambda *t: vaekernels.masked_conv2d(*t, mask_type, channel_groups=groups),
-                            lambda *t: ref.masked_conv2d(*t, mask_type, channel_groups=groups),
-                            [x, weight, bias.to(dtype)], dtype, rtol=RTOL[dtype] * 5)
+    check_against_reference(
+        lambda *t: vaekernels.masked_conv2d(*t, mask_type, channel_groups=groups),
+        lambda *t: ref.masked_conv2d(*t, mask_type, channel_groups=groups),
+        [x, weight, bias.to(dtype)],
+        dtype,
+        rtol=RTOL[dtype] * 5,
+    )
 
 
 def test_masked_conv2d_without_bias_and_one_by_one_type_a_sees_nothing():
@@ -73,9 +87,14 @@ def test_masked_weights_get_exactly_zero_gradient(mask_type, groups):
     assert torch.count_nonzero(weight.grad * mask) == torch.count_nonzero(mask)  # every causal tap learns
 
 
-@pytest.mark.parametrize("optimizer", [lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
-                                       lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
-                                       lambda p: torch.optim.Adam(p, lr=0.1, weight_decay=1e-2)])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda p: torch.optim.Adam(p, lr=0.1, weight_decay=1e-2),
+    ],
+)
 def test_masked_weights_stay_zero_through_optimiser_steps(optimizer):
     torch.manual_seed(0)
     conv = vaekernels.nn.MaskedConv2d(3, 6, 5, mask_type="A", channel_groups=3)
@@ -102,8 +121,8 @@ def test_masked_conv_module_is_a_drop_in_conv2d():
 def future_positions(height, width, channels, groups, i, j, c, mask_type):
     """Boolean [channels, H, W]: the inputs that output (c, i, j) must not see."""
     future = torch.zeros(channels, height, width, dtype=torch.bool)
-    future[:, i, j + 1:] = True
-    future[:, i + 1:] = True
+    future[:, i, j + 1 :] = True
+    future[:, i + 1 :] = True
     group = torch.arange(channels) * groups // channels
     out_group = c * groups // channels
     future[:, i, j] = group > out_group if mask_type == "B" else group >= out_group
@@ -165,14 +184,20 @@ def test_causal_padding_is_f_pad(pads, memory_format):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gate", ["tanh", "linear"])
-@pytest.mark.parametrize("shape,with_cond", [((1, 2, 1, 1), False), ((2, 6, 5, 7), True), ((3, 10, 33), True),
-                                             ((2, 4), False), ((1, 2, 3, 1, 5), True)])
+@pytest.mark.parametrize(
+    "shape,with_cond",
+    [((1, 2, 1, 1), False), ((2, 6, 5, 7), True), ((3, 10, 33), True), ((2, 4), False), ((1, 2, 3, 1, 5), True)],
+)
 def test_gated_activation_matches_reference(device_backend, dtype, gate, shape, with_cond):
     device, _ = device_backend
     x = randn(*shape, device=device, dtype=dtype, scale=2)
     cond = randn(*shape[:2], device=device, dtype=dtype, seed=3) if with_cond else None
-    check_against_reference(lambda *t: vaekernels.gated_activation(*t, gate=gate),
-                            lambda *t: ref.gated_activation(*t, gate=gate), [x, cond], dtype)
+    check_against_reference(
+        lambda *t: vaekernels.gated_activation(*t, gate=gate),
+        lambda *t: ref.gated_activation(*t, gate=gate),
+        [x, cond],
+        dtype,
+    )
 
 
 def test_gated_activation_reads_a_cropped_conv_output_in_place(device_backend):
@@ -180,8 +205,10 @@ def test_gated_activation_reads_a_cropped_conv_output_in_place(device_backend):
     full = randn(2, 8, 7, 5, device=device, dtype=torch.float32)
     cropped = full[:, :, :6]  # [2, 8, 6, 5]: rows of 30 contiguous pixels, strided channels
     cond = randn(2, 8, device=device, dtype=torch.float32, seed=1)
-    assert rel_err(vaekernels.gated_activation(cropped, cond), ref.gated_activation(cropped.double(), cond.double())) \
+    assert (
+        rel_err(vaekernels.gated_activation(cropped, cond), ref.gated_activation(cropped.double(), cond.double()))
         <= RTOL[torch.float32]
+    )
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
@@ -223,8 +250,14 @@ def test_float32_tanh_of_the_cpu_kernel_is_within_a_few_ulp(backend):
     1 - tanh^2 = 1 / cosh^2 is within 1e-6 relatively wherever it is a normal float, also where
     1 - t^2 of a float t loses every digit. The second half at 40 makes the sigmoid exactly 1: the gate is the tanh."""
     tiny_to_large = torch.logspace(-44, 4, 40001, dtype=torch.float64)
-    a = torch.cat([torch.linspace(-10, 10, 400001, dtype=torch.float64), tiny_to_large, -tiny_to_large,
-                   torch.tensor([0.0, math.inf, -math.inf], dtype=torch.float64)]).float()
+    a = torch.cat(
+        [
+            torch.linspace(-10, 10, 400001, dtype=torch.float64),
+            tiny_to_large,
+            -tiny_to_large,
+            torch.tensor([0.0, math.inf, -math.inf], dtype=torch.float64),
+        ]
+    ).float()
     x = torch.stack([a, torch.full_like(a, 40.0)]).view(1, 2, -1).requires_grad_()
     with vaekernels.use_backend(backend):
         out = vaekernels.gated_activation(x)
@@ -246,20 +279,35 @@ def test_float32_tanh_of_the_cpu_kernel_is_within_a_few_ulp(backend):
 
 # (mask type, kernel, condition, gate, height x width): single rows and columns included, where
 # the causal pads of the layer's convolutions reach past the whole image (type A crops a column).
-@pytest.mark.parametrize("mask_type,kernel,cond,gate,size", [
-    ("A", 3, True, "tanh", (5, 6)), ("B", 5, False, "linear", (5, 6)), ("B", 3, True, "tanh", (5, 6)),
-    ("A", 7, False, "tanh", (5, 6)), ("B", 3, True, "tanh", (1, 4)), ("A", 5, True, "linear", (4, 1))])
+@pytest.mark.parametrize(
+    "mask_type,kernel,cond,gate,size",
+    [
+        ("A", 3, True, "tanh", (5, 6)),
+        ("B", 5, False, "linear", (5, 6)),
+        ("B", 3, True, "tanh", (5, 6)),
+        ("A", 7, False, "tanh", (5, 6)),
+        ("B", 3, True, "tanh", (1, 4)),
+        ("A", 5, True, "linear", (4, 1)),
+    ],
+)
 def test_gated_layer_matches_the_pytorch_generative_layer(device_backend, mask_type, kernel, cond, gate, size):
     device, _ = device_backend
     torch.manual_seed(0)
     channels = 4
-    layer = vaekernels.nn.GatedPixelCNNLayer(channels, channels, kernel, mask_type, skip_channels=3,
-                                             cond_features=5 if cond else 0, gate=gate).double().to(device)
+    layer = (
+        vaekernels.nn.GatedPixelCNNLayer(
+            channels, channels, kernel, mask_type, skip_channels=3, cond_features=5 if cond else 0, gate=gate
+        )
+        .double()
+        .to(device)
+    )
     v, h = randn(2, channels, *size, device=device), randn(2, channels, *size, device=device, seed=1)
     y = randn(2, 5, device=device, seed=2) if cond else None
     params = list(layer.parameters())
+
     def flat(outs):
         return torch.cat([o.flatten() for o in outs if o is not None])
+
     out = flat(layer(v.requires_grad_(), h.requires_grad_(), y))
     expected = flat(ref.gated_pixelcnn_layer(layer, v, h, y))
     assert rel_err(out, expected) <= 1e-12
@@ -274,8 +322,9 @@ def test_gated_conv1x1_saves_its_input_not_the_gated_tensor():
     x = randn(2, 8, 4, 4, dtype=torch.float32).requires_grad_()
     weight = randn(6, 4, 1, 1, dtype=torch.float32).requires_grad_()
     saved = set()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.untyped_storage().data_ptr()) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.add(t.untyped_storage().data_ptr()) or t, lambda t: t
+    ):
         gated_conv1x1(x, None, weight, None)
     assert saved == {x.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr()}
 
@@ -332,6 +381,7 @@ def test_masked_conv2d_gradients_whichever_way_they_are_asked_for(mask_type, wit
 
     def loss():
         return (vaekernels.masked_conv2d(x, weight, bias, mask_type) * cot).sum()
+
     if with_bias:
         _assert_gradients_whichever_way_asked(loss, leaves, expected)
     # Asked for x alone, no part computes its weight's gradient (as many multiply-adds as the forward).
@@ -343,8 +393,9 @@ def test_masked_conv2d_gradients_whichever_way_they_are_asked_for(mask_type, wit
 
 def pixelcnn(levels=2, classes=3, layers=4, kernel=3):
     torch.manual_seed(0)
-    return vaekernels.nn.GatedPixelCNN(1, 6, layers, kernel_size=kernel, first_kernel=kernel, levels=levels,
-                                       num_classes=classes).double()
+    return vaekernels.nn.GatedPixelCNN(
+        1, 6, layers, kernel_size=kernel, first_kernel=kernel, levels=levels, num_classes=classes
+    ).double()
 
 
 def test_gated_pixelcnn_stack_is_exactly_causal_with_no_blind_spot():
@@ -376,8 +427,9 @@ def test_cached_sampling_equals_naive_sampling(levels):
     model = pixelcnn(levels=levels, layers=3, kernel=5)
     y = torch.tensor([0, 1, 2])
     fast, fast_logits = model.sample(3, (6, 7), y, generator=torch.Generator().manual_seed(5), return_logits=True)
-    slow, slow_logits = model.sample(3, (6, 7), y, cached=False, generator=torch.Generator().manual_seed(5),
-                                     return_logits=True)
+    slow, slow_logits = model.sample(
+        3, (6, 7), y, cached=False, generator=torch.Generator().manual_seed(5), return_logits=True
+    )
     assert torch.equal(fast, slow)
     assert (fast_logits - slow_logits).abs().max() <= 1e-4
     assert fast.unique().numel() > 1  # not trivially constant
@@ -478,34 +530,60 @@ def test_one_input_channel_compiles_with_inductor(device_backend):
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 2, 3)),
-     r"masked_conv2d: weight must have an odd kernel size.*got 2x3"),
-    (lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 3, 3)),
-     r"masked_conv2d: weight must have in_channels = x.shape\[1\] = 2"),
-    (lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3), mask_type="C"),
-     r"masked_conv2d: mask_type must be one of 'A', 'B', got 'C'"),
-    (lambda: vaekernels.masked_conv2d(torch.zeros(2, 3, 3), torch.zeros(1, 2, 3, 3)),
-     r"masked_conv2d: x must have shape \[B, C, H, W\], got \[2, 3, 3\]"),
-    (lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(4, 2, 3, 3), channel_groups=3),
-     r"masked_conv2d: channel_groups must divide"),
-    (lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(4, 2, 3, 3, dtype=torch.float64)),
-     r"masked_conv2d: weight must have the dtype of x"),
-    (lambda: vaekernels.gated_activation(torch.zeros(2, 3, 4)),
-     r"gated_activation: x must have shape \[B, 2C, \*spatial\] with an even channel count, got \[2, 3, 4\]"),
-    (lambda: vaekernels.gated_activation(torch.zeros(2, 4, 4), torch.zeros(2, 2)),
-     r"gated_activation: cond must have shape \[B, 2C\] = \[2, 4\], got \[2, 2\]"),
-    (lambda: vaekernels.gated_activation(torch.zeros(2, 4, 4), gate="relu"),
-     r"gated_activation: gate must be one of 'tanh', 'linear', got 'relu'"),
-    (lambda: vaekernels.gated_activation(torch.zeros(2, 4, 4, dtype=torch.long)),
-     r"gated_activation: x must be a floating-point tensor"),
-    (lambda: vaekernels.nn.MaskedConv2d(2, 2, 3, stride=2), r"MaskedConv2d: only stride=1"),
-    (lambda: vaekernels.nn.MaskedConv2d(2, 2, 4), r"MaskedConv2d: kernel_size must be odd"),
-    (lambda: vaekernels.nn.GatedPixelCNNLayer(2, 2, 4), r"GatedPixelCNNLayer: kernel_size must be an odd int >= 3"),
-    (lambda: vaekernels.nn.GatedPixelCNNLayer(2, 2, 3, cond_features=3)(torch.zeros(1, 2, 3, 3),
-                                                                         torch.zeros(1, 2, 3, 3)),
-     r"GatedPixelCNNLayer: cond must be given exactly when"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (
+            lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 2, 3)),
+            r"masked_conv2d: weight must have an odd kernel size.*got 2x3",
+        ),
+        (
+            lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 3, 3)),
+            r"masked_conv2d: weight must have in_channels = x.shape\[1\] = 2",
+        ),
+        (
+            lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3), mask_type="C"),
+            r"masked_conv2d: mask_type must be one of 'A', 'B', got 'C'",
+        ),
+        (
+            lambda: vaekernels.masked_conv2d(torch.zeros(2, 3, 3), torch.zeros(1, 2, 3, 3)),
+            r"masked_conv2d: x must have shape \[B, C, H, W\], got \[2, 3, 3\]",
+        ),
+        (
+            lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(4, 2, 3, 3), channel_groups=3),
+            r"masked_conv2d: channel_groups must divide",
+        ),
+        (
+            lambda: vaekernels.masked_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(4, 2, 3, 3, dtype=torch.float64)),
+            r"masked_conv2d: weight must have the dtype of x",
+        ),
+        (
+            lambda: vaekernels.gated_activation(torch.zeros(2, 3, 4)),
+            r"gated_activation: x must have shape \[B, 2C, \*spatial\] with an even channel count, got \[2, 3, 4\]",
+        ),
+        (
+            lambda: vaekernels.gated_activation(torch.zeros(2, 4, 4), torch.zeros(2, 2)),
+            r"gated_activation: cond must have shape \[B, 2C\] = \[2, 4\], got \[2, 2\]",
+        ),
+        (
+            lambda: vaekernels.gated_activation(torch.zeros(2, 4, 4), gate="relu"),
+            r"gated_activation: gate must be one of 'tanh', 'linear', got 'relu'",
+        ),
+        (
+            lambda: vaekernels.gated_activation(torch.zeros(2, 4, 4, dtype=torch.long)),
+            r"gated_activation: x must be a floating-point tensor",
+        ),
+        (lambda: vaekernels.nn.MaskedConv2d(2, 2, 3, stride=2), r"MaskedConv2d: only stride=1"),
+        (lambda: vaekernels.nn.MaskedConv2d(2, 2, 4), r"MaskedConv2d: kernel_size must be odd"),
+        (lambda: vaekernels.nn.GatedPixelCNNLayer(2, 2, 4), r"GatedPixelCNNLayer: kernel_size must be an odd int >= 3"),
+        (
+            lambda: vaekernels.nn.GatedPixelCNNLayer(2, 2, 3, cond_features=3)(
+                torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3)
+            ),
+            r"GatedPixelCNNLayer: cond must be given exactly when",
+        ),
+    ],
+)
 def test_bad_input_raises_a_clear_error(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()

@@ -22,13 +22,29 @@ from torch import nn
 import vaekernels
 from vaekernels import nn as vnn
 
-settings.register_profile("ci", max_examples=6, derandomize=True, database=None, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.register_profile("long", max_examples=200, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.register_profile("quick", max_examples=6, derandomize=True, database=None, deadline=None,
-                          phases=[Phase.explicit, Phase.generate],
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile(
+    "ci",
+    max_examples=6,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "quick",
+    max_examples=6,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 8, 13])
@@ -114,8 +130,12 @@ def check(fn, tensors, dtype, *, grad=True, data_inputs=(), **kwargs):
     for i, (t, e) in enumerate(zip(inputs, expected_inputs)):
         if t.is_floating_point() and i not in data_inputs:
             # None is autograd's zero gradient (a 1x1 type-A convolution reads no tap of its weight).
-            close(torch.zeros_like(t) if t.grad is None else t.grad, torch.zeros_like(e) if e.grad is None else e.grad,
-                  dtype, f"gradient of input {i}")
+            close(
+                torch.zeros_like(t) if t.grad is None else t.grad,
+                torch.zeros_like(e) if e.grad is None else e.grad,
+                dtype,
+                f"gradient of input {i}",
+            )
 
 
 def raises_named(fn_name, call):
@@ -135,8 +155,9 @@ def test_log_mean_exp(device_backend, data, rows, n, dtype):
     x = x.detach().clone().requires_grad_()
     vaekernels.log_mean_exp(x).sum().backward()
     alive = ~torch.isneginf(x.detach()).all(-1)
-    torch.testing.assert_close(x.grad.sum(-1)[alive].double(), torch.ones(int(alive.sum()), dtype=torch.float64),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        x.grad.sum(-1)[alive].double(), torch.ones(int(alive.sum()), dtype=torch.float64), rtol=1e-5, atol=0
+    )
 
 
 @given(data=st.data(), b=SIZES, k=SIZES, d=SIZES, dtype=DTYPES)
@@ -160,8 +181,15 @@ def test_gaussian_log_prob_and_kl(device_backend, data, b, k, d, dtype):
     check(vaekernels.gaussian_kl, [kl_mean, data.draw(values((b, d), dtype, low=-20, high=20))], dtype)
 
 
-@given(data=st.data(), b=SIZES, k=SIZES, d=SIZES, estimator=st.sampled_from(["iwae", "stl", "dreg"]),
-       likelihood=st.sampled_from(["bernoulli", "gaussian"]), reduction=st.sampled_from(["none", "mean", "sum"]))
+@given(
+    data=st.data(),
+    b=SIZES,
+    k=SIZES,
+    d=SIZES,
+    estimator=st.sampled_from(["iwae", "stl", "dreg"]),
+    likelihood=st.sampled_from(["bernoulli", "gaussian"]),
+    reduction=st.sampled_from(["none", "mean", "sum"]),
+)
 def test_iwae_bound_and_module(device_backend, data, b, k, d, estimator, likelihood, reduction):
     dtype = torch.float64
     logits = data.draw(values((b, k, d), dtype, extremes=(30.0, -30.0)))
@@ -173,9 +201,11 @@ def test_iwae_bound_and_module(device_backend, data, b, k, d, estimator, likelih
 
     def bound(logits, mean, q_log_var, **kwargs):
         z = mean.unsqueeze(1) + torch.exp(0.5 * q_log_var).unsqueeze(1) * eps
-        out = vnn.IWAEBound(likelihood, estimator, reduction)(logits, x, log_pz, None, z=z, q=(mean, q_log_var),
-                                                               log_var=log_var)
+        out = vnn.IWAEBound(likelihood, estimator, reduction)(
+            logits, x, log_pz, None, z=z, q=(mean, q_log_var), log_var=log_var
+        )
         return out
+
     check(bound, [logits, mean, q_log_var], dtype)
     # K samples of the exact posterior give log p(x) whatever K: a bound with log_px + log_pz -
     # log_qz constant over k equals that constant.
@@ -199,15 +229,18 @@ def test_importance_sampled_nll_streams_to_the_reference():
 
     def encode(x):
         return x[:, :2] * 0.5, torch.full((len(x), 2), -1.0)
+
     decoder = nn.Linear(2, 4)
 
     def decode(z):
         return decoder(z)
+
     with torch.no_grad():
         got = vaekernels.importance_sampled_nll(x, encode, decode, 50, 7, generator=torch.Generator().manual_seed(3))
         with vaekernels.use_backend("reference"):
-            want = vaekernels.importance_sampled_nll(x, encode, decode, 50, 7,
-                                                     generator=torch.Generator().manual_seed(3))
+            want = vaekernels.importance_sampled_nll(
+                x, encode, decode, 50, 7, generator=torch.Generator().manual_seed(3)
+            )
     # Same samples (the reference draws all K at once, the fused op chunk by chunk: both from one stream).
     assert torch.isfinite(got).all() and (got > 0).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -216,8 +249,16 @@ def test_importance_sampled_nll_streams_to_the_reference():
 # ----------------------------------------------------------------------------- PixelCNN
 
 
-@given(data=st.data(), b=SIZES, c=st.sampled_from([1, 2, 3]), h=SIZES, w=SIZES, dtype=DTYPES,
-       gate=st.sampled_from(["tanh", "linear"]), with_cond=st.booleans())
+@given(
+    data=st.data(),
+    b=SIZES,
+    c=st.sampled_from([1, 2, 3]),
+    h=SIZES,
+    w=SIZES,
+    dtype=DTYPES,
+    gate=st.sampled_from(["tanh", "linear"]),
+    with_cond=st.booleans(),
+)
 def test_gated_activation(device_backend, data, b, c, h, w, dtype, gate, with_cond):
     x = data.draw(values((b, 2 * c, h, w), dtype, extremes=(1e4, -1e4, 50.0)))
     if data.draw(st.booleans()):
@@ -229,9 +270,16 @@ def test_gated_activation(device_backend, data, b, c, h, w, dtype, gate, with_co
     check(lambda x, *cond: vaekernels.gated_activation(x, cond[0] if cond else None, gate), tensors, dtype)
 
 
-@given(data=st.data(), b=st.sampled_from([1, 2]), c=st.sampled_from([1, 3]), h=SIZES, w=SIZES,
-       kernel=st.sampled_from([(1, 1), (3, 3), (5, 3), (1, 5)]), mask_type=st.sampled_from(["A", "B"]),
-       groups=st.sampled_from([1, 3]))
+@given(
+    data=st.data(),
+    b=st.sampled_from([1, 2]),
+    c=st.sampled_from([1, 3]),
+    h=SIZES,
+    w=SIZES,
+    kernel=st.sampled_from([(1, 1), (3, 3), (5, 3), (1, 5)]),
+    mask_type=st.sampled_from(["A", "B"]),
+    groups=st.sampled_from([1, 3]),
+)
 def test_masked_conv2d_and_module(device_backend, data, b, c, h, w, kernel, mask_type, groups):
     dtype = torch.float64
     channels = c * groups
@@ -239,8 +287,11 @@ def test_masked_conv2d_and_module(device_backend, data, b, c, h, w, kernel, mask
     x = data.draw(values((b, channels, h, w), dtype))
     if data.draw(st.booleans()):
         x = x.contiguous(memory_format=torch.channels_last)
-    check(lambda x, weight, bias: vaekernels.masked_conv2d(x, weight, bias, mask_type, channel_groups=groups),
-          [x, conv.weight, conv.bias], dtype)
+    check(
+        lambda x, weight, bias: vaekernels.masked_conv2d(x, weight, bias, mask_type, channel_groups=groups),
+        [x, conv.weight, conv.bias],
+        dtype,
+    )
     # Causality, with zero tolerance: the last pixel in raster order moves no output.
     moved = x.clone()
     moved[..., -1, -1] += 1.0
@@ -249,10 +300,17 @@ def test_masked_conv2d_and_module(device_backend, data, b, c, h, w, kernel, mask
     assert delta.abs().max() == 0
 
 
-@given(data=st.data(), h=st.sampled_from([1, 2, 5]), w=st.sampled_from([1, 3, 4]), mask_type=st.sampled_from("AB"),
-       skip=st.sampled_from([0, 2]), cond=st.sampled_from([0, 3]))
+@given(
+    data=st.data(),
+    h=st.sampled_from([1, 2, 5]),
+    w=st.sampled_from([1, 3, 4]),
+    mask_type=st.sampled_from("AB"),
+    skip=st.sampled_from([0, 2]),
+    cond=st.sampled_from([0, 3]),
+)
 def test_gated_pixelcnn_layer_matches_its_reference(device_backend, data, h, w, mask_type, skip, cond):
     from vaekernels.reference.pixelcnn import gated_pixelcnn_layer
+
     dtype = torch.float64
     torch.manual_seed(data.draw(st.integers(0, 1000)))
     layer = vnn.GatedPixelCNNLayer(2, 2, 3, mask_type, skip_channels=skip, cond_features=cond, dtype=dtype)
@@ -269,15 +327,24 @@ def test_gated_pixelcnn_samples_and_likelihood(device_backend):
     model = vnn.GatedPixelCNN(channels=4, layers=2, first_kernel=3, num_classes=2)
     y = torch.tensor([0, 1])
     x, logits = model.sample(2, (3, 3), y, generator=torch.Generator().manual_seed(0), return_logits=True)
-    naive, naive_logits = model.sample(2, (3, 3), y, cached=False, generator=torch.Generator().manual_seed(0),
-                                       return_logits=True)
+    naive, naive_logits = model.sample(
+        2, (3, 3), y, cached=False, generator=torch.Generator().manual_seed(0), return_logits=True
+    )
     assert torch.equal(x, naive)
     torch.testing.assert_close(logits, naive_logits, rtol=1e-4, atol=1e-5)
     assert torch.isfinite(model.nll(x, y)).all()
 
 
-@given(data=st.data(), b=st.sampled_from([1, 2]), h=SIZES, w=SIZES, m=st.sampled_from([1, 2, 5]),
-       c=st.sampled_from([1, 3]), dtype=DTYPES, reduction=st.sampled_from(["none", "mean", "sum"]))
+@given(
+    data=st.data(),
+    b=st.sampled_from([1, 2]),
+    h=SIZES,
+    w=SIZES,
+    m=st.sampled_from([1, 2, 5]),
+    c=st.sampled_from([1, 3]),
+    dtype=DTYPES,
+    reduction=st.sampled_from(["none", "mean", "sum"]),
+)
 def test_discretized_logistic_mixture(device_backend, data, b, h, w, m, c, dtype, reduction):
     p = m * (10 if c == 3 else 3)
     # Log-scales up to 12 (a scale of 1.6e5 on data in [-1, 1]): the Triton backward's gradient is
@@ -285,17 +352,29 @@ def test_discretized_logistic_mixture(device_backend, data, b, h, w, m, c, dtype
     params = data.draw(values((b, p, h, w), dtype, scale_max=10.0, extremes=(-30.0, 12.0)))
     levels = torch.randint(0, 256, (b, c, h, w), generator=torch.Generator().manual_seed(data.draw(st.integers(0, 9))))
     x = (levels / 127.5 - 1).to(dtype)
-    check(vaekernels.discretized_logistic_mixture_nll, [params, x], dtype, num_mixtures=m, reduction=reduction,
-          data_inputs=(1,))
+    check(
+        vaekernels.discretized_logistic_mixture_nll,
+        [params, x],
+        dtype,
+        num_mixtures=m,
+        reduction=reduction,
+        data_inputs=(1,),
+    )
     sample = vaekernels.discretized_logistic_mixture_sample(params, c, m, torch.Generator().manual_seed(0))
     assert sample.shape == x.shape and sample.abs().max() <= 1
     # Quantised: every value on the 256-level grid.
     torch.testing.assert_close((sample + 1) * 127.5, ((sample + 1) * 127.5).round(), rtol=0, atol=1e-3)
 
 
-@given(data=st.data(), n=st.sampled_from([1, 2]), length=st.sampled_from([1, 2, 7, 13, 65]),
-       d=st.sampled_from([1, 3, 8]), dv=st.sampled_from([1, 5]), dtype=DTYPES,
-       scale=st.sampled_from([None, 0.5, 1e4]))
+@given(
+    data=st.data(),
+    n=st.sampled_from([1, 2]),
+    length=st.sampled_from([1, 2, 7, 13, 65]),
+    d=st.sampled_from([1, 3, 8]),
+    dv=st.sampled_from([1, 5]),
+    dtype=DTYPES,
+    scale=st.sampled_from([None, 0.5, 1e4]),
+)
 def test_causal_attention(device_backend, data, n, length, d, dv, dtype, scale):
     q, k = data.draw(values((n, length, d), dtype)), data.draw(values((n, length, d), dtype))
     v = data.draw(laid_out(data.draw(values((n, length, dv), dtype))))
@@ -337,6 +416,7 @@ def test_reversible_stack_inverts_and_matches_ordinary_backprop(device_backend, 
         if block == "affine":
             return vnn.AffineCoupling(nn.Sequential(nn.Linear(3, 6), nn.Tanh()))
         return vnn.InvertibleDownsample(2)
+
     blocks = [make().double() for _ in range(depth if block != "downsample" else 1)]
     x = data.draw(values((2, 4, 4, 4) if block == "downsample" else (3, 6), dtype))
     net = vnn.ReversibleSequential(*blocks)
@@ -349,8 +429,10 @@ def test_reversible_stack_inverts_and_matches_ordinary_backprop(device_backend, 
     h, total = x2, 0
     for b in blocks:
         out = b(h)
-        h, total = (out if isinstance(out, torch.Tensor) else out[0]), total + (
-            0 if isinstance(out, torch.Tensor) else out[1])
+        h, total = (
+            (out if isinstance(out, torch.Tensor) else out[0]),
+            total + (0 if isinstance(out, torch.Tensor) else out[1]),
+        )
     (h.square().sum() + (total.sum() if isinstance(total, torch.Tensor) else 0)).backward()
     torch.testing.assert_close(x1.grad, x2.grad)
 
@@ -358,9 +440,14 @@ def test_reversible_stack_inverts_and_matches_ordinary_backprop(device_backend, 
 # ----------------------------------------------------------------------------- decoder Jacobians
 
 
-@given(data=st.data(), b=SIZES, d=st.sampled_from([1, 2, 3]), hidden=st.sampled_from([1, 4, 7]),
-       activation=st.sampled_from([nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Softplus, nn.ELU, nn.GELU]),
-       conv=st.booleans())
+@given(
+    data=st.data(),
+    b=SIZES,
+    d=st.sampled_from([1, 2, 3]),
+    hidden=st.sampled_from([1, 4, 7]),
+    activation=st.sampled_from([nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Softplus, nn.ELU, nn.GELU]),
+    conv=st.booleans(),
+)
 def test_jacobian_ops_and_module(device_backend, data, b, d, hidden, activation, conv):
     dtype = torch.float64
     torch.manual_seed(data.draw(st.integers(0, 1000)))
@@ -383,6 +470,7 @@ def test_jacobian_ops_and_module(device_backend, data, b, d, hidden, activation,
 
 # ----------------------------------------------------------------------------- bad arguments
 
+
 def _rows(*shape):
     return torch.rand(*shape, generator=torch.Generator().manual_seed(0))
 
@@ -398,23 +486,40 @@ OPS = {
     "gaussian_log_prob": (lambda a, b: vaekernels.gaussian_log_prob(a, b, b), _rows(2, 4), _rows(2, 4)),
     "gaussian_kl": (vaekernels.gaussian_kl, _rows(2, 4), _rows(2, 4)),
     "iwae_bound": (lambda a, b: vaekernels.iwae_bound(a, _rows(2, 4), b, b), _rows(2, 3, 4), _rows(2, 3)),
-    "importance_sampled_nll": (lambda a, b: vaekernels.importance_sampled_nll(
-        a, lambda x: (b, b), lambda z: torch.zeros(*z.shape[:2], 4), 4, 2), _rows(2, 4).round(), _rows(2, 3)),
-    "aggregate_posterior_log_density": (lambda a, b: vaekernels.aggregate_posterior_log_density(a, b, b),
-                                        _rows(3, 2), _rows(3, 2)),
+    "importance_sampled_nll": (
+        lambda a, b: vaekernels.importance_sampled_nll(
+            a, lambda x: (b, b), lambda z: torch.zeros(*z.shape[:2], 4), 4, 2
+        ),
+        _rows(2, 4).round(),
+        _rows(2, 3),
+    ),
+    "aggregate_posterior_log_density": (
+        lambda a, b: vaekernels.aggregate_posterior_log_density(a, b, b),
+        _rows(3, 2),
+        _rows(3, 2),
+    ),
     "marginal_kl": (lambda a, b: vaekernels.marginal_kl(a, b, b), _rows(3, 2), _rows(3, 2)),
     "mutual_information": (lambda a, b: vaekernels.mutual_information(a, b, b), _rows(3, 2), _rows(3, 2)),
     "total_correlation": (lambda a, b: vaekernels.total_correlation(a, b, b), _rows(3, 2), _rows(3, 2)),
     "causal_attention": (lambda a, b: vaekernels.causal_attention(a, b, b), _rows(2, 5, 4), _rows(2, 5, 4)),
     "gated_activation": (vaekernels.gated_activation, _rows(2, 4, 3), _rows(2, 4)),
     "masked_conv2d": (vaekernels.masked_conv2d, _rows(1, 2, 3, 4), _rows(3, 2, 3, 3)),
-    "coupling_backward_step": (lambda a, b: vaekernels.coupling_backward_step(a, b, torch.zeros(2, 4), b),
-                               _rows(2, 4), _rows(2, 4)),
+    "coupling_backward_step": (
+        lambda a, b: vaekernels.coupling_backward_step(a, b, torch.zeros(2, 4), b),
+        _rows(2, 4),
+        _rows(2, 4),
+    ),
     "reversible_sequential": (lambda a, b: vaekernels.reversible_sequential([_BLOCK], a), _rows(3, 4), None),
-    "discretized_logistic_mixture_nll": (lambda a, b: vaekernels.discretized_logistic_mixture_nll(a, b, 1),
-                                         _rows(2, 3, 3, 4), _rows(2, 1, 3, 4).round()),
-    "discretized_logistic_mixture_sample": (lambda a, b: vaekernels.discretized_logistic_mixture_sample(a, 1, 1),
-                                            _rows(2, 3, 3, 4), None),
+    "discretized_logistic_mixture_nll": (
+        lambda a, b: vaekernels.discretized_logistic_mixture_nll(a, b, 1),
+        _rows(2, 3, 3, 4),
+        _rows(2, 1, 3, 4).round(),
+    ),
+    "discretized_logistic_mixture_sample": (
+        lambda a, b: vaekernels.discretized_logistic_mixture_sample(a, 1, 1),
+        _rows(2, 3, 3, 4),
+        None,
+    ),
     "jacobian_column_sq_norms": (lambda a, b: vaekernels.jacobian_column_sq_norms(_MLP, a), _rows(3, 4), None),
     "jacobian_gram": (lambda a, b: vaekernels.jacobian_gram(_MLP, a), _rows(3, 4), None),
     "grae_regularizer": (lambda a, b: vaekernels.grae_regularizer(_MLP, a, 1.0), _rows(3, 4), None),

@@ -8,16 +8,24 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_triton_schema_is_cpp, device_backends, namespace, needs_cpp_and_triton
 
 import vaekernels
-from conftest import assert_triton_schema_is_cpp, device_backends, namespace, needs_cpp_and_triton
 from vaekernels import _backend
 
 # (device, backend) pairs that run native kernels: cpu and the interpreted Triton on CPU tensors,
 # cuda and Triton on CUDA tensors where there is a GPU.
 NATIVE = [pytest.param(pair, id=f"{pair[0]}-{pair[1]}") for pair in device_backends() if pair[1] != "reference"]
-OP_NAMES = ["log_mean_exp", "log_mean_exp_backward", "bernoulli_log_prob", "bernoulli_log_prob_backward", "gaussian_log_prob",
-            "gaussian_kl", "aggregate_posterior", "aggregate_posterior_backward"]
+OP_NAMES = [
+    "log_mean_exp",
+    "log_mean_exp_backward",
+    "bernoulli_log_prob",
+    "bernoulli_log_prob_backward",
+    "gaussian_log_prob",
+    "gaussian_kl",
+    "aggregate_posterior",
+    "aggregate_posterior_backward",
+]
 
 
 def sample_args(name, backend, device, with_marginal=True, dtype=torch.float64):
@@ -45,14 +53,16 @@ def sample_args(name, backend, device, with_marginal=True, dtype=torch.float64):
     z, mean, log_var = randn(4, 3).requires_grad_(), randn(5, 3).requires_grad_(), randn(5, 3).requires_grad_()
     if name == "aggregate_posterior":
         return z, mean, log_var, with_marginal
-    joint, marginal = _backend.ops(backend).aggregate_posterior(z.detach(), mean.detach(), log_var.detach(),
-                                                                with_marginal)
+    joint, marginal = _backend.ops(backend).aggregate_posterior(
+        z.detach(), mean.detach(), log_var.detach(), with_marginal
+    )
     return randn(4), randn(*marginal.shape), z.detach(), mean.detach(), log_var.detach(), joint, marginal
 
 
 # The aggregate posterior ops once more for a joint-only forward, whose marginal is an empty [B, 0].
 OPCHECK_CASES = [pytest.param(name, True, id=name) for name in OP_NAMES] + [
-    pytest.param(name, False, id=f"{name}-joint-only") for name in OP_NAMES if name.startswith("aggregate_posterior")]
+    pytest.param(name, False, id=f"{name}-joint-only") for name in OP_NAMES if name.startswith("aggregate_posterior")
+]
 
 
 @pytest.mark.parametrize("device_backend", NATIVE)
@@ -84,12 +94,15 @@ def _public_calls(device="cpu"):
         "gaussian_log_prob": (vaekernels.gaussian_log_prob, (leaf(2, 3, 4), leaf(2, 1, 4), leaf(4, scale=0.3))),
         "gaussian_kl": (vaekernels.gaussian_kl, (leaf(3, 4), leaf(3, 4))),
         "iwae_bound": (lambda l, p, q: vaekernels.iwae_bound(l, x, p, q), (leaf(2, 3, 5), leaf(2, 3), leaf(2, 3))),
-        "iwae_bound_gaussian": (lambda m, v: vaekernels.iwae_bound(m, x, zeros, zeros, likelihood="gaussian",
-                                                                    log_var=v),
-                                (leaf(2, 3, 5), leaf(5, scale=0.3))),
+        "iwae_bound_gaussian": (
+            lambda m, v: vaekernels.iwae_bound(m, x, zeros, zeros, likelihood="gaussian", log_var=v),
+            (leaf(2, 3, 5), leaf(5, scale=0.3)),
+        ),
         "aggregate_posterior_log_density": (vaekernels.aggregate_posterior_log_density, (z, mean, log_var)),
-        "aggregate_posterior_per_dim": (lambda *t: vaekernels.aggregate_posterior_log_density(*t, per_dim=True),
-                                        (z, mean, log_var)),
+        "aggregate_posterior_per_dim": (
+            lambda *t: vaekernels.aggregate_posterior_log_density(*t, per_dim=True),
+            (z, mean, log_var),
+        ),
         "total_correlation": (vaekernels.total_correlation, (z, mean, log_var)),
         "mutual_information": (vaekernels.mutual_information, (z, mean, log_var)),
         "marginal_kl": (vaekernels.marginal_kl, (z, mean, log_var)),
@@ -117,8 +130,16 @@ def _dreg_call(device):
     def dreg(mean, log_var, weight):
         z = mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps
         zero = z.new_zeros(())
-        return vaekernels.iwae_bound(z @ weight, x.to(device), vaekernels.gaussian_log_prob(z, zero, zero), None,
-                                     estimator="dreg", z=z, q=(mean, log_var))
+        return vaekernels.iwae_bound(
+            z @ weight,
+            x.to(device),
+            vaekernels.gaussian_log_prob(z, zero, zero),
+            None,
+            estimator="dreg",
+            z=z,
+            q=(mean, log_var),
+        )
+
     weight = torch.randn(3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
     return dreg, (mean, log_var, weight)
 
@@ -163,16 +184,18 @@ def test_every_cpu_capability_build_loads_and_agrees():
     results = {}
     for capability in capabilities:
         env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
-        run = subprocess.run([sys.executable, "-c", _CAPABILITY_PROBE], env=env, capture_output=True, text=True,
-                             check=False)
+        run = subprocess.run(
+            [sys.executable, "-c", _CAPABILITY_PROBE], env=env, capture_output=True, text=True, check=False
+        )
         assert run.returncode == 0, run.stderr
         results[capability] = json.loads(run.stdout.strip().splitlines()[-1])
         assert results[capability]["capability"] == capability
     first = results[capabilities[0]]
     for capability in capabilities[1:]:
         for key in ("bernoulli", "lme", "gauss", "agg"):
-            torch.testing.assert_close(torch.tensor(results[capability][key]), torch.tensor(first[key]),
-                                       rtol=2e-6, atol=1e-5)
+            torch.testing.assert_close(
+                torch.tensor(results[capability][key]), torch.tensor(first[key]), rtol=2e-6, atol=1e-5
+            )
 
 
 def test_triton_of_the_test_extra_is_importable():
@@ -192,8 +215,12 @@ def _gram_reduce_norms(tangent, factor):
     """jacobian_gram_reduce on the chosen backend, alone: its backward is plain torch."""
     backend = _backend.choose("jacobian_tangent_step", tangent.device, tangent.dtype)
     from vaekernels.reference import jacobian as reference_jacobian
-    reduce = reference_jacobian.jacobian_gram_reduce if backend == "reference" else \
-        _backend.ops(backend).jacobian_gram_reduce
+
+    reduce = (
+        reference_jacobian.jacobian_gram_reduce
+        if backend == "reference"
+        else _backend.ops(backend).jacobian_gram_reduce
+    )
     return reduce(tangent, factor.t() @ factor, True)[0]
 
 
@@ -205,6 +232,7 @@ def _second_derivative_calls():
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
 
     from torch import nn
+
     from vaekernels.reference.logistic_mixture import num_params
 
     def seeded(make):
@@ -217,22 +245,32 @@ def _second_derivative_calls():
     decoder = seeded(lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)))
     layer = seeded(lambda: vaekernels.nn.GatedPixelCNNLayer(2, 2, 3, "B", skip_channels=1, cond_features=2))
     cond = torch.randn(1, 2, generator=g, dtype=torch.float64)
-    coupling = seeded(lambda: vaekernels.nn.ReversibleSequential(
-        *[vaekernels.nn.AdditiveCoupling(nn.Sequential(nn.Linear(2, 2), nn.Tanh()),
-                                         nn.Sequential(nn.Linear(2, 2), nn.Tanh())) for _ in range(2)]))
+    coupling = seeded(
+        lambda: vaekernels.nn.ReversibleSequential(
+            *[
+                vaekernels.nn.AdditiveCoupling(
+                    nn.Sequential(nn.Linear(2, 2), nn.Tanh()), nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+                )
+                for _ in range(2)
+            ]
+        )
+    )
     return {
         "log_mean_exp": (lambda t: vaekernels.log_mean_exp(t, dim=0), (leaf(4, 3),)),
         "bernoulli_log_prob": (lambda logits: vaekernels.bernoulli_log_prob(logits, x01), (leaf(2, 3, 5),)),
         "gaussian_log_prob": (vaekernels.gaussian_log_prob, (leaf(2, 3, 4), leaf(2, 1, 4), leaf(4, scale=0.3))),
         "gaussian_kl": (vaekernels.gaussian_kl, (leaf(3, 4), leaf(3, 4))),
-        "aggregate_posterior_log_density": (vaekernels.aggregate_posterior_log_density,
-                                            (leaf(3, 2), leaf(3, 2), leaf(3, 2, scale=0.3))),
+        "aggregate_posterior_log_density": (
+            vaekernels.aggregate_posterior_log_density,
+            (leaf(3, 2), leaf(3, 2), leaf(3, 2, scale=0.3)),
+        ),
         "gated_activation": (vaekernels.gated_activation, (leaf(2, 4, 1, 3), leaf(2, 4))),
         "masked_conv2d": (lambda x, w: vaekernels.masked_conv2d(x, w, None, "B"), (leaf(1, 2, 3, 3), leaf(2, 2, 3, 3))),
         "GatedPixelCNNLayer": (lambda v, h: layer(v, h, cond), (leaf(1, 2, 3, 3), leaf(1, 2, 3, 3))),
         "discretized_logistic_mixture_nll": (
             lambda p: vaekernels.discretized_logistic_mixture_nll(p, pixels, 2, "none"),
-            (leaf(1, num_params(1, 2), 2, 1),)),
+            (leaf(1, num_params(1, 2), 2, 1),),
+        ),
         "causal_attention": (vaekernels.causal_attention, (leaf(1, 4, 3), leaf(1, 4, 3), leaf(1, 4, 2))),
         "jacobian_gram_reduce": (_gram_reduce_norms, (leaf(2, 3, 4), leaf(5, 4))),
         "jacobian_column_sq_norms": (lambda z: vaekernels.jacobian_column_sq_norms(decoder, z), (leaf(2, 3),)),
@@ -243,10 +281,21 @@ def _second_derivative_calls():
 # Backwards of plain torch ops, twice differentiable on every backend; the others run fused
 # kernels, except on the reference backend, where only the reversible walk has no second derivative.
 TWICE_DIFFERENTIABLE = {"gaussian_log_prob", "gaussian_kl", "masked_conv2d", "jacobian_gram_reduce"}
-SECOND_DERIVATIVE_CALLS = ["log_mean_exp", "bernoulli_log_prob", "gaussian_log_prob", "gaussian_kl",
-                           "aggregate_posterior_log_density", "gated_activation", "masked_conv2d", "GatedPixelCNNLayer",
-                           "discretized_logistic_mixture_nll", "causal_attention", "jacobian_gram_reduce",
-                           "jacobian_column_sq_norms", "ReversibleSequential"]
+SECOND_DERIVATIVE_CALLS = [
+    "log_mean_exp",
+    "bernoulli_log_prob",
+    "gaussian_log_prob",
+    "gaussian_kl",
+    "aggregate_posterior_log_density",
+    "gated_activation",
+    "masked_conv2d",
+    "GatedPixelCNNLayer",
+    "discretized_logistic_mixture_nll",
+    "causal_attention",
+    "jacobian_gram_reduce",
+    "jacobian_column_sq_norms",
+    "ReversibleSequential",
+]
 
 
 @pytest.mark.parametrize("backend", [backend for device, backend in device_backends() if device == "cpu"])

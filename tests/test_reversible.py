@@ -10,11 +10,10 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import device_backends, needs_cpp_and_triton, rel_err
 from torch import nn
 
 import vaekernels
-from conftest import device_backends, needs_cpp_and_triton, rel_err
-from vaekernels import _backend
 from vaekernels.nn import AdditiveCoupling, AffineCoupling, InvertibleDownsample, ReversibleSequential
 from vaekernels.reference import reversible as ref
 
@@ -25,15 +24,17 @@ def mlp(width, dropout=0.0, norm=False):
     layers = [nn.Linear(width, width)]
     if norm:
         layers.append(nn.BatchNorm1d(width))
-    layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(width, width)] if dropout else [nn.Tanh(),
-                                                                                         nn.Linear(width, width)]
+    layers += (
+        [nn.Tanh(), nn.Dropout(dropout), nn.Linear(width, width)] if dropout else [nn.Tanh(), nn.Linear(width, width)]
+    )
     return nn.Sequential(*layers)
 
 
 def stack(depth, width, seed=0, dtype=torch.float32, **kwargs):
     torch.manual_seed(seed)
-    return ReversibleSequential(*[AdditiveCoupling(mlp(width, **kwargs), mlp(width, **kwargs))
-                                  for _ in range(depth)]).to(dtype)
+    return ReversibleSequential(
+        *[AdditiveCoupling(mlp(width, **kwargs), mlp(width, **kwargs)) for _ in range(depth)]
+    ).to(dtype)
 
 
 def gradients(net, x, ordinary, seed=5):
@@ -108,6 +109,7 @@ def test_coupling_backward_step_compiles_fullgraph(device_backend, compiler):
 def test_triton_op_has_the_cpp_schema():
     cpp = str(torch.ops.vaekernels.coupling_backward_step.default._schema)
     triton = str(torch.ops.vaekernels_triton.coupling_backward_step.default._schema)
+
     # custom_op names its alias sets a0, a2, ...; the C++ schema a, b: the same mutations.
     def canonical(schema):
         return re.sub(r"\(a\d*!\)|\(b!\)", "(!)", schema.replace("vaekernels_triton::", "vaekernels::"))
@@ -255,7 +257,7 @@ def test_each_blocks_parameter_gradients_are_accumulated_before_the_walk_goes_on
     events.clear()  # the forward's calls of F
     y.square().sum().backward()
     for i in range(1, len(blocks)):
-        before = events[:events.index(("recompute", i - 1))]
+        before = events[: events.index(("recompute", i - 1))]
         assert before.count(("accumulated", i)) == len(list(blocks[i].parameters()))
     assert events.count(("accumulated", 0)) == len(list(blocks[0].parameters()))
 
@@ -265,8 +267,9 @@ def test_compiled_branches_give_the_eager_gradients(compiler):
     torch.manual_seed(0)
     blocks = [AdditiveCoupling(mlp(4), mlp(4)) for _ in range(3)]
     eager = ReversibleSequential(*blocks)
-    compiled = ReversibleSequential(*[AdditiveCoupling(torch.compile(b.F, backend=compiler),
-                                                       torch.compile(b.G, backend=compiler)) for b in blocks])
+    compiled = ReversibleSequential(
+        *[AdditiveCoupling(torch.compile(b.F, backend=compiler), torch.compile(b.G, backend=compiler)) for b in blocks]
+    )
     torch._dynamo.reset()
     x = torch.randn(5, 8)
     want, got = gradients(eager, x, ordinary=False), gradients(compiled, x, ordinary=False)
@@ -319,8 +322,12 @@ def test_invertible_downsample_is_bit_exact_and_walks():
     def conv(c):
         return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.Tanh())
 
-    net = ReversibleSequential(InvertibleDownsample(2), AdditiveCoupling(conv(2), conv(2)), InvertibleDownsample(2),
-                               AdditiveCoupling(conv(8), conv(8)))
+    net = ReversibleSequential(
+        InvertibleDownsample(2),
+        AdditiveCoupling(conv(2), conv(2)),
+        InvertibleDownsample(2),
+        AdditiveCoupling(conv(8), conv(8)),
+    )
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert rel_err(net.inverse(net(x)), x) <= 1e-6
@@ -384,8 +391,11 @@ def test_ddp_two_gloo_processes_match_single_process():
 
 def test_bad_inputs_raise_clear_errors():
     net = stack(2, 2)
-    with pytest.raises(ValueError, match=r"AdditiveCoupling: input must have shape \[B, C, \.\.\.\] with an even "
-                                         r"channel count C to split into halves, got \[3, 5\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"AdditiveCoupling: input must have shape \[B, C, \.\.\.\] with an even "
+        r"channel count C to split into halves, got \[3, 5\]",
+    ):
         net(torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"nn.ReversibleSequential: x must have shape \[B, C, \.\.\.\], got \[4\]"):
         net(torch.randn(4))
@@ -397,8 +407,11 @@ def test_bad_inputs_raise_clear_errors():
         ReversibleSequential(AdditiveCoupling(nn.Linear(2, 3)))(torch.randn(3, 4))
     with pytest.raises(ValueError, match="AdditiveCoupling: input must have shape .* even channel count"):
         AdditiveCoupling(nn.Linear(2, 2))(torch.randn(3, 3))
-    with pytest.raises(ValueError, match=r"InvertibleDownsample: input must have shape \[B, C, H, W\] with H and W "
-                                         r"divisible by block_size = 2, got \[1, 1, 3, 4\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"InvertibleDownsample: input must have shape \[B, C, H, W\] with H and W "
+        r"divisible by block_size = 2, got \[1, 1, 3, 4\]",
+    ):
         InvertibleDownsample(2)(torch.randn(1, 1, 3, 4))
     with pytest.raises(ValueError, match=r"net must map a half .* to \[B, C, \.\.\.\] = \[2, 4\], got \[2, 3\]"):
         AffineCoupling(nn.Linear(2, 3))(torch.randn(2, 4))

@@ -76,18 +76,23 @@ def _iwae_bench_ops(device, dtype):
 def _iwae_dreg_and_correlation(batch, samples, pixels, latent, pairs, pair_dim):
     """The README's DReG step (gaussian_log_prob, the bound with q's parameters) and the total
     correlation (the aggregate posterior with its marginal) at the given shapes."""
+
     def case(device, dtype):
         mean, log_var = (torch.zeros(batch, latent, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-        z = mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * torch.randn(batch, samples, latent,
-                                                                                      device=device, dtype=dtype)
+        z = mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * torch.randn(
+            batch, samples, latent, device=device, dtype=dtype
+        )
         decoder = nn.Linear(latent, pixels).to(device, dtype)
         x = torch.rand(batch, pixels, device=device, dtype=dtype).bernoulli()
-        log_pz = vaekernels.gaussian_log_prob(z, torch.zeros(latent, device=device, dtype=dtype),
-                                              torch.zeros(latent, device=device, dtype=dtype))
+        log_pz = vaekernels.gaussian_log_prob(
+            z, torch.zeros(latent, device=device, dtype=dtype), torch.zeros(latent, device=device, dtype=dtype)
+        )
         _backward(vaekernels.iwae_bound(decoder(z), x, log_pz, None, estimator="dreg", z=z, q=(mean, log_var)))
-        z, mean, log_var = (torch.randn(pairs, pair_dim, device=device, dtype=dtype, requires_grad=True)
-                            for _ in range(3))
+        z, mean, log_var = (
+            torch.randn(pairs, pair_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+        )
         _backward(vaekernels.total_correlation(z, mean, log_var))
+
     return case
 
 
@@ -114,13 +119,26 @@ def _iwae_odd(device, dtype):
 
 def _gated_bench(device, dtype):
     pixelcnn = _bench("test_pixelcnn")
-    x = torch.randn(pixelcnn.BATCH, 2 * pixelcnn.CHANNELS, pixelcnn.SIZE, pixelcnn.SIZE, device=device, dtype=dtype,
-                    requires_grad=True)
+    x = torch.randn(
+        pixelcnn.BATCH,
+        2 * pixelcnn.CHANNELS,
+        pixelcnn.SIZE,
+        pixelcnn.SIZE,
+        device=device,
+        dtype=dtype,
+        requires_grad=True,
+    )
     _backward(vaekernels.gated_activation(x, torch.randn(x.shape[:2], device=device, dtype=dtype, requires_grad=True)))
     # The layer in float32 and float64 only: its half-precision launches are the gated activation's above.
     if dtype in (torch.float32, torch.float64):
-        layer = vaekernels.nn.GatedPixelCNNLayer(pixelcnn.CHANNELS, pixelcnn.CHANNELS, pixelcnn.LAYER_KERNEL, "B",
-                                                 skip_channels=pixelcnn.CHANNELS, cond_features=10).to(device, dtype)
+        layer = vaekernels.nn.GatedPixelCNNLayer(
+            pixelcnn.CHANNELS,
+            pixelcnn.CHANNELS,
+            pixelcnn.LAYER_KERNEL,
+            "B",
+            skip_channels=pixelcnn.CHANNELS,
+            cond_features=10,
+        ).to(device, dtype)
         v, h, cond = _cast(pixelcnn._layer_inputs(device), dtype)
         _backward(torch.cat([t.flatten() for t in layer(v, h, cond)]))
 
@@ -135,18 +153,23 @@ def _mixture(params_and_x: Callable, mixtures: int):
     def case(device, dtype):
         params, x = _cast(params_and_x(device), dtype)
         _backward(vaekernels.discretized_logistic_mixture_nll(params, x, mixtures, "sum"))
+
     return case
 
 
 def _odd_mixture_inputs(device):
     from vaekernels.reference import logistic_mixture
-    return (torch.randn(2, logistic_mixture.num_params(1, 3), 5, 7, device=device, requires_grad=True),
-            torch.rand(2, 1, 5, 7, device=device) * 2 - 1)
+
+    return (
+        torch.randn(2, logistic_mixture.num_params(1, 3), 5, 7, device=device, requires_grad=True),
+        torch.rand(2, 1, 5, 7, device=device) * 2 - 1,
+    )
 
 
 def _attention(make_inputs: Callable):
     def case(device, dtype):
         _backward(vaekernels.causal_attention(*_cast(make_inputs(device), dtype)))
+
     return case
 
 
@@ -162,22 +185,32 @@ def _jacobian(decoder_and_z: Callable, gram: bool):
         _backward(vaekernels.jacobian_column_sq_norms(decoder, z))
         if gram:
             _backward(vaekernels.jacobian_gram(decoder, z))
+
     return case
 
 
 def _bench_decoder(shape_name: str, batch: int | None = None, outputs: int | None = None):
     """The bench's decoder and z; ``batch`` and ``outputs`` replace the bench's B and D."""
+
     def make(device):
         shape = list(_bench("test_jacobian").SHAPES[shape_name])
         shape[0], shape[4] = batch or shape[0], outputs or shape[4]
         return _bench("test_jacobian").decoder_of(tuple(shape), device)
+
     return make
 
 
 def _odd_decoder(device):
     """Every activation the tangent step takes, at widths that fill no block."""
-    activations = [nn.Sigmoid(), nn.ReLU(), nn.LeakyReLU(0.1), nn.Softplus(2.0, 10.0), nn.ELU(0.5), nn.GELU(),
-                   nn.Tanh()]
+    activations = [
+        nn.Sigmoid(),
+        nn.ReLU(),
+        nn.LeakyReLU(0.1),
+        nn.Softplus(2.0, 10.0),
+        nn.ELU(0.5),
+        nn.GELU(),
+        nn.Tanh(),
+    ]
     layers, width = [], 3
     for activation in activations:
         layers += [nn.Linear(width, 37), activation]
@@ -191,6 +224,7 @@ def _coupling(shape: tuple, branch_dtype: torch.dtype | None = None):
         narrow = branch_dtype or dtype
         update, grad_update = (torch.randn(shape, device=device, dtype=narrow) for _ in range(2))
         vaekernels.coupling_backward_step(stream, update, grad, grad_update)
+
     return case
 
 
@@ -213,20 +247,33 @@ CASES = [
     ("iwae bench ops", _iwae_bench_ops, True),
     ("iwae prior log-density B128 K50 d50", _iwae_prior, True),
     # The IWAE model's DReG step and the disentangling models' total correlation, at the bench's sizes.
-    ("iwae DReG B128 K50 D784 d50, total correlation B256 d10", _iwae_dreg_and_correlation(128, 50, 784, 50, 256, 10),
-     False),
+    (
+        "iwae DReG B128 K50 D784 d50, total correlation B256 d10",
+        _iwae_dreg_and_correlation(128, 50, 784, 50, 256, 10),
+        False,
+    ),
     ("iwae odd shapes", _iwae_odd, False),
     ("iwae DReG and total correlation, odd shapes", _iwae_dreg_and_correlation(3, 2, 5, 3, 7, 1), False),
     ("gated activation and layer, bench", _gated_bench, True),
     ("gated activation, odd shapes", _gated_odd, False),
-    ("logistic mixture, bench", _mixture(lambda device: _bench("test_logistic_mixture").mixture_inputs(device),
-                                         _bench("test_logistic_mixture").M), True),
+    (
+        "logistic mixture, bench",
+        _mixture(
+            lambda device: _bench("test_logistic_mixture").mixture_inputs(device), _bench("test_logistic_mixture").M
+        ),
+        True,
+    ),
     ("logistic mixture, odd shapes", _mixture(_odd_mixture_inputs, 3), False),
-    ("causal attention, bench", _attention(lambda device: _bench("test_logistic_mixture").attention_inputs(device)),
-     True),
+    (
+        "causal attention, bench",
+        _attention(lambda device: _bench("test_logistic_mixture").attention_inputs(device)),
+        True,
+    ),
     ("causal attention, odd shapes", _attention(_odd_attention_inputs), False),
-    *[(f"jacobian {name}, bench", _jacobian(_bench_decoder(name, *JACOBIAN_REDUCED), gram=True), True)
-      for name in _bench("test_jacobian").SHAPES],
+    *[
+        (f"jacobian {name}, bench", _jacobian(_bench_decoder(name, *JACOBIAN_REDUCED), gram=True), True)
+        for name in _bench("test_jacobian").SHAPES
+    ],
     ("jacobian, every activation, odd shapes", _jacobian(_odd_decoder, gram=True), False),
     ("coupling step, bench", _coupling(_bench("test_reversible").STEP_SHAPE), True),
     ("coupling step, bfloat16 branches", _coupling(_bench("test_reversible").STEP_SHAPE, torch.bfloat16), True),
@@ -257,8 +304,15 @@ def record(cases=CASES, dtypes=None) -> tuple[list, set[str]]:
 
 def _code(launch) -> str:
     """The specialisation but for the alignment attributes, which change vector widths, not code paths."""
-    return repr((launch.kernel, launch.arch, sorted(launch.signature.items()), sorted(launch.constexprs.items()),
-                 launch.options))
+    return repr(
+        (
+            launch.kernel,
+            launch.arch,
+            sorted(launch.signature.items()),
+            sorted(launch.constexprs.items()),
+            launch.options,
+        )
+    )
 
 
 def to_compile(launches, bench_keys) -> list:
@@ -279,8 +333,11 @@ def _kernels_defined() -> set[str]:
     found = set()
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"vaekernels.triton.{name}")
-        found |= {attr for attr, value in vars(module).items()
-                  if attr.endswith("_kernel") and hasattr(value, "fn") and isinstance(value, triton.runtime.KernelInterface)}
+        found |= {
+            attr
+            for attr, value in vars(module).items()
+            if attr.endswith("_kernel") and hasattr(value, "fn") and isinstance(value, triton.runtime.KernelInterface)
+        }
     return found
 
 
@@ -293,17 +350,19 @@ def compiled():
     return launches, bench_keys, dry_run.compile_in_subprocess(launches)
 
 
-needs_triton = pytest.mark.skipif(not _backend.triton_available() or not (torch.cuda.is_available()
-                                                                           or _backend.triton_interpreted()),
-                                  reason="needs triton (CI installs it: test_triton_of_the_test_extra_is_importable)")
+needs_triton = pytest.mark.skipif(
+    not _backend.triton_available() or not (torch.cuda.is_available() or _backend.triton_interpreted()),
+    reason="needs triton (CI installs it: test_triton_of_the_test_extra_is_importable)",
+)
 
 
 @needs_triton
 def test_reduced_jacobian_shapes_launch_what_the_bench_shapes_launch():
     for name in _bench("test_jacobian").SHAPES:
         full, _ = record([("", _jacobian(_bench_decoder(name), gram=True), False)], dtypes=(torch.float32,))
-        reduced, _ = record([("", _jacobian(_bench_decoder(name, *JACOBIAN_REDUCED), gram=True), False)],
-                            dtypes=(torch.float32,))
+        reduced, _ = record(
+            [("", _jacobian(_bench_decoder(name, *JACOBIAN_REDUCED), gram=True), False)], dtypes=(torch.float32,)
+        )
         assert sorted(launch.key() for launch in reduced) == sorted(launch.key() for launch in full)
 
 
@@ -333,8 +392,11 @@ def test_shared_memory_fits_every_architecture(compiled):
 @needs_triton
 def test_no_register_spills_at_the_bench_shapes(compiled):
     launches, bench_keys, results = compiled
-    spilled = [(r.launch, r.registers, r.spill_stores, r.spill_loads)
-               for launch, r in zip(launches, results) if launch.key() in bench_keys and r.spills]
+    spilled = [
+        (r.launch, r.registers, r.spill_stores, r.spill_loads)
+        for launch, r in zip(launches, results)
+        if launch.key() in bench_keys and r.spills
+    ]
     assert spilled == []
     assert any(launch.key() in bench_keys for launch in launches)
 

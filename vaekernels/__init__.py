@@ -4,7 +4,9 @@ The functional API; modules are in :mod:`vaekernels.nn`, the readable PyTorch or
 op in :mod:`vaekernels.reference`.
 """
 
+from . import nn  # noqa: E402  (the modules are built on the functions above)
 from ._backend import available_backends, use_backend
+from .ops.causal_attention import causal_attention
 from .ops.iwae import (
     aggregate_posterior_log_density,
     bernoulli_log_prob,
@@ -17,13 +19,11 @@ from .ops.iwae import (
     mutual_information,
     total_correlation,
 )
-from .ops.causal_attention import causal_attention
-from .ops.linear_iwae import linear_expected_log_prob, linear_iwae_bound
 from .ops.jacobian import grae_regularizer, jacobian_column_sq_norms, jacobian_gram
+from .ops.linear_iwae import linear_expected_log_prob, linear_iwae_bound
 from .ops.logistic_mixture import discretized_logistic_mixture_nll, discretized_logistic_mixture_sample
 from .ops.pixelcnn import gated_activation, masked_conv2d
 from .ops.reversible import coupling_backward_step, reversible_sequential
-from . import nn  # noqa: E402  (the modules are built on the functions above)
 
 __version__ = "0.1.0"
 

@@ -55,10 +55,13 @@ def native() -> dict:
     info["schemas"] = True
     info["cuda"] = bool(schema_module.built_with_cuda())
     # Taken before Python registers the Triton launchers for the ops that lack one.
-    info["cuda_ops"] = {name.split("::")[1] for name in torch._C._dispatch_get_registrations_for_dispatch_key("CUDA")
-                        if name.startswith("vaekernels::")}
+    info["cuda_ops"] = {
+        name.split("::")[1]
+        for name in torch._C._dispatch_get_registrations_for_dispatch_key("CUDA")
+        if name.startswith("vaekernels::")
+    }
     machine = torch.backends.cpu.get_cpu_capability()
-    usable = _CAPABILITY_ORDER[_CAPABILITY_ORDER.index(machine):] if machine in _CAPABILITY_ORDER else ("DEFAULT",)
+    usable = _CAPABILITY_ORDER[_CAPABILITY_ORDER.index(machine) :] if machine in _CAPABILITY_ORDER else ("DEFAULT",)
     for capability in usable:
         try:
             importlib.import_module(f"vaekernels._cpu_{capability.lower()}")

@@ -6,5 +6,16 @@ from .jacobian import GRAERegularizer
 from .pixelcnn import GatedPixelCNN, GatedPixelCNNLayer, MaskedConv2d
 from .reversible import AdditiveCoupling, AffineCoupling, InvertibleDownsample, ReversibleSequential
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "BernoulliLinear", "CausalAttention2d", "GRAERegularizer",
-           "GatedPixelCNN", "GatedPixelCNNLayer", "IWAEBound", "InvertibleDownsample", "MaskedConv2d", "ReversibleSequential"]
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "BernoulliLinear",
+    "CausalAttention2d",
+    "GRAERegularizer",
+    "GatedPixelCNN",
+    "GatedPixelCNNLayer",
+    "IWAEBound",
+    "InvertibleDownsample",
+    "MaskedConv2d",
+    "ReversibleSequential",
+]

@@ -27,15 +27,29 @@ class CausalAttention2d(nn.Module):
         torch.Size([2, 6, 5, 5])
     """
 
-    def __init__(self, query_channels: int, context_channels: int, key_channels: int = 16,
-                 value_channels: int = 32, heads: int = 1):
+    def __init__(
+        self,
+        query_channels: int,
+        context_channels: int,
+        key_channels: int = 16,
+        value_channels: int = 32,
+        heads: int = 1,
+    ):
         super().__init__()
-        for arg, value in (("query_channels", query_channels), ("context_channels", context_channels),
-                           ("key_channels", key_channels), ("value_channels", value_channels), ("heads", heads)):
+        for arg, value in (
+            ("query_channels", query_channels),
+            ("context_channels", context_channels),
+            ("key_channels", key_channels),
+            ("value_channels", value_channels),
+            ("heads", heads),
+        ):
             check_int(_NAME, arg, value)
         if key_channels % heads or value_channels % heads:
-            fail(_NAME, f"key_channels ({key_channels}) and value_channels ({value_channels}) must be multiples of "
-                        f"heads ({heads})")
+            fail(
+                _NAME,
+                f"key_channels ({key_channels}) and value_channels ({value_channels}) must be multiples of "
+                f"heads ({heads})",
+            )
         self.heads = heads
         self.query = nn.Conv2d(query_channels, key_channels, 1)
         self.key = nn.Conv2d(context_channels, key_channels, 1)
@@ -49,11 +63,17 @@ class CausalAttention2d(nn.Module):
         for arg, t, conv in (("query", query, self.query), ("context", context, self.key)):
             check_float(_NAME, arg, t, conv.weight, "the module's parameters")
             if t.dim() != 4 or t.shape[1] != conv.in_channels or 0 in t.shape:
-                fail(_NAME, f"{arg} must have shape [B, {conv.in_channels}, H, W] with B, H, W >= 1, got {list(t.shape)}")
+                fail(
+                    _NAME, f"{arg} must have shape [B, {conv.in_channels}, H, W] with B, H, W >= 1, got {list(t.shape)}"
+                )
         if context.shape[0] != query.shape[0] or context.shape[2:] != query.shape[2:]:
-            fail(_NAME, f"context must have query's batch and spatial size [{query.shape[0]}, *, "
-                        f"{query.shape[2]}, {query.shape[3]}], got {list(context.shape)}")
+            fail(
+                _NAME,
+                f"context must have query's batch and spatial size [{query.shape[0]}, *, "
+                f"{query.shape[2]}, {query.shape[3]}], got {list(context.shape)}",
+            )
         B, _, H, W = query.shape
-        out = causal_attention(self._split(self.query(query)), self._split(self.key(context)),
-                               self._split(self.value(context)))
+        out = causal_attention(
+            self._split(self.query(query)), self._split(self.key(context)), self._split(self.value(context))
+        )
         return out.transpose(-1, -2).reshape(B, -1, H, W)

@@ -23,17 +23,29 @@ class IWAEBound(nn.Module):
 
     def __init__(self, likelihood: str = "bernoulli", estimator: str = "iwae", reduction: str = "mean"):
         super().__init__()
-        for name, value, choices in (("likelihood", likelihood, LIKELIHOODS), ("estimator", estimator, ESTIMATORS),
-                                     ("reduction", reduction, REDUCTIONS)):
+        for name, value, choices in (
+            ("likelihood", likelihood, LIKELIHOODS),
+            ("estimator", estimator, ESTIMATORS),
+            ("reduction", reduction, REDUCTIONS),
+        ):
             if value not in choices:
                 raise ValueError(f"vaekernels.nn.IWAEBound: {name} must be one of {choices}, got {value!r}")
         self.likelihood, self.estimator, self.reduction = likelihood, estimator, reduction
 
-    def forward(self, logits: torch.Tensor, x: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor | None = None,
-                *, log_var: torch.Tensor | None = None, z: torch.Tensor | None = None,
-                q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        return _iwae_bound("nn.IWAEBound", logits, x, log_pz, log_qz, self.likelihood, self.estimator, self.reduction,
-                           log_var, z, q)
+    def forward(
+        self,
+        logits: torch.Tensor,
+        x: torch.Tensor,
+        log_pz: torch.Tensor,
+        log_qz: torch.Tensor | None = None,
+        *,
+        log_var: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+        q: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return _iwae_bound(
+            "nn.IWAEBound", logits, x, log_pz, log_qz, self.likelihood, self.estimator, self.reduction, log_var, z, q
+        )
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, estimator={self.estimator!r}, reduction={self.reduction!r}"
@@ -68,14 +80,25 @@ class BernoulliLinear(nn.Linear):
         if h.dim() != 3 or h.shape[2] != self.in_features or 0 in h.shape:
             fail(fn, f"h must have shape [B, K, in_features = {self.in_features}] with B, K >= 1, got {list(h.shape)}")
 
-    def iwae_bound(self, h: torch.Tensor, x: torch.Tensor, log_pz: torch.Tensor, log_qz: torch.Tensor | None = None,
-                   *, estimator: str = "iwae", reduction: str = "none", z: torch.Tensor | None = None,
-                   q: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    def iwae_bound(
+        self,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        log_pz: torch.Tensor,
+        log_qz: torch.Tensor | None = None,
+        *,
+        estimator: str = "iwae",
+        reduction: str = "none",
+        z: torch.Tensor | None = None,
+        q: tuple[torch.Tensor, torch.Tensor] | None = None,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
         """The bound of ``x`` under logits ``self(h)``, h [B, K, in_features]: :func:`vaekernels.linear_iwae_bound`."""
         fn = "nn.BernoulliLinear.iwae_bound"
         self._check_h(fn, h)
-        return _linear_iwae_bound(fn, h, self.weight, self.bias, x, log_pz, log_qz, estimator, reduction, z, q,
-                                  chunk_size)
+        return _linear_iwae_bound(
+            fn, h, self.weight, self.bias, x, log_pz, log_qz, estimator, reduction, z, q, chunk_size
+        )
 
     def expected_log_prob(self, h: torch.Tensor, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
         """(1/K) sum_k log p(x | logits self(h_k)) [B]: :func:`vaekernels.linear_expected_log_prob`."""

@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.pixelcnn import (GATES, MASK_TYPES, causal_conv2d, gated_activation, gated_conv1x1, linked_horizontal,
-                           masked_conv2d)
 from ..ops._checks import check_float, check_int, fail
+from ..ops.pixelcnn import (
+    GATES,
+    MASK_TYPES,
+    causal_conv2d,
+    gated_activation,
+    gated_conv1x1,
+    linked_horizontal,
+    masked_conv2d,
+)
 from ..reference.pixelcnn import causal_mask
 
 _LAYER, _MODEL, _CONV = "nn.GatedPixelCNNLayer", "nn.GatedPixelCNN", "nn.MaskedConv2d"
@@ -44,12 +51,30 @@ class MaskedConv2d(nn.Conv2d):
         torch.Size([2, 6, 8, 8])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, mask_type: str = "B", *,
-                 channel_groups: int = 1, bias: bool = True, stride=1, padding="same", dilation=1, groups: int = 1,
-                 padding_mode: str = "zeros", device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        mask_type: str = "B",
+        *,
+        channel_groups: int = 1,
+        bias: bool = True,
+        stride=1,
+        padding="same",
+        dilation=1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ):
         name = "vaekernels.nn.MaskedConv2d"
-        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                           ("channel_groups", channel_groups), ("groups", groups)):
+        for arg, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("channel_groups", channel_groups),
+            ("groups", groups),
+        ):
             check_int(_CONV, arg, value)
         kh, kw = _int_or_pair(_CONV, "kernel_size", kernel_size)
         for arg, value in (("kernel_size", kh), ("kernel_size", kw)):
@@ -62,27 +87,43 @@ class MaskedConv2d(nn.Conv2d):
         if kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(f"{name}: kernel_size must be odd (a centre tap), got {(kh, kw)}")
         if _pair(stride) != (1, 1) or _pair(dilation) != (1, 1) or groups != 1 or padding_mode != "zeros":
-            raise ValueError(f"{name}: only stride=1, dilation=1, groups=1, padding_mode='zeros' keep the mask "
-                             f"causal, got stride={stride}, dilation={dilation}, groups={groups}, "
-                             f"padding_mode={padding_mode!r}")
+            raise ValueError(
+                f"{name}: only stride=1, dilation=1, groups=1, padding_mode='zeros' keep the mask "
+                f"causal, got stride={stride}, dilation={dilation}, groups={groups}, "
+                f"padding_mode={padding_mode!r}"
+            )
         if padding != "same" and _pair(padding) != (kh // 2, kw // 2):
             raise ValueError(f"{name}: padding must be 'same' = {(kh // 2, kw // 2)}, got {padding}")
         if channel_groups < 1 or in_channels % channel_groups or out_channels % channel_groups:
-            raise ValueError(f"{name}: channel_groups must divide in_channels and out_channels, got {channel_groups} "
-                             f"for {in_channels} -> {out_channels}")
-        super().__init__(in_channels, out_channels, (kh, kw), padding=(kh // 2, kw // 2), bias=bias,
-                         device=device, dtype=dtype)
+            raise ValueError(
+                f"{name}: channel_groups must divide in_channels and out_channels, got {channel_groups} "
+                f"for {in_channels} -> {out_channels}"
+            )
+        super().__init__(
+            in_channels, out_channels, (kh, kw), padding=(kh // 2, kw // 2), bias=bias, device=device, dtype=dtype
+        )
         self.mask_type, self.channel_groups = mask_type, channel_groups
         with torch.no_grad():
-            self.weight.mul_(causal_mask(out_channels, in_channels, (kh, kw), mask_type, channel_groups,
-                                         dtype=self.weight.dtype, device=self.weight.device))
+            self.weight.mul_(
+                causal_mask(
+                    out_channels,
+                    in_channels,
+                    (kh, kw),
+                    mask_type,
+                    channel_groups,
+                    dtype=self.weight.dtype,
+                    device=self.weight.device,
+                )
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Checked against the module, not as masked_conv2d would (naming a weight the caller did not pass).
         check_float(_CONV, "x", x, self.weight, "the module's parameters")
         if x.dim() != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
-            fail(_CONV, f"x must have shape [B, in_channels = {self.in_channels}, H, W] with B, H, W >= 1, "
-                        f"got {list(x.shape)}")
+            fail(
+                _CONV,
+                f"x must have shape [B, in_channels = {self.in_channels}, H, W] with B, H, W >= 1, got {list(x.shape)}",
+            )
         return masked_conv2d(x, self.weight, self.bias, self.mask_type, channel_groups=self.channel_groups)
 
     def extra_repr(self) -> str:
@@ -115,9 +156,20 @@ class GatedPixelCNNLayer(nn.Module):
         (torch.Size([2, 8, 6, 6]), torch.Size([2, 8, 6, 6]), torch.Size([2, 4, 6, 6]))
     """
 
-    def __init__(self, in_channels: int, channels: int, kernel_size: int = 3, mask_type: str = "B", *,
-                 skip_channels: int = 0, cond_features: int = 0, gate: str = "tanh", residual: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        kernel_size: int = 3,
+        mask_type: str = "B",
+        *,
+        skip_channels: int = 0,
+        cond_features: int = 0,
+        gate: str = "tanh",
+        residual: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         name = "vaekernels.nn.GatedPixelCNNLayer"
         if mask_type not in MASK_TYPES:
@@ -126,8 +178,12 @@ class GatedPixelCNNLayer(nn.Module):
             raise ValueError(f"{name}: gate must be one of {GATES}, got {gate!r}")
         if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"{name}: kernel_size must be an odd int >= 3, got {kernel_size!r}")
-        for arg, value, minimum in (("in_channels", in_channels, 1), ("channels", channels, 1),
-                                    ("skip_channels", skip_channels, 0), ("cond_features", cond_features, 0)):
+        for arg, value, minimum in (
+            ("in_channels", in_channels, 1),
+            ("channels", channels, 1),
+            ("skip_channels", skip_channels, 0),
+            ("cond_features", cond_features, 0),
+        ):
             check_int(_LAYER, arg, value, minimum)
         factory = {"device": device, "dtype": dtype}
         half = kernel_size // 2
@@ -148,8 +204,12 @@ class GatedPixelCNNLayer(nn.Module):
 
     def reset_parameters(self) -> None:
         # nn.Conv2d's default, with the fan-in of the causal taps that exist.
-        for weight, bias in ((self.v_weight, self.v_bias), (self.h_weight, self.h_bias), (self.link_weight, None),
-                             (self.out_weight, self.out_bias)):
+        for weight, bias in (
+            (self.v_weight, self.v_bias),
+            (self.h_weight, self.h_bias),
+            (self.link_weight, None),
+            (self.out_weight, self.out_bias),
+        ):
             bound = 1 / math.sqrt(weight[0].numel())
             nn.init.uniform_(weight, -bound, bound)
             if bias is not None:
@@ -159,22 +219,29 @@ class GatedPixelCNNLayer(nn.Module):
         """The [B, 2C] condition terms of the vertical and the horizontal gate."""
         if self.cond is None or cond is None:
             if (self.cond is None) != (cond is None):
-                raise ValueError(f"vaekernels.nn.GatedPixelCNNLayer: cond must be given exactly when the layer has "
-                                 f"cond_features ({self.cond.in_features if self.cond else 0}), got "
-                                 f"{None if cond is None else list(cond.shape)}")
+                raise ValueError(
+                    f"vaekernels.nn.GatedPixelCNNLayer: cond must be given exactly when the layer has "
+                    f"cond_features ({self.cond.in_features if self.cond else 0}), got "
+                    f"{None if cond is None else list(cond.shape)}"
+                )
             return None, None
         check_float(_LAYER, "cond", cond, self.cond.weight, "the layer's parameters")
         if cond.dim() != 2 or cond.shape[1] != self.cond.in_features:
-            fail(_LAYER, f"cond must have shape [B, cond_features] = [B, {self.cond.in_features}], "
-                         f"got {list(cond.shape)}")
+            fail(
+                _LAYER,
+                f"cond must have shape [B, cond_features] = [B, {self.cond.in_features}], got {list(cond.shape)}",
+            )
         return self.cond(cond).chunk(2, dim=1)
 
     def _check_inputs(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None) -> None:
         for arg, t in (("v", v), ("h", h)):
             check_float(_LAYER, arg, t, self.v_weight, "the layer's parameters")
             if t.dim() != 4 or t.shape[1] != self.in_channels or 0 in t.shape:
-                fail(_LAYER, f"{arg} must have shape [B, in_channels = {self.in_channels}, H, W] with B, H, W >= 1, "
-                             f"got {list(t.shape)}")
+                fail(
+                    _LAYER,
+                    f"{arg} must have shape [B, in_channels = {self.in_channels}, H, W] with B, H, W >= 1, "
+                    f"got {list(t.shape)}",
+                )
         if h.shape != v.shape:
             fail(_LAYER, f"h must have v's shape {list(v.shape)}, got {list(h.shape)}")
         if cond is not None and cond.shape[0] != v.shape[0]:
@@ -193,16 +260,19 @@ class GatedPixelCNNLayer(nn.Module):
         v_out = gated_activation(v_pre, cond_v, self.gate)
         # The link reads the vertical pre-activation one row up (an unpadded 1x1 convolution: a
         # plain matrix product; a padded one takes a slower convolution path).
-        h_pre = linked_horizontal(causal_conv2d(h, [(self.h_weight, 0, half)], self.h_bias),
-                                  F.conv2d(v_pre, self.link_weight))
+        h_pre = linked_horizontal(
+            causal_conv2d(h, [(self.h_weight, 0, half)], self.h_bias), F.conv2d(v_pre, self.link_weight)
+        )
         out = gated_conv1x1(h_pre, cond_h, self.out_weight, self.out_bias, self.gate)
         res, skip = out.split([self.channels, self.skip_channels], dim=1)
         h_out = h + res if self.residual else res
         return v_out, h_out, (skip if self.skip_channels else None)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.channels}, kernel_size={self.kernel_size}, mask_type={self.mask_type!r}, "
-                f"skip_channels={self.skip_channels}, gate={self.gate!r}, residual={self.residual}")
+        return (
+            f"{self.in_channels}, {self.channels}, kernel_size={self.kernel_size}, mask_type={self.mask_type!r}, "
+            f"skip_channels={self.skip_channels}, gate={self.gate!r}, residual={self.residual}"
+        )
 
 
 class GatedPixelCNN(nn.Module):
@@ -225,12 +295,27 @@ class GatedPixelCNN(nn.Module):
         (torch.Size([2]), torch.Size([2, 1, 5, 5]))
     """
 
-    def __init__(self, in_channels: int = 1, channels: int = 64, layers: int = 8, *, kernel_size: int = 3,
-                 first_kernel: int = 7, levels: int = 2, num_classes: int = 0, head_channels: int | None = None,
-                 gate: str = "tanh"):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: int = 64,
+        layers: int = 8,
+        *,
+        kernel_size: int = 3,
+        first_kernel: int = 7,
+        levels: int = 2,
+        num_classes: int = 0,
+        head_channels: int | None = None,
+        gate: str = "tanh",
+    ):
         super().__init__()
-        for arg, value, minimum in (("in_channels", in_channels, 1), ("channels", channels, 1), ("layers", layers, 1),
-                                    ("levels", levels, 2), ("num_classes", num_classes, 0)):
+        for arg, value, minimum in (
+            ("in_channels", in_channels, 1),
+            ("channels", channels, 1),
+            ("layers", layers, 1),
+            ("levels", levels, 2),
+            ("num_classes", num_classes, 0),
+        ):
             check_int(_MODEL, arg, value, minimum)
         if head_channels is not None:
             check_int(_MODEL, "head_channels", head_channels)
@@ -241,12 +326,24 @@ class GatedPixelCNN(nn.Module):
                 fail(_MODEL, f"{arg} must be an odd int >= 3, got {value!r}")
         self.in_channels, self.levels, self.num_classes = in_channels, levels, num_classes
         self.layers = nn.ModuleList(
-            GatedPixelCNNLayer(in_channels if i == 0 else channels, channels, first_kernel if i == 0 else kernel_size,
-                               "A" if i == 0 else "B", skip_channels=channels, cond_features=num_classes, gate=gate)
-            for i in range(layers))
+            GatedPixelCNNLayer(
+                in_channels if i == 0 else channels,
+                channels,
+                first_kernel if i == 0 else kernel_size,
+                "A" if i == 0 else "B",
+                skip_channels=channels,
+                cond_features=num_classes,
+                gate=gate,
+            )
+            for i in range(layers)
+        )
         head_channels = head_channels or channels
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, head_channels, 1), nn.ReLU(),
-                                  nn.Conv2d(head_channels, in_channels * self.outputs, 1))
+        self.head = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, head_channels, 1),
+            nn.ReLU(),
+            nn.Conv2d(head_channels, in_channels * self.outputs, 1),
+        )
 
     @property
     def outputs(self) -> int:
@@ -256,14 +353,17 @@ class GatedPixelCNN(nn.Module):
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.levels == 2 else x * (2.0 / (self.levels - 1)) - 1.0
 
-    def _condition(self, y: torch.Tensor | None, batch: int, like: torch.Tensor, fn: str = _MODEL
-                   ) -> torch.Tensor | None:
+    def _condition(
+        self, y: torch.Tensor | None, batch: int, like: torch.Tensor, fn: str = _MODEL
+    ) -> torch.Tensor | None:
         """The one-hot condition [B, num_classes] of labels y, its errors naming ``fn``, the method called."""
         if not self.num_classes:
             return None
         if y is None:
-            fail(fn, f"y must be given: the model is class-conditional ({self.num_classes} classes); pass the "
-                     f"labels y [B]")
+            fail(
+                fn,
+                f"y must be given: the model is class-conditional ({self.num_classes} classes); pass the labels y [B]",
+            )
         if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
             got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
             fail(fn, f"y must be an integer tensor of class labels, got {got}", TypeError)
@@ -272,18 +372,27 @@ class GatedPixelCNN(nn.Module):
         if y.device != like.device:
             fail(fn, f"y must be on the model's device ({like.device}), got {y.device}")
         # On the CPU only: reading the range back from a GPU would synchronise every forward.
-        if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling() and (
-                int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            fail(fn, f"y must hold class labels in [0, {self.num_classes - 1}], got values in "
-                         f"[{int(y.min())}, {int(y.max())}]")
+        if (
+            y.device.type == "cpu"
+            and y.numel()
+            and not torch.compiler.is_compiling()
+            and (int(y.min()) < 0 or int(y.max()) >= self.num_classes)
+        ):
+            fail(
+                fn,
+                f"y must hold class labels in [0, {self.num_classes - 1}], got values in "
+                f"[{int(y.min())}, {int(y.max())}]",
+            )
         return F.one_hot(y.expand(batch) if y.dim() == 0 else y, self.num_classes).to(like.dtype)
 
     def _check_images(self, x: torch.Tensor) -> None:
         param = self.head[1].weight
         check_float(_MODEL, "x", x, param, "the model's parameters")
         if x.dim() != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
-            fail(_MODEL, f"x must have shape [B, in_channels = {self.in_channels}, H, W] with B, H, W >= 1, "
-                         f"got {list(x.shape)}")
+            fail(
+                _MODEL,
+                f"x must have shape [B, in_channels = {self.in_channels}, H, W] with B, H, W >= 1, got {list(x.shape)}",
+            )
 
     def _logits(self, skips: torch.Tensor) -> torch.Tensor:
         out = self.head(skips)
@@ -316,8 +425,16 @@ class GatedPixelCNN(nn.Module):
         return below.clamp(max=self.levels - 1).to(logits.dtype)
 
     @torch.no_grad()
-    def sample(self, n: int, size: tuple[int, int], y: torch.Tensor | None = None, *, cached: bool = True,
-               generator: torch.Generator | None = None, return_logits: bool = False):
+    def sample(
+        self,
+        n: int,
+        size: tuple[int, int],
+        y: torch.Tensor | None = None,
+        *,
+        cached: bool = True,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+    ):
         """n images [n, C, H, W] of pixel values, drawn in raster order (labels y [n] or a scalar).
 
         Every pixel's value is the inverse CDF of its predicted distribution at one uniform number
@@ -332,8 +449,15 @@ class GatedPixelCNN(nn.Module):
         height, width = size
         u = torch.rand(n, self.in_channels, height, width, generator=generator, dtype=param.dtype).to(param.device)
         x = torch.zeros(n, self.in_channels, height, width, dtype=param.dtype, device=param.device)
-        logits = torch.zeros(n, self.in_channels, *((self.levels,) if self.levels > 2 else ()), height, width,
-                             dtype=param.dtype, device=param.device)
+        logits = torch.zeros(
+            n,
+            self.in_channels,
+            *((self.levels,) if self.levels > 2 else ()),
+            height,
+            width,
+            dtype=param.dtype,
+            device=param.device,
+        )
         cond = self._condition(y, n, x, _MODEL + ".sample")
         step = self._cached_sampler(x, cond) if cached else None
         # The cached steps are products of a few thousand elements, too small to share across
@@ -362,8 +486,9 @@ class GatedPixelCNN(nn.Module):
         layers = list(self.layers)
         halves = [layer.kernel_size // 2 for layer in layers]
         conds = [layer.conditions(cond) for layer in layers]
-        v_in = [x.new_zeros(n, layer.in_channels, height + half, width + 2 * half)
-                for layer, half in zip(layers, halves)]
+        v_in = [
+            x.new_zeros(n, layer.in_channels, height + half, width + 2 * half) for layer, half in zip(layers, halves)
+        ]
         h_in = [x.new_zeros(n, height, width + half, layer.in_channels) for layer, half in zip(layers, halves)]
         link = [x.new_zeros(n, width, 2 * layer.channels) for layer in layers]
         # Weights as [inputs, outputs] matrices, the horizontal one in the buffers' (column, channel) order.
@@ -374,14 +499,15 @@ class GatedPixelCNN(nn.Module):
 
         def advance_vertical(row):
             first = halves[0]
-            v_in[0][:, :, row + first, first: first + width] = self._inputs(x[:, :, row])
+            v_in[0][:, :, row + first, first : first + width] = self._inputs(x[:, :, row])
             for index, (layer, half) in enumerate(zip(layers, halves)):
-                v_pre = F.conv2d(v_in[index][:, :, row: row + half + 1], layer.v_weight, layer.v_bias)
+                v_pre = F.conv2d(v_in[index][:, :, row : row + half + 1], layer.v_weight, layer.v_bias)
                 link[index] = v_pre[:, :, 0].transpose(1, 2)
                 if index + 1 < len(layers):
                     after = halves[index + 1]
-                    v_in[index + 1][:, :, row + after, after: after + width] = gated_activation(
-                        v_pre, conds[index][0], layer.gate)[:, :, 0]
+                    v_in[index + 1][:, :, row + after, after : after + width] = gated_activation(
+                        v_pre, conds[index][0], layer.gate
+                    )[:, :, 0]
 
         def step(i, j):
             for row in range(done[0] + 1, i):
@@ -391,12 +517,14 @@ class GatedPixelCNN(nn.Module):
                 h_in[0][:, i, halves[0] + j - 1] = self._inputs(x[:, :, i, j - 1])
             skips = 0
             for index, (layer, half) in enumerate(zip(layers, halves)):
-                window = h_in[index][:, i, j: j + layer.h_weight.shape[-1]].flatten(1)
-                h_pre = torch.addmm(layer.h_bias, window, h_weights[index]).addmm_(link[index][:, j],
-                                                                                  link_weights[index])
-                out = torch.addmm(layer.out_bias, gated_activation(h_pre, conds[index][1], layer.gate),
-                                  out_weights[index])
-                res, skip = out[:, :layer.channels], out[:, layer.channels:]
+                window = h_in[index][:, i, j : j + layer.h_weight.shape[-1]].flatten(1)
+                h_pre = torch.addmm(layer.h_bias, window, h_weights[index]).addmm_(
+                    link[index][:, j], link_weights[index]
+                )
+                out = torch.addmm(
+                    layer.out_bias, gated_activation(h_pre, conds[index][1], layer.gate), out_weights[index]
+                )
+                res, skip = out[:, : layer.channels], out[:, layer.channels :]
                 h_out = h_in[index][:, i, j + half] + res if layer.residual else res
                 if index + 1 < len(layers):
                     h_in[index + 1][:, i, j + halves[index + 1]] = h_out

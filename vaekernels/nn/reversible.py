@@ -27,16 +27,20 @@ def _split(cls: str, x: torch.Tensor, block: nn.Module) -> tuple[torch.Tensor, t
     if parameter is not None and not torch.is_autocast_enabled(x.device.type):
         check_float(f"nn.{cls}", "input", x, parameter, "the block's parameters")
     if x.dim() < 2 or x.shape[1] % 2:
-        fail(f"nn.{cls}", f"input must have shape [B, C, ...] with an even channel count C to split into "
-                          f"halves, got {list(x.shape)}")
+        fail(
+            f"nn.{cls}",
+            f"input must have shape [B, C, ...] with an even channel count C to split into halves, got {list(x.shape)}",
+        )
     return x.chunk(2, 1)
 
 
 def _check_pair(cls: str, x1: torch.Tensor, x2: torch.Tensor) -> None:
     if x1.shape != x2.shape:
         shape = [x1.shape[0], x1.shape[1] + x2.shape[1], *x1.shape[2:]]
-        fail(f"nn.{cls}", f"input must have shape [B, C, ...] with an even channel count C to split into halves, "
-                          f"got {shape}")
+        fail(
+            f"nn.{cls}",
+            f"input must have shape [B, C, ...] with an even channel count C to split into halves, got {shape}",
+        )
 
 
 def _apply(cls: str, name: str, module: nn.Module, x: torch.Tensor):
@@ -52,8 +56,10 @@ def _branch(cls: str, name: str, module: nn.Module, x: torch.Tensor, like: torch
     out = _apply(cls, name, module, x)
     if not isinstance(out, torch.Tensor) or out.shape != like.shape:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        fail(f"nn.{cls}", f"{name} must map a half [B, C/2, ...] to a tensor of the other half's shape "
-                          f"{list(like.shape)}, got {got}")
+        fail(
+            f"nn.{cls}",
+            f"{name} must map a half [B, C/2, ...] to a tensor of the other half's shape {list(like.shape)}, got {got}",
+        )
     return out
 
 
@@ -89,8 +95,11 @@ class AdditiveCoupling(nn.Module):
         super().__init__()
         for name, module in (("F", F), ("G", G)):
             if module is not None and not callable(module):
-                fail("nn.AdditiveCoupling", f"{name} must be a callable nn.Module, got {type(module).__name__}",
-                     TypeError)
+                fail(
+                    "nn.AdditiveCoupling",
+                    f"{name} must be a callable nn.Module, got {type(module).__name__}",
+                    TypeError,
+                )
         self.F, self.G = F, G
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,8 +210,9 @@ class AffineCoupling(nn.Module):
             y2.sub_(t).mul_(torch.exp(-s))
         leaf2 = y2.detach().requires_grad_()
         out = leaf2 * torch.exp(s) + t
-        grad1, grad2, *grads = _owned(_grads([out, self._logdet(s)], [leaf1, leaf2, *params], [g2, grad_logdet]),
-                                      g1, g2)
+        grad1, grad2, *grads = _owned(
+            _grads([out, self._logdet(s)], [leaf1, leaf2, *params], [g2, grad_logdet]), g1, g2
+        )
         g1.add_(grad1)
         g2.copy_(grad2)
         return y1, y2, g1, g2, grads
@@ -230,16 +240,21 @@ class InvertibleDownsample(nn.Module):
         r = self.block_size
         check_float("nn.InvertibleDownsample", "input", x)
         if x.dim() != 4 or x.shape[2] % r or x.shape[3] % r:
-            fail("nn.InvertibleDownsample", f"input must have shape [B, C, H, W] with H and W divisible by "
-                                            f"block_size = {r}, got {list(x.shape)}")
+            fail(
+                "nn.InvertibleDownsample",
+                f"input must have shape [B, C, H, W] with H and W divisible by block_size = {r}, got {list(x.shape)}",
+            )
         return nnf.pixel_unshuffle(x, r)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         r = self.block_size
         check_float("nn.InvertibleDownsample", "inverse input", y)
         if y.dim() != 4 or y.shape[1] % (r * r):
-            fail("nn.InvertibleDownsample", f"inverse input must have shape [B, C, H, W] with C divisible by "
-                                            f"block_size^2 = {r * r}, got {list(y.shape)}")
+            fail(
+                "nn.InvertibleDownsample",
+                f"inverse input must have shape [B, C, H, W] with C divisible by "
+                f"block_size^2 = {r * r}, got {list(y.shape)}",
+            )
         return nnf.pixel_shuffle(y, r)
 
     def forward_pair(self, x1: torch.Tensor, x2: torch.Tensor, rng):
@@ -287,8 +302,9 @@ class ReversibleSequential(nn.Module):
         self.returns_logdet = any(getattr(b, "returns_logdet", False) for b in blocks)
 
     def forward(self, x: torch.Tensor):
-        y, logdet = _reversible_sequential("nn.ReversibleSequential", self.blocks, x, self.preserve_rng_state,
-                                           self.stream_dtype)
+        y, logdet = _reversible_sequential(
+            "nn.ReversibleSequential", self.blocks, x, self.preserve_rng_state, self.stream_dtype
+        )
         return (y, logdet) if self.returns_logdet else y
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ tensors and, through the Triton interpreter, CPU tensors). A plain custom op rat
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -34,14 +34,21 @@ def define_triton_op(name: str, launcher: Callable, mutates_args: tuple[str, ...
     It also becomes the CUDA kernel of ``vaekernels::<name>`` where no CUDA C++ kernel was built,
     so the C++-declared op runs on CUDA tensors either way.
     """
-    torch.library.custom_op(f"{TRITON_NAMESPACE}::{name}", launcher, mutates_args=mutates_args,
-                            device_types=("cpu", "cuda"))
+    torch.library.custom_op(
+        f"{TRITON_NAMESPACE}::{name}", launcher, mutates_args=mutates_args, device_types=("cpu", "cuda")
+    )
     if _backend.native()["schemas"] and name not in _backend.native()["cuda_ops"]:
         torch.library.register_kernel(f"vaekernels::{name}", "cuda", launcher)
 
 
-def register(name: str, fake: Callable, setup_context: Callable | None = None,
-             make_backward: Callable | None = None, *, twice_differentiable: bool = False) -> None:
+def register(
+    name: str,
+    fake: Callable,
+    setup_context: Callable | None = None,
+    make_backward: Callable | None = None,
+    *,
+    twice_differentiable: bool = False,
+) -> None:
     """Registers the fake kernel and (when differentiable) the autograd formula of ``name``.
 
     ``make_backward(ops)`` returns the backward for the namespace ``ops``, so a Triton op's
@@ -65,11 +72,13 @@ def _refusing_second_backward(qualified: str, backward: Callable) -> Callable:
         if not torch.is_grad_enabled():  # a backward without create_graph: nothing to guard
             return result
         return first_derivatives_only(qualified, result, (*ctx.saved_tensors, *grads))
+
     return refusing
 
 
-def first_derivatives_only(where: str, gradients, anchors,
-                           remedy: str = "Set VAEKERNELS_BACKEND=reference for higher derivatives."):
+def first_derivatives_only(
+    where: str, gradients, anchors, remedy: str = "Set VAEKERNELS_BACKEND=reference for higher derivatives."
+):
     """``gradients`` (a tensor or a tuple, Nones kept) unchanged, unless grad mode is on: in a
     backward with create_graph=True, each becomes a node whose own backward raises (naming
     ``where`` and the ``remedy``), tied to the ``anchors`` that require grad. Fused kernels compute
@@ -78,12 +87,15 @@ def first_derivatives_only(where: str, gradients, anchors,
     if not torch.is_grad_enabled():
         return gradients
     tied = [t for t in anchors if isinstance(t, torch.Tensor) and t.requires_grad]
-    message = (f"{where}: the fused kernels give first derivatives only; a second backward through them (double "
-               f"backward after create_graph=True: Hessian-vector products, gradient penalties) is not supported. "
-               f"{remedy}")
+    message = (
+        f"{where}: the fused kernels give first derivatives only; a second backward through them (double "
+        f"backward after create_graph=True: Hessian-vector products, gradient penalties) is not supported. "
+        f"{remedy}"
+    )
 
     def wrap(gradient):
         return gradient if gradient is None else _FirstDerivativeOnly.apply(gradient, message, *tied)
+
     return tuple(map(wrap, gradients)) if isinstance(gradients, tuple) else wrap(gradients)
 
 

@@ -43,6 +43,7 @@ def _make_attention_backward(ops):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         return (*ops.causal_attention_backward(grad_out, q, k, v, out, lse, ctx.scale), None)
+
     return backward
 
 
@@ -97,6 +98,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if backend == "reference":
         return reference.causal_attention(q, k, v, scale)
     lead, (L, D), Dv = q.shape[:-2], q.shape[-2:], v.shape[-1]
-    out, _ = _backend.ops(backend).causal_attention(q.reshape(-1, L, D).contiguous(), k.reshape(-1, L, D).contiguous(),
-                                                    v.reshape(-1, L, Dv).contiguous(), scale)
+    out, _ = _backend.ops(backend).causal_attention(
+        q.reshape(-1, L, D).contiguous(), k.reshape(-1, L, D).contiguous(), v.reshape(-1, L, Dv).contiguous(), scale
+    )
     return out.reshape(*lead, L, Dv)

@@ -10,7 +10,7 @@ readable PyTorch oracle with the same signatures is :mod:`vaekernels.reference.i
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -65,9 +65,14 @@ def _as_rows(tensors: list[torch.Tensor], shape: torch.Size) -> tuple[list[torch
         if size > 1 and (t.shape[-1] != size or t.stride(-1) != 1):
             t = t.expand(*t.shape[:-1], size).contiguous()
         own.append(t if t.shape == shape else t.expand(shape))
-    split = next((s for s in range(len(lead) + 1)
-                  if all(_mergeable(t.shape[:s], t.stride()[:s]) and _mergeable(t.shape[s:-1], t.stride()[s:-1])
-                         for t in own)), None)
+    split = next(
+        (
+            s
+            for s in range(len(lead) + 1)
+            if all(_mergeable(t.shape[:s], t.stride()[:s]) and _mergeable(t.shape[s:-1], t.stride()[s:-1]) for t in own)
+        ),
+        None,
+    )
     rows = (math.prod(lead), 1, size) if split is None else (math.prod(lead[:split]), math.prod(lead[split:]), size)
     # No view where none is needed: under torch.compile every view of a tensor that backward
     # keeps is a separate saved alias, and inductor (torch 2.13) may overwrite one alias's
@@ -111,6 +116,7 @@ def _make_log_mean_exp_backward(ops):
     def backward(ctx, grad):
         x, out = ctx.saved_tensors
         return ops.log_mean_exp_backward(grad.contiguous(), x, out)
+
     return backward
 
 
@@ -178,6 +184,7 @@ def _make_bernoulli_log_prob_backward(ops):
         grad_logits = ops.bernoulli_log_prob_backward(grad, logits, x) if ctx.needs_input_grad[0] else None
         grad_x = grad.unsqueeze(-1) * logits if ctx.needs_input_grad[1] else None
         return grad_logits, grad_x
+
     return backward
 
 
@@ -238,6 +245,7 @@ def _make_gaussian_log_prob_backward(ops):
         grad_mean = grad * scaled if ctx.needs_input_grad[1] else None
         grad_log_var = 0.5 * grad * (standardised * standardised - 1) if ctx.needs_input_grad[2] else None
         return grad_x, grad_mean, grad_log_var
+
     return backward
 
 
@@ -247,8 +255,9 @@ def _gaussian_log_prob_backward_fake(grad, x, mean, log_var, x_grad, mean_grad, 
 
 if "vaekernels" in namespaces():  # C++ only: the Triton namespace keeps the composite backward
     torch.library.register_fake("vaekernels::gaussian_log_prob_backward", _gaussian_log_prob_backward_fake)
-register("gaussian_log_prob", _row_reduction_fake, _save_inputs, _make_gaussian_log_prob_backward,
-         twice_differentiable=True)
+register(
+    "gaussian_log_prob", _row_reduction_fake, _save_inputs, _make_gaussian_log_prob_backward, twice_differentiable=True
+)
 
 
 def _row_reduction(fn: str, names: tuple[str, ...], tensors: tuple) -> tuple[str, list[torch.Tensor], torch.Size]:
@@ -304,6 +313,7 @@ def _make_gaussian_kl_backward(ops):
         grad_mean = grad * mean if ctx.needs_input_grad[0] else None
         grad_log_var = 0.5 * grad * torch.expm1(log_var) if ctx.needs_input_grad[1] else None
         return grad_mean, grad_log_var
+
     return backward
 
 
@@ -533,8 +543,11 @@ def importance_sampled_nll(
     check_choice(fn, "likelihood", likelihood, LIKELIHOODS)
     if output_layer is not None:
         if likelihood != "bernoulli" or not isinstance(output_layer, torch.nn.Linear):
-            fail(fn, f"output_layer must be a torch.nn.Linear of Bernoulli logits (likelihood='bernoulli'), got "
-                     f"{type(output_layer).__name__} with likelihood={likelihood!r}")
+            fail(
+                fn,
+                f"output_layer must be a torch.nn.Linear of Bernoulli logits (likelihood='bernoulli'), got "
+                f"{type(output_layer).__name__} with likelihood={likelihood!r}",
+            )
         from .linear_iwae import linear_iwae_bound as _linear_iwae_bound  # a module built on this one
     for name, function in (("encode", encode), ("decode", decode)):
         if not callable(function):
@@ -543,24 +556,27 @@ def importance_sampled_nll(
     if x.dim() < 2 or x.shape[0] == 0:
         fail(fn, f"x must have shape [B, *event] with B >= 1, got {list(x.shape)}")
     if output_layer is not None and output_layer.out_features != math.prod(x.shape[1:]):
-        fail(fn, f"output_layer must have out_features = {math.prod(x.shape[1:])} (x's elements per example), "
-                 f"got {output_layer.out_features}")
+        fail(
+            fn,
+            f"output_layer must have out_features = {math.prod(x.shape[1:])} (x's elements per example), "
+            f"got {output_layer.out_features}",
+        )
     encoded = encode(x)
     if not (isinstance(encoded, (tuple, list)) and len(encoded) == 2):
         fail(fn, f"encode(x) must return a (mean, log_var) pair, got {type(encoded).__name__}", TypeError)
     mean, q_log_var = encoded
     check_float(fn, "encode(x)[0] (mean)", mean, x, "x")
     if mean.dim() != 2 or mean.shape[0] != x.shape[0]:
-        fail(fn, f"encode(x) must return (mean, log_var) of shape [B, d] with B = {x.shape[0]}, "
-                  f"got {list(mean.shape)}")
+        fail(fn, f"encode(x) must return (mean, log_var) of shape [B, d] with B = {x.shape[0]}, got {list(mean.shape)}")
     check_float(fn, "encode(x)[1] (log_var)", q_log_var, mean, "mean")
     check_shape(fn, "encode(x)[1] (log_var)", q_log_var, tuple(mean.shape), "[B, d]")
     std, zero = torch.exp(0.5 * q_log_var).unsqueeze(1), mean.new_zeros(())
     total = torch.full((x.shape[0],), float("-inf"), dtype=mean.dtype, device=mean.device)
     for start in tqdm(range(0, num_samples, chunk_size), desc=f"NLL, K={num_samples}", disable=not progress):
         samples = min(chunk_size, num_samples - start)
-        eps = torch.randn(mean.shape[0], samples, mean.shape[1], generator=generator, dtype=mean.dtype,
-                          device=mean.device)
+        eps = torch.randn(
+            mean.shape[0], samples, mean.shape[1], generator=generator, dtype=mean.dtype, device=mean.device
+        )
         z = mean.unsqueeze(1) + std * eps
         log_pz = gaussian_log_prob(z, zero, zero)
         log_qz = gaussian_log_prob(z, mean.unsqueeze(1), q_log_var.unsqueeze(1))
@@ -608,11 +624,13 @@ def _make_aggregate_posterior_backward(ops):
         grad_marginal = torch.zeros_like(marginal) if grad_marginal is None else grad_marginal.contiguous()
         grads = ops.aggregate_posterior_backward(grad_joint, grad_marginal, z, mean, log_var, joint, marginal)
         return *grads, None
+
     return backward
 
 
-register("aggregate_posterior", _aggregate_posterior_fake, _save_aggregate_posterior,
-         _make_aggregate_posterior_backward)
+register(
+    "aggregate_posterior", _aggregate_posterior_fake, _save_aggregate_posterior, _make_aggregate_posterior_backward
+)
 register("aggregate_posterior_backward", _aggregate_posterior_backward_fake)
 
 
@@ -627,20 +645,26 @@ def _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal):
         if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] != z.shape[1]:
             fail(fn, f"{name} must have shape [N, d] with N >= 1 and d = {z.shape[1]}, got {list(t.shape)}")
     check_shape(fn, "log_var", log_var, tuple(mean.shape), "mean's shape")
-    if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
-                                     or dataset_size < 1):
+    if dataset_size is not None and (
+        isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1
+    ):
         fail(fn, f"dataset_size must be a positive int or None, got {dataset_size!r}")
     backend = _backend.choose("aggregate_posterior", z.device, z.dtype)
     if backend == "reference":
         return None
-    joint, marginal = _backend.ops(backend).aggregate_posterior(z.contiguous(), mean.contiguous(),
-                                                                log_var.contiguous(), with_marginal)
+    joint, marginal = _backend.ops(backend).aggregate_posterior(
+        z.contiguous(), mean.contiguous(), log_var.contiguous(), with_marginal
+    )
     normaliser = math.log(mean.shape[0] * (dataset_size or 1))
     return joint - normaliser, marginal - normaliser
 
 
 def aggregate_posterior_log_density(
-    z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, *, dataset_size: int | None = None,
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    log_var: torch.Tensor,
+    *,
+    dataset_size: int | None = None,
     per_dim: bool = False,
 ) -> torch.Tensor:
     """log q(z_i) of the aggregate posterior q(z) = mean_j q(z | x_j), over a batch.
@@ -672,8 +696,7 @@ def _aggregate_log_density(fn: str, z, mean, log_var, dataset_size, per_dim: boo
         fail(fn, f"per_dim must be a bool, got {type(per_dim).__name__} {per_dim!r}", TypeError)
     fused = _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal=per_dim)
     if fused is None:
-        return reference.aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size,
-                                                         per_dim=per_dim)
+        return reference.aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size, per_dim=per_dim)
     return fused[1] if per_dim else fused[0]
 
 
@@ -705,8 +728,11 @@ def mutual_information(z, mean, log_var, *, dataset_size: int | None = None) -> 
     """
     log_qz = _aggregate_log_density("mutual_information", z, mean, log_var, dataset_size)
     if z.shape[0] != mean.shape[0]:
-        fail("mutual_information", f"z must pair each sample z_i with the posterior of x_i: z has {z.shape[0]} rows "
-                                    f"where mean has {mean.shape[0]}")
+        fail(
+            "mutual_information",
+            f"z must pair each sample z_i with the posterior of x_i: z has {z.shape[0]} rows "
+            f"where mean has {mean.shape[0]}",
+        )
     return (gaussian_log_prob(z, mean, log_var) - log_qz).mean()
 
 

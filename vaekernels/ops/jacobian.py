@@ -21,7 +21,7 @@ same signatures is :mod:`vaekernels.reference.jacobian`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +69,16 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     CPU kernel's ``matmul_2d``). A product that autograd records (double backward) takes torch.mm,
     which has a derivative, and so does one that torch.compile traces: inductor has no lowering for
     this op on a weight it has not packed itself, and chooses its own kernel for a plain product."""
-    if (_onednn_linear is not None and not torch.compiler.is_compiling() and a.device.type == "cpu"
-            and a.dtype == b.dtype == torch.float32
-            and torch.backends.mkldnn.enabled and a.is_contiguous() and (b.is_contiguous() or b.t().is_contiguous())
-            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
+    if (
+        _onednn_linear is not None
+        and not torch.compiler.is_compiling()
+        and a.device.type == "cpu"
+        and a.dtype == b.dtype == torch.float32
+        and torch.backends.mkldnn.enabled
+        and a.is_contiguous()
+        and (b.is_contiguous() or b.t().is_contiguous())
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+    ):
         return _onednn_linear(a, b.t(), None, "none", [], "")
     return a @ b
 
@@ -86,16 +92,16 @@ def _weighted_symmetric_product(rows: torch.Tensor, weights: torch.Tensor) -> to
         return rows.t() @ (rows * weights[:, None])
     h = rows.shape[1]
     lower = rows.new_zeros(h, h)
-    bands = [lower[r:r + SYMMETRIC_BLOCK, :r + SYMMETRIC_BLOCK] for r in range(0, h, SYMMETRIC_BLOCK)]
+    bands = [lower[r : r + SYMMETRIC_BLOCK, : r + SYMMETRIC_BLOCK] for r in range(0, h, SYMMETRIC_BLOCK)]
     # One buffer for every chunk: a new one each time would be returned to the system and
     # faulted in again under glibc's defaults.
     chunk_rows = SYMMETRIC_CHUNK_ROWS if rows.device.type == "cpu" else max(rows.shape[0], 1)
     buffer = rows.new_empty(min(chunk_rows, rows.shape[0]), h)
     for first in range(0, rows.shape[0], chunk_rows):
-        chunk = rows[first:first + chunk_rows]
-        weighted = torch.mul(chunk, weights[first:first + chunk_rows, None], out=buffer[:chunk.shape[0]])
+        chunk = rows[first : first + chunk_rows]
+        weighted = torch.mul(chunk, weights[first : first + chunk_rows, None], out=buffer[: chunk.shape[0]])
         for r, band in zip(range(0, h, SYMMETRIC_BLOCK), bands):
-            band.addmm_(chunk[:, r:r + SYMMETRIC_BLOCK].t(), weighted[:, :band.shape[1]])
+            band.addmm_(chunk[:, r : r + SYMMETRIC_BLOCK].t(), weighted[:, : band.shape[1]])
     return lower.tril() + lower.tril(-1).t()
 
 
@@ -149,8 +155,10 @@ def _make_tangent_step_backward(ops):
         if grad_tangent is None:
             grad_tangent = pre.new_zeros(pre.shape[0], tangent.shape[1], pre.shape[1])
         grad_pre, grad_tangent_in = ops.jacobian_tangent_step_backward(
-            grad_out, grad_tangent, pre, tangent, ctx.activation, ctx.p0, ctx.p1)
+            grad_out, grad_tangent, pre, tangent, ctx.activation, ctx.p0, ctx.p1
+        )
         return grad_pre, grad_tangent_in, None, None, None
+
     return backward
 
 
@@ -206,11 +214,13 @@ def _make_gram_reduce_backward(ops):
             if ctx.needs_input_grad[1]:
                 grad_metric = grad_metric + rows.t() @ grad_tm.reshape(-1, h)
         return grad_tangent, grad_metric, None
+
     return backward
 
 
-register("jacobian_gram_reduce", _gram_reduce_fake, _save_gram_reduce, _make_gram_reduce_backward,
-         twice_differentiable=True)
+register(
+    "jacobian_gram_reduce", _gram_reduce_fake, _save_gram_reduce, _make_gram_reduce_backward, twice_differentiable=True
+)
 
 
 class _SelfGram(torch.autograd.Function):
@@ -303,8 +313,11 @@ def _column_index(fn: str, columns, d: int, device: torch.device) -> torch.Tenso
     if not torch.compiler.is_compiling():
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= d:
-            fail(fn, f"columns must lie in [0, {d - 1}] (z has d = {d} columns), got {low if low < 0 else high}",
-                 IndexError)
+            fail(
+                fn,
+                f"columns must lie in [0, {d - 1}] (z has d = {d} columns), got {low if low < 0 else high}",
+                IndexError,
+            )
     return index.long()
 
 
@@ -315,8 +328,11 @@ def _propagate(fn: str, plan: list, z: torch.Tensor, columns: torch.Tensor | Non
     first = plan[0]
     width = first.in_features if isinstance(first, nn.Linear) else None
     if width is not None and width != d:
-        fail(fn, f"z must have shape [B, {width}] (the decoder's first nn.Linear takes {width} features), "
-                 f"got {list(z.shape)}")
+        fail(
+            fn,
+            f"z must have shape [B, {width}] (the decoder's first nn.Linear takes {width} features), "
+            f"got {list(z.shape)}",
+        )
     backend = _backend.choose("jacobian_tangent_step", z.device, z.dtype)
     if backend == "reference":
         step, reduce = reference.jacobian_tangent_step, reference.jacobian_gram_reduce
@@ -366,14 +382,18 @@ def _reduce_directly(tangent: torch.Tensor, weight: torch.Tensor, diagonal: bool
 
 def _jvp_along(fn: str, decoder, z: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """The decoder's output tangents along ``directions`` [c, B, d]: [c, B, D], output flattened."""
+
     def along(direction):
         return torch.func.jvp(decoder, (z,), (direction,))[1]
 
     try:
         tangents = torch.func.vmap(along)(directions)
     except (RuntimeError, NotImplementedError, TypeError) as error:
-        fail(fn, f"decoder could not be differentiated in forward mode (torch.func.jvp) at z of shape "
-                 f"{list(z.shape)}: {error}")
+        fail(
+            fn,
+            f"decoder could not be differentiated in forward mode (torch.func.jvp) at z of shape "
+            f"{list(z.shape)}: {error}",
+        )
     if not tangents.is_floating_point():
         fail(fn, f"decoder must return a floating-point tensor to be differentiable, got {tangents.dtype}")
     return tangents.flatten(2)
@@ -392,7 +412,7 @@ def _general_column_norms(fn: str, decoder, z: torch.Tensor, columns: torch.Tens
     chunk = max(1, GENERAL_CHUNK_ELEMENTS // (batch * first.shape[-1]))
     norms = [first.square().sum(-1)]
     for start in range(1, len(columns), chunk):
-        norms.append(_jvp_along(fn, decoder, z, _unit_directions(z, columns[start:start + chunk])).square().sum(-1))
+        norms.append(_jvp_along(fn, decoder, z, _unit_directions(z, columns[start : start + chunk])).square().sum(-1))
     return torch.cat(norms).t()
 
 
@@ -414,8 +434,9 @@ def _general_gram(fn: str, decoder, z: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- public functions
 
 
-def jacobian_column_sq_norms(decoder, z: torch.Tensor, columns: Sequence[int] | torch.Tensor | None = None
-                             ) -> torch.Tensor:
+def jacobian_column_sq_norms(
+    decoder, z: torch.Tensor, columns: Sequence[int] | torch.Tensor | None = None
+) -> torch.Tensor:
     """‖∂g(z)/∂z_i‖² per example for every column i of the decoder Jacobian, or those in ``columns``.
 
     ``decoder`` maps z [B, d] to [B, *out] (flattened to D); returns [B, d] (or [B, len(columns)]).
@@ -478,8 +499,15 @@ def _gram(fn: str, decoder, z: torch.Tensor) -> torch.Tensor:
     return _general_gram(fn, decoder, z)
 
 
-def grae_regularizer(decoder, z: torch.Tensor, beta: float, *, exact: bool = False, num_columns: int | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def grae_regularizer(
+    decoder,
+    z: torch.Tensor,
+    beta: float,
+    *,
+    exact: bool = False,
+    num_columns: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The decoder-Jacobian regulariser of GRAE / GRAE* (Kumar & Poole 2020), per example [B].
 
     - default (GRAE*): Σ_i log(1 + ‖J_i‖²/β), the upper bound of the log-determinant;
@@ -510,8 +538,9 @@ def check_grae_settings(fn: str, beta, exact, num_columns) -> None:
         fail(fn, f"exact must be a bool, got {type(exact).__name__} {exact!r}", TypeError)
     if exact and num_columns is not None:
         fail(fn, f"num_columns samples the columns of the GRAE* bound; exact=True takes none, got {num_columns!r}")
-    if num_columns is not None and (isinstance(num_columns, bool) or not isinstance(num_columns, int)
-                                    or num_columns < 1):
+    if num_columns is not None and (
+        isinstance(num_columns, bool) or not isinstance(num_columns, int) or num_columns < 1
+    ):
         fail(fn, f"num_columns must be a positive int or None, got {num_columns!r}")
 
 

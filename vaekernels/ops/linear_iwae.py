@@ -45,7 +45,7 @@ def _chunks(batch: int, samples: int, chunk_rows: int):
 
 def _chunk_logits(buffer, flat_h, weight, bias, start, count, samples):
     """logits of examples [start, start + count) into ``buffer``, viewed [count, K, D]."""
-    rows = flat_h[start * samples:(start + count) * samples]
+    rows = flat_h[start * samples : (start + count) * samples]
     logits = buffer[: rows.shape[0]]
     if bias is None:
         torch.mm(rows, weight.t(), out=logits)
@@ -84,28 +84,44 @@ def _forward(ops, h, weight, bias, x, log_ratio, elbo: bool, with_grads: bool, c
     buffer = h.new_empty(min(_chunk_examples(chunk_rows, K), B) * K, D)
     for start, count in _chunks(B, K, chunk_rows):
         rows, logits = _chunk_logits(buffer, flat_h, weight, bias, start, count, K)
-        x_rows = x[start:start + count].unsqueeze(1).expand(count, K, D)
+        x_rows = x[start : start + count].unsqueeze(1).expand(count, K, D)
         chunk_log_px = ops.bernoulli_log_prob(logits, x_rows)
-        log_px[start:start + count] = chunk_log_px
-        log_w = chunk_log_px + log_ratio[start:start + count]
+        log_px[start : start + count] = chunk_log_px
+        log_w = chunk_log_px + log_ratio[start : start + count]
         if elbo:
-            bound[start:start + count] = log_w.mean(1)
+            bound[start : start + count] = log_w.mean(1)
             chunk_weights = torch.full_like(log_w, 1 / K)
         else:
             chunk_bound = ops.log_mean_exp(log_w)
-            bound[start:start + count] = chunk_bound
+            bound[start : start + count] = chunk_bound
             # The softmax over K, 0 on an example whose weights are all zero.
             chunk_weights = ops.log_mean_exp_backward(torch.ones_like(chunk_bound), log_w, chunk_bound)
-        weights[start:start + count] = chunk_weights
+        weights[start : start + count] = chunk_weights
         if with_grads:
-            _accumulate_grads(ops, chunk_weights, logits, x_rows, rows, weight,
-                              grad_h[start * K:(start + count) * K], grad_weight, grad_bias)
-    return (bound, log_px, weights, grad_h.view(B, K, H) if with_grads else grad_h, grad_weight.to(weight.dtype),
-            grad_bias.to(h.dtype))
+            _accumulate_grads(
+                ops,
+                chunk_weights,
+                logits,
+                x_rows,
+                rows,
+                weight,
+                grad_h[start * K : (start + count) * K],
+                grad_weight,
+                grad_bias,
+            )
+    return (
+        bound,
+        log_px,
+        weights,
+        grad_h.view(B, K, H) if with_grads else grad_h,
+        grad_weight.to(weight.dtype),
+        grad_bias.to(h.dtype),
+    )
 
 
-def _backward(ops, grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h, grad_weight, grad_bias,
-              chunk_rows: int):
+def _backward(
+    ops, grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h, grad_weight, grad_bias, chunk_rows: int
+):
     B, K, H = h.shape
     grad_ratio = weights * grad_bound.unsqueeze(1)
     # Each example's gradient is its forward one times its grad_bound, and the weight's and bias's
@@ -113,8 +129,12 @@ def _backward(ops, grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h,
     # them: an empty grad_h says it did not).
     if grad_h.numel() and not bool(grad_log_px.any()) and bool((grad_bound == grad_bound[0]).all()):
         shared = grad_bound[0]
-        return (grad_h * grad_bound.view(B, 1, 1), grad_weight * shared,
-                grad_bias * shared if bias is not None else h.new_empty(0), grad_ratio)
+        return (
+            grad_h * grad_bound.view(B, 1, 1),
+            grad_weight * shared,
+            grad_bias * shared if bias is not None else h.new_empty(0),
+            grad_ratio,
+        )
     coefficients = grad_ratio + grad_log_px  # what reaches log p(x | z_k)
     flat_h = h.reshape(B * K, H)
     new_grad_h = torch.empty_like(flat_h)
@@ -123,9 +143,18 @@ def _backward(ops, grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h,
     buffer = h.new_empty(min(_chunk_examples(chunk_rows, K), B) * K, weight.shape[0])
     for start, count in _chunks(B, K, chunk_rows):
         rows, logits = _chunk_logits(buffer, flat_h, weight, bias, start, count, K)
-        x_rows = x[start:start + count].unsqueeze(1).expand(count, K, weight.shape[0])
-        _accumulate_grads(ops, coefficients[start:start + count].contiguous(), logits, x_rows, rows, weight,
-                          new_grad_h[start * K:(start + count) * K], new_grad_weight, new_grad_bias)
+        x_rows = x[start : start + count].unsqueeze(1).expand(count, K, weight.shape[0])
+        _accumulate_grads(
+            ops,
+            coefficients[start : start + count].contiguous(),
+            logits,
+            x_rows,
+            rows,
+            weight,
+            new_grad_h[start * K : (start + count) * K],
+            new_grad_weight,
+            new_grad_bias,
+        )
     return new_grad_h.view(B, K, H), new_grad_weight.to(weight.dtype), new_grad_bias.to(h.dtype), grad_ratio
 
 
@@ -135,15 +164,23 @@ def _backward(ops, grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h,
 def _fake(h, weight, bias, x, log_ratio, elbo, with_grads, chunk_rows):
     B, K, H = h.shape
     D = weight.shape[0]
-    return (h.new_empty(B), h.new_empty(B, K), h.new_empty(B, K), h.new_empty((B, K, H) if with_grads else (0,)),
-            h.new_empty((D, H) if with_grads else (0,)),
-            h.new_empty(D if with_grads and bias is not None else 0))
+    return (
+        h.new_empty(B),
+        h.new_empty(B, K),
+        h.new_empty(B, K),
+        h.new_empty((B, K, H) if with_grads else (0,)),
+        h.new_empty((D, H) if with_grads else (0,)),
+        h.new_empty(D if with_grads and bias is not None else 0),
+    )
 
 
-def _backward_fake(grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h, grad_weight, grad_bias,
-                   chunk_rows):
-    return (h.new_empty(h.shape), weight.new_empty(weight.shape), h.new_empty(bias.shape if bias is not None else 0),
-            weights.new_empty(weights.shape))
+def _backward_fake(grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h, grad_weight, grad_bias, chunk_rows):
+    return (
+        h.new_empty(h.shape),
+        weight.new_empty(weight.shape),
+        h.new_empty(bias.shape if bias is not None else 0),
+        weights.new_empty(weights.shape),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -161,35 +198,76 @@ def _make_backward(ops):
             return None, None, None, None, weights * grad_bound.unsqueeze(1), None, None, None
         if grad_log_px is None:
             grad_log_px = torch.zeros_like(weights)
-        grads = ops.linear_bernoulli_iwae_backward(grad_bound.contiguous(), grad_log_px.contiguous(), h, weight,
-                                                   bias if ctx.has_bias else None, x, weights, grad_h, grad_weight,
-                                                   grad_bias, ctx.chunk_rows)
+        grads = ops.linear_bernoulli_iwae_backward(
+            grad_bound.contiguous(),
+            grad_log_px.contiguous(),
+            h,
+            weight,
+            bias if ctx.has_bias else None,
+            x,
+            weights,
+            grad_h,
+            grad_weight,
+            grad_bias,
+            ctx.chunk_rows,
+        )
         needed = (*ctx.needs_input_grad[:3], ctx.needs_input_grad[4])  # h, weight, bias, log_ratio
         grad_h_in, grad_weight_in, grad_bias_in, grad_ratio = (g if n else None for g, n in zip(grads, needed))
         return grad_h_in, grad_weight_in, grad_bias_in if ctx.has_bias else None, None, grad_ratio, None, None, None
+
     return backward
 
 
-def _triton_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
-                    log_ratio: torch.Tensor, elbo: bool, with_grads: bool, chunk_rows: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_forward(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x: torch.Tensor,
+    log_ratio: torch.Tensor,
+    elbo: bool,
+    with_grads: bool,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(torch.ops.vaekernels_triton, h, weight, bias, x, log_ratio, elbo, with_grads, chunk_rows)
 
 
-def _triton_backward(grad_bound: torch.Tensor, grad_log_px: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None, x: torch.Tensor, weights: torch.Tensor, grad_h: torch.Tensor,
-                     grad_weight: torch.Tensor, grad_bias: torch.Tensor, chunk_rows: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(torch.ops.vaekernels_triton, grad_bound, grad_log_px, h, weight, bias, x, weights, grad_h,
-                     grad_weight, grad_bias, chunk_rows)
+def _triton_backward(
+    grad_bound: torch.Tensor,
+    grad_log_px: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    grad_h: torch.Tensor,
+    grad_weight: torch.Tensor,
+    grad_bias: torch.Tensor,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(
+        torch.ops.vaekernels_triton,
+        grad_bound,
+        grad_log_px,
+        h,
+        weight,
+        bias,
+        x,
+        weights,
+        grad_h,
+        grad_weight,
+        grad_bias,
+        chunk_rows,
+    )
 
 
 if _backend.native()["schemas"]:
     # The chunk loop over the C++ row kernels and BLAS is the CPU kernel of the C++-declared op.
-    torch.library.register_kernel("vaekernels::linear_bernoulli_iwae", "cpu",
-                                  functools.partial(_forward, torch.ops.vaekernels))
-    torch.library.register_kernel("vaekernels::linear_bernoulli_iwae_backward", "cpu",
-                                  functools.partial(_backward, torch.ops.vaekernels))
+    torch.library.register_kernel(
+        "vaekernels::linear_bernoulli_iwae", "cpu", functools.partial(_forward, torch.ops.vaekernels)
+    )
+    torch.library.register_kernel(
+        "vaekernels::linear_bernoulli_iwae_backward", "cpu", functools.partial(_backward, torch.ops.vaekernels)
+    )
 if _backend.triton_available():
     define_triton_op("linear_bernoulli_iwae", _triton_forward)
     define_triton_op("linear_bernoulli_iwae_backward", _triton_backward)
@@ -208,16 +286,21 @@ def _check_layer(fn: str, h, weight, bias, x, chunk_size):
         fail(fn, f"h must have shape [B, K, H] with B, K, H >= 1, got {list(h.shape)}")
     check_float(fn, "weight", weight, h, "h")
     if weight.dim() != 2 or weight.shape[1] != h.shape[2] or weight.shape[0] == 0:
-        fail(fn, f"weight must have shape [D, H] with D >= 1 and H = {h.shape[2]} (h's last dim), "
-                 f"got {list(weight.shape)}")
+        fail(
+            fn,
+            f"weight must have shape [D, H] with D >= 1 and H = {h.shape[2]} (h's last dim), got {list(weight.shape)}",
+        )
     D = weight.shape[0]
     if bias is not None:
         check_float(fn, "bias", bias, h, "h")
         check_shape(fn, "bias", bias, (D,), "[D]")
     check_float(fn, "x", x, h, "h")
     if x.dim() < 2 or x.shape[0] != h.shape[0] or math.prod(x.shape[1:]) != D:
-        fail(fn, f"x must have shape [B, *event] with B = {h.shape[0]} and D = {D} elements per example, "
-                 f"got {list(x.shape)}")
+        fail(
+            fn,
+            f"x must have shape [B, *event] with B = {h.shape[0]} and D = {D} elements per example, "
+            f"got {list(x.shape)}",
+        )
     if x.requires_grad and torch.is_grad_enabled():
         fail(fn, "x must not require grad (the data's gradient is not computed); pass x.detach()")
     if chunk_size is None:
@@ -231,8 +314,15 @@ def _fused(h, weight, bias, x, log_ratio, elbo, chunk_rows, backend):
     """(bound [B], log p(x | z) [B, K]) through the fused op of ``backend``."""
     wants_grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     bound, log_px, *_ = _backend.ops(backend).linear_bernoulli_iwae(
-        h.contiguous(), weight.contiguous(), bias, x.reshape(x.shape[0], -1).contiguous(), log_ratio.contiguous(),
-        elbo, wants_grads, chunk_rows)
+        h.contiguous(),
+        weight.contiguous(),
+        bias,
+        x.reshape(x.shape[0], -1).contiguous(),
+        log_ratio.contiguous(),
+        elbo,
+        wants_grads,
+        chunk_rows,
+    )
     return bound, log_px
 
 
@@ -276,8 +366,9 @@ def linear_iwae_bound(
         >>> torch.allclose(bound, vaekernels.iwae_bound(layer(h), x, log_pz, log_qz), atol=1e-5)
         True
     """
-    return _linear_iwae_bound("linear_iwae_bound", h, weight, bias, x, log_pz, log_qz, estimator, reduction, z, q,
-                              chunk_size)
+    return _linear_iwae_bound(
+        "linear_iwae_bound", h, weight, bias, x, log_pz, log_qz, estimator, reduction, z, q, chunk_size
+    )
 
 
 def _linear_iwae_bound(fn: str, h, weight, bias, x, log_pz, log_qz, estimator, reduction, z, q, chunk_size):
@@ -289,15 +380,17 @@ def _linear_iwae_bound(fn: str, h, weight, bias, x, log_pz, log_qz, estimator, r
     checked_log_qz = _checked_log_qz(fn, log_pz, log_qz, z, q, estimator, h, "h")
     backend = _backend.choose("linear_iwae_bound", h.device, h.dtype)
     if backend == "reference":
-        return reference.linear_iwae_bound(h, weight, bias, x, log_pz, log_qz, estimator=estimator,
-                                           reduction=reduction, z=z, q=q)
+        return reference.linear_iwae_bound(
+            h, weight, bias, x, log_pz, log_qz, estimator=estimator, reduction=reduction, z=z, q=q
+        )
     log_ratio = log_pz - checked_log_qz
     bound, log_px = _fused(h, weight, bias, x, log_ratio, False, chunk_rows, backend)
     return _estimated(bound, log_px + log_ratio, z, estimator, reduction)
 
 
-def linear_expected_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *,
-                             chunk_size: int | None = None) -> torch.Tensor:
+def linear_expected_log_prob(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *, chunk_size: int | None = None
+) -> torch.Tensor:
     """(1/K) sum_k log p(x | z_k) per example [B], Bernoulli with logits ``linear(h, weight, bias)``:
     the ELBO's reconstruction term, without the [B, K, D] logits.
 

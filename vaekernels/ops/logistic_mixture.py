@@ -43,6 +43,7 @@ def _make_nll_backward(ops):
         grad_params = ops.discretized_logistic_mixture_nll_backward(grad, params, x, nll, ctx.num_mixtures)
         # x is data on the 256-level grid: the likelihood is piecewise in it, and has no gradient there.
         return grad_params, None, None
+
     return backward
 
 
@@ -61,12 +62,16 @@ def _check_mixture(fn: str, params, channels: int, num_mixtures) -> None:
     expected = reference.num_params(channels, num_mixtures)
     if params.shape[1] != expected:
         layout = "10 * num_mixtures" if channels == 3 else "3 * num_mixtures"
-        fail(fn, f"params must have P = {layout} = {expected} channels for {channels}-channel data and "
-                 f"num_mixtures={num_mixtures}, got {params.shape[1]}")
+        fail(
+            fn,
+            f"params must have P = {layout} = {expected} channels for {channels}-channel data and "
+            f"num_mixtures={num_mixtures}, got {params.shape[1]}",
+        )
 
 
-def discretized_logistic_mixture_nll(params: torch.Tensor, x: torch.Tensor, num_mixtures: int,
-                                     reduction: str = "sum") -> torch.Tensor:
+def discretized_logistic_mixture_nll(
+    params: torch.Tensor, x: torch.Tensor, num_mixtures: int, reduction: str = "sum"
+) -> torch.Tensor:
     """-log p(x) under the PixelCNN++ discretised mixture of logistics, in nats.
 
     Args:
@@ -116,9 +121,13 @@ def discretized_logistic_mixture_nll(params: torch.Tensor, x: torch.Tensor, num_
     return {"none": nll, "sum": nll.sum(), "mean": nll.sum((1, 2)).mean()}[reduction]
 
 
-def discretized_logistic_mixture_sample(params: torch.Tensor, channels: int, num_mixtures: int,
-                                        generator: torch.Generator | None = None,
-                                        quantize: bool = True) -> torch.Tensor:
+def discretized_logistic_mixture_sample(
+    params: torch.Tensor,
+    channels: int,
+    num_mixtures: int,
+    generator: torch.Generator | None = None,
+    quantize: bool = True,
+) -> torch.Tensor:
     """A draw x [B, C, H, W] in [-1, 1] from the mixture of :func:`discretized_logistic_mixture_nll`.
 
     A component per pixel by the Gumbel-max trick, then each channel from its logistic, with the

@@ -72,7 +72,8 @@ class _CausalConv(torch.autograd.Function):
             # unwritten tensor of the padded shape stands in for the padded copy.
             shifted = _padded(x, pads) if need_weight else _empty_padded(x, pads)
             grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad, shifted, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_weight, False])
+                grad, shifted, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_weight, False]
+            )
             if need_x:
                 # The inverse of the shift: crop what was padded, pad what was cropped.
                 unpads = tuple(-amount for amount in pads)
@@ -102,14 +103,20 @@ def _overlap(padded: torch.Tensor, x: torch.Tensor, pads: tuple[int, int, int, i
     """The views of ``padded`` (x padded by ``pads``) and of x that hold the same pixels."""
     left, right, top, bottom = pads
     rows, cols = x.shape[-2] - max(-top, 0) - max(-bottom, 0), x.shape[-1] - max(-left, 0) - max(-right, 0)
-    return (padded[..., max(top, 0):max(top, 0) + rows, max(left, 0):max(left, 0) + cols],
-            x[..., max(-top, 0):max(-top, 0) + rows, max(-left, 0):max(-left, 0) + cols])
+    return (
+        padded[..., max(top, 0) : max(top, 0) + rows, max(left, 0) : max(left, 0) + cols],
+        x[..., max(-top, 0) : max(-top, 0) + rows, max(-left, 0) : max(-left, 0) + cols],
+    )
 
 
 def _empty_padded(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.empty(_padded_shape(x, pads), dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.empty(
+        _padded_shape(x, pads),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
 
 
 def _padded(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
@@ -124,8 +131,12 @@ def _padded(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
     left, right, top, bottom = (max(amount, 0) for amount in pads)
     height, width = out.shape[-2:]
     rows = slice(top, height - bottom)
-    strips = ((top, out[..., :top, :]), (bottom, out[..., height - bottom:, :]), (left, out[..., rows, :left]),
-              (right, out[..., rows, width - right:]))
+    strips = (
+        (top, out[..., :top, :]),
+        (bottom, out[..., height - bottom :, :]),
+        (left, out[..., rows, :left]),
+        (right, out[..., rows, width - right :]),
+    )
     # Empty strips are skipped, not zeroed: inductor's C++ for a zero-size buffer crashes the process.
     for amount, strip in strips:
         if amount:
@@ -209,12 +220,21 @@ def _check_masked_conv(fn: str, x, weight, bias, mask_type: str, channel_groups:
     if not isinstance(channel_groups, int) or channel_groups < 1:
         fail(fn, f"channel_groups must be a positive int, got {channel_groups!r}")
     if weight.shape[0] % channel_groups or weight.shape[1] % channel_groups:
-        fail(fn, f"channel_groups must divide in_channels and out_channels, got {channel_groups} for weight "
-                 f"shape {list(weight.shape)}")
+        fail(
+            fn,
+            f"channel_groups must divide in_channels and out_channels, got {channel_groups} for weight "
+            f"shape {list(weight.shape)}",
+        )
 
 
-def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, mask_type: str = "B",
-                  *, channel_groups: int = 1) -> torch.Tensor:
+def masked_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask_type: str = "B",
+    *,
+    channel_groups: int = 1,
+) -> torch.Tensor:
     """PixelCNN masked convolution ("same" padding, stride 1) that reads only the causal taps.
 
     Output pixel (i, j) sees the input rows above i and, in row i, the pixels left of j; type
@@ -243,7 +263,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if ch:
         parts.append((weight[:, :, :ch].contiguous(), ch, cw))
     if cw or centre_in_row:
-        parts.append((weight[:, :, ch:ch + 1, :cw + centre_in_row].contiguous(), 0, cw))
+        parts.append((weight[:, :, ch : ch + 1, : cw + centre_in_row].contiguous(), 0, cw))
     if channel_groups > 1:
         out = _centre_taps(x, weight[:, :, ch, cw], mask_type, channel_groups)
         return out + causal_conv2d(x, parts, bias) if parts else _plus_bias(out, bias)
@@ -264,7 +284,7 @@ def _centre_taps(x: torch.Tensor, centre: torch.Tensor, mask_type: str, groups: 
     blocks = []
     for g in range(groups):
         seen = (g + (mask_type == "B")) * in_block
-        rows = centre[g * out_block:(g + 1) * out_block]
+        rows = centre[g * out_block : (g + 1) * out_block]
         if seen == 0:
             blocks.append(x.new_zeros(x.shape[0], out_block, *x.shape[2:]))
         else:
@@ -294,6 +314,7 @@ def _make_gated_activation_backward(ops):
         x, cond = ctx.saved_tensors
         grad_x, grad_cond = ops.gated_activation_backward(grad, x, cond, ctx.gate)
         return grad_x, grad_cond if ctx.has_cond else None, None
+
     return backward
 
 
@@ -351,15 +372,17 @@ def _gated_activation_vjp(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tenso
         # graph, so that it can be differentiated again.
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            leaves = [t if t is None or (create_graph and t.requires_grad) else t.detach().requires_grad_()
-                      for t in (x, cond)]
+            leaves = [
+                t if t is None or (create_graph and t.requires_grad) else t.detach().requires_grad_() for t in (x, cond)
+            ]
             out = reference.gated_activation(leaves[0], leaves[1], gate)
             found = torch.autograd.grad(out, [t for t in leaves if t is not None], grad, create_graph=create_graph)
         return found[0], (found[1] if cond is not None else None)
     rows = _gate_rows("gated_activation", x, cond, gate)
     grad_rows = grad.reshape(rows.shape[0], rows.shape[1] // 2, rows.shape[2])
     grad_x, grad_cond = _backend.ops(backend).gated_activation_backward(
-        grad_rows, rows, None if cond is None else cond.contiguous(), gate)
+        grad_rows, rows, None if cond is None else cond.contiguous(), gate
+    )
     grads = (grad_x.view(x.shape), grad_cond if cond is not None else None)
     return first_derivatives_only("vaekernels.gated_activation", grads, (grad, x, cond))
 
@@ -412,8 +435,18 @@ class _GatedConv1x1(torch.autograd.Function):
         if need_weight:
             gated = gated_activation(x, cond, ctx.gate)
             grad_gated, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, gated, weight, ctx.bias_sizes, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                [need_input, True, need_bias])
+                grad,
+                gated,
+                weight,
+                ctx.bias_sizes,
+                [1, 1],
+                [0, 0],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [need_input, True, need_bias],
+            )
         else:
             # Without the weight's gradient the gated tensor is not needed at all: the input
             # gradient of a 1x1 convolution is the convolution by the transposed weight.
@@ -425,8 +458,9 @@ class _GatedConv1x1(torch.autograd.Function):
         return grad_x, grad_cond, grad_weight, grad_bias, None
 
 
-def gated_conv1x1(x: torch.Tensor, cond: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-                  gate: str = "tanh") -> torch.Tensor:
+def gated_conv1x1(
+    x: torch.Tensor, cond: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, gate: str = "tanh"
+) -> torch.Tensor:
     """A 1x1 convolution of :func:`gated_activation`, whose backward recomputes the gated tensor
     instead of keeping it: the output half of a Gated PixelCNN layer (residual and skip).
 

@@ -26,7 +26,7 @@ the same blocks run as an ordinary network, is :mod:`vaekernels.reference.revers
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -52,8 +52,9 @@ def _coupling_backward_step_fake(stream, update, grad, grad_update):
 register("coupling_backward_step", _coupling_backward_step_fake)
 
 
-def coupling_backward_step(stream: torch.Tensor, update: torch.Tensor, grad: torch.Tensor,
-                           grad_update: torch.Tensor) -> None:
+def coupling_backward_step(
+    stream: torch.Tensor, update: torch.Tensor, grad: torch.Tensor, grad_update: torch.Tensor
+) -> None:
     """One step of a coupling block's backward walk, in place: ``stream -= update`` and
     ``grad += grad_update`` in one pass.
 
@@ -97,13 +98,18 @@ def _halves(fn: str, x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Te
     if x.dim() < 2:
         fail(fn, f"{what} must have a channel dim (shape [B, C, ...]), got shape {list(x.shape)}")
     half = x.shape[1] // 2
-    return (x.narrow(1, 0, half).clone(memory_format=torch.contiguous_format),
-            x.narrow(1, half, x.shape[1] - half).clone(memory_format=torch.contiguous_format))
+    return (
+        x.narrow(1, 0, half).clone(memory_format=torch.contiguous_format),
+        x.narrow(1, half, x.shape[1] - half).clone(memory_format=torch.contiguous_format),
+    )
 
 
 def _frozen_batch_norms(block: nn.Module) -> list[nn.Module]:
-    return [m for m in block.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    return [
+        m
+        for m in block.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
 
 
 @contextlib.contextmanager
@@ -183,14 +189,22 @@ class _Walk:
     from block to block: the activations in the forward, the rebuilt inputs and their gradients in
     the backward."""
 
-    def __init__(self, fn: str, blocks: Sequence[nn.Module], preserve_rng_state: bool,
-                 stream_dtype: torch.dtype | None):
+    def __init__(
+        self, fn: str, blocks: Sequence[nn.Module], preserve_rng_state: bool, stream_dtype: torch.dtype | None
+    ):
         self.fn = fn
         self.blocks = list(blocks)
         # The tensors in the modules now, not module.parameters() later: under
         # torch.func.functional_call they are swapped in for the call and gone by backward.
-        self.slots = [[(m, name, t) for m in block.modules() for name, t in m._parameters.items()
-                       if t is not None and t.requires_grad] for block in self.blocks]
+        self.slots = [
+            [
+                (m, name, t)
+                for m in block.modules()
+                for name, t in m._parameters.items()
+                if t is not None and t.requires_grad
+            ]
+            for block in self.blocks
+        ]
         self.block_params = [list(dict.fromkeys(t for _, _, t in slots)) for slots in self.slots]
         self.preserve_rng_state = preserve_rng_state
         self.stream_dtype = stream_dtype
@@ -220,9 +234,12 @@ class _Walk:
 
 def _first_derivatives_only(gradients, anchors):
     return first_derivatives_only(
-        "reversible_sequential", gradients, anchors,
+        "reversible_sequential",
+        gradients,
+        anchors,
         "vaekernels.reference.reversible.reversible_sequential (ordinary autograd, which stores the activations) "
-        "has higher derivatives.")
+        "has higher derivatives.",
+    )
 
 
 class _Enter(torch.autograd.Function):
@@ -259,9 +276,12 @@ class _Block(torch.autograd.Function):
         except (ValueError, TypeError, RuntimeError) as error:
             # The block's own message (a raw torch error, or one naming the block's class) said
             # which call of the user's went wrong only by its traceback.
-            fail(walk.fn, f"blocks[{i}] ({type(block).__name__}) could not be applied to the halves "
-                          f"{list(x1.shape)} and {list(x2.shape)} ({x1.dtype}) of its input: {error}",
-                 type(error) if isinstance(error, (ValueError, TypeError)) else ValueError)
+            fail(
+                walk.fn,
+                f"blocks[{i}] ({type(block).__name__}) could not be applied to the halves "
+                f"{list(x1.shape)} and {list(x2.shape)} ({x1.dtype}) of its input: {error}",
+                type(error) if isinstance(error, (ValueError, TypeError)) else ValueError,
+            )
         ctx.tape.close()
         total = walk.streams[2]
         walk.streams = (x1, x2, logdet if total is None else total if logdet is None else total + logdet)
@@ -305,8 +325,11 @@ class _Exit(torch.autograd.Function):
         if grad_y is None:
             grad_y = torch.zeros_like(y)
         # Copies the walk owns and overwrites, so a second backward (retain_graph) starts afresh.
-        ctx.walk.streams = (*_halves(fn, y, "the output"), *_halves(fn, grad_y.to(y.dtype), "the output gradient"),
-                            grad_logdet)
+        ctx.walk.streams = (
+            *_halves(fn, y, "the output"),
+            *_halves(fn, grad_y.to(y.dtype), "the output gradient"),
+            grad_logdet,
+        )
         return y.new_empty(0), None
 
 
@@ -348,13 +371,21 @@ def check_blocks(fn: str, blocks) -> None:
         fail(fn, "blocks must hold at least one block, got none")
     for i, block in enumerate(blocks):
         if not isinstance(block, nn.Module) or not callable(getattr(block, "inverse", None)):
-            fail(fn, f"blocks[{i}] must be an invertible nn.Module (AdditiveCoupling, AffineCoupling, "
-                     f"InvertibleDownsample, or a module with forward and inverse), got {type(block).__name__}",
-                 TypeError)
+            fail(
+                fn,
+                f"blocks[{i}] must be an invertible nn.Module (AdditiveCoupling, AffineCoupling, "
+                f"InvertibleDownsample, or a module with forward and inverse), got {type(block).__name__}",
+                TypeError,
+            )
 
 
-def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, preserve_rng_state: bool = True,
-                          stream_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reversible_sequential(
+    blocks: Sequence[nn.Module],
+    x: torch.Tensor,
+    *,
+    preserve_rng_state: bool = True,
+    stream_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Applies invertible ``blocks`` in order, keeping only the output for backward.
 
     Returns ``(y, logdet)``: the output and the summed log-determinant of the blocks ([B], zeros
@@ -378,7 +409,9 @@ def reversible_sequential(blocks: Sequence[nn.Module], x: torch.Tensor, *, prese
     return _reversible_sequential("reversible_sequential", blocks, x, preserve_rng_state, stream_dtype)
 
 
-def _reversible_sequential(fn: str, blocks, x, preserve_rng_state: bool, stream_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _reversible_sequential(
+    fn: str, blocks, x, preserve_rng_state: bool, stream_dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`reversible_sequential`, its errors naming ``fn``, the public caller (the function or a module)."""
     if not isinstance(blocks, Iterable) or isinstance(blocks, str):
         fail(fn, f"blocks must be a sequence of invertible modules, got {type(blocks).__name__}", TypeError)

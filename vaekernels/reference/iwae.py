@@ -116,8 +116,17 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def iwae_bound(
-    logits, x, log_pz, log_qz, *, likelihood="bernoulli", estimator="iwae", reduction="none",
-    log_var=None, z=None, q=None,
+    logits,
+    x,
+    log_pz,
+    log_qz,
+    *,
+    likelihood="bernoulli",
+    estimator="iwae",
+    reduction="none",
+    log_var=None,
+    z=None,
+    q=None,
 ):
     """log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x) per example; see :func:`vaekernels.iwae_bound`."""
     if likelihood == "bernoulli":
@@ -140,13 +149,22 @@ def iwae_bound(
 
 @torch.no_grad()
 def importance_sampled_nll(
-    x, encode, decode, num_samples=5000, chunk_size=500, *, likelihood="bernoulli", log_var=None,
-    progress=False, generator=None,
+    x,
+    encode,
+    decode,
+    num_samples=5000,
+    chunk_size=500,
+    *,
+    likelihood="bernoulli",
+    log_var=None,
+    progress=False,
+    generator=None,
 ):
     """-log p(x) from all ``num_samples`` importance samples at once (memory grows with K)."""
     mean, q_log_var = encode(x)
-    eps = torch.randn(mean.shape[0], num_samples, mean.shape[1], generator=generator, dtype=mean.dtype,
-                      device=mean.device)
+    eps = torch.randn(
+        mean.shape[0], num_samples, mean.shape[1], generator=generator, dtype=mean.dtype, device=mean.device
+    )
     z = mean.unsqueeze(1) + torch.exp(0.5 * q_log_var).unsqueeze(1) * eps
     log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
     log_qz = gaussian_log_prob(z, mean.unsqueeze(1), q_log_var.unsqueeze(1))
@@ -155,8 +173,9 @@ def importance_sampled_nll(
 
 def aggregate_posterior_log_density(z, mean, log_var, *, dataset_size=None, per_dim=False):
     """log q(z_i) = logsumexp_j log q(z_i | x_j) - log(B [* dataset_size]), materialising [B, B, d]."""
-    table = gaussian_log_prob(z.unsqueeze(1).unsqueeze(-1), mean.unsqueeze(0).unsqueeze(-1),
-                              log_var.unsqueeze(0).unsqueeze(-1))  # [B, N, d]: each dim's density
+    table = gaussian_log_prob(
+        z.unsqueeze(1).unsqueeze(-1), mean.unsqueeze(0).unsqueeze(-1), log_var.unsqueeze(0).unsqueeze(-1)
+    )  # [B, N, d]: each dim's density
     if not per_dim:
         table = table.sum(-1)
     return torch.logsumexp(table, dim=1) - math.log(mean.shape[0] * (dataset_size or 1))

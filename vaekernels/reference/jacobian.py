@@ -37,8 +37,9 @@ def activation_and_derivative(pre: torch.Tensor, activation: str, p0: float, p1:
     raise ValueError(f"vaekernels.reference.jacobian: unknown activation {activation!r}")
 
 
-def jacobian_tangent_step(pre: torch.Tensor, tangent: torch.Tensor, activation: str, p0: float = 0.0,
-                          p1: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_tangent_step(
+    pre: torch.Tensor, tangent: torch.Tensor, activation: str, p0: float = 0.0, p1: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One activation layer in forward mode: ``pre`` [B, h] (the pre-activations), ``tangent``
     [P, k, h] with P = B or 1 (the tangents of ``pre`` along k directions, shared by the batch
     when P = 1) -> (act(pre) [B, h], act'(pre)[:, None, :] * tangent [B, k, h])."""
@@ -46,8 +47,9 @@ def jacobian_tangent_step(pre: torch.Tensor, tangent: torch.Tensor, activation: 
     return out, slope.unsqueeze(1) * tangent
 
 
-def jacobian_gram_reduce(tangent: torch.Tensor, metric: torch.Tensor,
-                         diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_gram_reduce(
+    tangent: torch.Tensor, metric: torch.Tensor, diagonal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For a tangent block T [B, k, h] and a metric M [h, h]: (T M Tᵀ per example, [B, k, k], or only
     its diagonal, [B, k]; and T M). With M = WᵀW of the last linear layer, the first is JᵀJ or the
     squared column norms of J = T Wᵀ."""
@@ -59,8 +61,10 @@ def jacobian_gram_reduce(tangent: torch.Tensor, metric: torch.Tensor,
 
 def jacobian(decoder, z: torch.Tensor) -> torch.Tensor:
     """J_g(z) [B, D, d] of the decoder at each row of z [B, d], output flattened to D."""
+
     def single(row):
         return decoder(row.unsqueeze(0)).reshape(-1)
+
     return torch.func.vmap(torch.func.jacfwd(single))(z)
 
 
@@ -83,8 +87,15 @@ def sample_columns(d: int, num_columns: int, generator: torch.Generator | None =
     return torch.randperm(d, generator=generator)[:num_columns]
 
 
-def grae_regularizer(decoder, z: torch.Tensor, beta: float, *, exact: bool = False, num_columns: int | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def grae_regularizer(
+    decoder,
+    z: torch.Tensor,
+    beta: float,
+    *,
+    exact: bool = False,
+    num_columns: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Per example [B]: Σ_i log(1 + ‖J_i‖²/β) (GRAE*), its estimate from ``num_columns`` sampled
     columns scaled by d / num_columns, or with ``exact`` log det(I + JᵀJ/β) (GRAE)."""
     d = z.shape[-1]

@@ -9,11 +9,13 @@ from torch.nn import functional as F
 from .iwae import bernoulli_log_prob, iwae_bound
 
 
-def linear_iwae_bound(h, weight, bias, x, log_pz, log_qz=None, *, estimator="iwae", reduction="none", z=None, q=None,
-                      chunk_size=None):
+def linear_iwae_bound(
+    h, weight, bias, x, log_pz, log_qz=None, *, estimator="iwae", reduction="none", z=None, q=None, chunk_size=None
+):
     """:func:`vaekernels.linear_iwae_bound`: ``iwae_bound(linear(h, weight, bias), x, ...)``."""
-    return iwae_bound(F.linear(h, weight, bias), x.flatten(1), log_pz, log_qz, estimator=estimator,
-                      reduction=reduction, z=z, q=q)
+    return iwae_bound(
+        F.linear(h, weight, bias), x.flatten(1), log_pz, log_qz, estimator=estimator, reduction=reduction, z=z, q=q
+    )
 
 
 def linear_expected_log_prob(h: torch.Tensor, weight, bias, x: torch.Tensor, *, chunk_size=None) -> torch.Tensor:

@@ -82,13 +82,15 @@ def component_means(x: torch.Tensor, means: torch.Tensor, coeffs: torch.Tensor |
         return means
     coeffs = torch.tanh(coeffs)
     r, g = x[:, 0:1], x[:, 1:2]
-    return torch.cat([means[:, 0:1],
-                      means[:, 1:2] + coeffs[:, 0:1] * r,
-                      means[:, 2:3] + coeffs[:, 1:2] * r + coeffs[:, 2:3] * g], dim=1)
+    return torch.cat(
+        [means[:, 0:1], means[:, 1:2] + coeffs[:, 0:1] * r, means[:, 2:3] + coeffs[:, 1:2] * r + coeffs[:, 2:3] * g],
+        dim=1,
+    )
 
 
-def discretized_logistic_mixture_nll(params: torch.Tensor, x: torch.Tensor, num_mixtures: int,
-                                     reduction: str = "sum") -> torch.Tensor:
+def discretized_logistic_mixture_nll(
+    params: torch.Tensor, x: torch.Tensor, num_mixtures: int, reduction: str = "sum"
+) -> torch.Tensor:
     """-log p(x) per pixel (summed over channels), then reduced; see the fused op. float16 and
     bfloat16 are computed in float32 and rounded once at the end, as the kernels do: carried through
     in bfloat16, the log-domain bin masses drift by a quarter of the NLL."""
@@ -103,8 +105,13 @@ def discretized_logistic_mixture_nll(params: torch.Tensor, x: torch.Tensor, num_
     return {"none": nll, "sum": nll.sum(), "mean": nll.sum((1, 2)).mean()}[reduction]
 
 
-def discretized_logistic_mixture_sample(params: torch.Tensor, channels: int, num_mixtures: int,
-                                        generator: torch.Generator | None = None, quantize: bool = True):
+def discretized_logistic_mixture_sample(
+    params: torch.Tensor,
+    channels: int,
+    num_mixtures: int,
+    generator: torch.Generator | None = None,
+    quantize: bool = True,
+):
     """A draw x [B, C, H, W] in [-1, 1]: a component by the Gumbel-max trick, then each channel
     from its logistic (means shifted by the channels drawn before it), clamped to [-1, 1] and,
     with ``quantize``, rounded to the 256-level grid."""

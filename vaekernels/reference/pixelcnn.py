@@ -11,8 +11,16 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_mask(out_channels: int, in_channels: int, kernel_size: tuple[int, int], mask_type: str,
-                channel_groups: int = 1, *, dtype=torch.float32, device=None) -> torch.Tensor:
+def causal_mask(
+    out_channels: int,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    mask_type: str,
+    channel_groups: int = 1,
+    *,
+    dtype=torch.float32,
+    device=None,
+) -> torch.Tensor:
     """The [out, in, kh, kw] 0/1 mask of a PixelCNN convolution.
 
     Rows above the centre and taps left of it are kept. The centre tap is kept for type "B" and
@@ -30,14 +38,21 @@ def causal_mask(out_channels: int, in_channels: int, kernel_size: tuple[int, int
     return mask
 
 
-def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, mask_type: str = "B",
-                  *, channel_groups: int = 1) -> torch.Tensor:
+def masked_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask_type: str = "B",
+    *,
+    channel_groups: int = 1,
+) -> torch.Tensor:
     """A "same"-padded convolution with the dense weight's masked taps (:func:`causal_mask`) set to 0;
     selected rather than multiplied by the mask, so that an inf or NaN in a masked tap is dropped
     (inf * 0 would be NaN), as the fused op, which never reads those taps, drops it."""
     out_channels, in_channels, kh, kw = weight.shape
-    mask = causal_mask(out_channels, in_channels, (kh, kw), mask_type, channel_groups, dtype=weight.dtype,
-                       device=weight.device)
+    mask = causal_mask(
+        out_channels, in_channels, (kh, kw), mask_type, channel_groups, dtype=weight.dtype, device=weight.device
+    )
     return F.conv2d(x, torch.where(mask.bool(), weight, 0.0), bias, padding=(kh // 2, kw // 2))
 
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 import torch
 
 
-def coupling_backward_step(stream: torch.Tensor, update: torch.Tensor, grad: torch.Tensor,
-                           grad_update: torch.Tensor) -> None:
+def coupling_backward_step(
+    stream: torch.Tensor, update: torch.Tensor, grad: torch.Tensor, grad_update: torch.Tensor
+) -> None:
     """``stream -= update; grad += grad_update``, in place (x2 = y2 - G(y1) into y2's buffer)."""
     stream.sub_(update)
     grad.add_(grad_update)
 
 
-def reversible_sequential(blocks, x: torch.Tensor, *, preserve_rng_state: bool = True,
-                          stream_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reversible_sequential(
+    blocks, x: torch.Tensor, *, preserve_rng_state: bool = True, stream_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks applied in order by ordinary autograd; returns (y, summed log-determinant [B]).
 
     ``preserve_rng_state`` has nothing to preserve here; it is accepted for the signature.

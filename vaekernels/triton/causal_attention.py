@@ -20,15 +20,21 @@ _BLOCK_N = 32
 @triton.jit
 def _load_rows(ptr, n, L, rows, row_mask, cols, width, ACC: tl.constexpr):
     """Tile [rows, cols] of example n of a contiguous [N, L, width] tensor, 0 outside, in ACC."""
-    return tl.load(ptr + (n * L + rows)[:, None] * width + cols[None, :],
-                   mask=row_mask[:, None] & (cols[None, :] < width), other=0.0).to(ACC)
+    return tl.load(
+        ptr + (n * L + rows)[:, None] * width + cols[None, :],
+        mask=row_mask[:, None] & (cols[None, :] < width),
+        other=0.0,
+    ).to(ACC)
 
 
 @triton.jit
 def _store_rows(ptr, n, L, rows, row_mask, cols, width, value):
     """Writes value into tile [rows, cols] of example n of a contiguous [N, L, width] tensor."""
-    tl.store(ptr + (n * L + rows)[:, None] * width + cols[None, :], value.to(ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (cols[None, :] < width))
+    tl.store(
+        ptr + (n * L + rows)[:, None] * width + cols[None, :],
+        value.to(ptr.dtype.element_ty),
+        mask=row_mask[:, None] & (cols[None, :] < width),
+    )
 
 
 @triton.jit
@@ -41,8 +47,20 @@ def _scores(q, k, offs_m, offs_n, L, scale):
 
 @triton.jit
 def _causal_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, L, D, DV, scale,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    L,
+    D,
+    DV,
+    scale,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,8 +94,9 @@ def _causal_attention_fwd_kernel(
 
 
 @triton.jit
-def _load_query_rows(q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d, offs_dv, D, DV,
-                     ACC: tl.constexpr):
+def _load_query_rows(
+    q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d, offs_dv, D, DV, ACC: tl.constexpr
+):
     """q, dO, lse and delta of query rows offs_m of example n, in ACC."""
     q = _load_rows(q_ptr, n, L, offs_m, row_mask, offs_d, D, ACC)
     g = _load_rows(g_ptr, n, L, offs_m, row_mask, offs_dv, DV, ACC)
@@ -104,16 +123,31 @@ def _probabilities_and_score_grads(q, k, v, g, lse, delta, offs_m, offs_n, L, sc
 
 @triton.jit
 def _causal_attention_bwd_dq_kernel(
-    g_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, gq_ptr, L, D, DV, scale,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    g_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_ptr,
+    delta_ptr,
+    gq_ptr,
+    L,
+    D,
+    DV,
+    scale,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_mask = offs_m < L
-    q, g, lse, delta = _load_query_rows(q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d, offs_dv,
-                                        D, DV, ACC)
+    q, g, lse, delta = _load_query_rows(
+        q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d, offs_dv, D, DV, ACC
+    )
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start in range(0, tl.program_id(0) * BLOCK_M + BLOCK_M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -127,8 +161,23 @@ def _causal_attention_bwd_dq_kernel(
 
 @triton.jit
 def _causal_attention_bwd_dkv_kernel(
-    g_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, gk_ptr, gv_ptr, L, D, DV, scale,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    g_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_ptr,
+    delta_ptr,
+    gk_ptr,
+    gv_ptr,
+    L,
+    D,
+    DV,
+    scale,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,8 +193,9 @@ def _causal_attention_bwd_dkv_kernel(
     for start in range(first, L, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_mask = offs_m < L
-        q, g, lse, delta = _load_query_rows(q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d,
-                                            offs_dv, D, DV, ACC)
+        q, g, lse, delta = _load_query_rows(
+            q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d, offs_dv, D, DV, ACC
+        )
         p, ds = _probabilities_and_score_grads(q, k, v, g, lse, delta, offs_m, offs_n, L, scale)
         grad_v += tl.dot(tl.trans(p).to(ACC), g, input_precision="ieee")
         grad_k += tl.dot(tl.trans(ds).to(ACC), q, input_precision="ieee")
@@ -155,12 +205,18 @@ def _causal_attention_bwd_dkv_kernel(
 
 def _blocks(q: torch.Tensor, v: torch.Tensor) -> dict:
     # tl.dot takes tiles of at least 16 in every dim.
-    return dict(ACC=_acc_dtype(q), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-                BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
-                BLOCK_DV=max(16, triton.next_power_of_2(v.shape[2])))
+    return dict(
+        ACC=_acc_dtype(q),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[2])),
+    )
 
 
-def causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Output [N, L, Dv] and row log-sum-exp [N, L] of strictly causal attention over q, k [N, L, D], v [N, L, Dv]."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     N, L, D = q.shape
@@ -170,13 +226,20 @@ def causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
         return out, lse
     with _on_device(q):
         _causal_attention_fwd_kernel[(triton.cdiv(L, _BLOCK_M), N)](
-            q, k, v, out, lse, L, D, v.shape[2], scale, **_blocks(q, v))
+            q, k, v, out, lse, L, D, v.shape[2], scale, **_blocks(q, v)
+        )
     return out, lse
 
 
-def causal_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         out: torch.Tensor, lse: torch.Tensor, scale: float
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def causal_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum(grad_out * out) with respect to q, k and v, the scores recomputed block by block."""
     q, k, v, lse = q.contiguous(), k.contiguous(), v.contiguous(), lse.contiguous()
     grad_out = grad_out.to(q.dtype).contiguous()
@@ -189,10 +252,12 @@ def causal_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     blocks = _blocks(q, v)
     with _on_device(q):
         _causal_attention_bwd_dq_kernel[(triton.cdiv(L, _BLOCK_M), N)](
-            grad_out, q, k, v, lse, delta, grad_q, L, D, v.shape[2], scale, **blocks)
+            grad_out, q, k, v, lse, delta, grad_q, L, D, v.shape[2], scale, **blocks
+        )
         # A key block holds k, v and both gradients across the query loop: at 4 warps ptxas needed
         # 255 registers and spilled (float32 on sm_80 and sm_90, half on sm_90, at the bench shape
         # N32 L784 D16 Dv32); 8 warps halve each thread's share (166-171 registers, no spills).
         _causal_attention_bwd_dkv_kernel[(triton.cdiv(L, _BLOCK_N), N)](
-            grad_out, q, k, v, lse, delta, grad_k, grad_v, L, D, v.shape[2], scale, **blocks, num_warps=8)
+            grad_out, q, k, v, lse, delta, grad_k, grad_v, L, D, v.shape[2], scale, **blocks, num_warps=8
+        )
     return grad_q, grad_k, grad_v

@@ -60,8 +60,17 @@ class Launch:
 
     def key(self) -> str:
         """Equal for launches that compile to the same binary."""
-        return repr((self.module, self.kernel, self.arch, sorted(self.signature.items()),
-                     sorted(self.constexprs.items()), sorted(self.attrs.items()), self.options))
+        return repr(
+            (
+                self.module,
+                self.kernel,
+                self.arch,
+                sorted(self.signature.items()),
+                sorted(self.constexprs.items()),
+                sorted(self.attrs.items()),
+                self.options,
+            )
+        )
 
     def describe(self) -> str:
         """The specialisation in a line: argument types and constexprs, pointers and ints by type."""
@@ -124,8 +133,7 @@ def _specialisations(kernel, args: tuple, kwargs: dict, archs: Sequence[int]) ->
         backend = make_backend(GPUTarget("cuda", arch, 32))
         binder = _jit.create_function_from_signature(jit_function.signature, jit_function.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = jit_function._pack_args(backend, kwargs, bound, specialization,
-                                                                        options)
+        options, signature, constexprs, attrs = jit_function._pack_args(backend, kwargs, bound, specialization, options)
         launches.append(Launch(module, name, arch, signature, constexprs, attrs, options))
     return launches
 
@@ -145,6 +153,7 @@ def recorded_launches(archs: Sequence[int] = ARCHS) -> Iterator[list[Launch]]:
     classes = [_jit.JITFunction]
     with contextlib.suppress(ImportError):
         from triton.runtime.interpreter import InterpretedFunction
+
         classes.append(InterpretedFunction)
     saved = [(cls, cls.run) for cls in classes]
     for cls in classes:
@@ -188,16 +197,21 @@ def compile_launch(launch: Launch) -> Resources:
     resources = Resources(launch.describe(), launch.kernel, launch.arch)
     kernel = getattr(importlib.import_module(launch.module), launch.kernel)
     if not isinstance(kernel, _jit.JITFunction):
-        raise TypeError(f"{launch.module}.{launch.kernel} is not compiled by Triton's compiler here "
-                           f"(TRITON_INTERPRET=1?): compile in a process without it (compile_in_subprocess)")
+        raise TypeError(
+            f"{launch.module}.{launch.kernel} is not compiled by Triton's compiler here "
+            f"(TRITON_INTERPRET=1?): compile in a process without it (compile_in_subprocess)"
+        )
     log = io.StringIO()
     try:
         # The compiler prints ptxas's log when it runs ptxas; from its cache it runs none, and
         # ptxas then runs once more on the cached PTX.
         with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
             knobs.nvidia.dump_ptxas_log = True
-            compiled = triton.compile(ASTSource(kernel, launch.signature, launch.constexprs, launch.attrs),
-                                      target=GPUTarget("cuda", launch.arch, 32), options=launch.options.__dict__)
+            compiled = triton.compile(
+                ASTSource(kernel, launch.signature, launch.constexprs, launch.attrs),
+                target=GPUTarget("cuda", launch.arch, 32),
+                options=launch.options.__dict__,
+            )
         log = log.getvalue() if _PTXAS_FRAME.search(log.getvalue()) else _ptxas_log(launch, compiled.asm["ptx"])
     except Exception as error:  # noqa: BLE001 - every compiler failure is a finding to report
         resources.error = _error_chain(error)
@@ -223,8 +237,9 @@ def compile_in_subprocess(launches: Sequence[Launch], timeout: float | None = No
         launches_path, results_path = os.path.join(tmp, "launches.pkl"), os.path.join(tmp, "results.json")
         with open(launches_path, "wb") as f:
             pickle.dump(list(launches), f)
-        subprocess.run([sys.executable, "-m", __name__, launches_path, results_path], env=env, check=True,
-                       timeout=timeout)
+        subprocess.run(
+            [sys.executable, "-m", __name__, launches_path, results_path], env=env, check=True, timeout=timeout
+        )
         with open(results_path) as f:
             return [Resources(**r) for r in json.load(f)]
 
@@ -235,14 +250,18 @@ def resource_table(results: Sequence[Resources]) -> str:
     rows: dict[tuple[str, int], list[Resources]] = {}
     for r in results:
         rows.setdefault((r.kernel, r.arch), []).append(r)
-    header = ("| kernel | arch | specialisations | max registers | max spill bytes (st+ld) | max stack | "
-              "max shared | errors |")
+    header = (
+        "| kernel | arch | specialisations | max registers | max spill bytes (st+ld) | max stack | "
+        "max shared | errors |"
+    )
     lines = [header, "|:---|:---|---:|---:|---:|---:|---:|---:|"]
     for (kernel, arch), rs in sorted(rows.items()):
         ok = [r for r in rs if r.error is None] or [Resources("", kernel, arch)]
-        lines.append(f"| {kernel} | sm_{arch} | {len(rs)} | {max(r.registers for r in ok)} | "
-                     f"{max(r.spills for r in ok)} | {max(r.stack for r in ok)} | "
-                     f"{max(r.shared for r in ok)} | {sum(r.error is not None for r in rs)} |")
+        lines.append(
+            f"| {kernel} | sm_{arch} | {len(rs)} | {max(r.registers for r in ok)} | "
+            f"{max(r.spills for r in ok)} | {max(r.stack for r in ok)} | "
+            f"{max(r.shared for r in ok)} | {sum(r.error is not None for r in rs)} |"
+        )
     return "\n".join(lines)
 
 

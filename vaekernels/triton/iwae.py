@@ -110,8 +110,17 @@ def _store_rows(ptr, rows, values, row_mask):
 
 @triton.jit
 def _log_mean_exp_fwd_kernel(
-    x_ptr, out_ptr, log_sum_ptr, R, N, stride_r, stride_n,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, STATS: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    log_sum_ptr,
+    R,
+    N,
+    stride_r,
+    stride_n,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     # STATS: the backward's row statistics instead, the max into out_ptr and log sum exp(x - max)
     # into log_sum_ptr.
@@ -151,8 +160,19 @@ def _log_mean_exp_fwd_kernel(
 
 @triton.jit
 def _log_mean_exp_bwd_kernel(
-    grad_ptr, x_ptr, max_ptr, log_sum_ptr, grad_x_ptr, R, N, stride_g, stride_r, stride_n,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    grad_ptr,
+    x_ptr,
+    max_ptr,
+    log_sum_ptr,
+    grad_x_ptr,
+    R,
+    N,
+    stride_g,
+    stride_r,
+    stride_n,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Elementwise, so each program takes one [BLOCK_R, BLOCK_N] tile (grid axis 1 over the
     # columns): a short batch with many samples still spreads over the whole GPU.
@@ -191,8 +211,18 @@ def _log_mean_exp(x: torch.Tensor, dtype: torch.dtype, stats: bool = False):
     block_r, block_n = _row_blocks(R, N, acc)
     with _on_device(x):
         _log_mean_exp_fwd_kernel[(triton.cdiv(R, block_r),)](
-            x, out, log_sum, R, N, x.stride(0), x.stride(1),
-            ACC=acc, BLOCK_R=block_r, BLOCK_N=block_n, STATS=stats, num_warps=_num_warps(block_r * block_n),
+            x,
+            out,
+            log_sum,
+            R,
+            N,
+            x.stride(0),
+            x.stride(1),
+            ACC=acc,
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+            STATS=stats,
+            num_warps=_num_warps(block_r * block_n),
         )
     return (out, log_sum) if stats else out
 
@@ -228,8 +258,19 @@ def log_mean_exp_bwd(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> 
     block_r, block_n = _row_blocks(R, N, acc)
     with _on_device(x):
         _log_mean_exp_bwd_kernel[(triton.cdiv(R, block_r), triton.cdiv(N, block_n))](
-            grad, x, row_max, log_sum, grad_x, R, N, grad.stride(0), *x.stride(),
-            ACC=acc, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=_num_warps(block_r * block_n),
+            grad,
+            x,
+            row_max,
+            log_sum,
+            grad_x,
+            R,
+            N,
+            grad.stride(0),
+            *x.stride(),
+            ACC=acc,
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+            num_warps=_num_warps(block_r * block_n),
         )
     return grad_x
 
@@ -283,9 +324,21 @@ def _standardised(diff, log_var):
 
 @triton.jit
 def _bernoulli_log_prob_fwd_kernel(
-    logits_ptr, x_ptr, out_ptr, R, Q, D,
-    sl_p, sl_q, sl_d, sx_p, sx_q, sx_d,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    logits_ptr,
+    x_ptr,
+    out_ptr,
+    R,
+    Q,
+    D,
+    sl_p,
+    sl_q,
+    sl_d,
+    sx_p,
+    sx_q,
+    sx_d,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows, row_mask = _row_block(R, BLOCK_R)
     l_rows = _row_ptrs(logits_ptr, rows, Q, sl_p, sl_q)
@@ -301,9 +354,24 @@ def _bernoulli_log_prob_fwd_kernel(
 
 @triton.jit
 def _bernoulli_log_prob_bwd_kernel(
-    grad_ptr, logits_ptr, x_ptr, out_ptr, R, Q, D,
-    sg_p, sg_q, sl_p, sl_q, sl_d, sx_p, sx_q, sx_d,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_ptr,
+    logits_ptr,
+    x_ptr,
+    out_ptr,
+    R,
+    Q,
+    D,
+    sg_p,
+    sg_q,
+    sl_p,
+    sl_q,
+    sl_d,
+    sx_p,
+    sx_q,
+    sx_d,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows, row_mask = _row_block(R, BLOCK_R)
     grad = _load_rows(_row_ptrs(grad_ptr, rows, Q, sg_p, sg_q), row_mask, ACC)
@@ -320,9 +388,25 @@ def _bernoulli_log_prob_bwd_kernel(
 
 @triton.jit
 def _gaussian_log_prob_fwd_kernel(
-    x_ptr, mean_ptr, log_var_ptr, out_ptr, R, Q, D,
-    sx_p, sx_q, sx_d, sm_p, sm_q, sm_d, sv_p, sv_q, sv_d,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    mean_ptr,
+    log_var_ptr,
+    out_ptr,
+    R,
+    Q,
+    D,
+    sx_p,
+    sx_q,
+    sx_d,
+    sm_p,
+    sm_q,
+    sm_d,
+    sv_p,
+    sv_q,
+    sv_d,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows, row_mask = _row_block(R, BLOCK_R)
     x_rows = _row_ptrs(x_ptr, rows, Q, sx_p, sx_q)
@@ -359,9 +443,21 @@ def _exp_minus_one_minus(x, ACC: tl.constexpr):
 
 @triton.jit
 def _gaussian_kl_fwd_kernel(
-    mean_ptr, log_var_ptr, out_ptr, R, Q, D,
-    sm_p, sm_q, sm_d, sv_p, sv_q, sv_d,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    mean_ptr,
+    log_var_ptr,
+    out_ptr,
+    R,
+    Q,
+    D,
+    sm_p,
+    sm_q,
+    sm_d,
+    sv_p,
+    sv_q,
+    sv_d,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows, row_mask = _row_block(R, BLOCK_R)
     m_rows = _row_ptrs(mean_ptr, rows, Q, sm_p, sm_q)
@@ -386,8 +482,16 @@ def _launch_rows(kernel: triton.JITFunction, inputs: tuple[torch.Tensor, ...], o
     block_r, block_d = _row_blocks(P * Q, D, acc)
     with _on_device(out):
         kernel[(triton.cdiv(P * Q, block_r),)](
-            *inputs, out, P * Q, Q, D, *(stride for t in inputs for stride in t.stride()),
-            ACC=acc, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d),
+            *inputs,
+            out,
+            P * Q,
+            Q,
+            D,
+            *(stride for t in inputs for stride in t.stride()),
+            ACC=acc,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=_num_warps(block_r * block_d),
         )
     return out
 
@@ -464,9 +568,24 @@ def _pairwise_log_density(z, mean, log_var, inv_std, ACC: tl.constexpr):
 
 @triton.jit
 def _aggregate_posterior_fwd_kernel(
-    z_ptr, mean_ptr, log_var_ptr, joint_ptr, marginal_ptr, B, N, d,
-    sz_b, sz_d, sm_n, sm_d, sv_n, sv_d,
-    ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    z_ptr,
+    mean_ptr,
+    log_var_ptr,
+    joint_ptr,
+    marginal_ptr,
+    B,
+    N,
+    d,
+    sz_b,
+    sz_d,
+    sm_n,
+    sm_d,
+    sv_n,
+    sv_d,
+    ACC: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     WITH_MARGINAL: tl.constexpr,
 ):
     i, i_mask = _row_block(B, BLOCK_I)
@@ -482,8 +601,9 @@ def _aggregate_posterior_fwd_kernel(
     for j0 in range(0, N, BLOCK_J):
         j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
         j_mask = j < N
-        mean, log_var, inv_std = _posterior_tile(mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :],
-                                                 sm_n, sm_d, sv_n, sv_d, ACC)
+        mean, log_var, inv_std = _posterior_tile(
+            mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :], sm_n, sm_d, sv_n, sv_d, ACC
+        )
         l, _ = _pairwise_log_density(z, mean, log_var, inv_std, ACC)
 
         # Online logsumexp over j; an all -inf prefix is shifted by 0 instead of -inf (which
@@ -499,7 +619,8 @@ def _aggregate_posterior_fwd_kernel(
             new_max = tl.maximum(marginal_max, tl.max(marginal_l, axis=1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
             marginal_sum = marginal_sum * tl.exp(marginal_max - shift) + tl.sum(
-                tl.exp(marginal_l - shift[:, None, :]), axis=1)
+                tl.exp(marginal_l - shift[:, None, :]), axis=1
+            )
             marginal_max = new_max
     # An all -inf row ends with max -inf and sum 0: -inf + log(0) = -inf, not NaN.
     _store_rows(joint_ptr, i, joint_max + tl.log(joint_sum), i_mask)
@@ -509,8 +630,25 @@ def _aggregate_posterior_fwd_kernel(
 
 @triton.jit
 def _sample_tile(
-    z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask, ik_mask,
-    sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC: tl.constexpr, WITH_MARGINAL: tl.constexpr,
+    z_ptr,
+    joint_ptr,
+    marginal_ptr,
+    grad_joint_ptr,
+    grad_marginal_ptr,
+    i,
+    k,
+    i_mask,
+    ik_mask,
+    sz_b,
+    sz_d,
+    sj_b,
+    smg_b,
+    smg_d,
+    sgj_b,
+    sgm_b,
+    sgm_d,
+    ACC: tl.constexpr,
+    WITH_MARGINAL: tl.constexpr,
 ):
     """What the backward needs of the samples i: z, the saved log_joint and log_marginal, and
     their incoming gradients."""
@@ -530,8 +668,18 @@ def _sample_tile(
 
 @triton.jit
 def _pair_weights(
-    z, mean, log_var, inv_std, log_joint, log_marginal, grad_joint, grad_marginal, pair_mask, k_mask,
-    ACC: tl.constexpr, WITH_MARGINAL: tl.constexpr,
+    z,
+    mean,
+    log_var,
+    inv_std,
+    log_joint,
+    log_marginal,
+    grad_joint,
+    grad_marginal,
+    pair_mask,
+    k_mask,
+    ACC: tl.constexpr,
+    WITH_MARGINAL: tl.constexpr,
 ):
     """c[i, j, k] = grad_joint[i] a[i, j] + grad_marginal[i, k] b[i, j, k] and c w, w = (z - m) / std,
     with the softmax weights a and b set to 0 where their log-density is -inf (or the pair is a
@@ -552,10 +700,33 @@ def _pair_weights(
 
 @triton.jit
 def _aggregate_posterior_bwd_z_kernel(
-    grad_joint_ptr, grad_marginal_ptr, z_ptr, mean_ptr, log_var_ptr, joint_ptr, marginal_ptr,
-    grad_z_ptr, B, N, d,
-    sgj_b, sgm_b, sgm_d, sz_b, sz_d, sm_n, sm_d, sv_n, sv_d, sj_b, smg_b, smg_d,
-    ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    grad_joint_ptr,
+    grad_marginal_ptr,
+    z_ptr,
+    mean_ptr,
+    log_var_ptr,
+    joint_ptr,
+    marginal_ptr,
+    grad_z_ptr,
+    B,
+    N,
+    d,
+    sgj_b,
+    sgm_b,
+    sgm_d,
+    sz_b,
+    sz_d,
+    sm_n,
+    sm_d,
+    sv_n,
+    sv_d,
+    sj_b,
+    smg_b,
+    smg_d,
+    ACC: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     WITH_MARGINAL: tl.constexpr,
 ):
     i, i_mask = _row_block(B, BLOCK_I)
@@ -563,26 +734,81 @@ def _aggregate_posterior_bwd_z_kernel(
     k_mask = k < d
     ik_mask = i_mask[:, None] & k_mask[None, :]
     z, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
-        z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask, ik_mask,
-        sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC, WITH_MARGINAL)
+        z_ptr,
+        joint_ptr,
+        marginal_ptr,
+        grad_joint_ptr,
+        grad_marginal_ptr,
+        i,
+        k,
+        i_mask,
+        ik_mask,
+        sz_b,
+        sz_d,
+        sj_b,
+        smg_b,
+        smg_d,
+        sgj_b,
+        sgm_b,
+        sgm_d,
+        ACC,
+        WITH_MARGINAL,
+    )
     grad_z = tl.zeros([BLOCK_I, BLOCK_K], ACC)
     for j0 in range(0, N, BLOCK_J):
         j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
         j_mask = j < N
-        mean, log_var, inv_std = _posterior_tile(mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :],
-                                                 sm_n, sm_d, sv_n, sv_d, ACC)
-        _, c_w, _ = _pair_weights(z, mean, log_var, inv_std, log_joint, log_marginal, grad_joint, grad_marginal,
-                                  i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
+        mean, log_var, inv_std = _posterior_tile(
+            mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :], sm_n, sm_d, sv_n, sv_d, ACC
+        )
+        _, c_w, _ = _pair_weights(
+            z,
+            mean,
+            log_var,
+            inv_std,
+            log_joint,
+            log_marginal,
+            grad_joint,
+            grad_marginal,
+            i_mask[:, None] & j_mask[None, :],
+            k_mask,
+            ACC,
+            WITH_MARGINAL,
+        )
         grad_z -= tl.sum(_times_unless_zero(c_w, inv_std[None, :, :]), axis=1)
     _store_tile(grad_z_ptr, i, k, d, grad_z, ik_mask)
 
 
 @triton.jit
 def _aggregate_posterior_bwd_posterior_kernel(
-    grad_joint_ptr, grad_marginal_ptr, z_ptr, mean_ptr, log_var_ptr, joint_ptr, marginal_ptr,
-    grad_mean_ptr, grad_log_var_ptr, B, N, d,
-    sgj_b, sgm_b, sgm_d, sz_b, sz_d, sm_n, sm_d, sv_n, sv_d, sj_b, smg_b, smg_d,
-    ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    grad_joint_ptr,
+    grad_marginal_ptr,
+    z_ptr,
+    mean_ptr,
+    log_var_ptr,
+    joint_ptr,
+    marginal_ptr,
+    grad_mean_ptr,
+    grad_log_var_ptr,
+    B,
+    N,
+    d,
+    sgj_b,
+    sgm_b,
+    sgm_d,
+    sz_b,
+    sz_d,
+    sm_n,
+    sm_d,
+    sv_n,
+    sv_d,
+    sj_b,
+    smg_b,
+    smg_d,
+    ACC: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     WITH_MARGINAL: tl.constexpr,
 ):
     j, j_mask = _row_block(N, BLOCK_J)
@@ -596,19 +822,49 @@ def _aggregate_posterior_bwd_posterior_kernel(
         i = (i0 + tl.arange(0, BLOCK_I)).to(tl.int64)
         i_mask = i < B
         z, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
-            z_ptr, joint_ptr, marginal_ptr, grad_joint_ptr, grad_marginal_ptr, i, k, i_mask,
-            i_mask[:, None] & k_mask[None, :], sz_b, sz_d, sj_b, smg_b, smg_d, sgj_b, sgm_b, sgm_d, ACC,
-            WITH_MARGINAL)
-        c, c_w, w = _pair_weights(z, mean, log_var, inv_std, log_joint, log_marginal, grad_joint, grad_marginal,
-                                  i_mask[:, None] & j_mask[None, :], k_mask, ACC, WITH_MARGINAL)
+            z_ptr,
+            joint_ptr,
+            marginal_ptr,
+            grad_joint_ptr,
+            grad_marginal_ptr,
+            i,
+            k,
+            i_mask,
+            i_mask[:, None] & k_mask[None, :],
+            sz_b,
+            sz_d,
+            sj_b,
+            smg_b,
+            smg_d,
+            sgj_b,
+            sgm_b,
+            sgm_d,
+            ACC,
+            WITH_MARGINAL,
+        )
+        c, c_w, w = _pair_weights(
+            z,
+            mean,
+            log_var,
+            inv_std,
+            log_joint,
+            log_marginal,
+            grad_joint,
+            grad_marginal,
+            i_mask[:, None] & j_mask[None, :],
+            k_mask,
+            ACC,
+            WITH_MARGINAL,
+        )
         grad_mean += tl.sum(_times_unless_zero(c_w, inv_std[None, :, :]), axis=0)
         grad_log_var += tl.sum(0.5 * (_times_unless_zero(c_w, w) - c), axis=0)
     _store_tile(grad_mean_ptr, j, k, d, grad_mean, jk_mask)
     _store_tile(grad_log_var_ptr, j, k, d, grad_log_var, jk_mask)
 
 
-def _aggregate_posterior(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, with_marginal: bool,
-                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _aggregate_posterior(
+    z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, with_marginal: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     B, d = z.shape
     N = mean.shape[0]
     joint = torch.empty(B, dtype=dtype, device=z.device)
@@ -619,8 +875,22 @@ def _aggregate_posterior(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Ten
     block_i, block_j, block_k = _pair_blocks(B, N, d, acc)
     with _on_device(z):
         _aggregate_posterior_fwd_kernel[(triton.cdiv(B, block_i),)](
-            z, mean, log_var, joint, marginal, B, N, d, *z.stride(), *mean.stride(), *log_var.stride(),
-            ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, WITH_MARGINAL=with_marginal,
+            z,
+            mean,
+            log_var,
+            joint,
+            marginal,
+            B,
+            N,
+            d,
+            *z.stride(),
+            *mean.stride(),
+            *log_var.stride(),
+            ACC=acc,
+            BLOCK_I=block_i,
+            BLOCK_J=block_j,
+            BLOCK_K=block_k,
+            WITH_MARGINAL=with_marginal,
             num_warps=_num_warps(block_i * block_j * block_k),
         )
     return joint, marginal
@@ -677,15 +947,31 @@ def aggregate_posterior_bwd(
         # forward pass gives them in float32.
         joint, marginal = _aggregate_posterior(z, mean, log_var, with_marginal, torch.float32)
     tensors = (grad_joint, grad_marginal, z, mean, log_var, joint, marginal)
-    strides = (grad_joint.stride(0), *grad_marginal.stride(), *z.stride(), *mean.stride(), *log_var.stride(),
-               joint.stride(0), *marginal.stride())
+    strides = (
+        grad_joint.stride(0),
+        *grad_marginal.stride(),
+        *z.stride(),
+        *mean.stride(),
+        *log_var.stride(),
+        joint.stride(0),
+        *marginal.stride(),
+    )
     acc = _acc_dtype(z, mean, log_var)
     with _on_device(z):
         if B > 0:
             block_i, block_j, block_k = _pair_blocks(B, N, d, acc)
             _aggregate_posterior_bwd_z_kernel[(triton.cdiv(B, block_i),)](
-                *tensors, grad_z, B, N, d, *strides,
-                ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, WITH_MARGINAL=with_marginal,
+                *tensors,
+                grad_z,
+                B,
+                N,
+                d,
+                *strides,
+                ACC=acc,
+                BLOCK_I=block_i,
+                BLOCK_J=block_j,
+                BLOCK_K=block_k,
+                WITH_MARGINAL=with_marginal,
                 num_warps=_num_warps(block_i * block_j * block_k),
             )
         if N > 0:
@@ -693,8 +979,18 @@ def aggregate_posterior_bwd(
             # At most 4 warps: at 8, ptxas (sm_90, half inputs, B256 d10) held 48 registers and
             # spilled; 4 warps keep the same tile in registers on sm_80 and sm_90.
             _aggregate_posterior_bwd_posterior_kernel[(triton.cdiv(N, block_j),)](
-                *tensors, grad_mean, grad_log_var, B, N, d, *strides,
-                ACC=acc, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, WITH_MARGINAL=with_marginal,
+                *tensors,
+                grad_mean,
+                grad_log_var,
+                B,
+                N,
+                d,
+                *strides,
+                ACC=acc,
+                BLOCK_I=block_i,
+                BLOCK_J=block_j,
+                BLOCK_K=block_k,
+                WITH_MARGINAL=with_marginal,
                 num_warps=min(4, _num_warps(block_i * block_j * block_k)),
             )
     return grad_z, grad_mean, grad_log_var

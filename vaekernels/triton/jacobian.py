@@ -41,8 +41,10 @@ def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def _activation_code(activation: str) -> int:
     if activation not in _ACTIVATION_CODES:
-        raise ValueError(f"vaekernels_triton::jacobian_tangent_step: activation must be one of "
-                         f"{', '.join(_ACTIVATION_CODES)}, got {activation!r}")
+        raise ValueError(
+            f"vaekernels_triton::jacobian_tangent_step: activation must be one of "
+            f"{', '.join(_ACTIVATION_CODES)}, got {activation!r}"
+        )
     return _ACTIVATION_CODES[activation]
 
 
@@ -124,8 +126,18 @@ def _step_block(pre_ptr, params_ptr, h, ACT: tl.constexpr, BLOCK_H: tl.constexpr
 
 
 @triton.jit
-def _jacobian_tangent_step_fwd_kernel(pre_ptr, tangent_ptr, out_ptr, tangent_out_ptr, h, k, tangent_batch_stride,
-                                      params_ptr, ACT: tl.constexpr, BLOCK_H: tl.constexpr):
+def _jacobian_tangent_step_fwd_kernel(
+    pre_ptr,
+    tangent_ptr,
+    out_ptr,
+    tangent_out_ptr,
+    h,
+    k,
+    tangent_batch_stride,
+    params_ptr,
+    ACT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     b, cols, mask, out, d1, _ = _step_block(pre_ptr, params_ptr, h, ACT, BLOCK_H)
     tl.store(out_ptr + b * h + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
     src = tangent_ptr + b * tangent_batch_stride + cols
@@ -135,8 +147,9 @@ def _jacobian_tangent_step_fwd_kernel(pre_ptr, tangent_ptr, out_ptr, tangent_out
         tl.store(dst + i * h, (d1 * t).to(tangent_out_ptr.dtype.element_ty), mask=mask)
 
 
-def jacobian_tangent_step_fwd(pre: torch.Tensor, tangent: torch.Tensor, activation: str, p0: float,
-                              p1: float) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_tangent_step_fwd(
+    pre: torch.Tensor, tangent: torch.Tensor, activation: str, p0: float, p1: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(act(pre) [B, h], act'(pre)[:, None, :] * tangent [B, k, h]); tangent [B or 1, k, h]."""
     code = _activation_code(activation)
     pre, tangent = pre.contiguous(), tangent.contiguous()
@@ -147,15 +160,28 @@ def jacobian_tangent_step_fwd(pre: torch.Tensor, tangent: torch.Tensor, activati
     grid, block_h = _step_grid(pre)
     stride = 0 if tangent.shape[0] == 1 else k * h
     with _on_device(pre):
-        _jacobian_tangent_step_fwd_kernel[grid](pre, tangent, out, tangent_out, h, k, stride, _params(pre, p0, p1),
-                                                ACT=code, BLOCK_H=block_h)
+        _jacobian_tangent_step_fwd_kernel[grid](
+            pre, tangent, out, tangent_out, h, k, stride, _params(pre, p0, p1), ACT=code, BLOCK_H=block_h
+        )
     return out, tangent_out
 
 
 @triton.jit
-def _jacobian_tangent_step_bwd_kernel(grad_out_ptr, grad_tangent_ptr, pre_ptr, tangent_ptr, grad_pre_ptr,
-                                      grad_tangent_in_ptr, h, k, tangent_batch_stride, params_ptr, ACT: tl.constexpr,
-                                      HAS_GRAD_OUT: tl.constexpr, BLOCK_H: tl.constexpr):
+def _jacobian_tangent_step_bwd_kernel(
+    grad_out_ptr,
+    grad_tangent_ptr,
+    pre_ptr,
+    tangent_ptr,
+    grad_pre_ptr,
+    grad_tangent_in_ptr,
+    h,
+    k,
+    tangent_batch_stride,
+    params_ptr,
+    ACT: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     b, cols, mask, _, d1, d2 = _step_block(pre_ptr, params_ptr, h, ACT, BLOCK_H)
     acc = tl.zeros_like(d1)
     src = tangent_ptr + b * tangent_batch_stride + cols
@@ -172,9 +198,15 @@ def _jacobian_tangent_step_bwd_kernel(grad_out_ptr, grad_tangent_ptr, pre_ptr, t
     tl.store(grad_pre_ptr + b * h + cols, grad_pre.to(grad_pre_ptr.dtype.element_ty), mask=mask)
 
 
-def jacobian_tangent_step_bwd(grad_out: torch.Tensor | None, grad_tangent: torch.Tensor, pre: torch.Tensor,
-                              tangent: torch.Tensor, activation: str, p0: float,
-                              p1: float) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_tangent_step_bwd(
+    grad_out: torch.Tensor | None,
+    grad_tangent: torch.Tensor,
+    pre: torch.Tensor,
+    tangent: torch.Tensor,
+    activation: str,
+    p0: float,
+    p1: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad of pre [B, h], grad of tangent: [B, k, h], or for a shared tangent [1, k, h] its sum over the batch)."""
     code = _activation_code(activation)
     pre, tangent, grad_tangent = pre.contiguous(), tangent.contiguous(), grad_tangent.contiguous()
@@ -187,15 +219,37 @@ def jacobian_tangent_step_bwd(grad_out: torch.Tensor | None, grad_tangent: torch
     grid, block_h = _step_grid(pre)
     stride = 0 if tangent.shape[0] == 1 else k * h
     with _on_device(pre):
-        _jacobian_tangent_step_bwd_kernel[grid](grad_out, grad_tangent, pre, tangent, grad_pre, grad_tangent_in, h, k,
-                                                stride, _params(pre, p0, p1), ACT=code, HAS_GRAD_OUT=has_grad_out,
-                                                BLOCK_H=block_h)
+        _jacobian_tangent_step_bwd_kernel[grid](
+            grad_out,
+            grad_tangent,
+            pre,
+            tangent,
+            grad_pre,
+            grad_tangent_in,
+            h,
+            k,
+            stride,
+            _params(pre, p0, p1),
+            ACT=code,
+            HAS_GRAD_OUT=has_grad_out,
+            BLOCK_H=block_h,
+        )
     return grad_pre, (grad_tangent_in.sum(0, keepdim=True) if stride == 0 and batch != 1 else grad_tangent_in)
 
 
 @triton.jit
-def _tile_times_metric(t_ptr, rows, row_mask, metric_ptr, kc, h, IS_FP64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                       BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile_times_metric(
+    t_ptr,
+    rows,
+    row_mask,
+    metric_ptr,
+    kc,
+    h,
+    IS_FP64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """(T M)[rows, kc : kc + BLOCK_K] for row-major T [*, h] and M [h, h], accumulated over h in
     blocks of BLOCK_J."""
     k_cols = kc + tl.arange(0, BLOCK_K)
@@ -205,10 +259,14 @@ def _tile_times_metric(t_ptr, rows, row_mask, metric_ptr, kc, h, IS_FP64: tl.con
         j_cols = jc + tl.arange(0, BLOCK_J)
         # Half-precision tiles are widened before the product, which then runs as the float32 one
         # (and the interpreter's bfloat16 tl.dot, which multiplies the raw bits, is never used).
-        t = tl.load(t_ptr + rows[:, None] * h + j_cols[None, :], mask=row_mask[:, None] & (j_cols[None, :] < h),
-                    other=0.0).to(ACC)
-        m = tl.load(metric_ptr + j_cols[:, None] * h + k_cols[None, :],
-                    mask=(j_cols[:, None] < h) & (k_cols[None, :] < h), other=0.0).to(ACC)
+        t = tl.load(
+            t_ptr + rows[:, None] * h + j_cols[None, :], mask=row_mask[:, None] & (j_cols[None, :] < h), other=0.0
+        ).to(ACC)
+        m = tl.load(
+            metric_ptr + j_cols[:, None] * h + k_cols[None, :],
+            mask=(j_cols[:, None] < h) & (k_cols[None, :] < h),
+            other=0.0,
+        ).to(ACC)
         if IS_FP64:
             acc += tl.sum(t[:, :, None] * m[None, :, :], axis=1)
         else:
@@ -217,9 +275,20 @@ def _tile_times_metric(t_ptr, rows, row_mask, metric_ptr, kc, h, IS_FP64: tl.con
 
 
 @triton.jit
-def _jacobian_gram_reduce_fwd_kernel(tangent_ptr, metric_ptr, out_ptr, tm_ptr, rows_total, k, h, DIAGONAL: tl.constexpr,
-                                     IS_FP64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_J: tl.constexpr,
-                                     BLOCK_K: tl.constexpr):
+def _jacobian_gram_reduce_fwd_kernel(
+    tangent_ptr,
+    metric_ptr,
+    out_ptr,
+    tm_ptr,
+    rows_total,
+    k,
+    h,
+    DIAGONAL: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """DIAGONAL: one program per BLOCK_ROWS rows of T viewed as [B·k, h], out[r] = (T M)_r · T_r.
     Otherwise one program per example b, out[b] = T_b M T_bᵀ with its k rows in one block. Either
     way T M is written out too, block by block, for the backward."""
@@ -235,8 +304,7 @@ def _jacobian_gram_reduce_fwd_kernel(tangent_ptr, metric_ptr, out_ptr, tm_ptr, r
     diag = tl.zeros((BLOCK_ROWS,), dtype=acc_dtype)
     gram = tl.zeros((BLOCK_ROWS, BLOCK_ROWS), dtype=acc_dtype)
     for kc in range(0, h, BLOCK_K):
-        tm = _tile_times_metric(tangent_ptr, rows, row_mask, metric_ptr, kc, h, IS_FP64, BLOCK_ROWS, BLOCK_J,
-                                BLOCK_K)
+        tm = _tile_times_metric(tangent_ptr, rows, row_mask, metric_ptr, kc, h, IS_FP64, BLOCK_ROWS, BLOCK_J, BLOCK_K)
         k_cols = kc + tl.arange(0, BLOCK_K)
         tile = rows[:, None] * h + k_cols[None, :]
         tile_mask = row_mask[:, None] & (k_cols[None, :] < h)
@@ -270,8 +338,9 @@ def _gram_blocks(h: int, block_rows: int, is_fp64: bool) -> tuple[int, int]:
     return block, block
 
 
-def jacobian_gram_reduce_fwd(tangent: torch.Tensor, metric: torch.Tensor,
-                             diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_gram_reduce_fwd(
+    tangent: torch.Tensor, metric: torch.Tensor, diagonal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(T M Tᵀ per example [B, k, k], or its diagonal [B, k]; T M [B, k, h]) for T [B, k, h], M [h, h]."""
     tangent, metric = tangent.contiguous(), metric.contiguous()
     batch, k, h = tangent.shape
@@ -287,7 +356,20 @@ def jacobian_gram_reduce_fwd(tangent: torch.Tensor, metric: torch.Tensor,
     if tm.numel() == 0:
         return out.zero_(), tm
     with _on_device(tangent):
-        _jacobian_gram_reduce_fwd_kernel[(grid,)](tangent, metric, out, tm, batch * k, k, h, DIAGONAL=diagonal,
-                                                  IS_FP64=is_fp64, BLOCK_ROWS=block_rows, BLOCK_J=block_j,
-                                                  BLOCK_K=block_k, num_warps=_GRAM_WARPS, maxnreg=_GRAM_REGISTERS)
+        _jacobian_gram_reduce_fwd_kernel[(grid,)](
+            tangent,
+            metric,
+            out,
+            tm,
+            batch * k,
+            k,
+            h,
+            DIAGONAL=diagonal,
+            IS_FP64=is_fp64,
+            BLOCK_ROWS=block_rows,
+            BLOCK_J=block_j,
+            BLOCK_K=block_k,
+            num_warps=_GRAM_WARPS,
+            maxnreg=_GRAM_REGISTERS,
+        )
     return out, tm

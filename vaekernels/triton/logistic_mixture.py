@@ -8,12 +8,11 @@ terms from the inputs and the forward's per-pixel NLL. Formula and branches:
 in float32 (float64 for float64), 64-bit offsets.
 """
 
+import torch
 import triton
 import triton.language as tl
 
 from .iwae import _acc_dtype, _on_device
-
-import torch
 
 _BLOCK = 128
 _EDGE = tl.constexpr(0.999)
@@ -68,15 +67,17 @@ def _bin_term(x, centred, log_scale, HALF_BIN, LOG_HALF_LEVELS):
     use_mass = log_mass > _TINY_LOG_PROB
     lower = x < -_EDGE
     upper = x > _EDGE
-    log_prob = tl.where(lower, log_cdf_plus, tl.where(upper, log_survival_minus,
-                                                      tl.where(use_mass, log_mass, log_density)))
+    log_prob = tl.where(
+        lower, log_cdf_plus, tl.where(upper, log_survival_minus, tl.where(use_mass, log_mass, log_density))
+    )
     sig_neg_plus = tl.where(plus > 0, e_plus / (1.0 + e_plus), 1.0 / (1.0 + e_plus))
     sig_minus = tl.where(minus > 0, 1.0 / (1.0 + e_minus), e_minus / (1.0 + e_minus))
     slope = (1.0 - e_mid) / (1.0 + e_mid)
     density_slope = tl.where(mid > 0, -slope, slope)  # 1 - 2 sigmoid(mid)
     d_centred = tl.where(use_mass, inv_scale * (sig_neg_plus - sig_minus), inv_scale * density_slope)
-    d_log_scale = tl.where(use_mass, -(plus * sig_neg_plus - minus * sig_minus + width / expm1_width),
-                           -mid * density_slope - 1.0)
+    d_log_scale = tl.where(
+        use_mass, -(plus * sig_neg_plus - minus * sig_minus + width / expm1_width), -mid * density_slope - 1.0
+    )
     d_centred = tl.where(lower, inv_scale * sig_neg_plus, tl.where(upper, -inv_scale * sig_minus, d_centred))
     d_log_scale = tl.where(lower, -plus * sig_neg_plus, tl.where(upper, minus * sig_minus, d_log_scale))
     return log_prob, d_centred, d_log_scale
@@ -113,8 +114,9 @@ def _component(pb, HW, M, m, x0, x1, x2, mask, C: tl.constexpr, ACC: tl.constexp
     dl2 = tl.zeros_like(x0)
     if C == 3:
         lp1, du1, dl1 = _channel(pb, HW, M, M + block, m, x1, t0 * x0, mask, ACC, HALF_BIN, LOG_HALF_LEVELS)
-        lp2, du2, dl2 = _channel(pb, HW, M, M + 2 * block, m, x2, t1 * x0 + t2 * x1, mask, ACC, HALF_BIN,
-                                 LOG_HALF_LEVELS)
+        lp2, du2, dl2 = _channel(
+            pb, HW, M, M + 2 * block, m, x2, t1 * x0 + t2 * x1, mask, ACC, HALF_BIN, LOG_HALF_LEVELS
+        )
         lp = lp + lp1 + lp2
     return lp, du0, dl0, du1, dl1, du2, dl2, t0, t1, t2
 
@@ -155,7 +157,15 @@ def _log_sum_exp_step(top, total, value):
 
 @triton.jit
 def _discretized_logistic_mixture_nll_fwd_kernel(
-    p_ptr, x_ptr, out_ptr, HW, M, P, C: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    p_ptr,
+    x_ptr,
+    out_ptr,
+    HW,
+    M,
+    P,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     half_bin, log_half_levels = _constants(ACC)
     b, pix, mask, pb, x0, x1, x2 = _pixels(p_ptr, x_ptr, HW, P, C, ACC, BLOCK)
@@ -177,7 +187,17 @@ def _discretized_logistic_mixture_nll_fwd_kernel(
 
 @triton.jit
 def _discretized_logistic_mixture_nll_bwd_kernel(
-    grad_ptr, p_ptr, x_ptr, nll_ptr, gp_ptr, HW, M, P, C: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    grad_ptr,
+    p_ptr,
+    x_ptr,
+    nll_ptr,
+    gp_ptr,
+    HW,
+    M,
+    P,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     half_bin, log_half_levels = _constants(ACC)
     b, pix, mask, pb, x0, x1, x2 = _pixels(p_ptr, x_ptr, HW, P, C, ACC, BLOCK)
@@ -194,8 +214,9 @@ def _discretized_logistic_mixture_nll_bwd_kernel(
     block = 3 * M if C == 3 else 2 * M
     for m in range(0, M):
         logit = tl.load(pb + m * HW, mask=mask, other=0.0).to(ACC)
-        lp, du0, dl0, du1, dl1, du2, dl2, t0, t1, t2 = _component(pb, HW, M, m, x0, x1, x2, mask, C, ACC,
-                                                                  half_bin, log_half_levels)
+        lp, du0, dl0, du1, dl1, du2, dl2, t0, t1, t2 = _component(
+            pb, HW, M, m, x0, x1, x2, mask, C, ACC, half_bin, log_half_levels
+        )
         # d nll / d logit_m = pi_m - r_m; d nll / d log p_cm(x) = -r_m (r: the posterior of m).
         r = tl.exp(logit + lp - log_joint)
         ty = gp_ptr.dtype.element_ty
@@ -227,12 +248,14 @@ def discretized_logistic_mixture_nll_fwd(params: torch.Tensor, x: torch.Tensor, 
         return nll
     with _on_device(params):
         _discretized_logistic_mixture_nll_fwd_kernel[_grid(params)](
-            params, x, nll, H * W, num_mixtures, P, C=x.shape[1], ACC=_acc_dtype(params), BLOCK=_BLOCK)
+            params, x, nll, H * W, num_mixtures, P, C=x.shape[1], ACC=_acc_dtype(params), BLOCK=_BLOCK
+        )
     return nll
 
 
-def discretized_logistic_mixture_nll_bwd(grad: torch.Tensor, params: torch.Tensor, x: torch.Tensor,
-                                         nll: torch.Tensor, num_mixtures: int) -> torch.Tensor:
+def discretized_logistic_mixture_nll_bwd(
+    grad: torch.Tensor, params: torch.Tensor, x: torch.Tensor, nll: torch.Tensor, num_mixtures: int
+) -> torch.Tensor:
     """The gradient [B, P, H, W] of sum(grad * nll) with respect to params, recomputed per pixel."""
     params, x, grad, nll = params.contiguous(), x.contiguous(), grad.contiguous(), nll.contiguous()
     B, P, H, W = params.shape
@@ -241,6 +264,16 @@ def discretized_logistic_mixture_nll_bwd(grad: torch.Tensor, params: torch.Tenso
         return grad_params
     with _on_device(params):
         _discretized_logistic_mixture_nll_bwd_kernel[_grid(params)](
-            grad, params, x, nll, grad_params, H * W, num_mixtures, P, C=x.shape[1], ACC=_acc_dtype(params),
-            BLOCK=_BLOCK)
+            grad,
+            params,
+            x,
+            nll,
+            grad_params,
+            H * W,
+            num_mixtures,
+            P,
+            C=x.shape[1],
+            ACC=_acc_dtype(params),
+            BLOCK=_BLOCK,
+        )
     return grad_params

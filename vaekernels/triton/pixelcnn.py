@@ -14,7 +14,6 @@ custom-op implementations; on CPU tensors they run through the Triton interprete
     torch.Size([2, 4, 16])
 """
 
-
 import contextlib
 
 import torch
@@ -41,8 +40,19 @@ def _sigmoid(v):
 
 
 @triton.jit
-def _gate_terms(x_ptr, cond_ptr, row, cols, mask, C, stride_b, stride_c, HAS_COND: tl.constexpr,
-                LINEAR: tl.constexpr, ACC: tl.constexpr):
+def _gate_terms(
+    x_ptr,
+    cond_ptr,
+    row,
+    cols,
+    mask,
+    C,
+    stride_b,
+    stride_c,
+    HAS_COND: tl.constexpr,
+    LINEAR: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """(t, s): the (tanh of the) first half plus its condition, and the sigmoid of the second."""
     b = row // C
     c = row % C
@@ -63,8 +73,19 @@ def _gate_terms(x_ptr, cond_ptr, row, cols, mask, C, stride_b, stride_c, HAS_CON
 
 
 @triton.jit
-def _gated_activation_fwd_kernel(x_ptr, cond_ptr, out_ptr, C, N, stride_b, stride_c, HAS_COND: tl.constexpr,
-                                 LINEAR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_activation_fwd_kernel(
+    x_ptr,
+    cond_ptr,
+    out_ptr,
+    C,
+    N,
+    stride_b,
+    stride_c,
+    HAS_COND: tl.constexpr,
+    LINEAR: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     for start in range(0, N, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -74,9 +95,24 @@ def _gated_activation_fwd_kernel(x_ptr, cond_ptr, out_ptr, C, N, stride_b, strid
 
 
 @triton.jit
-def _gated_activation_bwd_kernel(grad_ptr, x_ptr, cond_ptr, grad_x_ptr, grad_cond_ptr, C, N, stride_b, stride_c,
-                                 grad_stride_b, grad_stride_c, grad_stride_n, HAS_COND: tl.constexpr,
-                                 LINEAR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_activation_bwd_kernel(
+    grad_ptr,
+    x_ptr,
+    cond_ptr,
+    grad_x_ptr,
+    grad_cond_ptr,
+    C,
+    N,
+    stride_b,
+    stride_c,
+    grad_stride_b,
+    grad_stride_c,
+    grad_stride_n,
+    HAS_COND: tl.constexpr,
+    LINEAR: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     b = row // C
     c = row % C
@@ -107,17 +143,31 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[2] <= 1 or x.stride(2) == 1 else x.contiguous()
 
 
-def _launch(kernel, leading: tuple, x: torch.Tensor, cond: torch.Tensor | None, gate: str, trailing: tuple,
-            extra: tuple = ()) -> None:
+def _launch(
+    kernel, leading: tuple, x: torch.Tensor, cond: torch.Tensor | None, gate: str, trailing: tuple, extra: tuple = ()
+) -> None:
     """kernel(*leading, x, cond, *trailing, C, N, x's strides, *extra) over one program per (batch, channel) row."""
     batch, channels, n = x.shape
     block = min(triton.next_power_of_2(max(n, 1)), _MAX_BLOCK)
     # Without a condition the pointer is never read; x stands in for it.
     cond_arg = cond.contiguous() if cond is not None else x
     with _on_device(x):
-        kernel[(batch * (channels // 2),)](*leading, x, cond_arg, *trailing, channels // 2, n, x.stride(0), x.stride(1),
-                                           *extra, HAS_COND=cond is not None, LINEAR=gate == "linear", ACC=_acc_dtype(x),
-                                           BLOCK=block, num_warps=4 if block >= 512 else 1)
+        kernel[(batch * (channels // 2),)](
+            *leading,
+            x,
+            cond_arg,
+            *trailing,
+            channels // 2,
+            n,
+            x.stride(0),
+            x.stride(1),
+            *extra,
+            HAS_COND=cond is not None,
+            LINEAR=gate == "linear",
+            ACC=_acc_dtype(x),
+            BLOCK=block,
+            num_warps=4 if block >= 512 else 1,
+        )
 
 
 def gated_activation_fwd(x: torch.Tensor, cond: torch.Tensor | None, gate: str) -> torch.Tensor:
@@ -129,8 +179,9 @@ def gated_activation_fwd(x: torch.Tensor, cond: torch.Tensor | None, gate: str) 
     return out
 
 
-def gated_activation_bwd(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tensor | None,
-                         gate: str) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_activation_bwd(
+    grad: torch.Tensor, x: torch.Tensor, cond: torch.Tensor | None, gate: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x [B, 2C, N], grad_cond [B, 2C] or an empty [0] tensor without a condition), recomputing the gate."""
     x = _rows(x)
     # Any strides: the gradient of a sum arrives expanded (stride 0) and is read in place.

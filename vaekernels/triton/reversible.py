@@ -33,12 +33,14 @@ def _coupling_backward_step_kernel(stream_ptr, update_ptr, grad_ptr, grad_update
     tl.store(grad_ptr + offsets, (grad + grad_update).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def coupling_backward_step(stream: torch.Tensor, update: torch.Tensor, grad: torch.Tensor,
-                           grad_update: torch.Tensor) -> None:
+def coupling_backward_step(
+    stream: torch.Tensor, update: torch.Tensor, grad: torch.Tensor, grad_update: torch.Tensor
+) -> None:
     """``stream -= update; grad += grad_update`` on contiguous tensors of one shape, in place."""
     n = stream.numel()
     if n == 0:
         return
     with _on_device(stream):
         _coupling_backward_step_kernel[(triton.cdiv(n, _BLOCK),)](
-            stream, update, grad, grad_update, n, BLOCK=_BLOCK, num_warps=4)
+            stream, update, grad, grad_update, n, BLOCK=_BLOCK, num_warps=4
+        )
