@@ -20,11 +20,16 @@ PYTEST_ARGS ?=
 GPU_CHECK_BUDGET ?= 540
 GPU_CHECK_ARGS ?=
 
-.PHONY: test bench clean gpu-check
+.PHONY: test lint bench clean gpu-check
 
 # The docstring examples run too, but for the Triton launchers', which need a GPU.
 test: $(INSTALLED)
 	$(VENV_PYTHON) -m pytest tests vaekernels --doctest-modules --ignore=vaekernels/triton $(PYTEST_ARGS)
+
+# ruff's rules and format (pyproject.toml), the gate .ci/run holds every change to.
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(INSTALLED)
 	$(VENV_PYTHON) -m pytest bench --benchmark-columns=min,median,max,rounds,iterations $(PYTEST_ARGS)
