@@ -112,9 +112,7 @@ class ModelEntry:
         a compiled version of the loss."""
         if self.train_step is not None:
             return self.train_step(model, optimizers, batch)
-        loss = (loss_fn or self.loss)(model, batch)
-        optimizers.step("model", loss)
-        return {"loss": loss.detach()}
+        return {"loss": optimizers.step("model", (loss_fn or self.loss)(model, batch))}
 
     def step(self, model: nn.Module, optimizers: Optimizers, batch: Batch, loss_fn=None) -> torch.Tensor:
         """One training step; its loss."""

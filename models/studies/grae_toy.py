@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import vaekernels
-from models.training.trainer import holds_run
+from models.training.trainer import Optimizers, holds_run, train_steps
 
 NONLINEARITIES = {"tanh": nn.Tanh, "softplus": nn.Softplus, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
 FAMILIES = ("mean-field", "full")
@@ -105,17 +105,18 @@ def optimal_covariance(model: ToyVAE, x: torch.Tensor, noise: float) -> torch.Te
     return torch.linalg.inv(precision)
 
 
-def train(args, family: str, seed: int, x: torch.Tensor, progress) -> ToyVAE:
+def train(args, family: str, seed: int, x: torch.Tensor, progress: tqdm) -> ToyVAE:
+    """A ToyVAE of ``family`` trained on ``x`` for ``args.steps`` Adam steps, one batch after the other;
+    ``progress`` advances a step each."""
     torch.manual_seed(seed)
     model = ToyVAE(args.outputs, args.latent, args.nu, family)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizers = Optimizers({"model": list(model.parameters())}, args.lr, betas=(0.9, 0.999))
     batches = x.split(args.batch_size)
-    for step in range(args.steps):
-        loss = model.negative_elbo(batches[step % len(batches)], args.noise)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        progress.update()
+
+    def update(step: int) -> dict:
+        return {"loss": optimizers.step("model", model.negative_elbo(batches[step % len(batches)], args.noise))}
+
+    train_steps(update, args.steps, bar=progress)
     return model
 
 

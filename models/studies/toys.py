@@ -25,6 +25,7 @@ import torch
 
 import vaekernels
 from models.metrics.likelihood import active_units
+from models.training.trainer import Optimizers, train_steps
 from models.vae.zoo import build_model
 
 
@@ -95,13 +96,11 @@ def posterior_collapse(covariance: str, steps: int = 500, dim: int = 5, seed: in
     # Adam would random-walk along it. A weak L2 prior on the decoder weights picks the smallest.
     weight = model.decoder.net[-1].weight
     others = [p for p in model.parameters() if p is not weight]
-    optimizer = torch.optim.Adam([{"params": others}, {"params": [weight], "weight_decay": 0.1}], lr=1e-2)
+    groups = [{"params": others}, {"params": [weight], "weight_decay": 0.1}]
+    optimizers = Optimizers({"model": groups}, lr=1e-2, betas=(0.9, 0.999))
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):  # full batches: minibatch noise would let the unused directions drift
-        loss, _ = model(data, generator=generator)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    # Full batches: minibatch noise would let the unused directions drift.
+    train_steps(lambda step: {"loss": optimizers.step("model", model(data, generator=generator)[0])}, steps)
     with torch.no_grad():
         count, variances = active_units(model.encode(data)[0])
         loss, stats = model.eval()(data, generator=generator)

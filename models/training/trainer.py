@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from models.training.pictures import save_grid
 class Optimizers:
     """Named Adam optimisers, one per player, that checkpoint as one (``state_dict`` / ``load_state_dict``).
 
-    A model with one player names it ``"model"``. Under torchrun, :meth:`step` averages the player's
-    gradients over the processes before updating it.
+    A model with one player names it ``"model"``. A player is a list of parameters or, as
+    ``torch.optim.Adam`` takes them, of parameter groups (dicts with their own ``weight_decay``, say).
+    Under torchrun, :meth:`step` averages the player's gradients over the processes before updating it.
 
     >>> optimizers = Optimizers({"g": [torch.nn.Parameter(torch.zeros(2))]}, lr=1e-3)
     >>> sorted(optimizers.state_dict())
@@ -49,8 +51,9 @@ class Optimizers:
             name: torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True) for name, params in groups.items()
         }
 
-    def step(self, name: str, loss: torch.Tensor) -> None:
-        """One update of player ``name`` on ``loss``; only that player's gradients are zeroed first."""
+    def step(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        """One update of player ``name`` on ``loss``; only that player's gradients are zeroed first. Returns
+        ``loss`` detached, the statistic an update reports."""
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -60,6 +63,7 @@ class Optimizers:
                     if p.grad is not None:
                         dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         optimizer.step()
+        return loss.detach()
 
     def state_dict(self) -> dict:
         return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
@@ -67,6 +71,56 @@ class Optimizers:
     def load_state_dict(self, state: dict) -> None:
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state[name])
+
+
+class NonFiniteStatistic(FloatingPointError):
+    """Raised by :func:`train_steps` when an update reports a statistic that is not finite; ``step`` (counted from
+    1) is the update that did, ``stats`` what it reported."""
+
+    def __init__(self, step: int, stats: dict):
+        super().__init__(f"models.training.train_steps: update {step} reported a statistic that is not finite: {stats}")
+        self.step, self.stats = step, stats
+
+
+def train_steps(
+    update: Callable[[int], dict],
+    steps: float,
+    *,
+    start: int = 0,
+    cpu_seconds: float = 0.0,
+    cpu_seconds_allowed: float = math.inf,
+    bar: tqdm | None = None,
+    after_step: Callable[[int, dict, float], None] | None = None,
+) -> tuple[int, float]:
+    """The one training loop, which the :class:`Trainer` and the studies' small models train through.
+
+    Calls ``update(step)`` (one update of every player on batch ``step``; its statistics, tensors or numbers)
+    for step = ``start``, ``start`` + 1, ... until ``steps`` updates are done or the CPU seconds of this
+    process, counted on from ``cpu_seconds``, reach ``cpu_seconds_allowed``. After each update: ``bar``
+    advances and shows the statistics, then ``after_step(updates done, statistics as floats, CPU seconds)``.
+    A statistic that is not finite raises :class:`NonFiniteStatistic` before ``after_step`` sees it.
+    Returns (updates done, CPU seconds).
+
+    >>> weight = torch.nn.Parameter(torch.tensor([3.0]))
+    >>> optimizers = Optimizers({"model": [weight]}, lr=0.1, betas=(0.9, 0.999))
+    >>> train_steps(lambda step: {"loss": optimizers.step("model", weight.square().sum())}, 200)[0]
+    200
+    >>> abs(weight.item()) < 0.1
+    True
+    """
+    step, started, before = start, time.process_time(), cpu_seconds
+    while step < steps and cpu_seconds < cpu_seconds_allowed:
+        stats = {key: float(value) for key, value in update(step).items()}
+        if not all(math.isfinite(value) for value in stats.values()):
+            raise NonFiniteStatistic(step + 1, stats)
+        step += 1
+        cpu_seconds = before + time.process_time() - started
+        if bar is not None:
+            bar.update()
+            bar.set_postfix({key: f"{value:.4g}" for key, value in stats.items()}, refresh=False)
+        if after_step is not None:
+            after_step(step, stats, cpu_seconds)
+    return step, cpu_seconds
 
 
 def free_run_dir(base: Path, stem: str) -> Path:
@@ -269,45 +323,53 @@ class Trainer:
             raise ValueError(
                 "models.training.Trainer: the budget has no limit (a dataset without epochs needs steps or minutes)"
             )
-        seconds_allowed = math.inf if self.budget.minutes is None else 60 * self.budget.minutes
-        bar = tqdm(
+        wall_started = time.perf_counter()
+        self.model.train()
+        with tqdm(
             total=total if math.isfinite(total) else None,
             initial=self.step,
             unit="step",
             desc=self.entry.name,
             disable=not self.progress,
             dynamic_ncols=True,
-        )
-        started, wall_started, cpu_before = time.process_time(), time.perf_counter(), self.cpu_seconds
-        self.model.train()
-        while self.step < total and self.cpu_seconds < seconds_allowed:
-            x, y = self.data.batch(self.step)
-            batch = (
-                x[self.rank :: self.world].to(self.device),
-                None if y is None else y[self.rank :: self.world].to(self.device),
-            )
-            stats = {key: float(value) for key, value in self.entry.update(self.model, self.optimizers, batch).items()}
-            if not all(math.isfinite(value) for value in stats.values()):
-                bar.close()
-                raise SystemExit(
-                    f"models: training {self.entry.name} stopped at step {self.step + 1}: a statistic is "
-                    f"not finite ({stats}). The checkpoint in {self.out} is from before it; lower --lr and "
-                    f"resume, or start again."
+        ) as bar:
+            try:
+                train_steps(
+                    self.update,
+                    total,
+                    start=self.step,
+                    cpu_seconds=self.cpu_seconds,
+                    cpu_seconds_allowed=math.inf if self.budget.minutes is None else 60 * self.budget.minutes,
+                    bar=bar,
+                    after_step=self.after_step,
                 )
-            self.history.append(stats)
-            self.step += 1
-            self.cpu_seconds = cpu_before + time.process_time() - started
-            bar.update()
-            bar.set_postfix({key: f"{value:.4g}" for key, value in stats.items()}, refresh=False)
-            if self.step % self.settings.checkpoint_every == 0:
-                self.save()
-        bar.close()
+            except NonFiniteStatistic as error:
+                raise SystemExit(
+                    f"models: training {self.entry.name} stopped at step {error.step}: a statistic is not finite "
+                    f"({error.stats}). The checkpoint in {self.out} is from before it; lower --lr and resume, or "
+                    f"start again."
+                ) from None
         self.save()
         metrics = self.metrics(time.perf_counter() - wall_started)
         if self.rank == 0:
             metrics["pictures"] = self.write_pictures(self.out)
             write_json(self.out / "metrics.json", metrics)
         return metrics
+
+    def update(self, step: int) -> dict:
+        """One update on this process's share of batch ``step``."""
+        x, y = self.data.batch(step)
+        batch = (
+            x[self.rank :: self.world].to(self.device),
+            None if y is None else y[self.rank :: self.world].to(self.device),
+        )
+        return self.entry.update(self.model, self.optimizers, batch)
+
+    def after_step(self, step: int, stats: dict, cpu_seconds: float) -> None:
+        self.step, self.cpu_seconds = step, cpu_seconds
+        self.history.append(stats)
+        if step % self.settings.checkpoint_every == 0:
+            self.save()
 
     def metrics(self, seconds: float) -> dict:
         last = self.history[-50:]
