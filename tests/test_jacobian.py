@@ -232,6 +232,21 @@ def test_unusual_depths_match_jacfwd(device_backend, widths):
         check_public(vaekernels.jacobian_column_sq_norms, ref.jacobian_column_sq_norms, decoder, z)
 
 
+@pytest.mark.parametrize("batch,direct", [(2, True), (40, False)])
+def test_either_order_of_the_last_product_matches_jacfwd(device_backend, monkeypatch, batch, direct):
+    # A small batch of tangents costs less as J = T Wᵀ, a large one as T (WᵀW) Tᵀ: each order must
+    # give jacfwd's values and gradients, and the fused backends must take the cheaper one.
+    device, backend = device_backend
+    decoder = mlp([3, 16, 16, 30], "tanh", device=device)
+    z = randn(batch, 3, device=device, seed=6)
+    calls = []
+    reduce_directly = ops_jacobian._reduce_directly
+    monkeypatch.setattr(ops_jacobian, "_reduce_directly", lambda *args: calls.append(1) or reduce_directly(*args))
+    check_public(vaekernels.jacobian_column_sq_norms, ref.jacobian_column_sq_norms, decoder, z)
+    check_public(vaekernels.jacobian_gram, ref.jacobian_gram, decoder, z)
+    assert len(calls) == (2 if direct and backend != "reference" else 0)
+
+
 @pytest.mark.parametrize("block,chunk", [(5, 4), (256, 1024)])
 def test_float32_matches_float64_jacfwd(device_backend, monkeypatch, block, chunk):
     # float32 products take oneDNN's matmul on CPU; blocks of 5 split the metric's symmetric

@@ -8,7 +8,9 @@ and through each activation by the fused op ``jacobian_tangent_step`` (act, act'
 of T in one pass, act'' in its backward). The last layer W [D, h] is never applied: J = T Wᵀ, so
 JᵀJ = T (WᵀW) Tᵀ and the column norms are its diagonal, which ``jacobian_gram_reduce`` computes
 and returns T M besides, so that the backward scales it (2 g (T M)) instead of multiplying again.
-No [B, D, d] tensor exists at any point, forward or backward.
+Where the block of tangents is small beside the layer (GRAE*'s one column a step: B k < 2h/3 or
+so), J = T Wᵀ itself costs fewer products, and the fused backends form it instead: then J has
+fewer entries than W. Otherwise no [B, D, d] tensor exists at any point, forward or backward.
 
 Any other decoder (convolutional ones included) takes the general path: ``torch.func.jvp`` along
 a chunk of columns at a time (norms), or for a chunk of examples at a time (Gram), sized so that
@@ -358,6 +360,10 @@ def _propagate(fn: str, plan: list, z: torch.Tensor, columns: torch.Tensor | Non
     if tangent.shape[0] != batch:
         tangent = tangent.expand(batch, -1, -1).contiguous()
     weight = plan[-1].weight
+    # The fused backends pick the cheaper order of the same products; the reference keeps the
+    # readable T (WᵀW) Tᵀ.
+    if backend != "reference" and _direct_is_cheaper(batch, tangent.shape[1], *weight.shape, diagonal):
+        return _reduce_directly(tangent, weight, diagonal)
     metric = _self_gram(weight)
     # T (WᵀW) Tᵀ equals (T Wᵀ)(T Wᵀ)ᵀ only in finite arithmetic: an infinite weight (or one whose
     # square overflows) makes WᵀW hold infinities of both signs, and their sum inf - inf = NaN
@@ -368,14 +374,26 @@ def _propagate(fn: str, plan: list, z: torch.Tensor, columns: torch.Tensor | Non
     return reduce(tangent, metric, diagonal)[0]
 
 
+def _direct_is_cheaper(batch: int, k: int, outputs: int, hidden: int, diagonal: bool) -> bool:
+    """Whether J = T Wᵀ [B, k, D] costs fewer multiply-adds, forward and backward, than the metric
+    M = WᵀW [h, h] and T M: 3 B k h D against 2 D h² + 1.5 B k h² (the metric's symmetric backward
+    halves one product), plus the Gram's own k² products of D or h terms. GRAE* (one column of a
+    batch of 100, h = 256, D = 784) takes J; GRAE's eight columns take the metric."""
+    rows = batch * k
+    gram = 0 if diagonal else 3 * rows * k
+    direct = 3 * rows * hidden * outputs + gram * outputs
+    return direct < 2 * outputs * hidden**2 + 1.5 * rows * hidden**2 + gram * hidden
+
+
 def _reduce_directly(tangent: torch.Tensor, weight: torch.Tensor, diagonal: bool) -> torch.Tensor:
     """diag(J Jᵀ) or J Jᵀ per example of J = T Wᵀ [B, k, D], made for a chunk of examples at a time
-    (at most :data:`GENERAL_CHUNK_ELEMENTS` entries of J at once): the non-finite case of the MLP path."""
+    (at most :data:`GENERAL_CHUNK_ELEMENTS` entries of J at once): the MLP path where that order is
+    the cheaper one, or where WᵀW is not finite."""
     batch, k, _ = tangent.shape
     chunk = max(1, GENERAL_CHUNK_ELEMENTS // max(1, k * weight.shape[0]))
     parts = []
     for part in tangent.split(chunk):
-        jac = part @ weight.t()
+        jac = _TangentLinear.apply(part, weight)
         parts.append(jac.square().sum(-1) if diagonal else jac @ jac.transpose(1, 2))
     return torch.cat(parts)
 
@@ -440,8 +458,9 @@ def jacobian_column_sq_norms(
     """‖∂g(z)/∂z_i‖² per example for every column i of the decoder Jacobian, or those in ``columns``.
 
     ``decoder`` maps z [B, d] to [B, *out] (flattened to D); returns [B, d] (or [B, len(columns)]).
-    Differentiable in z and in the decoder's parameters, and never builds the [B, D, d] Jacobian:
-    see the module docstring for the MLP and the general paths. NaN and ±inf: a non-finite code or
+    Differentiable in z and in the decoder's parameters; the [B, D, d] Jacobian is never built
+    where it would outgrow the decoder's last weight: see the module docstring for the MLP and the
+    general paths. NaN and ±inf: a non-finite code or
     parameter gives a non-finite value in the columns it reaches, no error: NaN for a NaN, inf for a
     column that an infinite weight reaches, and NaN where forward mode itself meets inf * 0 (an
     infinite weight behind a zero derivative, as in the reference); saturated activations (codes of
@@ -474,7 +493,8 @@ def _column_sq_norms(fn: str, decoder, z: torch.Tensor, index: torch.Tensor | No
 
 def jacobian_gram(decoder, z: torch.Tensor) -> torch.Tensor:
     """JᵀJ [B, d, d] of the decoder Jacobian J [D, d] at each code; its diagonal is
-    :func:`jacobian_column_sq_norms`. Differentiable; never builds the [B, D, d] Jacobian.
+    :func:`jacobian_column_sq_norms`. Differentiable; builds the [B, D, d] Jacobian only where it
+    is smaller than the decoder's last weight.
     NaN and ±inf: as :func:`jacobian_column_sq_norms`; an entry between two infinite columns is
     ±inf (or NaN where their infinite terms cancel), as J's own products give it.
 
