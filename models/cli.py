@@ -4,6 +4,7 @@
     python -m models train MODEL [options]         train it (python -m models train MODEL --help: its options)
     python -m models evaluate RUN                  its test metrics, written to RUN/evaluation.json
     python -m models sample RUN                    its pictures drawn again, into a new RUN/pictures-<n>
+    python -m models reproduce MODEL [options]     train and evaluate it at its reproduce preset
     python -m models study NAME [options]          one of the studies (python -m models study --help)
 
 A run directory holds ``checkpoint.pt``, ``settings.json``, ``metrics.json`` and the model's PNG grids
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from models.registry import MODELS, load_run
+from models.registry import MEASURED_ON, MODELS, load_run
 from models.training.trainer import Budget, Settings, Trainer, distributed, free_run_dir, holds_run, write_json
 
 PROG = "python -m models"
@@ -263,6 +264,72 @@ def sample(argv: list[str]) -> list[Path]:
     return written
 
 
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.5g}" if isinstance(value, float) else str(value)
+
+
+def reproduce(argv: list[str]) -> dict:
+    """Trains MODEL at its :class:`~models.registry.Reproduction` preset, evaluates it and prints its numbers next
+    to those the preset reached on the development machine and the seed's; writes them to RUN/reproduce.json."""
+    if not argv or argv[0] not in MODELS:
+        given = f"; got {argv[0]!r}" if argv and not argv[0].startswith("-") else ""
+        print(f"usage: {PROG} reproduce MODEL [options]; MODEL one of{given}:\n", file=sys.stderr)
+        list_models()
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    entry = MODELS[argv[0]]
+    preset = entry.reproduce
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} reproduce {entry.name}",
+        description=f"Train {entry.name} for {preset.steps} steps"
+        + (f" with {' '.join(preset.options)}" if preset.options else "")
+        + f", then evaluate it on the first {preset.limit} test images. Any option of `{PROG} train "
+        f"{entry.name}` replaces the preset's (--steps N: a shorter run).",
+        formatter_class=_DefaultsHelp,
+    )
+    parser.add_argument("--out", type=Path, help=f"run directory (default: runs/{entry.name}-reproduce-<n>)")
+    parser.add_argument("--limit", type=_positive(int), default=preset.limit, help="test images evaluated")
+    parser.add_argument(
+        "--num-samples", type=_positive(int), default=preset.num_samples, help="importance samples of the VAEs' NLL"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    args, train_options = parser.parse_known_args(argv[1:])
+    out = args.out or free_run_dir(Path("runs"), f"{entry.name}-reproduce")
+    quiet = ["--no-progress"] if args.no_progress else []
+    trained = train(
+        [entry.name, "--steps", str(preset.steps), *preset.options, *train_options, "--out", str(out), *quiet]
+    )
+    evaluation = evaluate([str(out), "--limit", str(args.limit), "--num-samples", str(args.num_samples), *quiet])
+    numbers = {
+        **{f"train_{key}": value for key, value in trained["last_steps_mean"].items()},
+        "train_cpu_seconds": trained["train_cpu_seconds"],
+        **{key: value for key, value in evaluation.items() if isinstance(value, (int, float))},
+    }
+    recorded = preset.reached or {}
+    rows = [
+        (metric, numbers.get(metric), recorded.get(metric), *preset.seed.get(metric, (None, "")))
+        for metric in (*preset.metrics, "train_cpu_seconds")
+    ]
+    print(
+        f"\n{entry.name}: {trained['steps']} steps (preset: {preset.steps}); recorded: "
+        + ("a whole run of the preset on " + MEASURED_ON if preset.reached else "not yet measured")
+    )
+    width = max(len(row[0]) for row in rows)
+    print(f"{'metric':<{width}}  {'this run':>10}  {'recorded':>10}  {'seed':>10}")
+    for metric, value, kept, seed, source in rows:
+        print(f"{metric:<{width}}  {_cell(value):>10}  {_cell(kept):>10}  {_cell(seed):>10}  {source}")
+    result = {
+        "model": entry.name,
+        "run": str(out),
+        "steps": trained["steps"],
+        "preset_steps": preset.steps,
+        "numbers": numbers,
+        "recorded": preset.reached,
+        "seed": preset.seed,
+    }
+    write_json(out / "reproduce.json", result)
+    return result
+
+
 def study(argv: list[str]):
     if not argv or argv[0] not in STUDIES:
         print(f"usage: {PROG} study NAME [options] (NAME --help: its options); NAME one of:", file=sys.stderr)
@@ -277,7 +344,7 @@ def study(argv: list[str]):
         raise SystemExit(f"{PROG} study {argv[0]}: {error}") from None
 
 
-COMMANDS = {"train": train, "evaluate": evaluate, "sample": sample, "study": study}
+COMMANDS = {"train": train, "evaluate": evaluate, "sample": sample, "reproduce": reproduce, "study": study}
 
 
 def main(argv: list[str] | None = None):

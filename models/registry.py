@@ -44,6 +44,7 @@ from models.flows.nice import NICE, bits_per_dim, dequantised
 from models.flows.revnet import MODES, RevNet
 from models.jacobian.grae import Autoencoder
 from models.metrics import likelihood as zoo_metrics
+from models.seeds import BURDA_ONE_LAYER, BURDA_TWO_LAYERS, TAMING, VLAE_NLL
 from models.training.pictures import reconstruction_rows
 from models.training.trainer import Optimizers, Settings
 from models.vae.zoo import ARCHITECTURES, ESTIMATORS, LIKELIHOODS, VAE, build_model
@@ -54,6 +55,39 @@ Batch = tuple
 def option(default, help: str, choices=None):
     """A config field: its default, its --help line and its choices, which ``python -m models train`` reads."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+MEASURED_ON = (
+    "the development machine: one thread (OMP_NUM_THREADS=1) of an AMD EPYC core, the machine's other core busy "
+    "with other work; torch 2.13.0+cpu; 2026-12-06"
+)
+"""Where the numbers of :attr:`Reproduction.reached` were measured."""
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """A model's ``reproduce`` preset: what ``python -m models reproduce NAME`` runs and what it reached.
+
+    - ``steps``: the budget; ``options``: ``train`` options beyond the model's defaults (flags as on the command
+      line); then ``evaluate`` on the first ``limit`` test images (the likelihood VAEs' NLL with ``num_samples``
+      importance samples);
+    - ``metrics``: the numbers it reports, the evaluation's keys and ``train_<statistic>`` (the mean over the last
+      50 steps of a training statistic);
+    - ``reached``: those numbers from a whole run of the preset on :data:`MEASURED_ON` (None: not yet measured),
+      with ``train_cpu_seconds``;
+    - ``seed``: metric -> (the lecture notes' number for it, where it is from), where the seeds give one.
+
+    >>> MODELS["iwae-k50"].reproduce.seed["nll"]
+    (84.78, 'seed 001, Burda et al. Table 1: IWAE, k = 50')
+    """
+
+    steps: int
+    metrics: tuple[str, ...]
+    options: tuple[str, ...] = ()
+    limit: int = 1000
+    num_samples: int = 1000
+    reached: dict | None = None
+    seed: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,7 +103,8 @@ class ModelEntry:
     - ``loss(model, batch)``: the scalar it minimises, or ``train_step(model, optimizers, batch)``, one update
       of each of its players (adversarial models), returning its statistics;
     - ``pictures(model, batches, generator, config)``: PNG name -> (images, columns, image shape);
-    - ``evaluate(model, batches, options)``: the test metrics.
+    - ``evaluate(model, batches, options)``: the test metrics;
+    - ``reproduce``: its :class:`Reproduction` preset (:data:`REPRODUCTIONS`).
     """
 
     name: str
@@ -92,6 +127,7 @@ class ModelEntry:
     budget: dict = field(default_factory=lambda: {"epochs": 10})
     benchmarked: bool = True
     family: str = "vae"
+    reproduce: Reproduction | None = None
 
     def default_config(self):
         return self.config(**self.defaults)
@@ -899,8 +935,80 @@ def adversarial_entries() -> list[ModelEntry]:
     ]
 
 
+# --- reproduce presets -------------------------------------------------------------------------------------------
+
+ZOO_METRICS = ("nll", "active_units", "marginal_kl", "reconstruction")
+# The two-layer models: active units of z1 and z2, no marginal KL (z1's prior is p(z1 | z2)).
+HIERARCHICAL_METRICS = ("nll", "active_units", "active_units_top", "reconstruction")
+BURDA = "seed 001, Burda et al. Table 1"
+
+
+def _taming(name: str, label: str) -> dict:
+    kl, reconstruction = TAMING[name]
+    source = f"seed 000, Taming VAEs: {label}"
+    return {"marginal_kl": (kl, source), "reconstruction": (reconstruction, source)}
+
+
+def _burda(k: int, method: int, label: str, layers: int = 1) -> dict:
+    """The NLL and active units of Burda et al.'s row k, ``method`` 0 (VAE) or 1 (IWAE)."""
+    nll, units = (BURDA_ONE_LAYER if layers == 1 else BURDA_TWO_LAYERS)[k][method]
+    source = f"{BURDA}: {label}"
+    if layers == 1:
+        return {"nll": (nll, source), "active_units": (units, source)}
+    return {"nll": (nll, source), "active_units": (units[0], source), "active_units_top": (units[1], source)}
+
+
+# Two epochs of MNIST at batch 100 (the seed-tables study's default budget) for the likelihood VAEs.
+ZOO_STEPS = 1200
+
+REPRODUCTIONS: dict[str, Reproduction] = {
+    "vae": Reproduction(ZOO_STEPS, ZOO_METRICS, seed={**_burda(1, 0, "VAE, k = 1"), **_taming("vae", "VAE")}),
+    "beta-vae": Reproduction(ZOO_STEPS, ZOO_METRICS, seed=_taming("beta-vae", "beta-VAE, beta = 0.5")),
+    "capacity-vae": Reproduction(ZOO_STEPS, ZOO_METRICS),
+    # kappa^2 below the VAE's reconstruction loss at this budget, as in the seed-tables study.
+    "geco": Reproduction(ZOO_STEPS, ZOO_METRICS, ("--tolerance", "80"), seed=_taming("geco", "GECO")),
+    "cvae": Reproduction(ZOO_STEPS, ZOO_METRICS),
+    "iwae-k5": Reproduction(ZOO_STEPS, ZOO_METRICS, seed=_burda(5, 1, "IWAE, k = 5")),
+    "iwae-k50": Reproduction(ZOO_STEPS, ZOO_METRICS, seed=_burda(50, 1, "IWAE, k = 50")),
+    "iwae-k50-dreg": Reproduction(
+        ZOO_STEPS, ZOO_METRICS, seed=_burda(50, 1, "IWAE, k = 50 (the bound whose gradient DReG estimates)")
+    ),
+    "geco-iwae": Reproduction(
+        ZOO_STEPS, ZOO_METRICS, ("--tolerance", "80"), seed=_taming("geco-iwae", "GECO + IWAE, k = 5")
+    ),
+    "hvae": Reproduction(
+        ZOO_STEPS, HIERARCHICAL_METRICS, seed=_burda(1, 0, "two stochastic layers, VAE, k = 1", layers=2)
+    ),
+    "hiwae-k5": Reproduction(
+        ZOO_STEPS, HIERARCHICAL_METRICS, seed=_burda(5, 1, "two stochastic layers, IWAE, k = 5", layers=2)
+    ),
+    "vhp-vae": Reproduction(ZOO_STEPS, ZOO_METRICS),
+    "gated-pixelcnn": Reproduction(200, ("test_nats",)),
+    "pixelcnn++": Reproduction(200, ("test_nats", "test_bits_per_dim")),
+    "pixelsnail": Reproduction(200, ("test_nats", "test_bits_per_dim")),
+    "pixelvae": Reproduction(300, ("test_nats",)),
+    "vlae": Reproduction(
+        1200,
+        ("test_nats",),
+        seed={"test_nats": (VLAE_NLL, "seed 001, the VLAE table: test NLL (ours: the negative ELBO, its upper bound)")},
+    ),
+    "grae-star": Reproduction(1200, ("test_half_sq_error", "train_loss")),
+    "grae": Reproduction(1200, ("test_half_sq_error", "train_loss")),
+    "grae-beta-vae": Reproduction(1200, ("test_half_sq_error", "train_loss")),
+    "nice": Reproduction(1200, ("test_nll_nats", "test_bits_per_dim")),
+    "revnet": Reproduction(938, ("test_accuracy",)),
+    "irevnet": Reproduction(938, ("test_accuracy", "reconstruction_rel_err")),
+    # The adversarial models have no test metric of their own (the disentanglement study measures FactorVAE's).
+    "factor-vae": Reproduction(1000, ("train_reconstruction", "train_kl", "train_tc")),
+    "infogan": Reproduction(1000, ("train_discriminator", "train_generator", "train_information")),
+    "aae": Reproduction(1000, ("train_reconstruction", "train_discriminator", "train_regularisation")),
+    "avb": Reproduction(1000, ("train_loss", "train_reconstruction", "train_kl")),
+    "bigan": Reproduction(1000, ("train_discriminator", "train_encoder", "train_generator")),
+}
+"""Each model's ``reproduce`` preset, by name."""
+
 MODELS: dict[str, ModelEntry] = {
-    entry.name: entry
+    entry.name: replace(entry, reproduce=REPRODUCTIONS[entry.name])
     for entry in zoo_entries()
     + autoregressive_entries()
     + grae_entries()

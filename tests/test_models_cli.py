@@ -1,6 +1,6 @@
 """``python -m models``: every model of the registry trains through ``train`` on small data written here in the
 standard file formats, writes a checkpoint and its PNGs, and ``--resume`` continues it exactly; ``list``,
-``evaluate`` and ``sample`` on top."""
+``evaluate``, ``sample`` and every model's ``reproduce`` preset (at one step) on top."""
 
 import json
 
@@ -88,3 +88,18 @@ def test_train_help_shows_only_the_models_options(capsys):
 def test_a_non_finite_loss_stops_the_run(data_dir, tmp_path):
     with pytest.raises(SystemExit, match="not finite"):
         main(["train", "vae", "--out", str(tmp_path), "--steps", "2", "--lr", "1e30", *options("vae", data_dir)])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reproduce_runs_the_preset_at_a_tiny_budget(name, data_dir, tmp_path, capsys):
+    preset = MODELS[name].reproduce
+    result = main(
+        ["reproduce", name, "--out", str(tmp_path), "--steps", "1", "--limit", "4", "--num-samples", "2"]
+        + options(name, data_dir)
+    )
+    assert result["steps"] == 1 and (tmp_path / "reproduce.json").is_file()
+    assert set(preset.metrics) <= set(result["numbers"])  # every number the preset reports is measured
+    assert set(preset.reached or {}) <= {*preset.metrics, "train_cpu_seconds"}
+    assert set(preset.seed) <= set(preset.metrics)
+    printed = capsys.readouterr().out
+    assert all(metric in printed for metric in preset.metrics)

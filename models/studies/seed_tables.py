@@ -28,6 +28,7 @@ import torch
 from models.cli import train
 from models.metrics import likelihood as zoo_metrics
 from models.registry import load_run
+from models.seeds import BURDA_ONE_LAYER, TAMING
 from models.training.trainer import free_run_dir
 
 # name -> the model and its options for ``python -m models train``; the GECO models also take --tolerance.
@@ -41,15 +42,6 @@ RUNS = {
     "iwae-k5": ["iwae-k5"],
     "iwae-k50": ["iwae-k50"],
 }
-# Seed 000 (MNIST): model -> (marginal KL, reconstruction loss).
-SEED_TAMING = {
-    "vae": (1.5813, 55.8484),
-    "beta-vae": (10.5938, 15.1434),
-    "geco": (10.4975, 14.6269),
-    "geco-iwae": (1.3640, 12.9214),
-}
-# Seed 001 / Burda et al. Table 1 (MNIST, one stochastic layer): k -> ((VAE NLL, AU), (IWAE NLL, AU)).
-SEED_BURDA = {1: ((86.76, 19), (86.76, 19)), 5: ((86.47, 20), (85.54, 22)), 50: ((86.35, 20), (84.78, 25))}
 TAMING_LABELS = {"vae": "VAE", "beta-vae": "beta-VAE (beta=0.5)", "geco": "GECO", "geco-iwae": "GECO + IWAE (k=5)"}
 
 
@@ -140,12 +132,12 @@ def tables(results: dict, args) -> str:
         f"marginal KL over {args.surgery_limit}.",
         "",
     ]
-    if any(name in results for name in SEED_TAMING):
+    if any(name in results for name in TAMING):
         lines += [
             "| model | marginal KL | reconstruction loss | avg KL | MI | seed: marginal KL | seed: reconstruction |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for name, (seed_kl, seed_recon) in SEED_TAMING.items():
+        for name, (seed_kl, seed_recon) in TAMING.items():
             if name in results:
                 r = results[name]
                 lines.append(
@@ -164,7 +156,7 @@ def tables(results: dict, args) -> str:
             for name in (vae, iwae):
                 r = results.get(name)
                 cells += [f"{r['nll']:.2f}", str(r["active_units"])] if r else ["-", "-"]
-            (seed_vae, seed_iwae) = SEED_BURDA[k]
+            (seed_vae, seed_iwae) = BURDA_ONE_LAYER[k]
             lines.append(
                 f"| {k} | {' | '.join(cells)} | {seed_vae[0]} / {seed_vae[1]} | {seed_iwae[0]} / {seed_iwae[1]} |"
             )
