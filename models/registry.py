@@ -907,7 +907,7 @@ def adversarial_entries() -> list[ModelEntry]:
         entry(
             "infogan",
             InfoGAN,
-            "InfoGAN (Chen et al.) on MNIST: a categorical and continuous codes",
+            "InfoGAN (Chen et al.) on MNIST: a categorical code and continuous ones",
             ("latent_dim", "hidden_dim", "categories", "continuous", "info_weight") + improved,
             defaults={"latent_dim": 62},
         ),
