@@ -191,6 +191,12 @@ def test_score_function_gradient_is_unbiased_but_far_noisier():
     assert result["score_function_variance"] > 5 * result["reparameterised_variance"]
 
 
+def test_posterior_collapse_only_where_the_data_have_no_correlations():
+    # The seed's toy: diagonal Sigma leaves every latent unused; rank-2 structure takes two of them.
+    assert toys.posterior_collapse("diagonal")["active_units"] == 0
+    assert toys.posterior_collapse("full")["active_units"] == 2
+
+
 @pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
 def test_composed_bound_matches_the_fused_one(estimator, monkeypatch):
     # The discretised logistic has no fused bound: the zoo composes it, DReG's reweighting included.
