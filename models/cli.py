@@ -140,13 +140,19 @@ def new_run_dir(parser, out: Path | None, stem: str, device: str) -> Path:
     return out
 
 
+def model_entry(command: str, argv: list[str]):
+    """The entry of the model ``argv`` starts with; else the usage of ``command`` and the models, and exit (0 after
+    --help, else 2)."""
+    if argv and argv[0] in MODELS:
+        return MODELS[argv[0]]
+    given = f"; got {argv[0]!r}" if argv and not argv[0].startswith("-") else ""
+    print(f"usage: {PROG} {command} MODEL [options]; MODEL one of{given}:\n", file=sys.stderr)
+    list_models()
+    raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+
+
 def train(argv: list[str]) -> dict:
-    if not argv or argv[0] not in MODELS:
-        given = f"; got {argv[0]!r}" if argv and not argv[0].startswith("-") else ""
-        print(f"usage: {PROG} train MODEL [options]; MODEL one of{given}:\n", file=sys.stderr)
-        list_models()
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    entry = MODELS[argv[0]]
+    entry = model_entry("train", argv)
     parser = train_parser(entry)
     args = parser.parse_args(argv[1:])
     if args.threads:
@@ -271,12 +277,7 @@ def _cell(value) -> str:
 def reproduce(argv: list[str]) -> dict:
     """Trains MODEL at its :class:`~models.registry.Reproduction` preset, evaluates it and prints its numbers next
     to those the preset reached on the development machine and the seed's; writes them to RUN/reproduce.json."""
-    if not argv or argv[0] not in MODELS:
-        given = f"; got {argv[0]!r}" if argv and not argv[0].startswith("-") else ""
-        print(f"usage: {PROG} reproduce MODEL [options]; MODEL one of{given}:\n", file=sys.stderr)
-        list_models()
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    entry = MODELS[argv[0]]
+    entry = model_entry("reproduce", argv)
     preset = entry.reproduce
     parser = argparse.ArgumentParser(
         prog=f"{PROG} reproduce {entry.name}",
