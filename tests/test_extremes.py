@@ -338,3 +338,197 @@ def test_jacobian_of_a_nan_code_is_nan_where_it_reaches(device_backend, activati
     expected = torch.func.vmap(torch.func.jacfwd(copy.deepcopy(decoder).double()))(z.double()).square().sum(1)
     assert torch.isnan(norms[0]).all()
     torch.testing.assert_close(norms.double(), expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def _same_values(got, want):
+    """NaN where want is NaN, the same infinities, and close elsewhere."""
+    got, want = got.detach().double(), want.detach().double()
+    assert torch.equal(got.isnan(), want.isnan()), (got, want)
+    assert torch.equal(got[torch.isinf(want)], want[torch.isinf(want)]), (got, want)
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-5)
+
+
+def _with_grads(fn, tensors, weights):
+    """fn(*tensors) and the gradients of sum(fn * weights) with respect to every tensor."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    return out, torch.autograd.grad((out * weights.to(out.dtype)).sum(), leaves)
+
+
+@pytest.mark.parametrize("component", [0, 1])
+def test_logistic_mixture_of_a_huge_logit_keeps_the_log_probability(device_backend, component):
+    # logit_m + log p_m(x) in float32 lost log p_m(x) to a logit of 1e30 (the NLL came out 0,
+    # where it is -log p_m(x) of the one component whose weight is 1: 6.78 here); the kernels now
+    # take log pi_m = logit_m - log sum exp(logits) first, as the reference's log_softmax.
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(0)
+    params = torch.randn(1, 6, 2, 3, device=device, generator=generator)
+    params[0, component, 0, 0] = 1e30
+    x = torch.randint(0, 256, (1, 1, 2, 3), device=device, generator=generator) / 127.5 - 1
+    weights = torch.randn(1, 2, 3, device=device, generator=generator)
+
+    def nll(p):
+        return vaekernels.discretized_logistic_mixture_nll(p, x.to(p.dtype), 2, reduction="none")
+
+    out, (grad,) = _with_grads(nll, [params], weights)
+    with vaekernels.use_backend("reference"):
+        want, (want_grad,) = _with_grads(nll, [params.double()], weights)
+        # The pixel's NLL is that of component `component` alone, its weight 1.
+        alone = params.double().clone()
+        alone[0, 1 - component, 0, 0] = -INF
+        alone[0, component, 0, 0] = 0.0
+        assert abs(nll(alone)[0, 0, 0].item() - want[0, 0, 0].item()) < 1e-9
+    assert out[0, 0, 0].item() > 1.0
+    _same_values(out, want)
+    _same_values(grad, want_grad)
+
+
+@pytest.mark.parametrize("where", [1, 2, 4])  # a logit, a mean, a log-scale of pixel (0, 0)
+def test_logistic_mixture_gradient_of_a_nan_pixel_is_nan(device_backend, where):
+    # The C++ kernel's exp clamps its argument, NaN included: a pixel whose NLL is NaN got +-inf
+    # gradients instead of NaN. NaN now reaches the pixel's gradient wherever autograd's does,
+    # and no other pixel.
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(1)
+    params = torch.randn(1, 6, 2, 3, device=device, generator=generator)
+    params[0, where, 0, 0] = float("nan")
+    x = torch.randint(0, 256, (1, 1, 2, 3), device=device, generator=generator) / 127.5 - 1
+    weights = torch.randn(1, 2, 3, device=device, generator=generator)
+
+    def nll(p):
+        return vaekernels.discretized_logistic_mixture_nll(p, x.to(p.dtype), 2, reduction="none")
+
+    out, (grad,) = _with_grads(nll, [params], weights)
+    with vaekernels.use_backend("reference"):
+        want, (want_grad,) = _with_grads(nll, [params.double()], weights)
+    assert out[0, 0, 0].isnan() and grad[0, :, 0, 0].isnan().any()
+    assert torch.isfinite(grad[..., 1:]).all()
+    _same_values(out, want)
+    _same_values(grad, want_grad)
+
+
+@pytest.mark.parametrize("value", [INF, -INF, float("nan")])
+@pytest.mark.parametrize("tensor", ["q", "v"])
+def test_causal_attention_row_zero_reaches_nothing(device_backend, value, tensor):
+    # Row 0 attends to no key: its output is 0 and its q reaches nothing. An infinite or NaN q_0
+    # made 0 * inf = NaN in every d(k_j) (C++, Triton and the reference, whose d(k) = dS^T q), and
+    # an infinite v_0 (seen by every later row) 0 * inf = NaN in row 0's output.
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(2)
+    q, k, v = (torch.randn(2, 9, 4, device=device, generator=generator) for _ in range(3))
+    weights = torch.randn(2, 9, 4, device=device, generator=generator)
+    planted = {"q": q, "v": v}[tensor].clone()
+    planted[:, 0, 1] = value
+    inputs = [planted if name == tensor else t for name, t in (("q", q), ("k", k), ("v", v))]
+    out, grads = _with_grads(vaekernels.causal_attention, inputs, weights)
+    with vaekernels.use_backend("reference"):
+        want, want_grads = _with_grads(vaekernels.causal_attention, [t.double() for t in inputs], weights)
+    assert out[:, 0].eq(0).all()
+    if tensor == "q":
+        # Nothing depends on q_0: every value and gradient is finite, d(q_0) is 0.
+        assert all(torch.isfinite(t).all() for t in (out, *grads)) and grads[0][:, 0].eq(0).all()
+        with vaekernels.use_backend("reference"):
+            zeroed, zeroed_grads = _with_grads(
+                vaekernels.causal_attention,
+                [q.double().index_fill(1, torch.tensor([0], device=device), 0.0), k.double(), v.double()],
+                weights,
+            )
+        _same_values(want, zeroed)
+        for a, b in zip(want_grads, zeroed_grads):
+            _same_values(a, b)
+    _same_values(out, want)
+    for a, b in zip(grads, want_grads):
+        _same_values(a, b)
+
+
+def test_causal_attention_of_a_row_without_a_softmax_is_nan(device_backend):
+    # A row whose scores are all -inf has no softmax (0 / 0): NaN, as the reference's softmax
+    # gives; the kernels returned 0, as for row 0, which has no keys.
+    device, _ = device_backend
+    q = torch.zeros(1, 3, 2, device=device)
+    k = torch.zeros(1, 3, 2, device=device)
+    v = torch.ones(1, 3, 2, device=device)
+    q[0, 1:, 0] = -1.0
+    k[0, 0, 0] = INF  # row 1's only score: -inf; row 2's first score -inf too, its second 0
+    out = vaekernels.causal_attention(q, k, v)
+    assert out[0, 0].eq(0).all() and out[0, 1].isnan().all() and out[0, 2].eq(1).all()
+    with vaekernels.use_backend("reference"):
+        _same_values(out, vaekernels.causal_attention(q.double(), k.double(), v.double()))
+
+
+def test_iwae_bound_gradient_of_a_nan_example_is_nan(device_backend):
+    # Triton: an example whose log-weights are all NaN looked like one whose log-weights are all
+    # -inf (the row's max skips NaN) and got zero weights: a zero gradient for a NaN bound.
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(3)
+    logits = torch.randn(2, 3, 5, device=device, generator=generator)
+    x = torch.rand(2, 5, device=device, generator=generator).round()
+    x[0, 1] = float("nan")
+    log_pz, log_qz = (torch.randn(2, 3, device=device, generator=generator) for _ in range(2))
+    weights = torch.randn(2, device=device, generator=generator)
+
+    def bound(logits, log_pz, log_qz):
+        return vaekernels.iwae_bound(logits, x.to(logits.dtype), log_pz, log_qz)
+
+    out, grads = _with_grads(bound, [logits, log_pz, log_qz], weights)
+    with vaekernels.use_backend("reference"):
+        want, want_grads = _with_grads(bound, [t.double() for t in (logits, log_pz, log_qz)], weights)
+    assert out[0].isnan() and all(g[0].isnan().all() and torch.isfinite(g[1]).all() for g in grads)
+    _same_values(out, want)
+    for a, b in zip(grads, want_grads):
+        _same_values(a, b)
+
+
+@pytest.mark.parametrize("tensor", ["x", "mean"])
+@pytest.mark.parametrize("value", [INF, -INF])
+def test_gaussian_log_prob_of_an_infinite_value_holds_w_constant(device_backend, tensor, value):
+    # An infinite x or mean: w = inf, held constant, d/dlog_var = -g/2 from that element (the
+    # kernels'); the reference's d/dlog_var was 0 * inf = NaN (its zero gradient times the
+    # infinite x - mean).
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(4)
+    x, mean = torch.randn(2, 3, 5, device=device, generator=generator), torch.randn(2, 1, 5, device=device)
+    log_var = torch.randn(5, device=device, generator=generator)
+    {"x": x, "mean": mean}[tensor].view(-1)[0] = value
+    weights = torch.randn(2, 3, device=device, generator=generator)
+    out, grads = _with_grads(vaekernels.gaussian_log_prob, [x, mean, log_var], weights)
+    with vaekernels.use_backend("reference"):
+        want, want_grads = _with_grads(vaekernels.gaussian_log_prob, [t.double() for t in (x, mean, log_var)], weights)
+    assert out.view(-1)[0].item() == -INF and all(torch.isfinite(g).all() for g in grads)
+    _same_values(out, want)
+    for a, b in zip(grads, want_grads):
+        _same_values(a, b)
+
+
+def test_gaussian_log_prob_of_a_zero_variance(device_backend):
+    # log_var = -inf: a density of 0 away from the mean (-inf; the reference gave -inf + inf = NaN),
+    # +inf at the mean.
+    device, _ = device_backend
+    x = torch.tensor([[0.5, 1.0], [0.0, 1.0]], device=device)
+    mean = torch.zeros(2, device=device)
+    log_var = torch.tensor([-INF, 0.0], device=device)
+    out = vaekernels.gaussian_log_prob(x, mean, log_var)
+    assert out.tolist() == [-INF, INF]
+
+
+@pytest.mark.parametrize("tensor", ["z", "mean", "log_var"])
+def test_aggregate_posterior_gradients_at_infinite_inputs(device_backend, tensor):
+    # An infinite z_i (density 0 under every posterior): no gradient from row i (the kernels' weights
+    # were exp(-inf - -inf) = NaN); an infinite mean or a zero variance: that pair weighs 0, its
+    # gradients too. Every backend as the float64 reference.
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(5)
+    z, mean, log_var = (torch.randn(4, 3, device=device, generator=generator) for _ in range(3))
+    {"z": z, "mean": mean, "log_var": log_var}[tensor][0, 0] = -INF if tensor == "log_var" else INF
+    for name in ("aggregate_posterior_log_density", "marginal_kl", "mutual_information", "total_correlation"):
+        fn = getattr(vaekernels, name)
+        weights = torch.randn(4 if name == "aggregate_posterior_log_density" else (), device=device)
+        out, grads = _with_grads(fn, [z, mean, log_var], weights)
+        with vaekernels.use_backend("reference"):
+            want, want_grads = _with_grads(fn, [t.double() for t in (z, mean, log_var)], weights)
+        _same_values(out, want)
+        for a, b in zip(grads, want_grads):
+            _same_values(a, b)
+        if tensor == "z" and name == "aggregate_posterior_log_density":
+            assert out[0].item() == -INF and grads[0][0].eq(0).all() and torch.isfinite(grads[1]).all()

@@ -243,11 +243,20 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const a
           accumulate_rows(tile.data(), kBlock, 1, rows, keys, v_ptr + (n * s.L + j0) * s.Dv, s.Dv, s.Dv, ob, s.Dv);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          // Row 0 has no keys: total 0, output 0 and log-sum-exp -inf.
+          // Row 0 has no keys: total 0, output 0 and log-sum-exp -inf. A later row whose scores are
+          // all -inf has no softmax (0 / 0): NaN, as the reference's softmax gives.
           T* o = ob + r * s.Dv;
-          if (total[r] != T(0))
-            for (int64_t c = 0; c < s.Dv; ++c) o[c] /= total[r];
-          lse_ptr[n * s.L + i0 + r] = total[r] != T(0) ? top[r] + std::log(total[r]) : minus_inf;
+          const bool row_zero = i0 + r == 0;
+          if (row_zero) {
+            // Exactly 0, also where a v_j it may not see is infinite (its zero weight times inf).
+            std::fill(o, o + s.Dv, T(0));
+          } else {
+            const T norm = total[r] != T(0) ? total[r] : std::numeric_limits<T>::quiet_NaN();
+            for (int64_t c = 0; c < s.Dv; ++c) o[c] /= norm;
+          }
+          lse_ptr[n * s.L + i0 + r] = row_zero ? minus_inf
+                                       : total[r] != T(0) ? top[r] + std::log(total[r])
+                                                          : std::numeric_limits<T>::quiet_NaN();
         }
       }
     });
@@ -307,19 +316,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
           // the true dS_ij = sum_{l != j} P_il (dP_ij - dP_il); dP_ij - delta_i would be the
           // rounding of two differently summed dot products instead (1e-7 relative in float, which
           // a score scale of 1e4 carries into d(q) and d(k)). 0, as the reference's one-hot softmax.
+          // Masked pairs (j >= i) are exactly 0, also where the row's delta is NaN or inf.
           for (int64_t c = 0; c < cols; ++c)
-            ds[c] = p[c] == T(1) ? T(0) : sc * p[c] * (dp[c] - delta_ptr[first + r]);
+            ds[c] = c >= valid || p[c] == T(1) ? T(0) : sc * p[c] * (dp[c] - delta_ptr[first + r]);
         }
-        accumulate_rows(probs, 1, kBlock, cols, rows, g_ptr + first * s.Dv, s.Dv, s.Dv, gv_ptr + (n * s.L + j0) * s.Dv,
-                        s.Dv);
-        accumulate_rows(scores, 1, kBlock, cols, rows, q_ptr + first * s.D, s.D, s.D, gk_ptr + (n * s.L + j0) * s.D,
-                        s.D);
-        accumulate_rows(scores, kBlock, 1, rows, cols, k_ptr + (n * s.L + j0) * s.D, s.D, s.D, gq + i0 * s.D, s.D);
+        // Row 0 attends to nothing: its q and dO reach no gradient (left out, not multiplied by 0,
+        // so that an infinite or NaN q_0 or dO_0 does not make 0 * inf = NaN in d(k) and d(v)).
+        const int64_t skip = i0 == 0 ? 1 : 0, first_kept = first + skip;
+        accumulate_rows(probs + skip * kBlock, 1, kBlock, cols, rows - skip, g_ptr + first_kept * s.Dv, s.Dv, s.Dv,
+                        gv_ptr + (n * s.L + j0) * s.Dv, s.Dv);
+        accumulate_rows(scores + skip * kBlock, 1, kBlock, cols, rows - skip, q_ptr + first_kept * s.D, s.D, s.D,
+                        gk_ptr + (n * s.L + j0) * s.D, s.D);
+        accumulate_rows(scores + skip * kBlock, kBlock, 1, rows - skip, cols, k_ptr + (n * s.L + j0) * s.D, s.D, s.D,
+                        gq + (i0 + skip) * s.D, s.D);
       }
     };
     const int64_t tasks = whole_sequences ? s.N : s.N * s.blocks();
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> probs(kBlock * kBlock, T(0)), scores(kBlock * kBlock, T(0)), grads(kBlock * kBlock, T(0));
+      // A row more than a tile: accumulate_rows past row 0 (skip above) reads whole blocks of rows.
+      std::vector<T> probs((kBlock + 1) * kBlock, T(0)), scores((kBlock + 1) * kBlock, T(0)),
+          grads((kBlock + 1) * kBlock, T(0));
       for (int64_t task = begin; task < end; ++task) {
         if (whole_sequences) {
           for (int64_t j0 = 0; j0 < s.L; j0 += kBlock)

@@ -399,7 +399,15 @@ class PosteriorColumns {
   Terms terms(int64_t k, int64_t j, const Vec& z_k) const {
     const Vec inverse_scale = Vec::loadu(row(dims_ + k) + j), diff = z_k - Vec::loadu(row(k) + j);
     const Vec w = times<kGuarded>(diff, inverse_scale);
-    return {inverse_scale, w, at::vec::fnmadd(w, w, Vec::loadu(row(2 * dims_ + k) + j))};
+    const Vec start = Vec::loadu(row(2 * dims_ + k) + j);
+    Vec log_density = at::vec::fnmadd(w, w, start);
+    if constexpr (kGuarded) {
+      // A variance of 0 (start = +inf) away from the mean (w^2 = inf): a density of 0, as w^2
+      // outgrows the log-variance, not inf - inf = NaN.
+      const Vec inf(std::numeric_limits<T>::infinity());
+      log_density = Vec::blendv(log_density, inf.neg(), (start == inf) & (w * w == inf));
+    }
+    return {inverse_scale, w, log_density};
   }
 
   // Where sum_k log N(z_k; ...) starts: 0 for a posterior, -inf for padding (so padding stays out
@@ -461,8 +469,10 @@ class PairWeight {
 
   PairWeight(const T* grad_marginal, const T* marginal, int64_t ik) {
     if constexpr (kWithMarginal) {
-      grad_marginal_ = Vec(grad_marginal[ik]);
-      log_marginal_ = Vec(marginal[ik]);
+      // A marginal of -inf (every pair's density 0) passes no gradient, as for the joint.
+      const bool empty = marginal[ik] == -std::numeric_limits<T>::infinity();
+      grad_marginal_ = Vec(empty ? T(0) : grad_marginal[ik]);
+      log_marginal_ = Vec(empty ? T(0) : marginal[ik]);
     }
   }
 
@@ -559,11 +569,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
     const scalar_t* grad_joint_ptr = grad_joint_c.const_data_ptr<scalar_t>();
     const scalar_t* grad_marginal_ptr = grad_marginal_c.const_data_ptr<scalar_t>();
 
-    // Turns the tile's L[i, j] into grad_joint[i] * exp(L[i, j] - joint[i]) in place.
+    // Turns the tile's L[i, j] into grad_joint[i] * exp(L[i, j] - joint[i]) in place. A row whose
+    // joint is -inf (every pair's density 0: z_i infinite, say) passes no gradient, as the
+    // reference's log-mean-exp of an all -inf slice: its weights are 0, not exp(-inf + inf) = NaN.
     auto to_joint_weight = [&](int64_t i, int64_t count, scalar_t* tile) {
-      const Vec grad(grad_joint_ptr[i]), shift(joint_ptr[i]);
+      const bool empty = joint_ptr[i] == -std::numeric_limits<scalar_t>::infinity();
+      const Vec grad(empty ? scalar_t(0) : grad_joint_ptr[i]), shift(empty ? scalar_t(0) : joint_ptr[i]);
       for (int64_t j = 0; j < count; j += Vec::size())
-        (grad * (Vec::loadu(tile + j) - shift).exp()).store(tile + j);
+        (empty ? Vec(scalar_t(0)) : grad * (Vec::loadu(tile + j) - shift).exp()).store(tile + j);
     };
 
     with_flags(with_marginal, columns.needs_guards(z_c), [&](auto marginal_flag, auto guard_flag) {

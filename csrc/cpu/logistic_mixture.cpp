@@ -144,6 +144,12 @@ void for_each_pixel_block(const Layout& l, Body body) {
   });
 }
 
+// exp(v) that keeps NaN NaN (exp_u20 clamps its argument, NaN included, to a finite value).
+template <typename T>
+Vec<T> exp_nan(const Vec<T>& v) {
+  return Vec<T>::blendv(v.exp_u20(), v, v.isnan());
+}
+
 // log sum exp over the M vectors of one pixel block. A lane whose values are all -inf (every
 // component gives the pixel zero mass, as a log-scale of +inf does) sums to -inf: shifted by 0, not
 // by -inf (-inf - -inf = NaN), with its exponentials set to 0 (exp_u20 clamps -inf to a finite
@@ -195,13 +201,16 @@ at::Tensor discretized_logistic_mixture_nll(const at::Tensor& params, const at::
       for (int64_t c = 0; c < l.C; ++c) xs[c] = load(x_ptr + b * l.C * l.HW, c);
       V* logits = scratch;
       V* joint = scratch + l.M;
+      for (int64_t m = 0; m < l.M; ++m) logits[m] = load(pb, m);
+      // log pi_m = logit_m - log sum exp(logits) before the component's log-probability is added:
+      // logit_m + log p_m(x) would lose log p_m(x) to a logit of 1e30 (1e30 - 1e30 = 0 after).
+      const V log_norm = log_sum_exp(logits, l.M);
       for (int64_t m = 0; m < l.M; ++m) {
         if (l.C == 3)
           for (int64_t c = 0; c < 3; ++c) tanh_coeffs[c] = tanh_of(load(pb, l.coeff(c, m)));
-        logits[m] = load(pb, m);
-        joint[m] = logits[m] + component<scalar_t, false>(l, m, pb, xs, tanh_coeffs, nullptr, load);
+        joint[m] = (logits[m] - log_norm) + component<scalar_t, false>(l, m, pb, xs, tanh_coeffs, nullptr, load);
       }
-      const V out = log_sum_exp(logits, l.M) - log_sum_exp(joint, l.M);
+      const V out = log_sum_exp(joint, l.M).neg();
       out.store(out_ptr + b * l.HW + offset, count);
     });
   });
@@ -240,8 +249,8 @@ at::Tensor discretized_logistic_mixture_nll_backward(const at::Tensor& grad, con
       for (int64_t m = 0; m < l.M; ++m) logits[m] = load(pb, m);
       const V g = load(g_ptr + b * l.HW, 0);
       const V log_norm = log_sum_exp(logits, l.M);
-      // The forward's log sum_m pi_m p_m(x), recovered from its output.
-      const V log_joint = log_norm - load(nll_ptr + b * l.HW, 0);
+      // The forward's NLL, -log sum_m pi_m p_m(x).
+      const V nll_b = load(nll_ptr + b * l.HW, 0);
       const V one(scalar_t(1)), log_scale_min{scalar_t(kLogScaleMin)};
       BinTerm<scalar_t> terms[3];
       for (int64_t m = 0; m < l.M; ++m) {
@@ -249,8 +258,11 @@ at::Tensor discretized_logistic_mixture_nll_backward(const at::Tensor& grad, con
           for (int64_t c = 0; c < 3; ++c) tanh_coeffs[c] = tanh_of(load(pb, l.coeff(c, m)));
         const V log_prob = component<scalar_t, true>(l, m, pb, xs, tanh_coeffs, terms, load);
         // d nll / d logit_m = pi_m - r_m; d nll / d log p_cm(x) = -r_m (r: the posterior of m).
-        const V r = (logits[m] + log_prob - log_joint).exp_u20();
-        store(g * ((logits[m] - log_norm).exp_u20() - r), m);
+        // log pi_m first, as in the forward (a logit of 1e30 would swallow log_prob); exp_nan keeps
+        // a NaN (a pixel whose NLL is NaN) NaN in every gradient of the pixel, as autograd does.
+        const V log_pi = logits[m] - log_norm;
+        const V r = exp_nan(log_pi + log_prob + nll_b);
+        store(g * (exp_nan(log_pi) - r), m);
         const V gr = g * r;
         for (int64_t c = 0; c < l.C; ++c) {
           store(gr * terms[c].d_centred, l.mean(c, m));

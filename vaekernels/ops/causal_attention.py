@@ -63,9 +63,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     (PixelSNAIL's queries come from the current pixel's features, its keys and values from the
     earlier pixels'). That holds to the bit for finite inputs; an inf or NaN at a later position
     can reach earlier rows of its tile of positions (64 on CPU) as 0 * inf, as in the reference's
-    [L, L] product. NaN and ±inf otherwise: a NaN reaches the rows that attend to its position;
-    scores of +-inf or a saturated softmax (scale 1e4) give finite outputs, with the gradients of a
-    one-hot softmax row exactly 0 in its scores, as the reference's. The score matrix is never
+    [L, L] product. Row 0's q and output gradient reach nothing, even infinite or NaN. NaN and
+    ±inf otherwise: a NaN reaches the rows that attend to its position; a row whose scores hold
+    +inf or NaN, or are all -inf (no softmax: 0 / 0), is NaN, and so are the gradients it reaches;
+    a saturated softmax (scale 1e4) gives finite outputs, with the gradients of a one-hot softmax
+    row (row 1, which sees one key, included) exactly 0 in its scores, as the reference's. The
+    score matrix is never
     formed: the forward keeps a running max and sum
     over tiles of keys and saves only the output and a row log-sum-exp; the backward recomputes
     the scores. Memory is O(L), not O(L^2).

@@ -678,8 +678,16 @@ def aggregate_posterior_log_density(
 
     NaN and ±inf: a posterior of tiny variance (log_var down to -inf) at z = mean has a finite
     density term, and pairs whose standardised distance overflows weigh exactly 0, their gradients
-    too (no 0 * inf); a NaN in z, mean or log_var makes the rows it reaches NaN. The estimators
-    below inherit this.
+    too (no 0 * inf); a NaN in z, mean or log_var makes the rows it reaches NaN. A z_i of density 0
+    under every posterior (z_i infinite, or every pair overflowing) gives -inf with no gradient. The
+    estimators below inherit this.
+
+    float32 limits: each log-density term is computed in the input's precision, so its rounding
+    grows with (z - mean)^2 / var: at |z - mean| / std ~ 1e4 the terms are ~ -5e7, whose float32
+    ulp (4) exceeds the size of :func:`total_correlation` or :func:`mutual_information`, which
+    subtract such terms (their gradients, taken through softmax weights of those terms, are then
+    off too); past ~1e19 the square overflows, the terms are -inf and those estimators NaN (inf -
+    inf) although their float64 value is finite. Use float64 inputs for codes that far out.
 
     Example:
         >>> import torch, vaekernels

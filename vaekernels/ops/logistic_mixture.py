@@ -91,10 +91,14 @@ def discretized_logistic_mixture_nll(
     sigmoid(m); a bin of mass below 1e-5 takes the density at its centre times its width, as
     in openai/pixel-cnn. Each pixel's whole mixture is computed in registers: nothing of size
     B*C*M*H*W is written, and backward keeps only ``params``, ``x`` and the [B, H, W] result. A
-    NaN among a pixel's parameters makes that pixel's NLL NaN and its gradient non-finite (NaN or
-    inf, by backend); the other pixels are unaffected. A component that gives the pixel no mass (a
-    log-scale of +inf, a logit of -inf) weighs 0, with a zero gradient; a pixel no component gives
-    mass to has NLL +inf (and a non-finite gradient). float16 and bfloat16 are computed in float32.
+    NaN among a pixel's parameters makes that pixel's NLL NaN and its gradient NaN wherever
+    autograd through the reference has it (a NaN log-scale's own gradient is 0, as torch.clamp's);
+    the other pixels are unaffected. A component that gives the pixel no mass (a log-scale of
+    +inf, a logit of -inf) weighs 0, with a zero gradient; a pixel no component gives mass to has
+    NLL +inf (and a non-finite gradient). The logits are normalised (log pi = logit - log sum exp
+    logits) before a component's log-probability is added, so a logit of 1e30 gives its
+    component weight 1 and the NLL that component's, not 1e30 - 1e30 = 0; a logit of +inf has no
+    normalisation (inf - inf): NaN. float16 and bfloat16 are computed in float32.
 
     Example:
         >>> import torch, vaekernels

@@ -88,17 +88,33 @@ def standardised(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> 
     0 instead (w is 0 whatever it is), and elsewhere capped where exp would overflow (w overflows
     then anyway)."""
     diff = x - mean
-    exponent = torch.where(diff == 0, 0.0, -0.25 * log_var).clamp(max=math.log(torch.finfo(diff.dtype).max))
+    exponent = torch.where(diff == 0, 0.0, -0.25 * log_var)
+    # Capped by where, not clamp: clamp's backward drops the gradient at a NaN log_var, whose
+    # log-density and gradient are NaN on every backend.
+    cap = math.log(torch.finfo(diff.dtype).max)
+    exponent = torch.where(exponent > cap, cap, exponent)
     root = torch.exp(exponent)
     w = diff * root * root
     # An overflowed w (a density of 0) is held constant: the zero gradient a vanishing density
-    # passes back then stays 0 instead of becoming 2 w * 0 = NaN.
-    return torch.where(torch.isinf(w), w.detach(), w)
+    # passes back then stays 0 instead of becoming 2 w * 0 = NaN. Its inputs are zeroed on that
+    # branch too, so that the zero gradient is not multiplied by an infinite x - mean there either.
+    overflow = torch.isinf(w.detach())
+    kept_root = torch.where(overflow, 0.0, root)
+    safe = torch.where(overflow, 0.0, diff) * kept_root * kept_root
+    return torch.where(overflow, w.detach(), safe)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, exp(log_var)) summed over the last dim, with broadcasting."""
-    return -0.5 * (LOG_2PI + log_var + standardised(x, mean, log_var) ** 2).sum(-1)
+    """log N(x; mean, exp(log_var)) summed over the last dim, with broadcasting. At a variance of
+    0 (log_var = -inf) away from the mean, w^2 = +inf outgrows log_var = -inf: the term is -inf
+    (a density of 0), not -inf + inf = NaN; w is held constant there as wherever it overflows,
+    so that d/dlog_var is -1/2 (the kernels')."""
+    w = standardised(x, mean, log_var)
+    zero_variance = torch.isneginf(log_var) & torch.isinf(w)
+    log_var_b = log_var.expand(w.shape)
+    plus_inf = _StraightThrough.apply(log_var_b, torch.full_like(w, float("inf")))
+    quad = torch.where(zero_variance, plus_inf, log_var_b + w**2)
+    return -0.5 * (LOG_2PI + quad).sum(-1)
 
 
 def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -107,7 +123,9 @@ def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     infinite slice goes through exp alone, and the other branch sees 0 (its backward would be NaN)."""
     infinite = torch.isposinf(log_var)
     finite = torch.where(infinite, 0.0, log_var)
-    excess = torch.where(infinite, torch.exp(log_var), torch.expm1(finite) - finite)
+    # exp sees only the infinite slice: exp(1e4) = inf elsewhere would pass 0 * inf = NaN back
+    # through the unselected branch.
+    excess = torch.where(infinite, torch.exp(torch.where(infinite, log_var, 0.0)), torch.expm1(finite) - finite)
     return 0.5 * (excess + mean**2).sum(-1)
 
 
@@ -178,7 +196,9 @@ def aggregate_posterior_log_density(z, mean, log_var, *, dataset_size=None, per_
     )  # [B, N, d]: each dim's density
     if not per_dim:
         table = table.sum(-1)
-    return torch.logsumexp(table, dim=1) - math.log(mean.shape[0] * (dataset_size or 1))
+    # log_mean_exp, not logsumexp: a z of density 0 under every posterior (an infinite z) gives
+    # -inf with no gradient, where logsumexp's backward is exp(-inf - -inf) = NaN.
+    return log_mean_exp(table, dim=1) - math.log(dataset_size or 1)
 
 
 def marginal_kl(z, mean, log_var, *, dataset_size=None):

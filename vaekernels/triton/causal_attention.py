@@ -39,9 +39,11 @@ def _store_rows(ptr, n, L, rows, row_mask, cols, width, value):
 
 @triton.jit
 def _scores(q, k, offs_m, offs_n, L, scale):
-    """scale * q k^T on the allowed pairs (key before query, both in range), -inf elsewhere."""
+    """scale * q k^T on the allowed pairs (key before query, both in range), -inf elsewhere. A
+    padding row (query past L) allows nothing: its zero q times a NaN key is NaN, which would reach
+    d(v) through its zero dO."""
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    allowed = (offs_n[None, :] < offs_m[:, None]) & (offs_n[None, :] < L)
+    allowed = (offs_n[None, :] < offs_m[:, None]) & (offs_m[:, None] < L)
     return tl.where(allowed, s, float("-inf")), allowed
 
 
@@ -86,10 +88,15 @@ def _causal_attention_fwd_kernel(
         total = total * shrink + tl.sum(p, 1)
         acc = acc * shrink[:, None] + tl.dot(p.to(ACC), v, input_precision="ieee")
         top = new_top
+    # Row 0 has no keys: output 0, log-sum-exp -inf. A later row whose scores are all -inf (total
+    # 0) or hold +inf or NaN (total NaN) has no softmax: NaN, as the reference's softmax gives.
+    row_zero = offs_m == 0
     has_keys = total > 0
-    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, total, 1.0)[:, None], 0.0)
+    out = tl.where(row_zero[:, None], 0.0, acc / tl.where(has_keys, total, float("nan"))[:, None])
     _store_rows(out_ptr, n, L, offs_m, row_mask, offs_dv, DV, out)
-    lse = tl.where(has_keys, top + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
+    lse = tl.where(
+        row_zero, float("-inf"), tl.where(has_keys, top + tl.log(tl.where(has_keys, total, 1.0)), float("nan"))
+    )
     tl.store(lse_ptr + n * L + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -97,9 +104,11 @@ def _causal_attention_fwd_kernel(
 def _load_query_rows(
     q_ptr, g_ptr, lse_ptr, delta_ptr, n, L, offs_m, row_mask, offs_d, offs_dv, D, DV, ACC: tl.constexpr
 ):
-    """q, dO, lse and delta of query rows offs_m of example n, in ACC."""
-    q = _load_rows(q_ptr, n, L, offs_m, row_mask, offs_d, D, ACC)
-    g = _load_rows(g_ptr, n, L, offs_m, row_mask, offs_dv, DV, ACC)
+    """q, dO, lse and delta of query rows offs_m of example n, in ACC. Row 0 attends to nothing:
+    its q and dO are read as 0, so that an infinite or NaN one makes no 0 * inf in the products."""
+    attending = row_mask & (offs_m > 0)
+    q = _load_rows(q_ptr, n, L, offs_m, attending, offs_d, D, ACC)
+    g = _load_rows(g_ptr, n, L, offs_m, attending, offs_dv, DV, ACC)
     lse = tl.load(lse_ptr + n * L + offs_m, mask=row_mask, other=float("-inf")).to(ACC)
     delta = tl.load(delta_ptr + n * L + offs_m, mask=row_mask, other=0.0).to(ACC)
     return q, g, lse, delta
@@ -118,7 +127,8 @@ def _probabilities_and_score_grads(q, k, v, g, lse, delta, offs_m, offs_n, L, sc
     safe_lse = tl.where(lse == float("-inf"), 0.0, lse)
     p = tl.where(allowed, tl.exp(s - safe_lse[:, None]), 0.0)
     ds = p * (tl.dot(g, tl.trans(v), input_precision="ieee") - delta[:, None])
-    return p, tl.where(p == 1.0, 0.0, ds)
+    # Masked pairs are exactly 0, also where the row's delta is NaN or inf.
+    return p, tl.where((p == 1.0) | ~allowed, 0.0, ds)
 
 
 @triton.jit
@@ -156,7 +166,8 @@ def _causal_attention_bwd_dq_kernel(
         v = _load_rows(v_ptr, n, L, offs_n, key_mask, offs_dv, DV, ACC)
         p, ds = _probabilities_and_score_grads(q, k, v, g, lse, delta, offs_m, offs_n, L, scale)
         grad_q += tl.dot(ds.to(ACC), k, input_precision="ieee")
-    _store_rows(gq_ptr, n, L, offs_m, row_mask, offs_d, D, grad_q * scale)
+    # Row 0 has no keys, so no gradient (its zero weights times an infinite k would be NaN).
+    _store_rows(gq_ptr, n, L, offs_m, row_mask, offs_d, D, tl.where((offs_m > 0)[:, None], grad_q * scale, 0.0))
 
 
 @triton.jit

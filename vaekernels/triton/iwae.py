@@ -145,7 +145,10 @@ def _log_mean_exp_fwd_kernel(
         if STATS:
             inf_count += tl.sum(tl.where(x == float("inf"), 1.0, 0.0), axis=1)
     if STATS:
-        _store_rows(out_ptr, rows, running_max, row_mask)
+        # The max with the NaN probe added: a row holding NaN (all NaN, say, whose max over the
+        # non-NaN entries is -inf, like an empty row's) gets NaN weights, as the reference's, not
+        # an empty row's zeros.
+        _store_rows(out_ptr, rows, running_max + nan_probe, row_mask)
         # A row holding +inf: its sum is exp(inf - inf) = NaN, but the softmax's limit is 1 / count
         # on its +inf entries, kept as log count (NaN still, with a NaN in the row).
         log_sum = tl.where(running_max == float("inf"), tl.log(inf_count) + nan_probe, tl.log(running_sum))
@@ -323,6 +326,14 @@ def _standardised(diff, log_var):
 
 
 @triton.jit
+def _log_var_plus_square(log_var, w):
+    # log_var + w^2, +inf where a variance of 0 (log_var = -inf) meets an infinite w (any x away
+    # from the mean): the density is 0, as w^2 outgrows log_var, not -inf + inf = NaN.
+    square = w * w
+    return tl.where((log_var == float("-inf")) & (square == float("inf")), float("inf"), log_var + square)
+
+
+@triton.jit
 def _bernoulli_log_prob_fwd_kernel(
     logits_ptr,
     x_ptr,
@@ -421,7 +432,7 @@ def _gaussian_log_prob_fwd_kernel(
         diff = _load_tile(x_rows, cols, sx_d, mask, ACC) - _load_tile(m_rows, cols, sm_d, mask, ACC)
         log_var = _load_tile(v_rows, cols, sv_d, mask, ACC)
         scaled_diff = _standardised(diff, log_var)
-        acc += log_var + scaled_diff * scaled_diff
+        acc += _log_var_plus_square(log_var, scaled_diff)
     # log(2 pi) as an ACC scalar: a Python float literal would be rounded to float32 first.
     log_2pi = tl.full([], _LOG_2PI, ACC)
     _store_rows(out_ptr, rows, -0.5 * (D * log_2pi + tl.sum(acc, axis=1)), row_mask)
@@ -563,7 +574,7 @@ def _pairwise_log_density(z, mean, log_var, inv_std, ACC: tl.constexpr):
     gives 0 where (z - mean)^2 / var would be 0 * inf for a tiny variance."""
     w = _times_unless_zero(z[:, None, :] - mean[None, :, :], inv_std[None, :, :])
     log_2pi = tl.full([], _LOG_2PI, ACC)
-    return -0.5 * (log_2pi + log_var[None, :, :] + w * w), w
+    return -0.5 * (log_2pi + _log_var_plus_square(log_var[None, :, :], w)), w
 
 
 @triton.jit

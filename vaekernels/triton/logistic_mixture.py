@@ -156,6 +156,25 @@ def _log_sum_exp_step(top, total, value):
 
 
 @triton.jit
+def _log_scale_grad(pb, offset, gr, d_log_scale, mask, ACC: tl.constexpr):
+    """-gr d_log_scale where the raw log-scale at pb + offset is at or above the clamp's -7, else 0
+    (as torch.clamp's backward, also where gr is NaN, or the raw log-scale is)."""
+    raw = tl.load(pb + offset, mask=mask, other=0.0).to(ACC)
+    return tl.where(raw >= _LOG_SCALE_MIN, -gr * d_log_scale, 0.0)
+
+
+@triton.jit
+def _log_norm(pb, HW, M, mask, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """log sum_m exp(logit_m) of the program's pixels."""
+    top = tl.load(pb, mask=mask, other=0.0).to(ACC)
+    total = tl.full([BLOCK], 1.0, ACC)
+    for m in range(1, M):
+        logit = tl.load(pb + m * HW, mask=mask, other=0.0).to(ACC)
+        top, total = _log_sum_exp_step(top, total, logit)
+    return top + tl.log(total)
+
+
+@triton.jit
 def _discretized_logistic_mixture_nll_fwd_kernel(
     p_ptr,
     x_ptr,
@@ -169,19 +188,23 @@ def _discretized_logistic_mixture_nll_fwd_kernel(
 ):
     half_bin, log_half_levels = _constants(ACC)
     b, pix, mask, pb, x0, x1, x2 = _pixels(p_ptr, x_ptr, HW, P, C, ACC, BLOCK)
-    # Running log-sum-exps over the components of the logits and of logits + log-probabilities,
-    # started from component 0 so that no -inf - -inf arises.
-    top_norm = tl.load(pb, mask=mask, other=0.0).to(ACC)
-    sum_norm = tl.full([BLOCK], 1.0, ACC)
-    lp = _component(pb, HW, M, 0, x0, x1, x2, mask, C, ACC, half_bin, log_half_levels)[0]
-    top_joint = top_norm + lp
+    # The logits' max first, so that each component adds its log-probability to logit_m - max
+    # (<= 0): logit_m + log p_m(x) would lose log p_m(x) to a logit of 1e30. Then running sums of
+    # exp(logit_m - max) and of the joint terms (a log-sum-exp started from component 0, so that
+    # no -inf - -inf arises): nll = log sum exp(logit - max) - log sum exp(logit - max + log p).
+    top = tl.load(pb, mask=mask, other=0.0).to(ACC)
+    for m in range(1, M):
+        top = tl.maximum(top, tl.load(pb + m * HW, mask=mask, other=0.0).to(ACC))
+    logit = tl.load(pb, mask=mask, other=0.0).to(ACC) - top
+    sum_norm = tl.exp(logit)
+    top_joint = logit + _component(pb, HW, M, 0, x0, x1, x2, mask, C, ACC, half_bin, log_half_levels)[0]
     sum_joint = tl.full([BLOCK], 1.0, ACC)
     for m in range(1, M):
-        logit = tl.load(pb + m * HW, mask=mask, other=0.0).to(ACC)
+        logit = tl.load(pb + m * HW, mask=mask, other=0.0).to(ACC) - top
+        sum_norm += tl.exp(logit)
         joint = logit + _component(pb, HW, M, m, x0, x1, x2, mask, C, ACC, half_bin, log_half_levels)[0]
-        top_norm, sum_norm = _log_sum_exp_step(top_norm, sum_norm, logit)
         top_joint, sum_joint = _log_sum_exp_step(top_joint, sum_joint, joint)
-    nll = (top_norm + tl.log(sum_norm)) - (top_joint + tl.log(sum_joint))
+    nll = tl.log(sum_norm) - (top_joint + tl.log(sum_joint))
     tl.store(out_ptr + b * HW + pix, nll.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -202,15 +225,10 @@ def _discretized_logistic_mixture_nll_bwd_kernel(
     half_bin, log_half_levels = _constants(ACC)
     b, pix, mask, pb, x0, x1, x2 = _pixels(p_ptr, x_ptr, HW, P, C, ACC, BLOCK)
     gb = gp_ptr + b * P * HW + pix
-    top = tl.load(pb, mask=mask, other=0.0).to(ACC)
-    total = tl.full([BLOCK], 1.0, ACC)
-    for m in range(1, M):
-        logit = tl.load(pb + m * HW, mask=mask, other=0.0).to(ACC)
-        top, total = _log_sum_exp_step(top, total, logit)
-    log_norm = top + tl.log(total)
+    log_norm = _log_norm(pb, HW, M, mask, ACC, BLOCK)
     g = tl.load(grad_ptr + b * HW + pix, mask=mask, other=0.0).to(ACC)
-    # The forward's log sum_m pi_m p_m(x), recovered from its output.
-    log_joint = log_norm - tl.load(nll_ptr + b * HW + pix, mask=mask, other=0.0).to(ACC)
+    # The forward's NLL, -log sum_m pi_m p_m(x).
+    nll = tl.load(nll_ptr + b * HW + pix, mask=mask, other=0.0).to(ACC)
     block = 3 * M if C == 3 else 2 * M
     for m in range(0, M):
         logit = tl.load(pb + m * HW, mask=mask, other=0.0).to(ACC)
@@ -218,17 +236,21 @@ def _discretized_logistic_mixture_nll_bwd_kernel(
             pb, HW, M, m, x0, x1, x2, mask, C, ACC, half_bin, log_half_levels
         )
         # d nll / d logit_m = pi_m - r_m; d nll / d log p_cm(x) = -r_m (r: the posterior of m).
-        r = tl.exp(logit + lp - log_joint)
+        # log pi_m first, as in the forward (a logit of 1e30 would swallow lp).
+        log_pi = logit - log_norm
+        r = tl.exp(log_pi + lp + nll)
         ty = gp_ptr.dtype.element_ty
-        tl.store(gb + m * HW, (g * (tl.exp(logit - log_norm) - r)).to(ty), mask=mask)
+        tl.store(gb + m * HW, (g * (tl.exp(log_pi) - r)).to(ty), mask=mask)
         gr = g * r
         tl.store(gb + (M + m) * HW, (gr * du0).to(ty), mask=mask)
-        tl.store(gb + (2 * M + m) * HW, (-gr * dl0).to(ty), mask=mask)
+        tl.store(gb + (2 * M + m) * HW, _log_scale_grad(pb, (2 * M + m) * HW, gr, dl0, mask, ACC).to(ty), mask=mask)
         if C == 3:
             tl.store(gb + (M + block + m) * HW, (gr * du1).to(ty), mask=mask)
-            tl.store(gb + (2 * M + block + m) * HW, (-gr * dl1).to(ty), mask=mask)
+            idx1 = (2 * M + block + m) * HW
+            tl.store(gb + idx1, _log_scale_grad(pb, idx1, gr, dl1, mask, ACC).to(ty), mask=mask)
             tl.store(gb + (M + 2 * block + m) * HW, (gr * du2).to(ty), mask=mask)
-            tl.store(gb + (2 * M + 2 * block + m) * HW, (-gr * dl2).to(ty), mask=mask)
+            idx2 = (2 * M + 2 * block + m) * HW
+            tl.store(gb + idx2, _log_scale_grad(pb, idx2, gr, dl2, mask, ACC).to(ty), mask=mask)
             tl.store(gb + (3 * M + m) * HW, (gr * du1 * x0 * (1.0 - t0 * t0)).to(ty), mask=mask)
             tl.store(gb + (3 * M + block + m) * HW, (gr * du2 * x0 * (1.0 - t1 * t1)).to(ty), mask=mask)
             tl.store(gb + (3 * M + 2 * block + m) * HW, (gr * du2 * x1 * (1.0 - t2 * t2)).to(ty), mask=mask)
