@@ -409,7 +409,7 @@ def test_logistic_mixture_gradient_of_a_nan_pixel_is_nan(device_backend, where):
 
 
 @pytest.mark.parametrize("value", [INF, -INF, float("nan")])
-@pytest.mark.parametrize("tensor", ["q", "v"])
+@pytest.mark.parametrize("tensor", ["q", "k", "v"])
 def test_causal_attention_row_zero_reaches_nothing(device_backend, value, tensor):
     # Row 0 attends to no key: its output is 0 and its q reaches nothing. An infinite or NaN q_0
     # made 0 * inf = NaN in every d(k_j) (C++, Triton and the reference, whose d(k) = dS^T q), and
@@ -418,7 +418,7 @@ def test_causal_attention_row_zero_reaches_nothing(device_backend, value, tensor
     generator = torch.Generator(device).manual_seed(2)
     q, k, v = (torch.randn(2, 9, 4, device=device, generator=generator) for _ in range(3))
     weights = torch.randn(2, 9, 4, device=device, generator=generator)
-    planted = {"q": q, "v": v}[tensor].clone()
+    planted = {"q": q, "k": k, "v": v}[tensor].clone()
     planted[:, 0, 1] = value
     inputs = [planted if name == tensor else t for name, t in (("q", q), ("k", k), ("v", v))]
     out, grads = _with_grads(vaekernels.causal_attention, inputs, weights)
@@ -440,6 +440,20 @@ def test_causal_attention_row_zero_reaches_nothing(device_backend, value, tensor
     _same_values(out, want)
     for a, b in zip(grads, want_grads):
         _same_values(a, b)
+
+
+@pytest.mark.parametrize("value", [INF, float("nan")])
+def test_causal_attention_of_one_position_has_zero_gradients(device_backend, value):
+    # L = 1: no row attends to anything, every gradient is 0 whatever k and v hold. Triton's
+    # padding rows (past L in its block of queries) took key 0 as allowed: their zero q times a
+    # NaN or infinite k_0 was NaN, which reached d(k) and d(v) through their zero dO.
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(6)
+    q, k, v = (torch.randn(3, 1, n, device=device, generator=generator) for n in (2, 2, 5))
+    k[0, 0, 0] = value
+    v[1, 0, 0] = value
+    out, grads = _with_grads(vaekernels.causal_attention, [q, k, v], torch.randn(3, 1, 5, device=device))
+    assert out.eq(0).all() and all(g.eq(0).all() for g in grads)
 
 
 def test_causal_attention_of_a_row_without_a_softmax_is_nan(device_backend):
