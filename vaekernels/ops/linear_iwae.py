@@ -54,22 +54,32 @@ def _chunk_logits(buffer, flat_h, weight, bias, start, count, samples):
     return rows, logits.view(count, samples, -1)
 
 
-def _accumulate_grads(ops, coefficients, logits, x_rows, rows, weight, grad_h_rows, grad_weight, grad_bias):
+def _accumulate_grads(ops, coefficients, logits, x_rows, rows, weight, grad_h_rows, grad_weight, grad_bias, first):
     """d(logits) = coefficients * (x - sigmoid(logits)) for one chunk, multiplied into d(h), d(W), d(b).
-    d(W) and d(b) sum over the chunks in their own dtype: float32 at least (see :func:`_sum_buffer`)."""
+    d(W) and d(b) sum over the chunks in their own dtype: float32 at least (see :func:`_sum_buffer`);
+    the ``first`` chunk writes them (their buffers are not zeroed first), the others add to them."""
     grad_logits = ops.bernoulli_log_prob_backward(coefficients, logits, x_rows).view(rows.shape[0], -1)
     torch.mm(grad_logits, weight, out=grad_h_rows)
-    if grad_weight.dtype == rows.dtype:
-        grad_weight.addmm_(grad_logits.t(), rows)
+    if grad_weight.dtype != rows.dtype:  # a float32 sum of half-precision products
+        product = torch.mm(grad_logits.t(), rows)
+        if first:
+            grad_weight.copy_(product)
+        else:
+            grad_weight.add_(product)
+    elif first:
+        torch.mm(grad_logits.t(), rows, out=grad_weight)
     else:
-        grad_weight.add_(torch.mm(grad_logits.t(), rows))
+        grad_weight.addmm_(grad_logits.t(), rows)
     if grad_bias.numel():
-        grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
+        if first:
+            torch.sum(grad_logits, 0, dtype=grad_bias.dtype, out=grad_bias)
+        else:
+            grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
 
 
 def _sum_buffer(like: torch.Tensor) -> torch.Tensor:
-    """Zeros shaped like ``like`` to sum chunks into: float32 for half-precision parameters."""
-    return torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
+    """An unwritten tensor shaped like ``like`` to sum chunks into: float32 for half-precision parameters."""
+    return torch.empty_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
 
 
 def _forward(ops, h, weight, bias, x, log_ratio, elbo: bool, with_grads: bool, chunk_rows: int):
@@ -108,6 +118,7 @@ def _forward(ops, h, weight, bias, x, log_ratio, elbo: bool, with_grads: bool, c
                 grad_h[start * K : (start + count) * K],
                 grad_weight,
                 grad_bias,
+                start == 0,
             )
     return (
         bound,
@@ -154,6 +165,7 @@ def _backward(
             new_grad_h[start * K : (start + count) * K],
             new_grad_weight,
             new_grad_bias,
+            start == 0,
         )
     return new_grad_h.view(B, K, H), new_grad_weight.to(weight.dtype), new_grad_bias.to(h.dtype), grad_ratio
 
