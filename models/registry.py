@@ -1070,6 +1070,7 @@ REACHED: dict[str, dict] = {
         "reconstruction": 87.47,
         "train_cpu_seconds": 36,
     },
+    "gated-pixelcnn": {"test_nats": 101.3, "train_cpu_seconds": 198},
     "pixelvae": {"test_nats": 101.7, "train_cpu_seconds": 136},
     "vlae": {"test_nats": 94.72, "train_cpu_seconds": 108},
     "grae-star": {"test_half_sq_error": 11.98, "train_loss": 14.77, "train_cpu_seconds": 32},
