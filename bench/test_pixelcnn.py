@@ -1,5 +1,5 @@
-"""PixelCNN: masked convolution, the gated activation, the Gated PixelCNN layer and cached sampling,
-against the pytorch-generative way (dense convolutions times masks, unfused gates) and
+"""PixelCNN: masked convolution, the gated activation, PixelCNN++'s concat-ELU, the Gated PixelCNN
+layer and cached sampling, against the pytorch-generative way (dense convolutions times masks, unfused gates) and
 torch.compile of it.
 
 Shapes: a batch of 16 MNIST-sized 28x28 maps with 128 channels (issue 3, "Done when" 1 and 2);
@@ -94,6 +94,32 @@ def test_gated_activation(benchmark, mode, contender, device):
         fn,
         inputs,
         op="gated_activation (with condition)",
+        shape=SHAPE,
+        mode=mode,
+        contender=contender,
+        **_fused_backend(contender, device),
+    )
+
+
+def _concat_elu_reference(x):
+    return reference.concat_elu(x)
+
+
+def _concat_elu_fused(x):
+    return vaekernels.concat_elu(x)
+
+
+@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device", devices())
+def test_concat_elu(benchmark, mode, contender, device):
+    torch.manual_seed(0)
+    fn = contender_fn(contender, _concat_elu_reference, _concat_elu_fused)
+    run_contenders(
+        benchmark,
+        fn,
+        (_leaf(BATCH, CHANNELS, SIZE, SIZE, device=device),),
+        op="concat_elu",
         shape=SHAPE,
         mode=mode,
         contender=contender,

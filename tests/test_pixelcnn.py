@@ -239,6 +239,53 @@ def test_gated_activation_extremes_give_no_nan(device_backend):
     assert not torch.isnan(x.grad).any()
 
 
+# ----------------------------------------------------------------------------- concat_elu
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3, 5, 7), (3, 4, 33), (1, 2, 3, 1, 5), (2, 1, 0)])
+def test_concat_elu_matches_reference(device_backend, dtype, shape):
+    device, _ = device_backend
+    x = randn(*shape, device=device, dtype=dtype, scale=3)
+    # Both signs, zeros and values where expm1 runs near 0 (its series) and far from it.
+    x.view(-1)[: min(4, x.numel())] = torch.tensor([0.0, -1e-5, 1e-5, -0.69], dtype=dtype)[: min(4, x.numel())]
+    check_against_reference(vaekernels.concat_elu, ref.concat_elu, [x], dtype)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_concat_elu_of_any_layout(device_backend, memory_format):
+    device, _ = device_backend
+    x = randn(2, 6, 5, 4, device=device).to(memory_format=memory_format)
+    check_against_reference(vaekernels.concat_elu, ref.concat_elu, [x[:, 1:4]], torch.float64)
+    # The gradient of a sum arrives expanded (stride 0).
+    got = grads(lambda t: vaekernels.concat_elu(t).sum().unsqueeze(0), [x])[1][0]
+    want = grads(lambda t: ref.concat_elu(t).sum().unsqueeze(0), [x])[1][0]
+    assert rel_err(got, want) <= RTOL[torch.float64]
+
+
+def test_concat_elu_saves_only_its_input():
+    x = randn(2, 8, 5, 5, dtype=torch.float32).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        vaekernels.concat_elu(x)
+    assert [t.untyped_storage().data_ptr() for t in saved] == [x.untyped_storage().data_ptr()]
+
+
+def test_concat_elu_extremes(device_backend):
+    device, _ = device_backend
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[inf, -inf, 1e30, -1e30, -200.0, nan]], device=device, requires_grad=True)
+    out = vaekernels.concat_elu(x)
+    expected = ref.concat_elu(x.detach().double()).float()
+    assert torch.equal(out.detach()[:, :5], expected[:, :5]) and torch.equal(out.detach()[:, 6:11], expected[:, 6:11])
+    assert out[0, 5].isnan() and out[0, 11].isnan()
+    cotangent = torch.arange(1.0, 13.0, device=device).view(1, 12)
+    (out * cotangent).sum().backward()
+    # g1 elu'(v) - g2 elu'(-v): g1 at +inf and 1e30, -g2 at -inf and -1e30, g1 e^-200 - g2 at -200,
+    # and g1 - g2 at NaN, where torch's ELU takes the slope 1.
+    assert x.grad.flatten().tolist() == [1.0, -8.0, 3.0, -10.0, -11.0, -6.0]
+
+
 CPP_BACKEND = [backend for backend in vaekernels.available_backends() if backend == "cpu"]
 
 
@@ -470,8 +517,18 @@ def test_opcheck(device_backend, name, cond):
 
 
 @pytest.mark.parametrize("device_backend", NATIVE)
+@pytest.mark.parametrize("name", ["concat_elu", "concat_elu_backward"])
+def test_opcheck_concat_elu(device_backend, name):
+    device, backend = device_backend
+    x = randn(3, 20, device=device, dtype=torch.float32, scale=2)
+    args = (x,) if name == "concat_elu" else (randn(3, 40, device=device, dtype=torch.float32, seed=1), x)
+    torch.library.opcheck(getattr(_backend.ops(backend), name).default, args)
+
+
+@pytest.mark.parametrize("device_backend", NATIVE)
 def test_gradcheck_float64(device_backend):
     device, _ = device_backend
+    assert torch.autograd.gradcheck(vaekernels.concat_elu, (randn(2, 3, 4, device=device, seed=8).requires_grad_(),))
     x, c, _ = gated_args("gated_activation", device)
     assert torch.autograd.gradcheck(lambda x, c: vaekernels.gated_activation(x, c, "tanh"), (x, c))
     assert torch.autograd.gradcheck(lambda x, c: vaekernels.gated_activation(x, c, "linear"), (x, c))
@@ -493,7 +550,8 @@ def test_compile_fullgraph(device_backend, compiler):
 
     def fn(x, cond):
         v, h, skip = layer(x, x, cond)
-        return conv(h).sum() + v.sum() + skip.sum() + vaekernels.gated_activation(v, None, "linear").sum()
+        gated = vaekernels.gated_activation(v, None, "linear")
+        return conv(h).sum() + v.sum() + skip.sum() + (vaekernels.concat_elu(gated) * gated.repeat(1, 2, 1, 1)).sum()
 
     x = torch.randn(2, 3, 5, 4, device=device, requires_grad=True)
     cond = torch.randn(2, 2, device=device)
@@ -573,6 +631,15 @@ def test_one_input_channel_compiles_with_inductor(device_backend):
             lambda: vaekernels.gated_activation(torch.zeros(2, 4, 4, dtype=torch.long)),
             r"gated_activation: x must be a floating-point tensor",
         ),
+        (
+            lambda: vaekernels.concat_elu(torch.zeros(3)),
+            r"concat_elu: x must have shape \[B, C, \*spatial\], got \[3\]",
+        ),
+        (
+            lambda: vaekernels.concat_elu(torch.zeros(2, 0, 3)),
+            r"concat_elu: x must have B >= 1 examples and C >= 1 channels, got shape \[2, 0, 3\]",
+        ),
+        (lambda: vaekernels.concat_elu(torch.zeros(2, 3, dtype=torch.long)), r"concat_elu: x must be a floating-point"),
         (lambda: vaekernels.nn.MaskedConv2d(2, 2, 3, stride=2), r"MaskedConv2d: only stride=1"),
         (lambda: vaekernels.nn.MaskedConv2d(2, 2, 4), r"MaskedConv2d: kernel_size must be odd"),
         (lambda: vaekernels.nn.GatedPixelCNNLayer(2, 2, 4), r"GatedPixelCNNLayer: kernel_size must be an odd int >= 3"),
@@ -597,3 +664,7 @@ def test_cpu_kernels_reject_bad_input_with_the_op_name():
         op(torch.zeros(1, 3, 3), None, "tanh")
     with pytest.raises(RuntimeError, match=r"gated_activation_backward: grad must have shape \[1, 1, 3\]"):
         torch.ops.vaekernels.gated_activation_backward(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), None, "tanh")
+    with pytest.raises(RuntimeError, match="concat_elu: x must be a rank-2"):
+        torch.ops.vaekernels.concat_elu(torch.zeros(1, 2, 3))
+    with pytest.raises(RuntimeError, match=r"concat_elu_backward: grad must have shape \[1, 6\]"):
+        torch.ops.vaekernels.concat_elu_backward(torch.zeros(1, 3), torch.zeros(1, 3))

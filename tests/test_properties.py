@@ -270,6 +270,16 @@ def test_gated_activation(device_backend, data, b, c, h, w, dtype, gate, with_co
     check(lambda x, *cond: vaekernels.gated_activation(x, cond[0] if cond else None, gate), tensors, dtype)
 
 
+@given(data=st.data(), b=SIZES, c=SIZES, h=SIZES, w=SIZES, dtype=DTYPES)
+def test_concat_elu(device_backend, data, b, c, h, w, dtype):
+    x = data.draw(values((b, c, h, w), dtype, extremes=(1e4, -1e4, 88.0, -88.0, 0.0)))
+    if data.draw(st.booleans()):
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x = data.draw(laid_out(x))
+    check(vaekernels.concat_elu, [x], dtype)
+
+
 @given(
     data=st.data(),
     b=st.sampled_from([1, 2]),
@@ -503,6 +513,7 @@ OPS = {
     "total_correlation": (lambda a, b: vaekernels.total_correlation(a, b, b), _rows(3, 2), _rows(3, 2)),
     "causal_attention": (lambda a, b: vaekernels.causal_attention(a, b, b), _rows(2, 5, 4), _rows(2, 5, 4)),
     "gated_activation": (vaekernels.gated_activation, _rows(2, 4, 3), _rows(2, 4)),
+    "concat_elu": (lambda a, b: vaekernels.concat_elu(a), _rows(2, 4, 3), None),
     "masked_conv2d": (vaekernels.masked_conv2d, _rows(1, 2, 3, 4), _rows(3, 2, 3, 3)),
     "coupling_backward_step": (
         lambda a, b: vaekernels.coupling_backward_step(a, b, torch.zeros(2, 4), b),

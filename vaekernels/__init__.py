@@ -22,7 +22,7 @@ from .ops.iwae import (
 from .ops.jacobian import grae_regularizer, jacobian_column_sq_norms, jacobian_gram
 from .ops.linear_iwae import linear_expected_log_prob, linear_iwae_bound
 from .ops.logistic_mixture import discretized_logistic_mixture_nll, discretized_logistic_mixture_sample
-from .ops.pixelcnn import gated_activation, masked_conv2d
+from .ops.pixelcnn import concat_elu, gated_activation, masked_conv2d
 from .ops.reversible import coupling_backward_step, reversible_sequential
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "available_backends",
     "bernoulli_log_prob",
     "causal_attention",
+    "concat_elu",
     "coupling_backward_step",
     "discretized_logistic_mixture_nll",
     "discretized_logistic_mixture_sample",

@@ -1,4 +1,6 @@
-// CPU kernels of the PixelCNN gated activation: out = tanh(a + c_a) * sigmoid(b + c_b) (or
+// CPU kernels of the PixelCNN gated activation and of PixelCNN++'s concat-ELU.
+//
+// Gated activation: out = tanh(a + c_a) * sigmoid(b + c_b) (or
 // (a + c_a) * sigmoid(b + c_b)), where a and b are the two channel halves of x [B, 2C, N] and the
 // condition c [B, 2C] is broadcast over the N pixels here instead of being added as a tensor.
 // One vectorised pass per (b, c) row of N pixels; the backward recomputes the gate from x rather
@@ -148,6 +150,93 @@ std::tuple<at::Tensor, at::Tensor> gated_activation_backward(const at::Tensor& g
   return {grad_x, grad_cond};
 }
 
+// Concat-ELU: x [B, M] (each example's C channels of N pixels, M = C N, its last dim contiguous)
+// -> [elu(x), elu(-x)] [B, 2M]. One of elu(v) and elu(-v) is linear, the other expm1(-|v|): one
+// transcendental per element, where elu(cat([x, -x])) makes the concatenation, the negation and
+// two expm1 passes' worth of lanes. Parallel over the B M elements in runs within an example.
+template <typename Body>
+void for_each_run(int64_t B, int64_t M, Body body) {
+  at::parallel_for(0, B * M, 32768, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t b = begin / M, m = begin % M, count = std::min(end - begin, M - m);
+      body(b, m, count);
+      begin += count;
+    }
+  });
+}
+
+void check_concat_elu(const char* op, const at::Tensor& x) {
+  check_rank(op, "x", x, 2, "[B, M]");
+  check_floating(op, "x", x, kCpu);
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, op, ": x must be contiguous in its last dim, got strides ",
+              x.strides());
+}
+
+at::Tensor concat_elu(const at::Tensor& x) {
+  constexpr const char* op = "vaekernels::concat_elu";
+  check_concat_elu(op, x);
+  const int64_t B = x.size(0), M = x.size(1);
+  at::Tensor out = at::empty({B, 2 * M}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "concat_elu", [&] {
+    using Vec = Vectorized<scalar_t>;
+    const scalar_t* x_base = x.const_data_ptr<scalar_t>();
+    scalar_t* out_base = out.data_ptr<scalar_t>();
+    for_each_run(B, M, [&](int64_t b, int64_t m, int64_t count) {
+      const scalar_t* src = x_base + b * x.stride(0) + m;
+      scalar_t* first = out_base + b * 2 * M + m;
+      scalar_t* second = first + M;
+      auto step = [&](int64_t d, int64_t lanes) {
+        const Vec v = Vec::loadu(src + d, lanes);
+        // A NaN fails v > 0 and reaches both halves through expm1 and the negation.
+        const Vec curved = expm1_of(v.abs().neg());
+        const Vec positive = v > Vec(scalar_t(0));
+        Vec::blendv(curved, v, positive).store(first + d, lanes);
+        Vec::blendv(v.neg(), curved, positive).store(second + d, lanes);
+      };
+      int64_t d = 0;
+      for (; d + Vec::size() <= count; d += Vec::size()) step(d, Vec::size());
+      if (d < count) step(d, count - d);
+    });
+  });
+  return out;
+}
+
+// d/dx = g_1 elu'(x) - g_2 elu'(-x), where elu'(u) is exp(u) for u <= 0 and 1 otherwise, as
+// torch's ELU takes it (so 1 at a NaN, where both comparisons fail): e = exp(-|x|) (not 1 + expm1,
+// which loses e below float's epsilon) is elu'(x) for x <= 0 and elu'(-x) for x >= 0.
+// grad [B, 2M] in any layout.
+at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
+  constexpr const char* op = "vaekernels::concat_elu_backward";
+  check_concat_elu(op, x);
+  const int64_t B = x.size(0), M = x.size(1);
+  check_grad(op, "grad", grad, {B, 2 * M}, x);
+  const at::Tensor grad_c = grad.to(x.scalar_type()).contiguous();
+  at::Tensor grad_x = at::empty({B, M}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "concat_elu_backward", [&] {
+    using Vec = Vectorized<scalar_t>;
+    const scalar_t* x_base = x.const_data_ptr<scalar_t>();
+    const scalar_t* g_base = grad_c.const_data_ptr<scalar_t>();
+    scalar_t* gx_base = grad_x.data_ptr<scalar_t>();
+    for_each_run(B, M, [&](int64_t b, int64_t m, int64_t count) {
+      const scalar_t* src = x_base + b * x.stride(0) + m;
+      const scalar_t* g_first = g_base + b * 2 * M + m;
+      const scalar_t* g_second = g_first + M;
+      scalar_t* dst = gx_base + b * M + m;
+      auto step = [&](int64_t d, int64_t lanes) {
+        const Vec v = Vec::loadu(src + d, lanes);
+        const Vec g1 = Vec::loadu(g_first + d, lanes), g2 = Vec::loadu(g_second + d, lanes);
+        const Vec zero(scalar_t(0)), one(scalar_t(1)), e = v.abs().neg().exp();
+        const Vec slope = Vec::blendv(one, e, v <= zero), mirrored_slope = Vec::blendv(one, e, v >= zero);
+        (g1 * slope - g2 * mirrored_slope).store(dst + d, lanes);
+      };
+      int64_t d = 0;
+      for (; d + Vec::size() <= count; d += Vec::size()) step(d, Vec::size());
+      if (d < count) step(d, count - d);
+    });
+  });
+  return grad_x;
+}
+
 }  // namespace
 }  // namespace CPU_CAPABILITY
 }  // namespace vaekernels::cpu
@@ -155,4 +244,6 @@ std::tuple<at::Tensor, at::Tensor> gated_activation_backward(const at::Tensor& g
 TORCH_LIBRARY_IMPL(vaekernels, CPU, m) {
   m.impl("gated_activation", &vaekernels::cpu::gated_activation);
   m.impl("gated_activation_backward", &vaekernels::cpu::gated_activation_backward);
+  m.impl("concat_elu", &vaekernels::cpu::concat_elu);
+  m.impl("concat_elu_backward", &vaekernels::cpu::concat_elu_backward);
 }

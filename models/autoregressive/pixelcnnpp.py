@@ -4,9 +4,9 @@ mixture likelihood of vaekernels.
 As in openai/pixel-cnn, two streams avoid the blind spot without masks: ``u`` sees the rows above
 (down-shifted 2x3 convolutions), ``ul`` the rows above and the pixels to the left (down-right
 shifted 2x2 convolutions, fed ``u`` through 1x1 short-cuts); gated ResNet blocks with concat-ELU
-and the gate a * sigmoid(b) (:func:`vaekernels.gated_activation`, ``gate="linear"``); the head
-gives a mixture of M logistics per pixel. This small version keeps one resolution (no
-down/up-sampling) and no dropout or weight normalisation.
+(:func:`vaekernels.concat_elu`) and the gate a * sigmoid(b) (:func:`vaekernels.gated_activation`,
+``gate="linear"``); the head gives a mixture of M logistics per pixel. This small version keeps
+one resolution (no down/up-sampling) and no dropout or weight normalisation.
 
 Train for a stated budget of CPU minutes, then evaluate the test NLL in bits/dim and draw samples::
 
@@ -23,10 +23,6 @@ from torch import nn
 
 import vaekernels
 from vaekernels.reference.logistic_mixture import num_params
-
-
-def concat_elu(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(torch.cat([x, -x], 1))
 
 
 def down_shift(x: torch.Tensor) -> torch.Tensor:
@@ -63,10 +59,10 @@ class GatedResnet(nn.Module):
         self.outer = conv(2 * filters, 2 * filters, kernel_size)
 
     def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.inner(concat_elu(x))
+        c = self.inner(vaekernels.concat_elu(x))
         if aux is not None:
-            c = c + self.aux(concat_elu(aux))
-        return x + vaekernels.gated_activation(self.outer(concat_elu(c)), gate="linear")
+            c = c + self.aux(vaekernels.concat_elu(aux))
+        return x + vaekernels.gated_activation(self.outer(vaekernels.concat_elu(c)), gate="linear")
 
 
 class PixelCNNPlusPlus(nn.Module):

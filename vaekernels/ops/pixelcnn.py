@@ -1,11 +1,13 @@
-"""PixelCNN: masked convolutions that touch only the causal taps, and the fused gated activation.
+"""PixelCNN: masked convolutions that touch only the causal taps, the fused gated activation and
+PixelCNN++'s fused concat-ELU.
 
 Masked convolutions are compositions of ATen convolutions over the causal taps only (the rows
 above the centre as one convolution with a cropped kernel, the centre row's left part as
 another), so a masked tap is never multiplied, its weight never read, and its gradient exactly
 zero; ATen's convolutions (oneDNN on the CPU, cuDNN on CUDA) are the cheapest correct route on
 either device. The gated activation is a custom op with C++ (csrc/cpu/pixelcnn.cpp) and Triton
-(vaekernels/triton/pixelcnn.py) kernels whose backward recomputes the gate instead of saving it.
+(vaekernels/triton/pixelcnn.py) kernels whose backward recomputes the gate instead of saving it;
+concat-ELU one with kernels in the same files that write both halves in one pass.
 The readable oracle with the same signatures is :mod:`vaekernels.reference.pixelcnn`.
 """
 
@@ -27,6 +29,8 @@ if _backend.triton_available():
 
     define_triton_op("gated_activation", _triton.gated_activation_fwd)
     define_triton_op("gated_activation_backward", _triton.gated_activation_bwd)
+    define_triton_op("concat_elu", _triton.concat_elu_fwd)
+    define_triton_op("concat_elu_backward", _triton.concat_elu_bwd)
 
 
 # ----------------------------------------------------------------------------- causal convolution
@@ -385,6 +389,63 @@ def _gated_activation_vjp(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tenso
     )
     grads = (grad_x.view(x.shape), grad_cond if cond is not None else None)
     return first_derivatives_only("vaekernels.gated_activation", grads, (grad, x, cond))
+
+
+# ----------------------------------------------------------------------------- concat_elu
+
+
+def _concat_elu_fake(x):
+    return x.new_empty(x.shape[0], 2 * x.shape[1])
+
+
+def _concat_elu_backward_fake(grad, x):
+    return x.new_empty(x.shape)
+
+
+def _concat_elu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _make_concat_elu_backward(ops):
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ops.concat_elu_backward(grad, x)
+
+    return backward
+
+
+register("concat_elu", _concat_elu_fake, _concat_elu_setup, _make_concat_elu_backward)
+register("concat_elu_backward", _concat_elu_backward_fake)
+
+
+def concat_elu(x: torch.Tensor) -> torch.Tensor:
+    """PixelCNN++'s concat-ELU, fused: ``elu(cat([x, -x], 1))``, [B, C, *spatial] -> [B, 2C, *spatial].
+
+    One pass writes both halves: of elu(v) and elu(-v) one is linear and the other expm1(-|v|),
+    so each element costs one expm1, and neither the negation nor the concatenation is made. The
+    backward keeps x only (not the [B, 2C, ...] output) and reads the gradient once.
+    NaN and ±inf: a NaN gives NaN in both halves, and the gradient g_1 - g_2 that torch's ELU gives
+    it (slope 1); +inf gives (inf, -1) and -inf (-1, inf), with finite gradients (the ELU's slope is
+    1 on one side and exp(-inf) = 0 on the other).
+
+    Example:
+        >>> import torch, vaekernels
+        >>> vaekernels.concat_elu(torch.tensor([[1.0, -2.0]])).tolist()
+        [[1.0, -0.8646647334098816, -0.6321205496788025, 2.0]]
+    """
+    fn = "concat_elu"
+    check_float(fn, "x", x)
+    if x.dim() < 2:
+        fail(fn, f"x must have shape [B, C, *spatial], got {list(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        fail(fn, f"x must have B >= 1 examples and C >= 1 channels, got shape {list(x.shape)}")
+    backend = _backend.choose(fn, x.device, x.dtype)
+    if backend == "reference":
+        return reference.concat_elu(x)
+    rows = x.reshape(x.shape[0], -1)
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return _backend.ops(backend).concat_elu(rows).view(x.shape[0], 2 * x.shape[1], *x.shape[2:])
 
 
 def _gradient_used(ctx, index: int, slot: int) -> bool:

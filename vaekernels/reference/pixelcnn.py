@@ -1,7 +1,8 @@
 """PixelCNN ops in plain PyTorch, the pytorch-generative way: the test oracle and the bench baseline.
 
 Masked convolutions zero the masked taps of a dense kernel on every call (so every masked tap is
-still multiplied, and masked weights still receive gradients); gates are unfused tanh / sigmoid.
+still multiplied, and masked weights still receive gradients); gates are unfused tanh / sigmoid,
+concat-ELU an ELU of a concatenation.
 Each function has the signature of its fused counterpart in :mod:`vaekernels.ops.pixelcnn`.
 """
 
@@ -63,6 +64,11 @@ def gated_activation(x: torch.Tensor, cond: torch.Tensor | None = None, gate: st
         x = x + cond.reshape(*cond.shape, *([1] * (x.dim() - 2)))
     a, b = x.chunk(2, dim=1)
     return (torch.tanh(a) if gate == "tanh" else a) * torch.sigmoid(b)
+
+
+def concat_elu(x: torch.Tensor) -> torch.Tensor:
+    """elu(cat([x, -x], 1)): PixelCNN++'s nonlinearity, [B, C, *spatial] -> [B, 2C, *spatial]."""
+    return F.elu(torch.cat([x, -x], 1))
 
 
 def gated_pixelcnn_layer(layer, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None):

@@ -1,4 +1,4 @@
-"""Triton kernels of the PixelCNN gated activation, and their launchers.
+"""Triton kernels of the PixelCNN gated activation and of PixelCNN++'s concat-ELU, and their launchers.
 
 x is viewed as [B, 2C, N] with contiguous rows of N pixels (its batch and channel strides are
 free, so a channel or batch slice of a larger tensor is read in place); the condition [B, 2C] is broadcast over
@@ -12,6 +12,10 @@ custom-op implementations; on CPU tensors they run through the Triton interprete
     >>> x = torch.randn(2, 8, 16, device="cuda")
     >>> gated_activation_fwd(x, None, "tanh").shape
     torch.Size([2, 4, 16])
+
+Concat-ELU views x as [B, M] (an example's channels and pixels, last dim contiguous) and takes
+one program per block of an example's M values, writing both halves [elu(x), elu(-x)] of its
+[B, 2M] output.
 """
 
 import contextlib
@@ -194,3 +198,75 @@ def gated_activation_bwd(
     elif cond is not None:
         grad_cond.zero_()
     return grad_x, grad_cond
+
+
+@triton.jit
+def _expm1_of_nonpositive(d):
+    """exp(d) - 1 for d <= 0: Kahan's (u - 1) d / log(u) near 0, where u - 1 cancels; u - 1 below -1,
+    where it does not, and where u underflows to 0 (log(0) would make the quotient 0)."""
+    u = tl.exp(d)
+    near_zero = tl.where(u == 1.0, d, (u - 1.0) * (d / tl.log(u)))
+    return tl.where(d < -1.0, u - 1.0, near_zero)
+
+
+@triton.jit
+def _concat_elu_fwd_kernel(x_ptr, out_ptr, M, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < M
+    v = tl.load(x_ptr + b * stride_b + cols, mask=mask, other=0.0).to(ACC)
+    # Of elu(v) and elu(-v) one is linear, the other expm1(-|v|); a NaN fails v > 0 and reaches both.
+    curved = _expm1_of_nonpositive(-tl.abs(v))
+    positive = v > 0.0
+    first = out_ptr + b * 2 * M + cols
+    tl.store(first, tl.where(positive, v, curved).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(first + M, tl.where(positive, curved, -v).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _concat_elu_bwd_kernel(grad_ptr, x_ptr, grad_x_ptr, M, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < M
+    v = tl.load(x_ptr + b * stride_b + cols, mask=mask, other=0.0).to(ACC)
+    g_first = grad_ptr + b * 2 * M + cols
+    g1 = tl.load(g_first, mask=mask, other=0.0).to(ACC)
+    g2 = tl.load(g_first + M, mask=mask, other=0.0).to(ACC)
+    # g1 elu'(v) - g2 elu'(-v), with elu'(u) = exp(u) for u <= 0 and 1 otherwise, as torch's ELU
+    # takes it (so 1 at a NaN, where both comparisons fail).
+    e = tl.exp(-tl.abs(v))
+    grad_x = g1 * tl.where(v <= 0.0, e, 1.0) - g2 * tl.where(v >= 0.0, e, 1.0)
+    tl.store(grad_x_ptr + b * M + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+def _concat_elu_launch(kernel, x: torch.Tensor, *tensors: torch.Tensor) -> None:
+    """kernel(*tensors, M, x's batch stride) over one program per block of an example's M values."""
+    batch, m = x.shape
+    block = min(triton.next_power_of_2(max(m, 1)), _MAX_BLOCK)
+    with _on_device(x):
+        kernel[(batch, triton.cdiv(m, block))](
+            *tensors, m, x.stride(0), ACC=_acc_dtype(x), BLOCK=block, num_warps=4 if block >= 512 else 1
+        )
+
+
+def _examples(x: torch.Tensor) -> torch.Tensor:
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def concat_elu_fwd(x: torch.Tensor) -> torch.Tensor:
+    """[elu(x), elu(-x)] [B, 2M] for x [B, M]."""
+    x = _examples(x)
+    out = torch.empty(x.shape[0], 2 * x.shape[1], device=x.device, dtype=x.dtype)
+    if out.numel():
+        _concat_elu_launch(_concat_elu_fwd_kernel, x, x, out)
+    return out
+
+
+def concat_elu_bwd(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`concat_elu_fwd` at x [B, M] for ``grad`` [B, 2M] (any layout)."""
+    x = _examples(x)
+    grad = grad.to(x.dtype).contiguous()
+    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if grad_x.numel():
+        _concat_elu_launch(_concat_elu_bwd_kernel, x, grad, x, grad_x)
+    return grad_x
