@@ -16,6 +16,10 @@ INSTALLED := $(VENV)/.vaekernels-installed
 # Directories too, so an added or deleted source rebuilds.
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc 2>/dev/null)
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test: one per core. A module whose tests share an expensive
+# module fixture (the Triton compile, the disentanglement scores) keeps them on one worker
+# (xdist_group, --dist loadgroup).
+TEST_WORKERS ?= auto
 
 GPU_CHECK_BUDGET ?= 540
 GPU_CHECK_ARGS ?=
@@ -24,7 +28,8 @@ GPU_CHECK_ARGS ?=
 
 # The docstring examples run too, but for the Triton launchers', which need a GPU.
 test: $(INSTALLED)
-	$(VENV_PYTHON) -m pytest tests vaekernels --doctest-modules --ignore=vaekernels/triton $(PYTEST_ARGS)
+	$(VENV_PYTHON) -m pytest tests vaekernels --doctest-modules --ignore=vaekernels/triton \
+		-n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # ruff's rules and format (pyproject.toml), the gate .ci/run holds every change to.
 lint: $(INSTALLED)

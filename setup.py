@@ -51,6 +51,19 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+    class BuildTempPerExtension(BuildExtension):
+        """Each extension's objects in a folder of its own: the capabilities compile the same sources
+        with other flags, and in one shared folder each overwrote the last one's objects, so that a
+        rebuild after any change compiled every source once per capability."""
+
+        def build_extension(self, ext):
+            shared = self.build_temp
+            self.build_temp = os.path.join(shared, ext.name)
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = shared
+
     # ATen's parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially.
     common = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     with_cuda = env_flag("VAEKERNELS_CUDA")
@@ -82,7 +95,7 @@ def extensions():
         )
         for name, flags in capabilities.items()
     ]
-    return [schema_ext, *cpu_exts], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [schema_ext, *cpu_exts], {"build_ext": BuildTempPerExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

@@ -8,6 +8,9 @@ import torch
 from models.data.shapes import Shapes
 from models.metrics import disentanglement as metrics
 
+# One pytest-xdist worker runs this module: its metric scores are one module fixture.
+pytestmark = pytest.mark.xdist_group("disentanglement")
+
 SMALL = Shapes(scales=3, orientations=8, positions=6, size=16)
 
 
