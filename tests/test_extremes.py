@@ -356,21 +356,27 @@ def _with_grads(fn, tensors, weights):
     return out, torch.autograd.grad((out * weights.to(out.dtype)).sum(), leaves)
 
 
-@pytest.mark.parametrize("component", [0, 1])
-def test_logistic_mixture_of_a_huge_logit_keeps_the_log_probability(device_backend, component):
-    # logit_m + log p_m(x) in float32 lost log p_m(x) to a logit of 1e30 (the NLL came out 0,
-    # where it is -log p_m(x) of the one component whose weight is 1: 6.78 here); the kernels now
-    # take log pi_m = logit_m - log sum exp(logits) first, as the reference's log_softmax.
-    device, _ = device_backend
-    generator = torch.Generator(device).manual_seed(0)
+def _two_logistics_with(device, seed, channel, value):
+    """Mixture parameters [1, 6, 2, 3] (two logistics, one channel) with ``value`` at ``channel`` of pixel
+    (0, 0), a cotangent, and the per-pixel NLL of a random 256-level image under them."""
+    generator = torch.Generator(device).manual_seed(seed)
     params = torch.randn(1, 6, 2, 3, device=device, generator=generator)
-    params[0, component, 0, 0] = 1e30
+    params[0, channel, 0, 0] = value
     x = torch.randint(0, 256, (1, 1, 2, 3), device=device, generator=generator) / 127.5 - 1
     weights = torch.randn(1, 2, 3, device=device, generator=generator)
 
     def nll(p):
         return vaekernels.discretized_logistic_mixture_nll(p, x.to(p.dtype), 2, reduction="none")
 
+    return params, weights, nll
+
+
+@pytest.mark.parametrize("component", [0, 1])
+def test_logistic_mixture_of_a_huge_logit_keeps_the_log_probability(device_backend, component):
+    # logit_m + log p_m(x) in float32 lost log p_m(x) to a logit of 1e30 (the NLL came out 0,
+    # where it is -log p_m(x) of the one component whose weight is 1: 6.78 here); the kernels now
+    # take log pi_m = logit_m - log sum exp(logits) first, as the reference's log_softmax.
+    params, weights, nll = _two_logistics_with(device_backend[0], 0, component, 1e30)
     out, (grad,) = _with_grads(nll, [params], weights)
     with vaekernels.use_backend("reference"):
         want, (want_grad,) = _with_grads(nll, [params.double()], weights)
@@ -389,16 +395,7 @@ def test_logistic_mixture_gradient_of_a_nan_pixel_is_nan(device_backend, where):
     # The C++ kernel's exp clamps its argument, NaN included: a pixel whose NLL is NaN got +-inf
     # gradients instead of NaN. NaN now reaches the pixel's gradient wherever autograd's does,
     # and no other pixel.
-    device, _ = device_backend
-    generator = torch.Generator(device).manual_seed(1)
-    params = torch.randn(1, 6, 2, 3, device=device, generator=generator)
-    params[0, where, 0, 0] = float("nan")
-    x = torch.randint(0, 256, (1, 1, 2, 3), device=device, generator=generator) / 127.5 - 1
-    weights = torch.randn(1, 2, 3, device=device, generator=generator)
-
-    def nll(p):
-        return vaekernels.discretized_logistic_mixture_nll(p, x.to(p.dtype), 2, reduction="none")
-
+    params, weights, nll = _two_logistics_with(device_backend[0], 1, where, float("nan"))
     out, (grad,) = _with_grads(nll, [params], weights)
     with vaekernels.use_backend("reference"):
         want, (want_grad,) = _with_grads(nll, [params.double()], weights)
