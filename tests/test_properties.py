@@ -97,7 +97,7 @@ def leaves(*tensors):
     return [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
 
 
-def close(got, want, dtype, what=""):
+def close(got, want, dtype, what="", rounding=0.0):
     """got (computed in dtype) against the float64 ``want`` rounded to dtype: the same infinities and
     NaNs, finite where want is finite, and a norm-wise relative error within the dtype's bound over
     the rest."""
@@ -108,19 +108,21 @@ def close(got, want, dtype, what=""):
     assert torch.equal(torch.isnan(got), torch.isnan(want)), (what, got, want)
     assert torch.equal(got[~finite & ~torch.isnan(want)], want[~finite & ~torch.isnan(want)]), (what, got, want)
     assert torch.isfinite(got[finite]).all(), (what, got, want)
-    error = (got[finite] - want[finite]).norm() / want[finite].norm().clamp_min(1.0)
-    assert error <= TOLERANCE[dtype], (what, error.item(), got, want)
+    error = (got[finite] - want[finite]).norm()
+    bound = TOLERANCE[dtype] * want[finite].norm().clamp_min(1.0) + rounding
+    assert error <= bound, (what, error.item(), bound.item(), got, want)
 
 
-def check(fn, tensors, dtype, *, grad=True, data_inputs=(), **kwargs):
+def check(fn, tensors, dtype, *, grad=True, data_inputs=(), output_rounding=0.0, **kwargs):
     """fn on the backend under test against the reference in float64, output and every gradient
-    (but those of ``data_inputs``, positions of inputs that are data, without a gradient)."""
+    (but those of ``data_inputs``, positions of inputs that are data, without a gradient); the
+    output may be off by ``output_rounding`` more, an op's documented rounding of its terms."""
     inputs = leaves(*tensors)
     out = fn(*inputs, **kwargs)
     expected_inputs = leaves(*(t.double() if t.is_floating_point() else t for t in tensors))
     with vaekernels.use_backend("reference"):
         expected = fn(*expected_inputs, **kwargs)
-    close(out, expected, dtype, "output")
+    close(out, expected, dtype, "output", output_rounding)
     if not grad or not torch.isfinite(expected.detach().to(dtype)).all():
         return  # an output beyond the dtype's range has no gradient to compare
     seed = torch.Generator().manual_seed(0)
@@ -219,8 +221,18 @@ def test_aggregate_posterior_estimators(device_backend, data, b, d, dataset_size
     mean = data.draw(values((b, d), dtype))
     log_var = data.draw(values((b, d), dtype, low=-20, high=5, extremes=(-200.0,)))
     z = mean.clone() if data.draw(st.booleans()) else data.draw(values((b, d), dtype))
+    # MI and TC subtract log-density terms of size (z - mean)^2 / var: their documented rounding in
+    # the input's precision (aggregate_posterior_log_density's "float32 limits").
+    terms = -0.5 * ((z.double()[:, None] - mean.double()[None]) ** 2 / log_var.double().exp()[None] + log_var.double())
+    rounding = 4 * (d + 1) * torch.finfo(dtype).eps * terms.sum(-1).abs().max().item()
     for estimator in ("aggregate_posterior_log_density", "marginal_kl", "mutual_information", "total_correlation"):
-        check(getattr(vaekernels, estimator), [z, mean, log_var], dtype, dataset_size=dataset_size)
+        check(
+            getattr(vaekernels, estimator),
+            [z, mean, log_var],
+            dtype,
+            dataset_size=dataset_size,
+            output_rounding=rounding,
+        )
     check(vaekernels.aggregate_posterior_log_density, [z, mean, log_var], dtype, per_dim=True)
 
 
