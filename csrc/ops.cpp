@@ -25,15 +25,23 @@ TORCH_LIBRARY(vaekernels, m) {
         "bool mean_grad, bool log_var_grad) -> Tensor[]");
   // KL(N(mean, exp(log_var)) || N(0, I)) summed over the last dim of [P, Q, D] -> [P, Q].
   m.def("gaussian_kl(Tensor mean, Tensor log_var) -> Tensor");
-  // For z [B, d] and a batch of posteriors (mean, log_var) [N, d]:
-  //   joint[i]       = logsumexp_j sum_k log N(z_ik; mean_jk, exp(log_var_jk))   -> [B]
-  //   marginal[i, k] = logsumexp_j       log N(z_ik; mean_jk, exp(log_var_jk))   -> [B, d]
+  // For z [B, d] and a batch of posteriors (mean, log_var) [N, d], with the terms
+  // l[i, j, k] = log N(z_ik; mean_jk, exp(log_var_jk)) = -log(2 pi var_jk) / 2 - w_ijk^2,
+  // w = (z_ik - mean_jk) / sqrt(2 var_jk), and nearest[i, k] = min_j |w_ijk| (0 where that is inf):
+  //   joint[i]       = logsumexp_j sum_k (l[i, j, k] + nearest[i, k]^2)   -> [B]
+  //   marginal[i, k] = logsumexp_j       (l[i, j, k] + nearest[i, k]^2)   -> [B, d]
+  //   nearest[i, k]                                                        -> [B, d]
   // without materialising the [B, N, d] table; the backward recomputes it block by block.
+  // The log-densities are joint - sum_k nearest^2 and marginal - nearest^2. Each term is taken as
+  // -log(2 pi var) / 2 - (|w| - nearest)(|w| + nearest), so the nearest posterior's is finite
+  // where w^2 overflows (a code 1e30 away in float32), and the total correlation, joint - sum_k
+  // marginal, is finite wherever its value is. The backward's gradients are those of the
+  // log-densities (nearest a constant; it has none).
   // The marginal costs an exp per (i, j, k) where the joint costs one per (i, j), so a caller that
   // needs only the joint passes with_marginal=false and gets an empty [B, 0] marginal; the
   // backward then takes that [B, 0] marginal with a [B, 0] grad_marginal and skips its term.
-  m.def("aggregate_posterior(Tensor z, Tensor mean, Tensor log_var, bool with_marginal) -> (Tensor, Tensor)");
-  m.def("aggregate_posterior_backward(Tensor grad_joint, Tensor grad_marginal, Tensor z, Tensor mean, Tensor log_var, Tensor joint, Tensor marginal) -> (Tensor, Tensor, Tensor)");
+  m.def("aggregate_posterior(Tensor z, Tensor mean, Tensor log_var, bool with_marginal) -> (Tensor, Tensor, Tensor)");
+  m.def("aggregate_posterior_backward(Tensor grad_joint, Tensor grad_marginal, Tensor z, Tensor mean, Tensor log_var, Tensor joint, Tensor marginal, Tensor nearest) -> (Tensor, Tensor, Tensor)");
   // The decoder's output layer fused with the Bernoulli likelihood and the bound (ops/linear_iwae.py).
   // h [B, K, H], weight [D, H], bias [D] or none, x [B, D], log_ratio = log p(z) - log q(z|x) [B, K]:
   // logits h W^T + b are made chunk_rows rows at a time and consumed at once, never [B, K, D].

@@ -289,6 +289,37 @@ def test_log_mean_exp_of_a_row_holding_plus_inf(device_backend):
     torch.testing.assert_close(logits.grad, torch.tensor([[[0.5, 0.5], [0.0, 0.0], [0.0, 0.0]]], device=device))
 
 
+@pytest.mark.parametrize("distance", [1e4, -1e30])
+def test_total_correlation_of_a_far_code_is_finite_and_right(device_backend, distance):
+    # z_00 far from every posterior mean: in float32 its log-density terms round by units (1e4
+    # out) or overflow to -inf (1e30 out), and the correlation, which subtracts them, was off by
+    # those units or inf - inf = NaN. Its value is finite: the nearest posterior j* in that dim
+    # outweighs the others by exp(-huge), so row 0's correlation is
+    # sum_{k > 0} [l_0j*k - logsumexp_j l_0jk + log N], computed here in float64. (A float64 run of
+    # the unshifted formula is no oracle at 1e30: its terms ~ -3e59 swallow the rest.)
+    device, _ = device_backend
+    generator = torch.Generator(device).manual_seed(0)
+    z, mean, log_var = (torch.randn(4, 3, device=device, generator=generator) for _ in range(3))
+    z[0, 0] = distance
+    inputs = [t.clone().requires_grad_() for t in (z, mean, log_var)]
+    correlation = vaekernels.total_correlation(*inputs)
+    grads = torch.autograd.grad(correlation, inputs)
+
+    exact_inputs = [t.double().requires_grad_() for t in (z, mean, log_var)]
+    z64, mean64, log_var64 = exact_inputs
+    with vaekernels.use_backend("reference"):
+        joint = vaekernels.aggregate_posterior_log_density(z64[1:], mean64, log_var64)
+        marginals = vaekernels.aggregate_posterior_log_density(z64[1:], mean64, log_var64, per_dim=True)
+    nearest = ((z64[0, 0] - mean64[:, 0]).abs() * torch.exp(-0.5 * log_var64[:, 0])).argmin()
+    terms = -0.5 * (LOG_2PI + log_var64[:, 1:] + (z64[0, 1:] - mean64[:, 1:]) ** 2 / log_var64[:, 1:].exp())
+    far_row = (terms[nearest] - torch.logsumexp(terms, 0) + math.log(4)).sum()
+    exact = (far_row + (joint - marginals.sum(-1)).sum()) / 4
+    exact_grads = torch.autograd.grad(exact, exact_inputs)
+    torch.testing.assert_close(correlation.double(), exact, rtol=1e-5, atol=1e-5)
+    for grad, exact_grad in zip(grads, exact_grads):
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("value", [INF, -INF])
 def test_aggregate_posterior_of_an_infinite_code_is_minus_inf(device_backend, value):
     # No posterior has density at an infinite z: log q(z_i) = -inf, the other rows as without it.

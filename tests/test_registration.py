@@ -53,10 +53,10 @@ def sample_args(name, backend, device, with_marginal=True, dtype=torch.float64):
     z, mean, log_var = randn(4, 3).requires_grad_(), randn(5, 3).requires_grad_(), randn(5, 3).requires_grad_()
     if name == "aggregate_posterior":
         return z, mean, log_var, with_marginal
-    joint, marginal = _backend.ops(backend).aggregate_posterior(
+    joint, marginal, nearest = _backend.ops(backend).aggregate_posterior(
         z.detach(), mean.detach(), log_var.detach(), with_marginal
     )
-    return randn(4), randn(*marginal.shape), z.detach(), mean.detach(), log_var.detach(), joint, marginal
+    return randn(4), randn(*marginal.shape), z.detach(), mean.detach(), log_var.detach(), joint, marginal, nearest
 
 
 # The aggregate posterior ops once more for a joint-only forward, whose marginal is an empty [B, 0].

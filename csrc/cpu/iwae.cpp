@@ -358,7 +358,7 @@ class PosteriorColumns {
   struct Terms {
     Vec inverse_scale;  // 1 / sqrt(2 var)
     Vec scaled_diff;    // w
-    Vec log_density;    // -log(2 pi var) / 2 - w^2
+    Vec log_density;    // -log(2 pi var) / 2 - w^2 + nearest^2 (csrc/ops.cpp)
   };
 
   PosteriorColumns(const at::Tensor& mean, const at::Tensor& log_var)
@@ -387,25 +387,50 @@ class PosteriorColumns {
 
   int64_t width() const { return width_; }
 
-  // Whether some w = (z - mean) / sqrt(2 var) or 1 / sqrt(2 var) may overflow (or a NaN is about):
-  // then the kernels take the guarded products of times_unless_zero, so that z = mean gives w = 0
-  // rather than 0 * inf, and a zero weight times an infinite w or 1 / sqrt(2 var) gives 0. Finite
-  // bounds leave the plain products, which cost less.
+  // Whether some w = (z - mean) / sqrt(2 var), its square or 1 / sqrt(2 var) may overflow (or a
+  // NaN is about): then the kernels take the guarded products of times_unless_zero, so that z =
+  // mean gives w = 0 rather than 0 * inf, and a zero weight times an infinite w or 1 / sqrt(2 var)
+  // gives 0. Finite bounds leave the plain products, which cost less.
   bool needs_guards(const at::Tensor& z) const {
-    return !((max_abs(z) + mean_bound_) * inverse_scale_bound_ < double(std::numeric_limits<T>::max()));
+    return !((max_abs(z) + mean_bound_) * inverse_scale_bound_ < std::sqrt(double(std::numeric_limits<T>::max())));
+  }
+
+  // nearest[k] = min_j |w_jk| for the sample z_i, over the posteriors (not the padding), or 0 where
+  // every |w| is inf: the shift of the terms (csrc/ops.cpp). A NaN about stays NaN.
+  template <bool kGuarded>
+  void nearest(const T* z_i, T* out) const {
+    const Vec inf(std::numeric_limits<T>::infinity());
+    std::array<T, Vec::size()> lanes;
+    for (int64_t k = 0; k < dims_; ++k) {
+      const Vec z_k(z_i[k]);
+      Vec best = inf;
+      for (int64_t j = 0; j < width_; j += Vec::size()) {
+        const Vec distance = times<kGuarded>(z_k - Vec::loadu(row(k) + j), Vec::loadu(row(dims_ + k) + j)).abs();
+        best = at::vec::minimum(best, Vec::blendv(distance, inf, joint_start(j) == inf.neg()));
+      }
+      best.store(lanes.data());
+      T least = lanes[0];
+      for (const T lane : lanes)
+        if (std::isnan(lane) || lane < least) least = lane;
+      out[k] = least == std::numeric_limits<T>::infinity() ? T(0) : least;
+    }
   }
 
   template <bool kGuarded>
-  Terms terms(int64_t k, int64_t j, const Vec& z_k) const {
+  Terms terms(int64_t k, int64_t j, const Vec& z_k, const Vec& nearest_k) const {
     const Vec inverse_scale = Vec::loadu(row(dims_ + k) + j), diff = z_k - Vec::loadu(row(k) + j);
     const Vec w = times<kGuarded>(diff, inverse_scale);
     const Vec start = Vec::loadu(row(2 * dims_ + k) + j);
-    Vec log_density = at::vec::fnmadd(w, w, start);
+    // w^2 - nearest^2 as a product, exactly 0 for the nearest posterior even where w^2 overflows.
+    const Vec distance = w.abs();
+    const Vec excess = times<kGuarded>(distance - nearest_k, distance + nearest_k);
+    Vec log_density = start - excess;
     if constexpr (kGuarded) {
-      // A variance of 0 (start = +inf) away from the mean (w^2 = inf): a density of 0, as w^2
-      // outgrows the log-variance, not inf - inf = NaN.
+      // A variance of 0 (start = +inf) away from the mean (excess = inf): a density of 0, as w^2
+      // outgrows the log-variance, not inf - inf = NaN. Padding (start = -inf) stays -inf where
+      // nearest^2 overflows and excess is -inf.
       const Vec inf(std::numeric_limits<T>::infinity());
-      log_density = Vec::blendv(log_density, inf.neg(), (start == inf) & (w * w == inf));
+      log_density = Vec::blendv(log_density, inf.neg(), ((start == inf) & (excess == inf)) | (start == inf.neg()));
     }
     return {inverse_scale, w, log_density};
   }
@@ -414,15 +439,15 @@ class PosteriorColumns {
   // of the joint log-sum-exp even when d == 0).
   Vec joint_start(int64_t j) const { return Vec::loadu(row(3 * dims_) + j); }
 
-  // Writes L[i, j] = sum_k log N(z_ik; mean_jk, var_jk) for j in [j0, j0 + count) to joint;
-  // visit(k, terms) sees every per-dim term on the way.
+  // Writes L[i, j] = sum_k (log N(z_ik; mean_jk, var_jk) + nearest_ik^2) for j in [j0, j0 + count)
+  // to joint; visit(k, terms) sees every per-dim term on the way.
   template <bool kGuarded, typename Visit>
-  void joint_log_density(const T* z_i, int64_t j0, int64_t count, T* joint, Visit visit) const {
+  void joint_log_density(const T* z_i, const T* nearest_i, int64_t j0, int64_t count, T* joint, Visit visit) const {
     for (int64_t j = 0; j < count; j += Vec::size()) joint_start(j0 + j).store(joint + j);
     for (int64_t k = 0; k < dims_; ++k) {
-      const Vec z_k(z_i[k]);
+      const Vec z_k(z_i[k]), nearest_k(nearest_i[k]);
       for (int64_t j = 0; j < count; j += Vec::size()) {
-        const Terms t = terms<kGuarded>(k, j0 + j, z_k);
+        const Terms t = terms<kGuarded>(k, j0 + j, z_k, nearest_k);
         (Vec::loadu(joint + j) + t.log_density).store(joint + j);
         visit(k, t);
       }
@@ -496,14 +521,15 @@ void check_aggregate_inputs(const char* op, const at::Tensor& z, const at::Tenso
   check_tensor(op, "log_var", log_var, mean.sizes(), z, kCpu);
 }
 
-std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, const at::Tensor& mean,
-                                                       const at::Tensor& log_var, bool with_marginal) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, const at::Tensor& mean,
+                                                                   const at::Tensor& log_var, bool with_marginal) {
   constexpr const char* op = "vaekernels::aggregate_posterior";
   check_aggregate_inputs(op, z, mean, log_var);
   const int64_t B = z.size(0), d = z.size(1);
   auto z_c = z.contiguous();
   auto joint = at::empty({B}, z.options());
   auto marginal = at::empty({B, with_marginal ? d : 0}, z.options());
+  auto nearest = at::empty({B, d}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aggregate_posterior", [&] {
     using LSE = LaneLogSumExp<scalar_t>;
     const PosteriorColumns<scalar_t> columns(mean.contiguous(), log_var.contiguous());
@@ -511,6 +537,7 @@ std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, cons
     const scalar_t* z_ptr = z_c.const_data_ptr<scalar_t>();
     scalar_t* joint_ptr = joint.data_ptr<scalar_t>();
     scalar_t* marginal_ptr = marginal.data_ptr<scalar_t>();
+    scalar_t* nearest_ptr = nearest.data_ptr<scalar_t>();
     with_flags(with_marginal, columns.needs_guards(z_c), [&](auto marginal_flag, auto guard_flag) {
       constexpr bool kWithMarginal = decltype(marginal_flag)::value, kGuarded = decltype(guard_flag)::value;
       at::parallel_for(0, B, row_grain(width * std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
@@ -518,11 +545,13 @@ std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, cons
         std::vector<LSE> marginal_lse(kWithMarginal ? d : 0);
         for (int64_t i = begin; i < end; ++i) {
           const scalar_t* z_i = z_ptr + i * d;
+          scalar_t* nearest_i = nearest_ptr + i * d;
+          columns.template nearest<kGuarded>(z_i, nearest_i);
           std::fill(marginal_lse.begin(), marginal_lse.end(), LSE());
           LSE joint_lse;
           for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
             const int64_t count = std::min(kJointTile, width - j0);
-            columns.template joint_log_density<kGuarded>(z_i, j0, count, joint_tile.data(),
+            columns.template joint_log_density<kGuarded>(z_i, nearest_i, j0, count, joint_tile.data(),
                                                          [&](int64_t k, const auto& t) {
               if constexpr (kWithMarginal) marginal_lse[k].add(t.log_density);
             });
@@ -536,12 +565,12 @@ std::tuple<at::Tensor, at::Tensor> aggregate_posterior(const at::Tensor& z, cons
       });
     });
   });
-  return {joint, marginal};
+  return {joint, marginal, nearest};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
     const at::Tensor& grad_joint, const at::Tensor& grad_marginal, const at::Tensor& z, const at::Tensor& mean,
-    const at::Tensor& log_var, const at::Tensor& joint, const at::Tensor& marginal) {
+    const at::Tensor& log_var, const at::Tensor& joint, const at::Tensor& marginal, const at::Tensor& nearest) {
   constexpr const char* op = "vaekernels::aggregate_posterior_backward";
   check_aggregate_inputs(op, z, mean, log_var);
   const int64_t B = z.size(0), d = z.size(1), N = mean.size(0);
@@ -550,9 +579,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
   const int64_t marginal_dims = with_marginal ? d : 0;
   check_tensor(op, "joint", joint, {B}, z, kCpu);
   check_tensor(op, "marginal", marginal, {B, marginal_dims}, z, kCpu);
+  check_tensor(op, "nearest", nearest, {B, d}, z, kCpu);
   check_grad(op, "grad_joint", grad_joint, {B}, z);
   check_grad(op, "grad_marginal", grad_marginal, {B, marginal_dims}, z);
   auto z_c = z.contiguous(), joint_c = joint.contiguous(), marginal_c = marginal.contiguous();
+  auto nearest_c = nearest.contiguous();
   auto grad_joint_c = grad_joint.to(z.scalar_type()).contiguous();
   auto grad_marginal_c = grad_marginal.to(z.scalar_type()).contiguous();
   auto grad_z = at::empty({B, d}, z.options());
@@ -566,6 +597,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
     const scalar_t* z_ptr = z_c.const_data_ptr<scalar_t>();
     const scalar_t* joint_ptr = joint_c.const_data_ptr<scalar_t>();
     const scalar_t* marginal_ptr = marginal_c.const_data_ptr<scalar_t>();
+    const scalar_t* nearest_ptr = nearest_c.const_data_ptr<scalar_t>();
     const scalar_t* grad_joint_ptr = grad_joint_c.const_data_ptr<scalar_t>();
     const scalar_t* grad_marginal_ptr = grad_marginal_c.const_data_ptr<scalar_t>();
 
@@ -589,17 +621,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
         std::vector<Vec> grad_z_lanes(d);
         for (int64_t i = begin; i < end; ++i) {
           const scalar_t* z_i = z_ptr + i * d;
+          const scalar_t* nearest_i = nearest_ptr + i * d;
           std::fill(grad_z_lanes.begin(), grad_z_lanes.end(), Vec(scalar_t(0)));
           for (int64_t j0 = 0; j0 < width; j0 += kJointTile) {
             const int64_t count = std::min(kJointTile, width - j0);
-            columns.template joint_log_density<kGuarded>(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
+            columns.template joint_log_density<kGuarded>(z_i, nearest_i, j0, count, tile.data(),
+                                                         [](int64_t, const Terms&) {});
             to_joint_weight(i, count, tile.data());
             for (int64_t k = 0; k < d; ++k) {
-              const Vec z_k(z_i[k]);
+              const Vec z_k(z_i[k]), nearest_k(nearest_i[k]);
               const Weight weight(grad_marginal_ptr, marginal_ptr, i * d + k);
               Vec acc = grad_z_lanes[k];
               for (int64_t j = 0; j < count; j += Vec::size()) {
-                const Terms t = columns.template terms<kGuarded>(k, j0 + j, z_k);
+                const Terms t = columns.template terms<kGuarded>(k, j0 + j, z_k, nearest_k);
                 const Vec c = weight(Vec::loadu(tile.data() + j), t.log_density);
                 acc = times_plus<kGuarded>(times<kGuarded>(c, t.scaled_diff), t.inverse_scale, acc);
               }
@@ -632,16 +666,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_posterior_backward(
           std::fill(log_var_acc.begin(), log_var_acc.end(), scalar_t(0));
           for (int64_t i = 0; i < B; ++i) {
             const scalar_t* z_i = z_ptr + i * d;
-            columns.template joint_log_density<kGuarded>(z_i, j0, count, tile.data(), [](int64_t, const Terms&) {});
+            const scalar_t* nearest_i = nearest_ptr + i * d;
+            columns.template joint_log_density<kGuarded>(z_i, nearest_i, j0, count, tile.data(),
+                                                         [](int64_t, const Terms&) {});
             to_joint_weight(i, count, tile.data());
             for (int64_t k = 0; k < d; ++k) {
-              const Vec z_k(z_i[k]);
+              const Vec z_k(z_i[k]), nearest_k(nearest_i[k]);
               const Weight weight(grad_marginal_ptr, marginal_ptr, i * d + k);
               const Vec half(scalar_t(0.5));
               scalar_t* mean_k = mean_acc.data() + k * tile_width;
               scalar_t* log_var_k = log_var_acc.data() + k * tile_width;
               for (int64_t j = 0; j < count; j += Vec::size()) {
-                const Terms t = columns.template terms<kGuarded>(k, j0 + j, z_k);
+                const Terms t = columns.template terms<kGuarded>(k, j0 + j, z_k, nearest_k);
                 const Vec c = weight(Vec::loadu(tile.data() + j), t.log_density);
                 const Vec c_w = times<kGuarded>(c, t.scaled_diff);
                 times_plus<kGuarded>(c_w, t.inverse_scale, Vec::loadu(mean_k + j)).store(mean_k + j);

@@ -603,26 +603,28 @@ def importance_sampled_nll(
 
 def _aggregate_posterior_fake(z, mean, log_var, with_marginal):
     B, d = z.shape
-    return z.new_empty(B), z.new_empty(B, d if with_marginal else 0)
+    return z.new_empty(B), z.new_empty(B, d if with_marginal else 0), z.new_empty(B, d)
 
 
-def _aggregate_posterior_backward_fake(grad_joint, grad_marginal, z, mean, log_var, joint, marginal):
+def _aggregate_posterior_backward_fake(grad_joint, grad_marginal, z, mean, log_var, joint, marginal, nearest):
     return z.new_empty(z.shape), mean.new_empty(mean.shape), log_var.new_empty(log_var.shape)
 
 
 def _save_aggregate_posterior(ctx, inputs, output):
     z, mean, log_var, _ = inputs
     ctx.save_for_backward(z, mean, log_var, *output)
+    # The shift of the terms (csrc/ops.cpp): the gradients are those of the log-densities it shifts.
+    ctx.mark_non_differentiable(output[2])
 
 
 def _make_aggregate_posterior_backward(ops):
-    def backward(ctx, grad_joint, grad_marginal):
-        z, mean, log_var, joint, marginal = ctx.saved_tensors
+    def backward(ctx, grad_joint, grad_marginal, _grad_nearest):
+        z, mean, log_var, joint, marginal, nearest = ctx.saved_tensors
         grad_joint = torch.zeros_like(joint) if grad_joint is None else grad_joint.contiguous()
         # Shaped like the saved marginal: [B, 0] after a joint-only forward, which tells the
         # kernels to leave the marginal's term out.
         grad_marginal = torch.zeros_like(marginal) if grad_marginal is None else grad_marginal.contiguous()
-        grads = ops.aggregate_posterior_backward(grad_joint, grad_marginal, z, mean, log_var, joint, marginal)
+        grads = ops.aggregate_posterior_backward(grad_joint, grad_marginal, z, mean, log_var, joint, marginal, nearest)
         return *grads, None
 
     return backward
@@ -635,8 +637,9 @@ register("aggregate_posterior_backward", _aggregate_posterior_backward_fake)
 
 
 def _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal):
-    """(log q(z_i), log q(z_ik)) for the batch, from one fused pass; None when on the reference backend.
-    Without ``with_marginal`` the second is empty, [B, 0], and costs nothing."""
+    """(log q(z_i) + s_i, log q(z_ik) + s_ik, nearest_ik) for the batch, from one fused pass, with
+    the shift s_ik = nearest_ik^2 of csrc/ops.cpp (s_i its sum over k); None when on the reference
+    backend. Without ``with_marginal`` the second is empty, [B, 0], and costs nothing."""
     check_float(fn, "z", z)
     if z.dim() != 2 or z.shape[0] == 0:
         fail(fn, f"z must have shape [B, d] with B >= 1, got {list(z.shape)}")
@@ -652,11 +655,11 @@ def _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal):
     backend = _backend.choose("aggregate_posterior", z.device, z.dtype)
     if backend == "reference":
         return None
-    joint, marginal = _backend.ops(backend).aggregate_posterior(
+    joint, marginal, nearest = _backend.ops(backend).aggregate_posterior(
         z.contiguous(), mean.contiguous(), log_var.contiguous(), with_marginal
     )
     normaliser = math.log(mean.shape[0] * (dataset_size or 1))
-    return joint - normaliser, marginal - normaliser
+    return joint - normaliser, marginal - normaliser, nearest
 
 
 def aggregate_posterior_log_density(
@@ -684,10 +687,14 @@ def aggregate_posterior_log_density(
 
     float32 limits: each log-density term is computed in the input's precision, so its rounding
     grows with (z - mean)^2 / var: at |z - mean| / std ~ 1e4 the terms are ~ -5e7, whose float32
-    ulp (4) exceeds the size of :func:`total_correlation` or :func:`mutual_information`, which
-    subtract such terms (their gradients, taken through softmax weights of those terms, are then
-    off too); past ~1e19 the square overflows, the terms are -inf and those estimators NaN (inf -
-    inf) although their float64 value is finite. Use float64 inputs for codes that far out.
+    ulp is 4, and past ~1e19 the square overflows and the log-density is -inf. The kernels take
+    every term relative to the nearest posterior's (the smallest (z - mean)^2 / var over the
+    batch, for each sample and dim), which :func:`total_correlation`'s difference cancels: it
+    stays accurate and finite for codes that far out, unless two posteriors are about equally
+    near such a code (their weights then round by those units). :func:`mutual_information` and
+    :func:`marginal_kl` subtract the log-densities themselves, so there a code ~1e4 standard
+    deviations out costs units of rounding and one ~1e19 out gives inf - inf = NaN, although
+    their float64 value is finite. Use float64 inputs for codes that far out.
 
     Example:
         >>> import torch, vaekernels
@@ -705,7 +712,9 @@ def _aggregate_log_density(fn: str, z, mean, log_var, dataset_size, per_dim: boo
     fused = _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal=per_dim)
     if fused is None:
         return reference.aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size, per_dim=per_dim)
-    return fused[1] if per_dim else fused[0]
+    joint, marginal, nearest = fused
+    shift = nearest.square()
+    return marginal - shift if per_dim else joint - shift.sum(-1)
 
 
 def marginal_kl(z, mean, log_var, *, dataset_size: int | None = None) -> torch.Tensor:
@@ -747,6 +756,9 @@ def mutual_information(z, mean, log_var, *, dataset_size: int | None = None) -> 
 def total_correlation(z, mean, log_var, *, dataset_size: int | None = None) -> torch.Tensor:
     """Total correlation KL(q(z) || prod_k q(z_k)) = mean_i [log q(z_i) - sum_k log q(z_ik)].
 
+    Finite wherever its value is, even for a code so far from every posterior that its
+    log-densities overflow (see :func:`aggregate_posterior_log_density` for NaN, ±inf and float32).
+
     Example:
         >>> import torch, vaekernels
         >>> z, mean = torch.randn(16, 3), torch.randn(16, 3)
@@ -757,5 +769,7 @@ def total_correlation(z, mean, log_var, *, dataset_size: int | None = None) -> t
     fused = _aggregate_posterior(fn, z, mean, log_var, dataset_size, with_marginal=True)
     if fused is None:
         return reference.total_correlation(z, mean, log_var, dataset_size=dataset_size)
-    joint, marginal = fused
+    # The shifts cancel: both terms are finite wherever the correlation is, even where a code so
+    # far out that its log-densities overflow to -inf (csrc/ops.cpp).
+    joint, marginal, _ = fused
     return (joint - marginal.sum(-1)).mean()

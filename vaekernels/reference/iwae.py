@@ -105,16 +105,24 @@ def standardised(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> 
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, exp(log_var)) summed over the last dim, with broadcasting. At a variance of
-    0 (log_var = -inf) away from the mean, w^2 = +inf outgrows log_var = -inf: the term is -inf
-    (a density of 0), not -inf + inf = NaN; w is held constant there as wherever it overflows,
-    so that d/dlog_var is -1/2 (the kernels')."""
+    """log N(x; mean, exp(log_var)) summed over the last dim, with broadcasting."""
+    return _gaussian_log_density_terms(x, mean, log_var).sum(-1)
+
+
+def _gaussian_log_density_terms(x, mean, log_var, nearest=None):
+    """log N(x; mean, exp(log_var)) per element, with broadcasting. At a variance of 0 (log_var =
+    -inf) away from the mean, w^2 = +inf outgrows log_var = -inf: the term is -inf (a density of
+    0), not -inf + inf = NaN; w is held constant there as wherever it overflows, so that
+    d/dlog_var is -1/2 (the kernels'). With ``nearest`` (a constant |w| per element) the term is
+    shifted by nearest^2 / 2, the square taken as (|w| - nearest)(|w| + nearest): exactly 0 where
+    |w| = nearest, even where w^2 overflows."""
     w = standardised(x, mean, log_var)
+    square = w**2 if nearest is None else (w.abs() - nearest) * (w.abs() + nearest)
     zero_variance = torch.isneginf(log_var) & torch.isinf(w)
     log_var_b = log_var.expand(w.shape)
     plus_inf = _StraightThrough.apply(log_var_b, torch.full_like(w, float("inf")))
-    quad = torch.where(zero_variance, plus_inf, log_var_b + w**2)
-    return -0.5 * (LOG_2PI + quad).sum(-1)
+    quad = torch.where(zero_variance, plus_inf, log_var_b + square)
+    return -0.5 * (LOG_2PI + quad)
 
 
 def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -214,7 +222,17 @@ def mutual_information(z, mean, log_var, *, dataset_size=None):
 
 
 def total_correlation(z, mean, log_var, *, dataset_size=None):
-    """Total correlation: mean_i [log q(z_i) - sum_k log q(z_ik)]."""
-    joint = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size)
-    marginals = aggregate_posterior_log_density(z, mean, log_var, dataset_size=dataset_size, per_dim=True)
+    """Total correlation: mean_i [log q(z_i) - sum_k log q(z_ik)].
+
+    Every term log q(z_ik | x_j) is shifted by the same nearest[i, k]^2 / 2 for all j, nearest the
+    smallest |w| = |z_ik - mean_jk| / std_jk over j: the difference cancels it, and the nearest
+    posterior's term stays finite where w^2 overflows (a code 1e30 out in float32, whose
+    log-densities are -inf but whose correlation is not), as in the fused kernels."""
+    z, mean, log_var = z.unsqueeze(1), mean.unsqueeze(0), log_var.unsqueeze(0)  # [B, 1, d], [1, N, d]
+    nearest = standardised(z, mean, log_var).detach().abs().amin(1, keepdim=True)
+    nearest = torch.where(torch.isinf(nearest), 0.0, nearest)  # no posterior in reach: no shift
+    table = _gaussian_log_density_terms(z, mean, log_var, nearest)  # [B, N, d]
+    normaliser = math.log(dataset_size or 1)
+    joint = log_mean_exp(table.sum(-1), dim=1) - normaliser
+    marginals = log_mean_exp(table, dim=1) - normaliser
     return (joint - marginals.sum(-1)).mean()

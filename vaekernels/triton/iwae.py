@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 _LOG_2PI = tl.constexpr(math.log(2.0 * math.pi))
+_SQRT_HALF = tl.constexpr(math.sqrt(0.5))
 
 # Elements of one register tile per accumulation dtype: about 8 per thread at the warp counts of
 # `_num_warps`, which keeps every kernel's temporaries in registers (ptxas, sm_90: no spills)
@@ -568,13 +569,42 @@ def _posterior_tile(mean_ptr, log_var_ptr, j, k, mask, sm_n, sm_d, sv_n, sv_d, A
 
 
 @triton.jit
-def _pairwise_log_density(z, mean, log_var, inv_std, ACC: tl.constexpr):
-    """l[i, j, k] = log N(z_ik; mean_jk, exp(log_var_jk)) for a [BI, BK] z tile and [BJ, BK]
-    posterior tiles -> ([BI, BJ, BK] l, [BI, BJ, BK] w = (z - mean) / std). With w, z = mean
-    gives 0 where (z - mean)^2 / var would be 0 * inf for a tiny variance."""
+def _pairwise_distance(z, mean, inv_std):
+    """([BI, BJ, BK] w = (z - mean) / std, |w| / sqrt(2)) for a [BI, BK] z tile and [BJ, BK]
+    posterior tiles. With w, z = mean gives 0 where (z - mean)^2 / var would be 0 * inf for a tiny
+    variance; |w| / sqrt(2) is the distance whose minimum over j is the op's `nearest`."""
     w = _times_unless_zero(z[:, None, :] - mean[None, :, :], inv_std[None, :, :])
+    return w, tl.abs(w) * _SQRT_HALF
+
+
+@triton.jit
+def _nearest(z, mean_ptr, log_var_ptr, k, k_mask, N, sm_n, sm_d, sv_n, sv_d, ACC: tl.constexpr, BLOCK_J: tl.constexpr):
+    """nearest[i, k] = min_j |z_ik - mean_jk| / sqrt(2 var_jk) [BI, BK], 0 where every one is inf:
+    the shift of the terms (csrc/ops.cpp). A NaN among them is left to the terms, which it makes NaN."""
+    nearest = tl.full([z.shape[0], z.shape[1]], float("inf"), ACC)
+    for j0 in range(0, N, BLOCK_J):
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+        j_mask = j < N
+        mean, _, inv_std = _posterior_tile(
+            mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :], sm_n, sm_d, sv_n, sv_d, ACC
+        )
+        _, distance = _pairwise_distance(z, mean, inv_std)
+        nearest = tl.minimum(nearest, tl.min(tl.where(j_mask[None, :, None], distance, float("inf")), axis=1))
+    return tl.where(nearest == float("inf"), 0.0, nearest)
+
+
+@triton.jit
+def _pairwise_log_density(z, mean, log_var, inv_std, nearest, ACC: tl.constexpr):
+    """l[i, j, k] + nearest[i, k]^2, l = log N(z_ik; mean_jk, exp(log_var_jk)), for a [BI, BK] z
+    tile and [BJ, BK] posterior tiles -> ([BI, BJ, BK] shifted terms, [BI, BJ, BK] w = (z - mean) / std).
+    The square enters as (d - nearest)(d + nearest), d = |w| / sqrt(2): exactly 0 for the nearest
+    posterior even where w^2 overflows; a variance of 0 away from its mean gives -inf."""
+    w, distance = _pairwise_distance(z, mean, inv_std)
+    excess = _times_unless_zero(distance - nearest[:, None, :], distance + nearest[:, None, :])
+    log_var = log_var[None, :, :]
+    density_zero = (log_var == float("-inf")) & (excess == float("inf"))
     log_2pi = tl.full([], _LOG_2PI, ACC)
-    return -0.5 * (log_2pi + _log_var_plus_square(log_var[None, :, :], w)), w
+    return tl.where(density_zero, float("-inf"), -0.5 * (log_2pi + log_var) - excess), w
 
 
 @triton.jit
@@ -584,6 +614,7 @@ def _aggregate_posterior_fwd_kernel(
     log_var_ptr,
     joint_ptr,
     marginal_ptr,
+    nearest_ptr,
     B,
     N,
     d,
@@ -604,6 +635,8 @@ def _aggregate_posterior_fwd_kernel(
     k_mask = k < d
     z_mask = i_mask[:, None] & k_mask[None, :]
     z = _load_tile(z_ptr + i * sz_b, k, sz_d, z_mask, ACC)
+    nearest = _nearest(z, mean_ptr, log_var_ptr, k, k_mask, N, sm_n, sm_d, sv_n, sv_d, ACC, BLOCK_J)
+    _store_tile(nearest_ptr, i, k, d, nearest, z_mask)
     joint_max = tl.full([BLOCK_I], float("-inf"), ACC)
     joint_sum = tl.zeros([BLOCK_I], ACC)
     if WITH_MARGINAL:
@@ -615,7 +648,7 @@ def _aggregate_posterior_fwd_kernel(
         mean, log_var, inv_std = _posterior_tile(
             mean_ptr, log_var_ptr, j, k, j_mask[:, None] & k_mask[None, :], sm_n, sm_d, sv_n, sv_d, ACC
         )
-        l, _ = _pairwise_log_density(z, mean, log_var, inv_std, ACC)
+        l, _ = _pairwise_log_density(z, mean, log_var, inv_std, nearest, ACC)
 
         # Online logsumexp over j; an all -inf prefix is shifted by 0 instead of -inf (which
         # would make exp(-inf - -inf) = NaN) and keeps a sum of exactly 0.
@@ -644,6 +677,7 @@ def _sample_tile(
     z_ptr,
     joint_ptr,
     marginal_ptr,
+    nearest_ptr,
     grad_joint_ptr,
     grad_marginal_ptr,
     i,
@@ -658,12 +692,14 @@ def _sample_tile(
     sgj_b,
     sgm_b,
     sgm_d,
+    d,
     ACC: tl.constexpr,
     WITH_MARGINAL: tl.constexpr,
 ):
-    """What the backward needs of the samples i: z, the saved log_joint and log_marginal, and
-    their incoming gradients."""
+    """What the backward needs of the samples i: z, the saved log_joint, log_marginal and the
+    (contiguous) nearest, and the incoming gradients."""
     z = _load_tile(z_ptr + i * sz_b, k, sz_d, ik_mask, ACC)
+    nearest = _load_tile(nearest_ptr + i * d, k, 1, ik_mask, ACC)
     log_joint = _load_rows(joint_ptr + i * sj_b, i_mask, ACC)
     grad_joint = _load_rows(grad_joint_ptr + i * sgj_b, i_mask, ACC)
     if WITH_MARGINAL:
@@ -674,12 +710,13 @@ def _sample_tile(
         # leaves these stand-ins unread.
         log_marginal = tl.zeros([1, 1], ACC)
         grad_marginal = tl.zeros([1, 1], ACC)
-    return z, log_joint, log_marginal, grad_joint, grad_marginal
+    return z, nearest, log_joint, log_marginal, grad_joint, grad_marginal
 
 
 @triton.jit
 def _pair_weights(
     z,
+    nearest,
     mean,
     log_var,
     inv_std,
@@ -698,7 +735,7 @@ def _pair_weights(
     marginal there is no b term, and no exp per (i, j, k). The gradients take r = (z - m) / var
     as (c w) / std and r (z - m) as (c w) w: a zero weight then gives 0 even where w / std or w^2
     overflows for a tiny variance."""
-    l, w = _pairwise_log_density(z, mean, log_var, inv_std, ACC)
+    l, w = _pairwise_log_density(z, mean, log_var, inv_std, nearest, ACC)
     l = tl.where(k_mask[None, None, :], l, 0.0)
     joint_l = tl.sum(l, axis=2)
     a = tl.where(pair_mask & (joint_l != float("-inf")), tl.exp(joint_l - log_joint[:, None]), 0.0)
@@ -718,6 +755,7 @@ def _aggregate_posterior_bwd_z_kernel(
     log_var_ptr,
     joint_ptr,
     marginal_ptr,
+    nearest_ptr,
     grad_z_ptr,
     B,
     N,
@@ -744,10 +782,11 @@ def _aggregate_posterior_bwd_z_kernel(
     k = tl.arange(0, BLOCK_K).to(tl.int64)
     k_mask = k < d
     ik_mask = i_mask[:, None] & k_mask[None, :]
-    z, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
+    z, nearest, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
         z_ptr,
         joint_ptr,
         marginal_ptr,
+        nearest_ptr,
         grad_joint_ptr,
         grad_marginal_ptr,
         i,
@@ -762,6 +801,7 @@ def _aggregate_posterior_bwd_z_kernel(
         sgj_b,
         sgm_b,
         sgm_d,
+        d,
         ACC,
         WITH_MARGINAL,
     )
@@ -774,6 +814,7 @@ def _aggregate_posterior_bwd_z_kernel(
         )
         _, c_w, _ = _pair_weights(
             z,
+            nearest,
             mean,
             log_var,
             inv_std,
@@ -799,6 +840,7 @@ def _aggregate_posterior_bwd_posterior_kernel(
     log_var_ptr,
     joint_ptr,
     marginal_ptr,
+    nearest_ptr,
     grad_mean_ptr,
     grad_log_var_ptr,
     B,
@@ -832,10 +874,11 @@ def _aggregate_posterior_bwd_posterior_kernel(
     for i0 in range(0, B, BLOCK_I):
         i = (i0 + tl.arange(0, BLOCK_I)).to(tl.int64)
         i_mask = i < B
-        z, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
+        z, nearest, log_joint, log_marginal, grad_joint, grad_marginal = _sample_tile(
             z_ptr,
             joint_ptr,
             marginal_ptr,
+            nearest_ptr,
             grad_joint_ptr,
             grad_marginal_ptr,
             i,
@@ -850,11 +893,13 @@ def _aggregate_posterior_bwd_posterior_kernel(
             sgj_b,
             sgm_b,
             sgm_d,
+            d,
             ACC,
             WITH_MARGINAL,
         )
         c, c_w, w = _pair_weights(
             z,
+            nearest,
             mean,
             log_var,
             inv_std,
@@ -875,13 +920,14 @@ def _aggregate_posterior_bwd_posterior_kernel(
 
 def _aggregate_posterior(
     z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, with_marginal: bool, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, d = z.shape
     N = mean.shape[0]
     joint = torch.empty(B, dtype=dtype, device=z.device)
     marginal = torch.empty((B, d if with_marginal else 0), dtype=dtype, device=z.device)
+    nearest = torch.empty((B, d), dtype=dtype, device=z.device)
     if B == 0:
-        return joint, marginal
+        return joint, marginal, nearest
     acc = _acc_dtype(z, mean, log_var)
     block_i, block_j, block_k = _pair_blocks(B, N, d, acc)
     with _on_device(z):
@@ -891,6 +937,7 @@ def _aggregate_posterior(
             log_var,
             joint,
             marginal,
+            nearest,
             B,
             N,
             d,
@@ -904,21 +951,22 @@ def _aggregate_posterior(
             WITH_MARGINAL=with_marginal,
             num_warps=_num_warps(block_i * block_j * block_k),
         )
-    return joint, marginal
+    return joint, marginal, nearest
 
 
 def aggregate_posterior_fwd(
     z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, with_marginal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For z [B, d] and posteriors (mean, log_var) [N, d], with l[i, j, k] = log N(z_ik; mean_jk,
-    exp(log_var_jk)): joint[i] = logsumexp_j sum_k l [B] and marginal[i, k] = logsumexp_j l [B, d],
-    streamed over j (no [B, N, d] tensor). The marginal takes an exp per (i, j, k), the joint one
-    per (i, j): with ``with_marginal=False`` the marginal is skipped and comes back empty, [B, 0].
+    exp(log_var_jk)) shifted by nearest[i, k]^2 (csrc/ops.cpp): joint[i] = logsumexp_j sum_k l [B],
+    marginal[i, k] = logsumexp_j l [B, d] and nearest [B, d], streamed over j (no [B, N, d]
+    tensor). The marginal takes an exp per (i, j, k), the joint one per (i, j): with
+    ``with_marginal=False`` the marginal is skipped and comes back empty, [B, 0].
 
     >>> z = torch.zeros(2, 3, device="cuda")
-    >>> joint, marginal = aggregate_posterior_fwd(z, z, z, with_marginal=False)  # log 2 + 3 log N(0; 0, 1)
-    >>> joint, marginal.shape
-    (tensor([-2.0637, -2.0637], device='cuda:0'), torch.Size([2, 0]))
+    >>> joint, marginal, nearest = aggregate_posterior_fwd(z, z, z, with_marginal=False)  # log 2 + 3 log N(0; 0, 1)
+    >>> joint, marginal.shape, nearest.abs().max().item()
+    (tensor([-2.0637, -2.0637], device='cuda:0'), torch.Size([2, 0]), 0.0)
     """
     return _aggregate_posterior(z, mean, log_var, with_marginal, z.dtype)
 
@@ -931,17 +979,19 @@ def aggregate_posterior_bwd(
     log_var: torch.Tensor,
     joint: torch.Tensor,
     marginal: torch.Tensor,
+    nearest: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (grad_z [B, d], grad_mean [N, d], grad_log_var [N, d]) of `aggregate_posterior_fwd`
-    given those of its outputs, recomputing l block by block from the saved joint and marginal
+    given those of its outputs, recomputing l block by block from the saved joint, marginal and nearest
     (recomputed in float32 for float16/bfloat16 inputs, whose rounding the weights would magnify).
     A [B, 0] marginal and grad_marginal (a joint-only forward) leave out the marginal's term. One
     kernel reduces over j for grad_z, one over i for the posterior parameters, so no two programs
     write the same element.
 
     >>> z = torch.zeros(2, 3, device="cuda")
-    >>> joint, marginal = aggregate_posterior_fwd(z, z, z, with_marginal=True)
-    >>> grads = aggregate_posterior_bwd(torch.ones_like(joint), torch.zeros_like(marginal), z, z, z, joint, marginal)
+    >>> joint, marginal, nearest = aggregate_posterior_fwd(z, z, z, with_marginal=True)
+    >>> grad_joint, grad_marginal = torch.ones_like(joint), torch.zeros_like(marginal)
+    >>> grads = aggregate_posterior_bwd(grad_joint, grad_marginal, z, z, z, joint, marginal, nearest)
     >>> grads[2]  # two z_i, each with weight a = 1/2 on every j, times 0.5 * (r (z - m) - 1) = -0.5
     tensor([[-0.5000, -0.5000, -0.5000],
             [-0.5000, -0.5000, -0.5000]], device='cuda:0')
@@ -956,8 +1006,8 @@ def aggregate_posterior_bwd(
         # The weights exp(l - logsumexp) magnify the absolute rounding of a saved half-precision
         # logsumexp (0.06 at |joint| = 20 in bfloat16, a 6% error in every gradient); one extra
         # forward pass gives them in float32.
-        joint, marginal = _aggregate_posterior(z, mean, log_var, with_marginal, torch.float32)
-    tensors = (grad_joint, grad_marginal, z, mean, log_var, joint, marginal)
+        joint, marginal, nearest = _aggregate_posterior(z, mean, log_var, with_marginal, torch.float32)
+    tensors = (grad_joint, grad_marginal, z, mean, log_var, joint, marginal, nearest.contiguous())
     strides = (
         grad_joint.stride(0),
         *grad_marginal.stride(),
