@@ -274,16 +274,20 @@ def test_concat_elu_saves_only_its_input():
 def test_concat_elu_extremes(device_backend):
     device, _ = device_backend
     inf, nan = float("inf"), float("nan")
-    x = torch.tensor([[inf, -inf, 1e30, -1e30, -200.0, nan]], device=device, requires_grad=True)
+    # A row of 64, so that the reference's F.elu reaches the NaN in its vectorised loop, which
+    # gives it the gradient NaN as the kernels do (its scalar tail would give the slope 1).
+    values = torch.tensor([nan, inf, -inf, 1e30, -1e30, -200.0], device=device)
+    x = torch.cat([values, torch.zeros(58, device=device)]).view(1, 64).requires_grad_()
     out = vaekernels.concat_elu(x)
     expected = ref.concat_elu(x.detach().double()).float()
-    assert torch.equal(out.detach()[:, :5], expected[:, :5]) and torch.equal(out.detach()[:, 6:11], expected[:, 6:11])
-    assert out[0, 5].isnan() and out[0, 11].isnan()
-    cotangent = torch.arange(1.0, 13.0, device=device).view(1, 12)
+    assert out[0, 0].isnan() and out[0, 64].isnan()
+    assert torch.equal(out.detach()[:, 1:64], expected[:, 1:64]) and torch.equal(out.detach()[:, 65:], expected[:, 65:])
+    cotangent = torch.arange(1.0, 129.0, device=device).view(1, 128)
     (out * cotangent).sum().backward()
-    # g1 elu'(v) - g2 elu'(-v): g1 at +inf and 1e30, -g2 at -inf and -1e30, g1 e^-200 - g2 at -200,
-    # and g1 - g2 at NaN, where torch's ELU takes the slope 1.
-    assert x.grad.flatten().tolist() == [1.0, -8.0, 3.0, -10.0, -11.0, -6.0]
+    # g1 elu'(v) - g2 elu'(-v): NaN at NaN, g1 at +inf and 1e30, -g2 at -inf and -1e30, g1 e^-200 - g2
+    # at -200, and g1 - g2 = -64 at 0 (both slopes exp(0) = 1).
+    assert x.grad[0, 0].isnan() and x.grad[0, 1:6].tolist() == [2.0, -67.0, 4.0, -69.0, -70.0]
+    assert (x.grad[0, 6:] == -64.0).all()
 
 
 CPP_BACKEND = [backend for backend in vaekernels.available_backends() if backend == "cpu"]

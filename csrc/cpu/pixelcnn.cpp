@@ -201,9 +201,9 @@ at::Tensor concat_elu(const at::Tensor& x) {
   return out;
 }
 
-// d/dx = g_1 elu'(x) - g_2 elu'(-x), where elu'(u) is exp(u) for u <= 0 and 1 otherwise, as
-// torch's ELU takes it (so 1 at a NaN, where both comparisons fail): e = exp(-|x|) (not 1 + expm1,
-// which loses e below float's epsilon) is elu'(x) for x <= 0 and elu'(-x) for x >= 0.
+// d/dx = g_1 elu'(x) - g_2 elu'(-x), where elu'(u) is 1 for u > 0 and exp(u) otherwise, so NaN at
+// a NaN (as torch's vectorised ELU gives it; its scalar tail gives 1): e = exp(-|x|) (not 1 +
+// expm1, which loses e below float's epsilon) is elu'(x) for x <= 0 and elu'(-x) for x >= 0.
 // grad [B, 2M] in any layout.
 at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
   constexpr const char* op = "vaekernels::concat_elu_backward";
@@ -226,7 +226,7 @@ at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
         const Vec v = Vec::loadu(src + d, lanes);
         const Vec g1 = Vec::loadu(g_first + d, lanes), g2 = Vec::loadu(g_second + d, lanes);
         const Vec zero(scalar_t(0)), one(scalar_t(1)), e = v.abs().neg().exp();
-        const Vec slope = Vec::blendv(one, e, v <= zero), mirrored_slope = Vec::blendv(one, e, v >= zero);
+        const Vec slope = Vec::blendv(e, one, v > zero), mirrored_slope = Vec::blendv(e, one, v < zero);
         (g1 * slope - g2 * mirrored_slope).store(dst + d, lanes);
       };
       int64_t d = 0;

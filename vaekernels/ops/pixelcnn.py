@@ -424,9 +424,9 @@ def concat_elu(x: torch.Tensor) -> torch.Tensor:
     One pass writes both halves: of elu(v) and elu(-v) one is linear and the other expm1(-|v|),
     so each element costs one expm1, and neither the negation nor the concatenation is made. The
     backward keeps x only (not the [B, 2C, ...] output) and reads the gradient once.
-    NaN and ±inf: a NaN gives NaN in both halves, and the gradient g_1 - g_2 that torch's ELU gives
-    it (slope 1); +inf gives (inf, -1) and -inf (-1, inf), with finite gradients (the ELU's slope is
-    1 on one side and exp(-inf) = 0 on the other).
+    NaN and ±inf: a NaN gives NaN in both halves and a NaN gradient (as torch's vectorised ELU; its
+    scalar tail gives a NaN the slope 1); +inf gives (inf, -1) and -inf (-1, inf), with finite
+    gradients (the ELU's slope is 1 on one side and exp(-inf) = 0 on the other).
 
     Example:
         >>> import torch, vaekernels

@@ -232,10 +232,10 @@ def _concat_elu_bwd_kernel(grad_ptr, x_ptr, grad_x_ptr, M, stride_b, ACC: tl.con
     g_first = grad_ptr + b * 2 * M + cols
     g1 = tl.load(g_first, mask=mask, other=0.0).to(ACC)
     g2 = tl.load(g_first + M, mask=mask, other=0.0).to(ACC)
-    # g1 elu'(v) - g2 elu'(-v), with elu'(u) = exp(u) for u <= 0 and 1 otherwise, as torch's ELU
-    # takes it (so 1 at a NaN, where both comparisons fail).
+    # g1 elu'(v) - g2 elu'(-v), with elu'(u) = 1 for u > 0 and exp(u) otherwise: NaN at a NaN, as
+    # the C++ kernel and torch's vectorised ELU.
     e = tl.exp(-tl.abs(v))
-    grad_x = g1 * tl.where(v <= 0.0, e, 1.0) - g2 * tl.where(v >= 0.0, e, 1.0)
+    grad_x = g1 * tl.where(v > 0.0, 1.0, e) - g2 * tl.where(v < 0.0, 1.0, e)
     tl.store(grad_x_ptr + b * M + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
