@@ -210,10 +210,16 @@ def _expm1_of_nonpositive(d):
 
 
 @triton.jit
-def _concat_elu_fwd_kernel(x_ptr, out_ptr, M, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < M
+def _concat_elu_elements(M, total, BLOCK: tl.constexpr):
+    """The program's block of the B * M elements, as (example b, position m, mask): blocks run across
+    examples, so that many short examples (M = 12 of 70001) still fill a block."""
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return index // M, index % M, index < total
+
+
+@triton.jit
+def _concat_elu_fwd_kernel(x_ptr, out_ptr, M, total, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    b, cols, mask = _concat_elu_elements(M, total, BLOCK)
     v = tl.load(x_ptr + b * stride_b + cols, mask=mask, other=0.0).to(ACC)
     # Of elu(v) and elu(-v) one is linear, the other expm1(-|v|); a NaN fails v > 0 and reaches both.
     curved = _expm1_of_nonpositive(-tl.abs(v))
@@ -224,10 +230,8 @@ def _concat_elu_fwd_kernel(x_ptr, out_ptr, M, stride_b, ACC: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _concat_elu_bwd_kernel(grad_ptr, x_ptr, grad_x_ptr, M, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < M
+def _concat_elu_bwd_kernel(grad_ptr, x_ptr, grad_x_ptr, M, total, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    b, cols, mask = _concat_elu_elements(M, total, BLOCK)
     v = tl.load(x_ptr + b * stride_b + cols, mask=mask, other=0.0).to(ACC)
     g_first = grad_ptr + b * 2 * M + cols
     g1 = tl.load(g_first, mask=mask, other=0.0).to(ACC)
@@ -240,12 +244,13 @@ def _concat_elu_bwd_kernel(grad_ptr, x_ptr, grad_x_ptr, M, stride_b, ACC: tl.con
 
 
 def _concat_elu_launch(kernel, x: torch.Tensor, *tensors: torch.Tensor) -> None:
-    """kernel(*tensors, M, x's batch stride) over one program per block of an example's M values."""
+    """kernel(*tensors, M, B * M, x's batch stride) over one program per block of the B * M elements."""
     batch, m = x.shape
-    block = min(triton.next_power_of_2(max(m, 1)), _MAX_BLOCK)
+    total = batch * m
+    block = min(triton.next_power_of_2(total), _MAX_BLOCK)
     with _on_device(x):
-        kernel[(batch, triton.cdiv(m, block))](
-            *tensors, m, x.stride(0), ACC=_acc_dtype(x), BLOCK=block, num_warps=4 if block >= 512 else 1
+        kernel[(triton.cdiv(total, block),)](
+            *tensors, m, total, x.stride(0), ACC=_acc_dtype(x), BLOCK=block, num_warps=4 if block >= 512 else 1
         )
 
 
