@@ -92,10 +92,12 @@ TORCH_LIBRARY(vaekernels, m) {
   // (grad_x [B, 2C, N], grad_cond [B, 2C], or an empty [0] tensor without a condition).
   m.def("gated_activation(Tensor x, Tensor? cond, str gate) -> Tensor");
   m.def("gated_activation_backward(Tensor grad, Tensor x, Tensor? cond, str gate) -> (Tensor, Tensor)");
-  // PixelCNN++'s concat-ELU (csrc/cpu/pixelcnn.cpp): x [B, M] (an example's channels and pixels,
-  // last dim contiguous) -> [elu(x), elu(-x)] [B, 2M]; the backward reads x and the gradient only.
-  m.def("concat_elu(Tensor x) -> Tensor");
-  m.def("concat_elu_backward(Tensor grad, Tensor x) -> Tensor");
+  // PixelCNN++'s concat-ELU (csrc/cpu/pixelcnn.cpp): x [B, C, H, W] (each example contiguous, any
+  // batch stride) -> [elu(x), elu(-x)] [B, 2C, H + top + bottom, W + left + right], zero-padded by
+  // padding = [left, right, top, bottom] ([] for none) as F.pad would; the backward reads x and the
+  // gradient's interior only.
+  m.def("concat_elu(Tensor x, int[] padding) -> Tensor");
+  m.def("concat_elu_backward(Tensor grad, Tensor x, int[] padding) -> Tensor");
 }
 
 namespace {

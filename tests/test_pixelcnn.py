@@ -252,6 +252,24 @@ def test_concat_elu_matches_reference(device_backend, dtype, shape):
     check_against_reference(vaekernels.concat_elu, ref.concat_elu, [x], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padding", [(1, 1, 1, 0), (1, 0, 1, 0), (0, 0, 0, 0), (2, 3, 0, 4)])
+def test_concat_elu_with_padding_is_f_pad_of_it(device_backend, dtype, padding):
+    device, _ = device_backend
+    x = randn(2, 3, 5, 4, device=device, dtype=dtype, scale=3)
+    check_against_reference(
+        lambda t: vaekernels.concat_elu(t, padding=padding), lambda t: ref.concat_elu(t, padding), [x], dtype
+    )
+    # Exactly F.pad of the unpadded op: zeros on the padding, the same numbers inside.
+    unpadded = vaekernels.concat_elu(x)
+    assert torch.equal(vaekernels.concat_elu(x, padding=padding), torch.nn.functional.pad(unpadded, padding))
+    # A non-contiguous input and a gradient of any layout.
+    x = randn(2, 6, 5, 4, device=device).to(memory_format=torch.channels_last)[:, 1:4]
+    got = grads(lambda t: vaekernels.concat_elu(t, padding=padding).sum().unsqueeze(0), [x])[1][0]
+    want = grads(lambda t: ref.concat_elu(t, padding).sum().unsqueeze(0), [x])[1][0]
+    assert rel_err(got, want) <= RTOL[torch.float64]
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_concat_elu_of_any_layout(device_backend, memory_format):
     device, _ = device_backend
@@ -524,15 +542,19 @@ def test_opcheck(device_backend, name, cond):
 @pytest.mark.parametrize("name", ["concat_elu", "concat_elu_backward"])
 def test_opcheck_concat_elu(device_backend, name):
     device, backend = device_backend
-    x = randn(3, 20, device=device, dtype=torch.float32, scale=2)
-    args = (x,) if name == "concat_elu" else (randn(3, 40, device=device, dtype=torch.float32, seed=1), x)
-    torch.library.opcheck(getattr(_backend.ops(backend), name).default, args)
+    op = getattr(_backend.ops(backend), name).default
+    for shape, padding, grad_shape in (((3, 1, 1, 20), [], (3, 2, 1, 20)), ((2, 3, 4, 5), [1, 2, 1, 0], (2, 6, 5, 8))):
+        x = randn(*shape, device=device, dtype=torch.float32, scale=2)
+        grad = randn(*grad_shape, device=device, dtype=torch.float32, seed=1)
+        torch.library.opcheck(op, (x, padding) if name == "concat_elu" else (grad, x, padding))
 
 
 @pytest.mark.parametrize("device_backend", NATIVE)
 def test_gradcheck_float64(device_backend):
     device, _ = device_backend
     assert torch.autograd.gradcheck(vaekernels.concat_elu, (randn(2, 3, 4, device=device, seed=8).requires_grad_(),))
+    padded = randn(2, 3, 4, 2, device=device, seed=9).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: vaekernels.concat_elu(t, padding=(1, 0, 2, 1)), (padded,))
     x, c, _ = gated_args("gated_activation", device)
     assert torch.autograd.gradcheck(lambda x, c: vaekernels.gated_activation(x, c, "tanh"), (x, c))
     assert torch.autograd.gradcheck(lambda x, c: vaekernels.gated_activation(x, c, "linear"), (x, c))
@@ -644,6 +666,18 @@ def test_one_input_channel_compiles_with_inductor(device_backend):
             r"concat_elu: x must have B >= 1 examples and C >= 1 channels, got shape \[2, 0, 3\]",
         ),
         (lambda: vaekernels.concat_elu(torch.zeros(2, 3, dtype=torch.long)), r"concat_elu: x must be a floating-point"),
+        (
+            lambda: vaekernels.concat_elu(torch.zeros(2, 3, 4, 4), padding=(1, 0, -1, 0)),
+            r"concat_elu: padding must be None or \(left, right, top, bottom\), ints >= 0, got \(1, 0, -1, 0\)",
+        ),
+        (
+            lambda: vaekernels.concat_elu(torch.zeros(2, 3, 4, 4), padding=(1, 0)),
+            r"concat_elu: padding must be None or \(left, right, top, bottom\)",
+        ),
+        (
+            lambda: vaekernels.concat_elu(torch.zeros(2, 3, 4), padding=(1, 0, 0, 0)),
+            r"concat_elu: x must have shape \[B, C, H, W\] with padding, got \[2, 3, 4\]",
+        ),
         (lambda: vaekernels.nn.MaskedConv2d(2, 2, 3, stride=2), r"MaskedConv2d: only stride=1"),
         (lambda: vaekernels.nn.MaskedConv2d(2, 2, 4), r"MaskedConv2d: kernel_size must be odd"),
         (lambda: vaekernels.nn.GatedPixelCNNLayer(2, 2, 4), r"GatedPixelCNNLayer: kernel_size must be an odd int >= 3"),
@@ -668,7 +702,11 @@ def test_cpu_kernels_reject_bad_input_with_the_op_name():
         op(torch.zeros(1, 3, 3), None, "tanh")
     with pytest.raises(RuntimeError, match=r"gated_activation_backward: grad must have shape \[1, 1, 3\]"):
         torch.ops.vaekernels.gated_activation_backward(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), None, "tanh")
-    with pytest.raises(RuntimeError, match="concat_elu: x must be a rank-2"):
-        torch.ops.vaekernels.concat_elu(torch.zeros(1, 2, 3))
-    with pytest.raises(RuntimeError, match=r"concat_elu_backward: grad must have shape \[1, 6\]"):
-        torch.ops.vaekernels.concat_elu_backward(torch.zeros(1, 3), torch.zeros(1, 3))
+    with pytest.raises(RuntimeError, match="concat_elu: x must be a rank-4"):
+        torch.ops.vaekernels.concat_elu(torch.zeros(1, 2, 3), [])
+    with pytest.raises(RuntimeError, match="concat_elu: padding must be >= 0"):
+        torch.ops.vaekernels.concat_elu(torch.zeros(1, 2, 3, 3), [0, -1, 0, 0])
+    with pytest.raises(RuntimeError, match=r"concat_elu: padding must be \[\] or \[left, right, top, bottom\]"):
+        torch.ops.vaekernels.concat_elu(torch.zeros(1, 2, 3, 3), [1])
+    with pytest.raises(RuntimeError, match=r"concat_elu_backward: grad must have shape \[1, 4, 3, 5\]"):
+        torch.ops.vaekernels.concat_elu_backward(torch.zeros(1, 4, 3, 3), torch.zeros(1, 2, 3, 3), [1, 1, 0, 0])

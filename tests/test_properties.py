@@ -289,7 +289,8 @@ def test_concat_elu(device_backend, data, b, c, h, w, dtype):
         x = x.contiguous(memory_format=torch.channels_last)
     else:
         x = data.draw(laid_out(x))
-    check(vaekernels.concat_elu, [x], dtype)
+    padding = data.draw(st.none() | st.tuples(*[st.integers(0, 2)] * 4))
+    check(lambda t: vaekernels.concat_elu(t, padding=padding), [x], dtype)
 
 
 @given(

@@ -135,6 +135,7 @@ def _gated_bench(device, dtype):
     )
     _backward(vaekernels.gated_activation(x, torch.randn(x.shape[:2], device=device, dtype=dtype, requires_grad=True)))
     _backward(vaekernels.concat_elu(x[:, : pixelcnn.CHANNELS]))
+    _backward(vaekernels.concat_elu(x[:, : pixelcnn.CHANNELS], padding=(1, 1, 1, 0)))
     # The layer in float32 and float64 only: its half-precision launches are the gated activation's above.
     if dtype in (torch.float32, torch.float64):
         layer = vaekernels.nn.GatedPixelCNNLayer(

@@ -150,41 +150,83 @@ std::tuple<at::Tensor, at::Tensor> gated_activation_backward(const at::Tensor& g
   return {grad_x, grad_cond};
 }
 
-// Concat-ELU: x [B, M] (each example's C channels of N pixels, M = C N, its last dim contiguous)
-// -> [elu(x), elu(-x)] [B, 2M]. One of elu(v) and elu(-v) is linear, the other expm1(-|v|): one
-// transcendental per element, where elu(cat([x, -x])) makes the concatenation, the negation and
-// two expm1 passes' worth of lanes. Parallel over the B M elements in runs within an example.
-template <typename Body>
-void for_each_run(int64_t B, int64_t M, Body body) {
-  at::parallel_for(0, B * M, 32768, [&](int64_t begin, int64_t end) {
-    while (begin < end) {
-      const int64_t b = begin / M, m = begin % M, count = std::min(end - begin, M - m);
-      body(b, m, count);
-      begin += count;
-    }
-  });
-}
+// Concat-ELU: x [B, C, H, W] (each example contiguous; its batch stride may be anything, 0 too)
+// -> [elu(x), elu(-x)] [B, 2C, H + top + bottom, W + left + right], zero-padded by padding =
+// [left, right, top, bottom] ([] for none), as F.pad(elu(cat([x, -x], 1)), padding): the padded
+// input of PixelCNN++'s shifted convolutions, written in the same pass instead of a copy. One of
+// elu(v) and elu(-v) is linear, the other expm1(-|v|): one transcendental per element, where
+// elu(cat([x, -x])) makes the concatenation, the negation and two expm1 passes' worth of lanes.
+struct ConcatEluShape {
+  int64_t B, C, H, W, left, right, top, bottom;
 
-void check_concat_elu(const char* op, const at::Tensor& x) {
-  check_rank(op, "x", x, 2, "[B, M]");
-  check_floating(op, "x", x, kCpu);
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, op, ": x must be contiguous in its last dim, got strides ",
-              x.strides());
-}
+  ConcatEluShape(const char* op, const at::Tensor& x, at::IntArrayRef padding) {
+    check_rank(op, "x", x, 4, "[B, C, H, W]");
+    check_floating(op, "x", x, kCpu);
+    TORCH_CHECK(padding.empty() || padding.size() == 4, op, ": padding must be [] or [left, right, top, bottom], got ",
+                padding);
+    B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+    left = right = top = bottom = 0;
+    if (!padding.empty()) left = padding[0], right = padding[1], top = padding[2], bottom = padding[3];
+    TORCH_CHECK(left >= 0 && right >= 0 && top >= 0 && bottom >= 0, op, ": padding must be >= 0, got ", padding);
+    TORCH_CHECK(B == 0 || x.select(0, 0).is_contiguous(), op, ": each example of x must be contiguous, got strides ",
+                x.strides());
+  }
 
-at::Tensor concat_elu(const at::Tensor& x) {
-  constexpr const char* op = "vaekernels::concat_elu";
-  check_concat_elu(op, x);
-  const int64_t B = x.size(0), M = x.size(1);
-  at::Tensor out = at::empty({B, 2 * M}, x.options());
+  int64_t padded_height() const { return H + top + bottom; }
+  int64_t padded_width() const { return W + left + right; }
+  // Where element m = (c, h, w) of an example goes in the first half of its padded output.
+  int64_t out_offset(int64_t m) const {
+    const int64_t c = m / (H * W), h = m / W % H, w = m % W;
+    return (c * padded_height() + h + top) * padded_width() + left + w;
+  }
+  int64_t out_example() const { return 2 * C * padded_height() * padded_width(); }
+  int64_t half() const { return C * padded_height() * padded_width(); }
+
+  // body(b, m, count) over runs of an example's C H W elements that stay within one row of W, in
+  // parallel.
+  template <typename Body>
+  void for_each_run(Body body) const {
+    const int64_t M = C * H * W;
+    at::parallel_for(0, B * M, 32768, [&](int64_t begin, int64_t end) {
+      while (begin < end) {
+        const int64_t b = begin / M, m = begin % M, count = std::min(end - begin, W - m % W);
+        body(b, m, count);
+        begin += count;
+      }
+    });
+  }
+
+  // Zeros on the padding of both halves of every example's output.
+  template <typename T>
+  void zero_padding(T* out) const {
+    if (left == 0 && right == 0 && top == 0 && bottom == 0) return;
+    const int64_t Hp = padded_height(), Wp = padded_width();
+    at::parallel_for(0, B * 2 * C, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        T* image = out + plane * Hp * Wp;
+        std::fill(image, image + top * Wp, T(0));
+        std::fill(image + (top + H) * Wp, image + Hp * Wp, T(0));
+        for (int64_t h = top; h < top + H; ++h) {
+          std::fill(image + h * Wp, image + h * Wp + left, T(0));
+          std::fill(image + h * Wp + left + W, image + (h + 1) * Wp, T(0));
+        }
+      }
+    });
+  }
+};
+
+at::Tensor concat_elu(const at::Tensor& x, at::IntArrayRef padding) {
+  const ConcatEluShape shape("vaekernels::concat_elu", x, padding);
+  at::Tensor out = at::empty({shape.B, 2 * shape.C, shape.padded_height(), shape.padded_width()}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "concat_elu", [&] {
     using Vec = Vectorized<scalar_t>;
     const scalar_t* x_base = x.const_data_ptr<scalar_t>();
     scalar_t* out_base = out.data_ptr<scalar_t>();
-    for_each_run(B, M, [&](int64_t b, int64_t m, int64_t count) {
+    shape.zero_padding(out_base);
+    shape.for_each_run([&](int64_t b, int64_t m, int64_t count) {
       const scalar_t* src = x_base + b * x.stride(0) + m;
-      scalar_t* first = out_base + b * 2 * M + m;
-      scalar_t* second = first + M;
+      scalar_t* first = out_base + b * shape.out_example() + shape.out_offset(m);
+      scalar_t* second = first + shape.half();
       auto step = [&](int64_t d, int64_t lanes) {
         const Vec v = Vec::loadu(src + d, lanes);
         // A NaN fails v > 0 and reaches both halves through expm1 and the negation.
@@ -204,23 +246,23 @@ at::Tensor concat_elu(const at::Tensor& x) {
 // d/dx = g_1 elu'(x) - g_2 elu'(-x), where elu'(u) is 1 for u > 0 and exp(u) otherwise, so NaN at
 // a NaN (as torch's vectorised ELU gives it; its scalar tail gives 1): e = exp(-|x|) (not 1 +
 // expm1, which loses e below float's epsilon) is elu'(x) for x <= 0 and elu'(-x) for x >= 0.
-// grad [B, 2M] in any layout.
-at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
+// grad [B, 2C, H + top + bottom, W + left + right] in any layout; its padding is not read.
+at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x, at::IntArrayRef padding) {
   constexpr const char* op = "vaekernels::concat_elu_backward";
-  check_concat_elu(op, x);
-  const int64_t B = x.size(0), M = x.size(1);
-  check_grad(op, "grad", grad, {B, 2 * M}, x);
+  const ConcatEluShape shape(op, x, padding);
+  check_grad(op, "grad", grad, {shape.B, 2 * shape.C, shape.padded_height(), shape.padded_width()}, x);
   const at::Tensor grad_c = grad.to(x.scalar_type()).contiguous();
-  at::Tensor grad_x = at::empty({B, M}, x.options());
+  at::Tensor grad_x = at::empty({shape.B, shape.C, shape.H, shape.W}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "concat_elu_backward", [&] {
     using Vec = Vectorized<scalar_t>;
     const scalar_t* x_base = x.const_data_ptr<scalar_t>();
     const scalar_t* g_base = grad_c.const_data_ptr<scalar_t>();
     scalar_t* gx_base = grad_x.data_ptr<scalar_t>();
-    for_each_run(B, M, [&](int64_t b, int64_t m, int64_t count) {
+    const int64_t M = shape.C * shape.H * shape.W;
+    shape.for_each_run([&](int64_t b, int64_t m, int64_t count) {
       const scalar_t* src = x_base + b * x.stride(0) + m;
-      const scalar_t* g_first = g_base + b * 2 * M + m;
-      const scalar_t* g_second = g_first + M;
+      const scalar_t* g_first = g_base + b * shape.out_example() + shape.out_offset(m);
+      const scalar_t* g_second = g_first + shape.half();
       scalar_t* dst = gx_base + b * M + m;
       auto step = [&](int64_t d, int64_t lanes) {
         const Vec v = Vec::loadu(src + d, lanes);
@@ -236,7 +278,6 @@ at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
   });
   return grad_x;
 }
-
 }  // namespace
 }  // namespace CPU_CAPABILITY
 }  // namespace vaekernels::cpu

@@ -33,20 +33,36 @@ def right_shift(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
 
 
-class DownShiftedConv2d(nn.Conv2d):
+class ShiftedConv2d(nn.Conv2d):
+    """A convolution of its input zero-padded by ``shift`` = (left, right, top, bottom): ``forward``
+    pads the input itself, ``forward_padded`` takes one already padded so (by
+    ``vaekernels.concat_elu(x, padding=conv.shift)``, which writes the padding in its own pass)."""
+
+    shift: tuple[int, int, int, int]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_padded(F.pad(x, self.shift))
+
+    def forward_padded(self, padded: torch.Tensor) -> torch.Tensor:
+        return super().forward(padded)
+
+
+class DownShiftedConv2d(ShiftedConv2d):
     """Output (i, j) reads rows i - kh + 1 .. i, columns j - kw//2 .. j + kw//2: nothing below."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         kh, kw = self.kernel_size
-        return super().forward(F.pad(x, ((kw - 1) // 2, (kw - 1) // 2, kh - 1, 0)))
+        self.shift = ((kw - 1) // 2, (kw - 1) // 2, kh - 1, 0)
 
 
-class DownRightShiftedConv2d(nn.Conv2d):
+class DownRightShiftedConv2d(ShiftedConv2d):
     """Output (i, j) reads rows i - kh + 1 .. i, columns j - kw + 1 .. j: nothing below or to the right."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         kh, kw = self.kernel_size
-        return super().forward(F.pad(x, (kw - 1, 0, kh - 1, 0)))
+        self.shift = (kw - 1, 0, kh - 1, 0)
 
 
 class GatedResnet(nn.Module):
@@ -59,10 +75,11 @@ class GatedResnet(nn.Module):
         self.outer = conv(2 * filters, 2 * filters, kernel_size)
 
     def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.inner(vaekernels.concat_elu(x))
+        c = self.inner.forward_padded(vaekernels.concat_elu(x, padding=self.inner.shift))
         if aux is not None:
             c = c + self.aux(vaekernels.concat_elu(aux))
-        return x + vaekernels.gated_activation(self.outer(vaekernels.concat_elu(c)), gate="linear")
+        outer = self.outer.forward_padded(vaekernels.concat_elu(c, padding=self.outer.shift))
+        return x + vaekernels.gated_activation(outer, gate="linear")
 
 
 class PixelCNNPlusPlus(nn.Module):

@@ -394,22 +394,25 @@ def _gated_activation_vjp(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tenso
 # ----------------------------------------------------------------------------- concat_elu
 
 
-def _concat_elu_fake(x):
-    return x.new_empty(x.shape[0], 2 * x.shape[1])
+def _concat_elu_fake(x, padding):
+    B, C, H, W = x.shape
+    left, right, top, bottom = padding or (0, 0, 0, 0)
+    return x.new_empty(B, 2 * C, H + top + bottom, W + left + right)
 
 
-def _concat_elu_backward_fake(grad, x):
+def _concat_elu_backward_fake(grad, x, padding):
     return x.new_empty(x.shape)
 
 
 def _concat_elu_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
+    ctx.padding = inputs[1]
 
 
 def _make_concat_elu_backward(ops):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return ops.concat_elu_backward(grad, x)
+        return ops.concat_elu_backward(grad, x, ctx.padding), None
 
     return backward
 
@@ -418,12 +421,18 @@ register("concat_elu", _concat_elu_fake, _concat_elu_setup, _make_concat_elu_bac
 register("concat_elu_backward", _concat_elu_backward_fake)
 
 
-def concat_elu(x: torch.Tensor) -> torch.Tensor:
+def concat_elu(x: torch.Tensor, padding: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """PixelCNN++'s concat-ELU, fused: ``elu(cat([x, -x], 1))``, [B, C, *spatial] -> [B, 2C, *spatial].
 
     One pass writes both halves: of elu(v) and elu(-v) one is linear and the other expm1(-|v|),
     so each element costs one expm1, and neither the negation nor the concatenation is made. The
     backward keeps x only (not the [B, 2C, ...] output) and reads the gradient once.
+
+    ``padding`` = (left, right, top, bottom), for x [B, C, H, W], gives
+    ``F.pad(concat_elu(x), padding)`` from the same pass: the zero-padded input of a shifted
+    convolution (PixelCNN++'s down and down-right shifts), without F.pad's copy of the output and
+    the slice of its gradient.
+
     NaN and ±inf: a NaN gives NaN in both halves and a NaN gradient (as torch's vectorised ELU; its
     scalar tail gives a NaN the slope 1); +inf gives (inf, -1) and -inf (-1, inf), with finite
     gradients (the ELU's slope is 1 on one side and exp(-inf) = 0 on the other).
@@ -432,6 +441,8 @@ def concat_elu(x: torch.Tensor) -> torch.Tensor:
         >>> import torch, vaekernels
         >>> vaekernels.concat_elu(torch.tensor([[1.0, -2.0]])).tolist()
         [[1.0, -0.8646647334098816, -0.6321205496788025, 2.0]]
+        >>> vaekernels.concat_elu(torch.ones(1, 1, 1, 1), padding=(1, 0, 0, 1)).flatten().tolist()
+        [0.0, 1.0, 0.0, 0.0, 0.0, -0.6321205496788025, 0.0, 0.0]
     """
     fn = "concat_elu"
     check_float(fn, "x", x)
@@ -439,13 +450,26 @@ def concat_elu(x: torch.Tensor) -> torch.Tensor:
         fail(fn, f"x must have shape [B, C, *spatial], got {list(x.shape)}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         fail(fn, f"x must have B >= 1 examples and C >= 1 channels, got shape {list(x.shape)}")
+    if padding is not None:
+        if not (
+            isinstance(padding, (tuple, list))
+            and len(padding) == 4
+            and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in padding)
+        ):
+            fail(fn, f"padding must be None or (left, right, top, bottom), ints >= 0, got {padding!r}", TypeError)
+        if x.dim() != 4:
+            fail(fn, f"x must have shape [B, C, H, W] with padding, got {list(x.shape)}")
     backend = _backend.choose(fn, x.device, x.dtype)
     if backend == "reference":
-        return reference.concat_elu(x)
+        return reference.concat_elu(x, padding)
+    if padding is not None:
+        return _backend.ops(backend).concat_elu(x.contiguous(), list(padding))
     rows = x.reshape(x.shape[0], -1)
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
-    return _backend.ops(backend).concat_elu(rows).view(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    # Each example as one row of an image: [B, 1, 1, C N] -> [B, 2, 1, C N], the layout of [B, 2C, *spatial].
+    out = _backend.ops(backend).concat_elu(rows[:, None, None, :], [])
+    return out.view(x.shape[0], 2 * x.shape[1], *x.shape[2:])
 
 
 def _gradient_used(ctx, index: int, slot: int) -> bool:

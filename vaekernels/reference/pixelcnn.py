@@ -66,9 +66,11 @@ def gated_activation(x: torch.Tensor, cond: torch.Tensor | None = None, gate: st
     return (torch.tanh(a) if gate == "tanh" else a) * torch.sigmoid(b)
 
 
-def concat_elu(x: torch.Tensor) -> torch.Tensor:
-    """elu(cat([x, -x], 1)): PixelCNN++'s nonlinearity, [B, C, *spatial] -> [B, 2C, *spatial]."""
-    return F.elu(torch.cat([x, -x], 1))
+def concat_elu(x: torch.Tensor, padding=None) -> torch.Tensor:
+    """elu(cat([x, -x], 1)): PixelCNN++'s nonlinearity, [B, C, *spatial] -> [B, 2C, *spatial], then
+    F.pad'ed by ``padding`` = (left, right, top, bottom) where given."""
+    out = F.elu(torch.cat([x, -x], 1))
+    return out if padding is None else F.pad(out, padding)
 
 
 def gated_pixelcnn_layer(layer, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None):

@@ -210,68 +210,97 @@ def _expm1_of_nonpositive(d):
 
 
 @triton.jit
-def _concat_elu_elements(M, total, BLOCK: tl.constexpr):
-    """The program's block of the B * M elements, as (example b, position m, mask): blocks run across
-    examples, so that many short examples (M = 12 of 70001) still fill a block."""
+def _concat_elu_fwd_kernel(
+    x_ptr, out_ptr, C, H, W, left, top, Hp, Wp, total, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
+    # One program per block of the B C Hp Wp elements of the outputs' first halves, across examples,
+    # so that many short examples (70001 of 12) still fill a block. The padding loads 0, whose
+    # concat-ELU is (0, 0): the zeros of F.pad.
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return index // M, index % M, index < total
-
-
-@triton.jit
-def _concat_elu_fwd_kernel(x_ptr, out_ptr, M, total, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    b, cols, mask = _concat_elu_elements(M, total, BLOCK)
-    v = tl.load(x_ptr + b * stride_b + cols, mask=mask, other=0.0).to(ACC)
+    q = index % Wp
+    r = index // Wp % Hp
+    c = index // (Wp * Hp) % C
+    b = index // (Wp * Hp * C)
+    h = r - top
+    w = q - left
+    inside = (index < total) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    v = tl.load(x_ptr + b * stride_b + (c * H + h) * W + w, mask=inside, other=0.0).to(ACC)
     # Of elu(v) and elu(-v) one is linear, the other expm1(-|v|); a NaN fails v > 0 and reaches both.
     curved = _expm1_of_nonpositive(-tl.abs(v))
     positive = v > 0.0
-    first = out_ptr + b * 2 * M + cols
+    first = out_ptr + index + b * C * Hp * Wp
+    mask = index < total
     tl.store(first, tl.where(positive, v, curved).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(first + M, tl.where(positive, curved, -v).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(first + C * Hp * Wp, tl.where(positive, curved, -v).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _concat_elu_bwd_kernel(grad_ptr, x_ptr, grad_x_ptr, M, total, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    b, cols, mask = _concat_elu_elements(M, total, BLOCK)
-    v = tl.load(x_ptr + b * stride_b + cols, mask=mask, other=0.0).to(ACC)
-    g_first = grad_ptr + b * 2 * M + cols
+def _concat_elu_bwd_kernel(
+    grad_ptr, x_ptr, grad_x_ptr, C, H, W, left, top, Hp, Wp, total, stride_b, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
+    # One program per block of the B C H W elements of x, reading the gradient's interior.
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < total
+    w = index % W
+    h = index // W % H
+    c = index // (W * H) % C
+    b = index // (W * H * C)
+    v = tl.load(x_ptr + b * stride_b + index % (C * H * W), mask=mask, other=0.0).to(ACC)
+    g_first = grad_ptr + b * 2 * C * Hp * Wp + (c * Hp + h + top) * Wp + left + w
     g1 = tl.load(g_first, mask=mask, other=0.0).to(ACC)
-    g2 = tl.load(g_first + M, mask=mask, other=0.0).to(ACC)
+    g2 = tl.load(g_first + C * Hp * Wp, mask=mask, other=0.0).to(ACC)
     # g1 elu'(v) - g2 elu'(-v), with elu'(u) = 1 for u > 0 and exp(u) otherwise: NaN at a NaN, as
     # the C++ kernel and torch's vectorised ELU.
     e = tl.exp(-tl.abs(v))
     grad_x = g1 * tl.where(v > 0.0, 1.0, e) - g2 * tl.where(v < 0.0, 1.0, e)
-    tl.store(grad_x_ptr + b * M + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_x_ptr + index, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-def _concat_elu_launch(kernel, x: torch.Tensor, *tensors: torch.Tensor) -> None:
-    """kernel(*tensors, M, B * M, x's batch stride) over one program per block of the B * M elements."""
-    batch, m = x.shape
-    total = batch * m
+def _concat_elu_launch(kernel, x: torch.Tensor, padding: list[int], total: int, *tensors: torch.Tensor) -> None:
+    """kernel(*tensors, C, H, W, left, top, Hp, Wp, total, x's batch stride) over one program per
+    block of ``total`` elements."""
+    _, C, H, W = x.shape
+    left, right, top, bottom = padding or (0, 0, 0, 0)
     block = min(triton.next_power_of_2(total), _MAX_BLOCK)
     with _on_device(x):
         kernel[(triton.cdiv(total, block),)](
-            *tensors, m, total, x.stride(0), ACC=_acc_dtype(x), BLOCK=block, num_warps=4 if block >= 512 else 1
+            *tensors,
+            C,
+            H,
+            W,
+            left,
+            top,
+            H + top + bottom,
+            W + left + right,
+            total,
+            x.stride(0),
+            ACC=_acc_dtype(x),
+            BLOCK=block,
+            num_warps=4 if block >= 512 else 1,
         )
 
 
 def _examples(x: torch.Tensor) -> torch.Tensor:
-    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+    return x if x.shape[0] == 0 or x[0].is_contiguous() else x.contiguous()
 
 
-def concat_elu_fwd(x: torch.Tensor) -> torch.Tensor:
-    """[elu(x), elu(-x)] [B, 2M] for x [B, M]."""
+def concat_elu_fwd(x: torch.Tensor, padding: list[int]) -> torch.Tensor:
+    """[elu(x), elu(-x)] [B, 2C, H + top + bottom, W + left + right] for x [B, C, H, W], zero-padded
+    by ``padding`` = [left, right, top, bottom] ([] for none)."""
     x = _examples(x)
-    out = torch.empty(x.shape[0], 2 * x.shape[1], device=x.device, dtype=x.dtype)
+    B, C, H, W = x.shape
+    left, right, top, bottom = padding or (0, 0, 0, 0)
+    out = torch.empty(B, 2 * C, H + top + bottom, W + left + right, device=x.device, dtype=x.dtype)
     if out.numel():
-        _concat_elu_launch(_concat_elu_fwd_kernel, x, x, out)
+        _concat_elu_launch(_concat_elu_fwd_kernel, x, padding, out.numel() // 2, x, out)
     return out
 
 
-def concat_elu_bwd(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The gradient of :func:`concat_elu_fwd` at x [B, M] for ``grad`` [B, 2M] (any layout)."""
+def concat_elu_bwd(grad: torch.Tensor, x: torch.Tensor, padding: list[int]) -> torch.Tensor:
+    """The gradient of :func:`concat_elu_fwd` at x [B, C, H, W] for ``grad`` (any layout)."""
     x = _examples(x)
     grad = grad.to(x.dtype).contiguous()
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if grad_x.numel():
-        _concat_elu_launch(_concat_elu_bwd_kernel, x, grad, x, grad_x)
+        _concat_elu_launch(_concat_elu_bwd_kernel, x, padding, grad_x.numel(), grad, x, grad_x)
     return grad_x
