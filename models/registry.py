@@ -1071,6 +1071,8 @@ REACHED: dict[str, dict] = {
         "train_cpu_seconds": 36,
     },
     "gated-pixelcnn": {"test_nats": 101.3, "train_cpu_seconds": 198},
+    "pixelcnn++": {"test_nats": 706.1, "test_bits_per_dim": 1.299, "train_cpu_seconds": 238},
+    "pixelsnail": {"test_nats": 740.3, "test_bits_per_dim": 1.362, "train_cpu_seconds": 255},
     "pixelvae": {"test_nats": 101.7, "train_cpu_seconds": 136},
     "vlae": {"test_nats": 94.72, "train_cpu_seconds": 108},
     "grae-star": {"test_half_sq_error": 11.98, "train_loss": 14.77, "train_cpu_seconds": 32},
