@@ -53,6 +53,16 @@ TORCH_LIBRARY(vaekernels, m) {
   // for every example and log p(x|z) fed nothing; otherwise (or after a forward without them)
   // recomputed chunk by chunk.
   m.def("linear_bernoulli_iwae_backward(Tensor grad_bound, Tensor grad_log_px, Tensor h, Tensor weight, Tensor? bias, Tensor x, Tensor weights, Tensor grad_h, Tensor grad_weight, Tensor grad_bias, SymInt chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The whole loss of an MLP VAE (ops/mlp_vae.py): x [B, D] in [0, 1], eps [B, K, d] ~ N(0, I), and
+  // the weights [out, in] and biases [out] of a tanh MLP encoder D -> 2d (its last layer linear:
+  // [mean, log_var]) and of a tanh MLP decoder d -> D (its last layer linear: Bernoulli logits).
+  // Returns per example the reconstruction loss -(1/K) sum_k log p(x | z_k), z_k = mean +
+  // exp(log_var / 2) eps_k, and KL(q(z | x) || N(0, I)), each [B], and what the backward reads: the
+  // encoder's hidden outputs, [mean, log_var] [B, 2d], z [B K, d], the decoder's hidden outputs and
+  // sigmoid(logits) - x [B K, D]. The backward returns the gradients of the encoder's weights, its
+  // biases, the decoder's weights and its biases, in that order (x and eps get none).
+  m.def("mlp_vae(Tensor x, Tensor eps, Tensor[] encoder_weights, Tensor[] encoder_biases, Tensor[] decoder_weights, Tensor[] decoder_biases) -> (Tensor, Tensor, Tensor[])");
+  m.def("mlp_vae_backward(Tensor grad_reconstruction, Tensor grad_kl, Tensor x, Tensor eps, Tensor[] encoder_weights, Tensor[] decoder_weights, Tensor[] saved) -> Tensor[]");
 
   // Reversible family. One step of a coupling block's backward walk, in place on two
   // contiguous tensors of one shape: stream -= update (a half of the block's input rebuilt from

@@ -186,6 +186,35 @@ def test_gaussian_log_prob_and_kl(device_backend, data, b, k, d, dtype):
 @given(
     data=st.data(),
     b=SIZES,
+    k=st.sampled_from([1, 2, 5]),
+    d=SIZES,
+    size=SIZES,
+    hidden=st.sampled_from([(), (3,), (8, 5)]),
+    dtype=DTYPES,
+)
+def test_mlp_vae(device_backend, data, b, k, d, size, hidden, dtype):
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 100)))
+    x = torch.rand(b, size, generator=generator, dtype=torch.float64)
+    x = data.draw(laid_out((x.round() if data.draw(st.booleans()) else x).to(dtype)))
+    eps = data.draw(laid_out(data.draw(values((b, k, d), dtype, scale_max=10.0))))
+    parameters = []
+    for widths in ((size, *hidden, 2 * d), (d, *hidden[::-1], size)):
+        pairs = list(zip(widths, widths[1:]))
+        weights = [data.draw(values((o, i), dtype, scale_max=10.0)) / i**0.5 for i, o in pairs]
+        parameters.append([data.draw(laid_out(w)) for w in weights])
+        parameters.append([data.draw(values((o,), dtype, scale_max=10.0)) for _, o in pairs])
+    e, n = len(parameters[0]), len(parameters[2])
+
+    def terms(x, eps, *flat):
+        groups = [list(flat[:e]), list(flat[e : 2 * e]), list(flat[2 * e : 2 * e + n]), list(flat[2 * e + n :])]
+        return torch.stack(vaekernels.mlp_vae(x.detach(), eps.detach(), *groups))
+
+    check(terms, [x, eps, *(t for group in parameters for t in group)], dtype, data_inputs=(0, 1))
+
+
+@given(
+    data=st.data(),
+    b=SIZES,
     k=SIZES,
     d=SIZES,
     estimator=st.sampled_from(["iwae", "stl", "dreg"]),
@@ -508,6 +537,11 @@ OPS = {
     "bernoulli_log_prob": (vaekernels.bernoulli_log_prob, _rows(2, 3, 4), _rows(2, 4)),
     "gaussian_log_prob": (lambda a, b: vaekernels.gaussian_log_prob(a, b, b), _rows(2, 4), _rows(2, 4)),
     "gaussian_kl": (vaekernels.gaussian_kl, _rows(2, 4), _rows(2, 4)),
+    "mlp_vae": (
+        lambda a, b: vaekernels.mlp_vae(a, b, [_rows(2, 4)], [_rows(2)], [_rows(4, 1)], [_rows(4)]),
+        _rows(2, 4).round(),
+        _rows(2, 3, 1),
+    ),
     "iwae_bound": (lambda a, b: vaekernels.iwae_bound(a, _rows(2, 4), b, b), _rows(2, 3, 4), _rows(2, 3)),
     "importance_sampled_nll": (
         lambda a, b: vaekernels.importance_sampled_nll(

@@ -22,6 +22,7 @@ from .ops.iwae import (
 from .ops.jacobian import grae_regularizer, jacobian_column_sq_norms, jacobian_gram
 from .ops.linear_iwae import linear_expected_log_prob, linear_iwae_bound
 from .ops.logistic_mixture import discretized_logistic_mixture_nll, discretized_logistic_mixture_sample
+from .ops.mlp_vae import mlp_vae
 from .ops.pixelcnn import concat_elu, gated_activation, masked_conv2d
 from .ops.reversible import coupling_backward_step, reversible_sequential
 
@@ -49,6 +50,7 @@ __all__ = [
     "log_mean_exp",
     "marginal_kl",
     "masked_conv2d",
+    "mlp_vae",
     "mutual_information",
     "nn",
     "reversible_sequential",

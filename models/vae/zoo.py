@@ -65,6 +65,24 @@ def mlp(
     return nn.Sequential(*modules, output(width, out_dim))
 
 
+def tanh_mlp_layers(net: nn.Sequential) -> tuple[list, list] | None:
+    """(weights, biases) of ``net`` where it is linear layers with biases and a tanh between each
+    two (what :func:`mlp` builds with its default activation), else None.
+
+    >>> weights, biases = tanh_mlp_layers(mlp(4, 8, 2))
+    >>> [list(w.shape) for w in weights]
+    [[8, 4], [8, 8], [2, 8]]
+    >>> tanh_mlp_layers(mlp(4, 8, 2, activation=nn.ReLU)) is None
+    True
+    """
+    linears, activations = list(net)[0::2], list(net)[1::2]
+    if not all(isinstance(m, nn.Linear) and m.bias is not None for m in linears):
+        return None
+    if len(activations) != len(linears) - 1 or not all(type(m) is nn.Tanh for m in activations):
+        return None
+    return [m.weight for m in linears], [m.bias for m in linears]
+
+
 class Encoder(nn.Module):
     """x [N, D] (and a condition [N, c]) -> (mean, log_var) of a diagonal Gaussian, each [N, d]."""
 
@@ -342,16 +360,32 @@ class VAE(nn.Module):
         log_qz = vaekernels.gaussian_log_prob(z, mean.unsqueeze(1), log_var.unsqueeze(1))
         return self.likelihood.log_prob(self.decode(z, y), x) + self.log_prior(z) - log_qz
 
+    @property
+    def fused_layers(self) -> tuple[list, list, list, list] | None:
+        """The encoder's and the decoder's weights and biases where the whole loss fuses into
+        :func:`vaekernels.mlp_vae`: tanh MLPs, the Bernoulli likelihood, no condition."""
+        if self.num_classes or self.fused_output_layer is None:
+            return None
+        encoder, decoder = tanh_mlp_layers(self.encoder.head), tanh_mlp_layers(self.decoder.net)
+        if encoder is None or decoder is None or not isinstance(self.encoder.body, nn.Identity):
+            return None
+        return (*encoder, *decoder)
+
     def terms(self, x, y=None, generator=None):
         """Per-example reconstruction loss -E_q[log p(x|z)] over k samples and analytic KL, each [B]."""
+        layers = self.fused_layers
+        if layers is not None:  # the same noise as reparameterize draws
+            eps = torch.randn(
+                (x.shape[0], self.k, self.latent_dim), generator=generator, device=x.device, dtype=x.dtype
+            )
+            return vaekernels.mlp_vae(x, eps, *layers)
         mean, log_var = self.encode(x, y)
         z = reparameterize(mean, log_var, self.k, generator)
         return -self.expected_log_likelihood(x, z, y), vaekernels.gaussian_kl(mean, log_var)
 
     def forward(self, x, y=None, generator=None):
-        reconstruction, kl = self.terms(x, y, generator)
-        loss = reconstruction.mean() + self.beta * kl.mean()
-        return loss, {"reconstruction": reconstruction.mean().detach(), "kl": kl.mean().detach()}
+        reconstruction, kl = (term.mean() for term in self.terms(x, y, generator))
+        return reconstruction + self.beta * kl, {"reconstruction": reconstruction.detach(), "kl": kl.detach()}
 
     @torch.no_grad()
     def reconstruct(self, x, y=None) -> torch.Tensor:
