@@ -172,7 +172,14 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_residual(const at::Tensor& logits, 
       log_px_ptr[row] = sum;
     }
   });
-  return {-log_px.view({B, K}).mean(1), residual};
+  at::Tensor reconstruction = at::empty({B}, x.options());
+  scalar_t* reconstruction_ptr = reconstruction.data_ptr<scalar_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    scalar_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) sum += log_px_ptr[b * K + k];
+    reconstruction_ptr[b] = -sum / scalar_t(K);
+  }
+  return {reconstruction, residual};
 }
 
 // encoded's gradient [B, 2d] from z's [B K, d] and the KL's [B]: d mean = sum_k dz + g mean,

@@ -75,10 +75,11 @@ def tanh_mlp_layers(net: nn.Sequential) -> tuple[list, list] | None:
     >>> tanh_mlp_layers(mlp(4, 8, 2, activation=nn.ReLU)) is None
     True
     """
-    linears, activations = list(net)[0::2], list(net)[1::2]
-    if not all(isinstance(m, nn.Linear) and m.bias is not None for m in linears):
-        return None
+    modules = list(net._modules.values())
+    linears, activations = modules[0::2], modules[1::2]
     if len(activations) != len(linears) - 1 or not all(type(m) is nn.Tanh for m in activations):
+        return None
+    if not all(isinstance(m, nn.Linear) and m.bias is not None for m in linears):
         return None
     return [m.weight for m in linears], [m.bias for m in linears]
 
@@ -364,12 +365,10 @@ class VAE(nn.Module):
     def fused_layers(self) -> tuple[list, list, list, list] | None:
         """The encoder's and the decoder's weights and biases where the whole loss fuses into
         :func:`vaekernels.mlp_vae`: tanh MLPs, the Bernoulli likelihood, no condition."""
-        if self.num_classes or self.fused_output_layer is None:
+        if self.num_classes or self.likelihood.kind != "bernoulli" or not isinstance(self.encoder.body, nn.Identity):
             return None
         encoder, decoder = tanh_mlp_layers(self.encoder.head), tanh_mlp_layers(self.decoder.net)
-        if encoder is None or decoder is None or not isinstance(self.encoder.body, nn.Identity):
-            return None
-        return (*encoder, *decoder)
+        return None if encoder is None or decoder is None else (*encoder, *decoder)
 
     def terms(self, x, y=None, generator=None):
         """Per-example reconstruction loss -E_q[log p(x|z)] over k samples and analytic KL, each [B]."""
