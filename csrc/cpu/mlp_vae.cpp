@@ -2,7 +2,7 @@
 // (mean, log_var), the samples z = mean + exp(log_var / 2) eps, a tanh MLP decoder to Bernoulli
 // logits, and per example the reconstruction loss -(1/K) sum_k log p(x | z_k) and the KL to
 // N(0, I). The matrix products are ATen's (MKL). What lies between them, which autograd runs as
-// a few small ops and nodes per layer (a third of a step at batch 100), is one vectorised pass
+// a few small ops and nodes per layer (about half of a step at batch 100), is one vectorised pass
 // each here: tanh after each hidden product, the samples with the KL, the likelihood with its
 // logits gradient sigmoid(l) - x (kept for the backward instead of the logits), and in the
 // backward the tanh derivative and the samples' chain rule.
@@ -42,8 +42,11 @@ void map_in_place(at::Tensor& t, F f, const Others&... others) {
   at::parallel_for(0, t.numel(), kGrain, [&](int64_t begin, int64_t end) {
     vector_steps<scalar_t>(end - begin, [&](int64_t offset, int64_t count) {
       const int64_t i = begin + offset;
-      std::apply([&](const auto*... other) { f(Vec::loadu(data + i, count), Vec::loadu(other + i, count)...).store(data + i, count); },
-                 other_data);
+      std::apply(
+          [&](const auto*... other) {
+            f(Vec::loadu(data + i, count), Vec::loadu(other + i, count)...).store(data + i, count);
+          },
+          other_data);
     });
   });
 }

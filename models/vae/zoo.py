@@ -228,9 +228,14 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return vaekernels.gaussian_log_prob(z, zero, zero)
 
 
+def standard_normal_noise(rows: int, k: int, dims: int, like: torch.Tensor, generator=None) -> torch.Tensor:
+    """eps ~ N(0, I) [rows, k, dims] on ``like``'s device and dtype: the noise of :func:`reparameterize`."""
+    return torch.randn((rows, k, dims), generator=generator, device=like.device, dtype=like.dtype)
+
+
 def reparameterize(mean, log_var, k: int, generator=None) -> torch.Tensor:
     """k samples z = mean + exp(log_var / 2) * eps per row: [N, d] -> [N, k, d]."""
-    eps = torch.randn((mean.shape[0], k, mean.shape[1]), generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = standard_normal_noise(mean.shape[0], k, mean.shape[1], mean, generator)
     return mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps
 
 
@@ -373,10 +378,8 @@ class VAE(nn.Module):
     def terms(self, x, y=None, generator=None):
         """Per-example reconstruction loss -E_q[log p(x|z)] over k samples and analytic KL, each [B]."""
         layers = self.fused_layers
-        if layers is not None:  # the same noise as reparameterize draws
-            eps = torch.randn(
-                (x.shape[0], self.k, self.latent_dim), generator=generator, device=x.device, dtype=x.dtype
-            )
+        if layers is not None:
+            eps = standard_normal_noise(x.shape[0], self.k, self.latent_dim, x, generator)
             return vaekernels.mlp_vae(x, eps, *layers)
         mean, log_var = self.encode(x, y)
         z = reparameterize(mean, log_var, self.k, generator)

@@ -1,9 +1,9 @@
 """The whole loss of an MLP VAE in one op: encoder, samples, decoder, likelihood and KL.
 
 The VAE of Kingma & Welling and of Burda et al.'s tables is two small tanh MLPs (784-200-200-50)
-around the reparameterised samples, and at batch 100 its training step is a third matrix
-products and two thirds the rest: per layer a bias, a tanh and their backward as separate ops and
-autograd nodes, then the samples, the KL, the likelihood and the losses' reductions. The fused
+around the reparameterised samples, and at batch 100 about half its training step went to the
+matrix products and half to the rest: per layer a bias, a tanh and their backward as separate ops
+and autograd nodes, then the samples, the KL, the likelihood and the losses' reductions. The fused
 ops of the likelihood and the KL (:func:`vaekernels.linear_expected_log_prob`,
 :func:`vaekernels.gaussian_kl`) leave most of that in place. Here the whole loss is one autograd
 node: the C++ kernel (csrc/cpu/mlp_vae.cpp) calls ATen's matrix products and does everything
@@ -48,15 +48,6 @@ def _saved_shapes(x, eps, encoder_weights, decoder_weights) -> list[tuple[int, .
 # ----------------------------------------------------------------------------- the composed path
 
 
-def _tanh_mlp(h, weights, biases, hidden: list) -> torch.Tensor:
-    for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-        h = torch.addmm(bias, h, weight.t())
-        if i == len(weights) - 1:
-            return h
-        h = torch.tanh(h)
-        hidden.append(h)
-
-
 def _tanh_mlp_backward(grad, h_in, weights, hidden, grad_weights: list, grad_biases: list, input_grad: bool):
     for i in reversed(range(len(weights))):
         layer_input = h_in if i == 0 else hidden[i - 1]
@@ -71,12 +62,12 @@ def _composed_forward(ops, x, eps, encoder_weights, encoder_biases, decoder_weig
     """The op from matrix products, torch's elementwise ops and the ``ops`` namespace's row kernels."""
     B, K, d = eps.shape
     saved = []
-    encoded = _tanh_mlp(x, encoder_weights, encoder_biases, saved)
+    encoded = reference.tanh_mlp(x, encoder_weights, encoder_biases, saved)
     mean, log_var = encoded[:, :d], encoded[:, d:]
     z = torch.addcmul(mean.unsqueeze(1), torch.exp(0.5 * log_var).unsqueeze(1), eps).reshape(B * K, d)
     kl = ops.gaussian_kl(mean.unsqueeze(1), log_var.unsqueeze(1)).view(B)
     saved += [encoded, z]
-    logits = _tanh_mlp(z, decoder_weights, decoder_biases, saved).view(B, K, -1)
+    logits = reference.tanh_mlp(z, decoder_weights, decoder_biases, saved).view(B, K, -1)
     x_rows = x.unsqueeze(1).expand(B, K, x.shape[1])
     reconstruction = -ops.bernoulli_log_prob(logits, x_rows).mean(1)
     # The gradient of -log p: sigmoid(l) - x.
@@ -139,13 +130,11 @@ def _fake(x, eps, encoder_weights, encoder_biases, decoder_weights, decoder_bias
 
 
 def _backward_fake(grad_reconstruction, grad_kl, x, eps, encoder_weights, decoder_weights, saved):
-    weights = [*encoder_weights, *decoder_weights]
-    encoder_layers = len(encoder_weights)
     return [
         *(w.new_empty(w.shape) for w in encoder_weights),
         *(w.new_empty(w.shape[0]) for w in encoder_weights),
-        *(w.new_empty(w.shape) for w in weights[encoder_layers:]),
-        *(w.new_empty(w.shape[0]) for w in weights[encoder_layers:]),
+        *(w.new_empty(w.shape) for w in decoder_weights),
+        *(w.new_empty(w.shape[0]) for w in decoder_weights),
     ]
 
 

@@ -9,12 +9,15 @@ from torch.nn import functional as F
 from .iwae import bernoulli_log_prob, gaussian_kl
 
 
-def tanh_mlp(h: torch.Tensor, weights, biases) -> torch.Tensor:
-    """``linear(h, weights[i], biases[i])`` layer by layer, tanh after every layer but the last."""
+def tanh_mlp(h: torch.Tensor, weights, biases, hidden: list | None = None) -> torch.Tensor:
+    """``linear(h, weights[i], biases[i])`` layer by layer, tanh after every layer but the last;
+    the hidden layers' outputs are appended to ``hidden`` where one is given."""
     for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
         h = F.linear(h, weight, bias)
         if i < len(weights) - 1:
             h = torch.tanh(h)
+            if hidden is not None:
+                hidden.append(h)
     return h
 
 
