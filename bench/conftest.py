@@ -17,6 +17,7 @@ import platform
 import _common
 import pytest
 import torch
+import torch._inductor.config
 
 COLUMNS = (
     "op / shape / mode",
@@ -44,8 +45,14 @@ KEEP_FREED = "VAEKERNELS_BENCH_KEEP_FREED"
 
 
 def pytest_configure(config):
-    """``VAEKERNELS_BENCH_KEEP_FREED=1``: glibc keeps freed memory (:func:`_common.keep_freed_memory`),
+    """Inductor compiles in this process: its pool of compile workers, started by the first
+    ``torch.compile`` where there are several cores, spends the next seconds starting up beside
+    the first timings (the first model's four contenders all ran 30% slower). The code it
+    generates is the same.
+
+    ``VAEKERNELS_BENCH_KEEP_FREED=1``: glibc keeps freed memory (:func:`_common.keep_freed_memory`),
     so page faults, which vary from run to run, stay out of the timings."""
+    torch._inductor.config.compile_threads = 1
     if os.environ.get(KEEP_FREED, "0") in ("", "0"):
         return
     try:

@@ -18,6 +18,7 @@ and the family's Triton row kernels (:func:`_composed_forward`). The readable tw
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -144,12 +145,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, eps, *encoder_weights, *decoder_weights, *output[2])
 
 
-def _parameter_grads(ops, ctx, grad_reconstruction, grad_kl) -> list[torch.Tensor]:
+def _parameter_grads(backward_op, ctx, grad_reconstruction, grad_kl) -> list[torch.Tensor]:
     """The gradients of the encoder's weights, its biases, the decoder's weights and its biases, in
-    that order, from the tensors :func:`_setup_context` saved (an output that fed nothing: zeros)."""
+    that order, by ``backward_op`` (``mlp_vae_backward``) from the tensors :func:`_setup_context`
+    saved (an output that fed nothing: zeros)."""
     x, eps, *rest = ctx.saved_tensors
     encoder_layers, decoder_layers = ctx.layers
-    return ops.mlp_vae_backward.default(
+    return backward_op(
         x.new_zeros(x.shape[0]) if grad_reconstruction is None else grad_reconstruction.contiguous(),
         x.new_zeros(x.shape[0]) if grad_kl is None else grad_kl.contiguous(),
         x,
@@ -162,7 +164,7 @@ def _parameter_grads(ops, ctx, grad_reconstruction, grad_kl) -> list[torch.Tenso
 
 def _make_backward(ops):
     def backward(ctx, grad_reconstruction, grad_kl, _):
-        grads = _parameter_grads(ops, ctx, grad_reconstruction, grad_kl)
+        grads = _parameter_grads(ops.mlp_vae_backward.default, ctx, grad_reconstruction, grad_kl)
         e, d = ctx.layers
         return None, None, grads[:e], grads[e : 2 * e], grads[2 * e : 2 * e + d], grads[2 * e + d :]
 
@@ -320,6 +322,9 @@ class _EagerMLPVAE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_reconstruction, grad_kl):
-        grads = _parameter_grads(ctx.ops, ctx, grad_reconstruction, grad_kl)
-        anchors = (*ctx.saved_tensors, grad_reconstruction, grad_kl)
-        return None, None, None, None, *first_derivatives_only("vaekernels::mlp_vae", tuple(grads), anchors)
+        backward_op = functools.partial(_past_autograd, ctx.ops.mlp_vae_backward.default)
+        grads = tuple(_parameter_grads(backward_op, ctx, grad_reconstruction, grad_kl))
+        if torch.is_grad_enabled():  # create_graph=True
+            anchors = (*ctx.saved_tensors, grad_reconstruction, grad_kl)
+            grads = first_derivatives_only("vaekernels::mlp_vae", grads, anchors)
+        return None, None, None, None, *grads
