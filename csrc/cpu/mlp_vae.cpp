@@ -47,10 +47,12 @@ void check_layers(const char* side, at::TensorList weights, at::TensorList biase
   }
 }
 
-// f(row) for rows [0, rows) of width n, in parallel.
+// f(row) for rows [0, rows) of width n, in parallel, 4096 elements a task or more: an eighth of
+// the usual grain, as these passes read a product's output, which both threads wrote. On one
+// thread, the tanh passes of the batch-100 VAE's forward waited on those reads: 25 µs more.
 template <typename F>
 void for_rows(int64_t rows, int64_t n, F f) {
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) f(row);
   });
 }
