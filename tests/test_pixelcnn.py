@@ -281,6 +281,28 @@ def test_concat_elu_of_any_layout(device_backend, memory_format):
     assert rel_err(got, want) <= RTOL[torch.float64]
 
 
+@pytest.mark.parametrize("padding", [None, (1, 1, 1, 0), (1, 0, 1, 0), (0, 2, 0, 3)])
+def test_channels_last_stays_channels_last(device_backend, padding):
+    """A channels-last input (what a convolution on CPU runs fastest on) gives a channels-last
+    output and input gradient, equal to those of the same values laid out channels first:
+    concat_elu with and without padding, and the gate a * sigmoid(b)."""
+    device, _ = device_backend
+    g = torch.Generator().manual_seed(5)
+    for op, x in (
+        (lambda t: vaekernels.concat_elu(t, padding=padding), randn(2, 5, 4, 3, device=device, scale=3)),
+        (vaekernels.gated_activation, randn(2, 6, 4, 3, device=device, scale=3)),
+    ):
+        first, last = x.clone().requires_grad_(), x.to(memory_format=torch.channels_last).requires_grad_()
+        out_first, out_last = op(first), op(last)
+        assert out_last.is_contiguous(memory_format=torch.channels_last) and not out_last.is_contiguous()
+        grad = torch.randn(out_first.shape, generator=g, dtype=x.dtype).to(device)
+        out_first.backward(grad)
+        out_last.backward(grad.to(memory_format=torch.channels_last))
+        assert rel_err(out_last, out_first) <= RTOL[torch.float64]
+        assert rel_err(last.grad, first.grad) <= RTOL[torch.float64]
+        assert last.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_concat_elu_saves_only_its_input():
     x = randn(2, 8, 5, 5, dtype=torch.float32).requires_grad_()
     saved = []
@@ -543,10 +565,13 @@ def test_opcheck(device_backend, name, cond):
 def test_opcheck_concat_elu(device_backend, name):
     device, backend = device_backend
     op = getattr(_backend.ops(backend), name).default
-    for shape, padding, grad_shape in (((3, 1, 1, 20), [], (3, 2, 1, 20)), ((2, 3, 4, 5), [1, 2, 1, 0], (2, 6, 5, 8))):
-        x = randn(*shape, device=device, dtype=torch.float32, scale=2)
-        grad = randn(*grad_shape, device=device, dtype=torch.float32, seed=1)
-        torch.library.opcheck(op, (x, padding) if name == "concat_elu" else (grad, x, padding))
+    cases = (((3, 1, 1, 20), [], (3, 2, 1, 20)), ((2, 3, 4, 5), [1, 2, 1, 0], (2, 6, 5, 8)))
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        for shape, padding, grad_shape in cases:
+            x = randn(*shape, device=device, dtype=torch.float32, scale=2).contiguous(memory_format=memory_format)
+            grad = randn(*grad_shape, device=device, dtype=torch.float32, seed=1)
+            grad = grad.contiguous(memory_format=memory_format)
+            torch.library.opcheck(op, (x, padding) if name == "concat_elu" else (grad, x, padding))
 
 
 @pytest.mark.parametrize("device_backend", NATIVE)
@@ -555,6 +580,8 @@ def test_gradcheck_float64(device_backend):
     assert torch.autograd.gradcheck(vaekernels.concat_elu, (randn(2, 3, 4, device=device, seed=8).requires_grad_(),))
     padded = randn(2, 3, 4, 2, device=device, seed=9).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: vaekernels.concat_elu(t, padding=(1, 0, 2, 1)), (padded,))
+    last = padded.detach().to(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: vaekernels.concat_elu(t, padding=(1, 0, 2, 1)), (last,))
     x, c, _ = gated_args("gated_activation", device)
     assert torch.autograd.gradcheck(lambda x, c: vaekernels.gated_activation(x, c, "tanh"), (x, c))
     assert torch.autograd.gradcheck(lambda x, c: vaekernels.gated_activation(x, c, "linear"), (x, c))

@@ -168,8 +168,8 @@ struct ConcatEluShape {
     left = right = top = bottom = 0;
     if (!padding.empty()) left = padding[0], right = padding[1], top = padding[2], bottom = padding[3];
     TORCH_CHECK(left >= 0 && right >= 0 && top >= 0 && bottom >= 0, op, ": padding must be >= 0, got ", padding);
-    TORCH_CHECK(B == 0 || x.select(0, 0).is_contiguous(), op, ": each example of x must be contiguous, got strides ",
-                x.strides());
+    TORCH_CHECK(B == 0 || x.select(0, 0).is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+                ": x must be channels last or have each example contiguous, got strides ", x.strides());
   }
 
   int64_t padded_height() const { return H + top + bottom; }
@@ -215,29 +215,112 @@ struct ConcatEluShape {
   }
 };
 
+// x [B, C, H, W] laid out channels last (each pixel's C channels contiguous), and not also
+// channels first (as where C = 1 or H = W = 1).
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+// [elu(v), elu(-v)] of each of count elements of src into first and second (see concat_elu).
+template <typename scalar_t>
+void concat_elu_run(const scalar_t* src, scalar_t* first, scalar_t* second, int64_t count) {
+  using Vec = Vectorized<scalar_t>;
+  auto step = [&](int64_t d, int64_t lanes) {
+    const Vec v = Vec::loadu(src + d, lanes);
+    // A NaN fails v > 0 and reaches both halves through expm1 and the negation.
+    const Vec curved = expm1_of(v.abs().neg());
+    const Vec positive = v > Vec(scalar_t(0));
+    Vec::blendv(curved, v, positive).store(first + d, lanes);
+    Vec::blendv(v.neg(), curved, positive).store(second + d, lanes);
+  };
+  int64_t d = 0;
+  for (; d + Vec::size() <= count; d += Vec::size()) step(d, Vec::size());
+  if (d < count) step(d, count - d);
+}
+
+// The gradient g_1 elu'(v) - g_2 elu'(-v) of count elements into dst (see concat_elu_backward).
+template <typename scalar_t>
+void concat_elu_backward_run(const scalar_t* src, const scalar_t* g_first, const scalar_t* g_second, scalar_t* dst,
+                             int64_t count) {
+  using Vec = Vectorized<scalar_t>;
+  auto step = [&](int64_t d, int64_t lanes) {
+    const Vec v = Vec::loadu(src + d, lanes);
+    const Vec g1 = Vec::loadu(g_first + d, lanes), g2 = Vec::loadu(g_second + d, lanes);
+    const Vec zero(scalar_t(0)), one(scalar_t(1)), e = v.abs().neg().exp();
+    const Vec slope = Vec::blendv(e, one, v > zero), mirrored_slope = Vec::blendv(e, one, v < zero);
+    (g1 * slope - g2 * mirrored_slope).store(dst + d, lanes);
+  };
+  int64_t d = 0;
+  for (; d + Vec::size() <= count; d += Vec::size()) step(d, Vec::size());
+  if (d < count) step(d, count - d);
+}
+
+// Concat-ELU of a channels-last x, channels last out (as oneDNN's convolutions run fastest on
+// CPU): each pixel's row of C channels gives its row [elu(x), elu(-x)] of 2C, and each padded
+// row of the output is written whole, its padding zeros included.
+at::Tensor concat_elu_channels_last(const at::Tensor& x, const ConcatEluShape& shape) {
+  const int64_t C = shape.C, H = shape.H, W = shape.W, Hp = shape.padded_height(), Wp = shape.padded_width();
+  at::Tensor out = at::empty({shape.B, 2 * C, Hp, Wp}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "concat_elu", [&] {
+    const scalar_t* x_base = x.const_data_ptr<scalar_t>();
+    scalar_t* out_base = out.data_ptr<scalar_t>();
+    at::parallel_for(0, shape.B * Hp, std::max<int64_t>(1, 32768 / (2 * C * Wp)), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / Hp, h = row % Hp - shape.top;
+        scalar_t* out_row = out_base + row * Wp * 2 * C;
+        if (h < 0 || h >= H) {
+          std::fill(out_row, out_row + Wp * 2 * C, scalar_t(0));
+          continue;
+        }
+        std::fill(out_row, out_row + shape.left * 2 * C, scalar_t(0));
+        std::fill(out_row + (shape.left + W) * 2 * C, out_row + Wp * 2 * C, scalar_t(0));
+        const scalar_t* x_row = x_base + (b * H + h) * W * C;
+        for (int64_t w = 0; w < W; ++w) {
+          scalar_t* first = out_row + (shape.left + w) * 2 * C;
+          concat_elu_run(x_row + w * C, first, first + C, C);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor concat_elu_backward_channels_last(const at::Tensor& grad, const at::Tensor& x,
+                                             const ConcatEluShape& shape) {
+  const int64_t C = shape.C, H = shape.H, W = shape.W, Hp = shape.padded_height(), Wp = shape.padded_width();
+  const at::Tensor grad_c = grad.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "concat_elu_backward", [&] {
+    const scalar_t* x_base = x.const_data_ptr<scalar_t>();
+    const scalar_t* g_base = grad_c.const_data_ptr<scalar_t>();
+    scalar_t* gx_base = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, shape.B * H, std::max<int64_t>(1, 32768 / (3 * C * W)), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / H, h = row % H;
+        const scalar_t* g_row = g_base + ((b * Hp + h + shape.top) * Wp + shape.left) * 2 * C;
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t pixel = (row * W + w) * C;
+          const scalar_t* g_first = g_row + w * 2 * C;
+          concat_elu_backward_run(x_base + pixel, g_first, g_first + C, gx_base + pixel, C);
+        }
+      }
+    });
+  });
+  return grad_x;
+}
+
 at::Tensor concat_elu(const at::Tensor& x, at::IntArrayRef padding) {
   const ConcatEluShape shape("vaekernels::concat_elu", x, padding);
+  if (is_channels_last(x)) return concat_elu_channels_last(x, shape);
   at::Tensor out = at::empty({shape.B, 2 * shape.C, shape.padded_height(), shape.padded_width()}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "concat_elu", [&] {
-    using Vec = Vectorized<scalar_t>;
     const scalar_t* x_base = x.const_data_ptr<scalar_t>();
     scalar_t* out_base = out.data_ptr<scalar_t>();
     shape.zero_padding(out_base);
     shape.for_each_run([&](int64_t b, int64_t m, int64_t count) {
       const scalar_t* src = x_base + b * x.stride(0) + m;
       scalar_t* first = out_base + b * shape.out_example() + shape.out_offset(m);
-      scalar_t* second = first + shape.half();
-      auto step = [&](int64_t d, int64_t lanes) {
-        const Vec v = Vec::loadu(src + d, lanes);
-        // A NaN fails v > 0 and reaches both halves through expm1 and the negation.
-        const Vec curved = expm1_of(v.abs().neg());
-        const Vec positive = v > Vec(scalar_t(0));
-        Vec::blendv(curved, v, positive).store(first + d, lanes);
-        Vec::blendv(v.neg(), curved, positive).store(second + d, lanes);
-      };
-      int64_t d = 0;
-      for (; d + Vec::size() <= count; d += Vec::size()) step(d, Vec::size());
-      if (d < count) step(d, count - d);
+      concat_elu_run(src, first, first + shape.half(), count);
     });
   });
   return out;
@@ -251,10 +334,10 @@ at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x, at::
   constexpr const char* op = "vaekernels::concat_elu_backward";
   const ConcatEluShape shape(op, x, padding);
   check_grad(op, "grad", grad, {shape.B, 2 * shape.C, shape.padded_height(), shape.padded_width()}, x);
+  if (is_channels_last(x)) return concat_elu_backward_channels_last(grad, x, shape);
   const at::Tensor grad_c = grad.to(x.scalar_type()).contiguous();
   at::Tensor grad_x = at::empty({shape.B, shape.C, shape.H, shape.W}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "concat_elu_backward", [&] {
-    using Vec = Vectorized<scalar_t>;
     const scalar_t* x_base = x.const_data_ptr<scalar_t>();
     const scalar_t* g_base = grad_c.const_data_ptr<scalar_t>();
     scalar_t* gx_base = grad_x.data_ptr<scalar_t>();
@@ -263,17 +346,7 @@ at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x, at::
       const scalar_t* src = x_base + b * x.stride(0) + m;
       const scalar_t* g_first = g_base + b * shape.out_example() + shape.out_offset(m);
       const scalar_t* g_second = g_first + shape.half();
-      scalar_t* dst = gx_base + b * M + m;
-      auto step = [&](int64_t d, int64_t lanes) {
-        const Vec v = Vec::loadu(src + d, lanes);
-        const Vec g1 = Vec::loadu(g_first + d, lanes), g2 = Vec::loadu(g_second + d, lanes);
-        const Vec zero(scalar_t(0)), one(scalar_t(1)), e = v.abs().neg().exp();
-        const Vec slope = Vec::blendv(e, one, v > zero), mirrored_slope = Vec::blendv(e, one, v < zero);
-        (g1 * slope - g2 * mirrored_slope).store(dst + d, lanes);
-      };
-      int64_t d = 0;
-      for (; d + Vec::size() <= count; d += Vec::size()) step(d, Vec::size());
-      if (d < count) step(d, count - d);
+      concat_elu_backward_run(src, g_first, g_second, gx_base + b * M + m, count);
     });
   });
   return grad_x;

@@ -50,3 +50,9 @@ def check_real(fn: str, arg: str, value) -> float:
     if not math.isfinite(value):
         fail(fn, f"{arg} must be finite, got {value}")
     return float(value)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x [B, C, H, W] is laid out channels last (and not also channels first, as where
+    C = 1 or H = W = 1): then each pixel's channels are one contiguous row of x.permute(0, 2, 3, 1)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..reference import pixelcnn as reference
-from ._checks import check_choice, check_float, check_shape, fail
+from ._checks import check_choice, check_float, check_shape, fail, is_channels_last
 from ._registry import define_triton_op, first_derivatives_only, register
 
 MASK_TYPES = ("A", "B")
@@ -329,6 +329,12 @@ register("gated_activation_backward", _gated_activation_backward_fake)
 def _gate_rows(fn: str, x: torch.Tensor, cond: torch.Tensor | None, gate: str) -> torch.Tensor:
     """Checks the arguments and views x [B, 2C, *spatial] as [B, 2C, N] with contiguous rows,
     without a copy where its layout allows (a channel slice or batch slice of a larger tensor does)."""
+    _check_gate(fn, x, cond, gate)
+    rows = x.reshape(x.shape[0], x.shape[1], -1) if x.dim() != 3 else x
+    return rows if rows.shape[2] <= 1 or rows.stride(2) == 1 else rows.contiguous()
+
+
+def _check_gate(fn: str, x: torch.Tensor, cond: torch.Tensor | None, gate: str) -> None:
     check_float(fn, "x", x)
     check_choice(fn, "gate", gate, GATES)
     if x.dim() < 2 or x.shape[1] % 2:
@@ -338,8 +344,13 @@ def _gate_rows(fn: str, x: torch.Tensor, cond: torch.Tensor | None, gate: str) -
     if cond is not None:
         check_float(fn, "cond", cond, x, "x")
         check_shape(fn, "cond", cond, x.shape[:2], "[B, 2C]")
-    rows = x.reshape(x.shape[0], x.shape[1], -1) if x.dim() != 3 else x
-    return rows if rows.shape[2] <= 1 or rows.stride(2) == 1 else rows.contiguous()
+
+
+def _from_pixel_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Rows [B H W, C'] (a pixel each) of a channels-last tensor shaped as ``like`` [B, *, H, W]:
+    the [B, C', H, W] channels-last view."""
+    B, _, H, W = like.shape
+    return rows.view(B, H, W, -1).permute(0, 3, 1, 2)
 
 
 def gated_activation(x: torch.Tensor, cond: torch.Tensor | None = None, gate: str = "tanh") -> torch.Tensor:
@@ -360,6 +371,16 @@ def gated_activation(x: torch.Tensor, cond: torch.Tensor | None = None, gate: st
         [0.5, 0.5, 0.5]
     """
     fn = "gated_activation"
+    if cond is None and is_channels_last(x):
+        # A channels-last x (as convolutions run fastest on CPU) stays so, each pixel an example.
+        _check_gate(fn, x, cond, gate)
+        backend = _backend.choose(fn, x.device, x.dtype)
+        if backend == "reference":
+            return reference.gated_activation(x, cond, gate)
+        # [B H W, 2, C]: one channel pair per pixel, its rows a and b the C channels of each half.
+        pixels = x.permute(0, 2, 3, 1).reshape(-1, 2, x.shape[1] // 2)
+        out = _backend.ops(backend).gated_activation(pixels, None, gate)
+        return _from_pixel_rows(out.view(pixels.shape[0], -1), x)
     rows = _gate_rows(fn, x, cond, gate)
     backend = _backend.choose(fn, x.device, x.dtype)
     if backend == "reference":
@@ -397,11 +418,12 @@ def _gated_activation_vjp(grad: torch.Tensor, x: torch.Tensor, cond: torch.Tenso
 def _concat_elu_fake(x, padding):
     B, C, H, W = x.shape
     left, right, top, bottom = padding or (0, 0, 0, 0)
-    return x.new_empty(B, 2 * C, H + top + bottom, W + left + right)
+    out = x.new_empty(B, 2 * C, H + top + bottom, W + left + right)
+    return out.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else out
 
 
 def _concat_elu_backward_fake(grad, x, padding):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x, memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
 
 
 def _concat_elu_setup(ctx, inputs, output):
@@ -462,6 +484,8 @@ def concat_elu(x: torch.Tensor, padding: tuple[int, int, int, int] | None = None
     backend = _backend.choose(fn, x.device, x.dtype)
     if backend == "reference":
         return reference.concat_elu(x, padding)
+    if is_channels_last(x):  # as convolutions run fastest on CPU: the output is channels last too
+        return _backend.ops(backend).concat_elu(x, list(padding or (0, 0, 0, 0)))
     if padding is not None:
         return _backend.ops(backend).concat_elu(x.contiguous(), list(padding))
     rows = x.reshape(x.shape[0], -1)

@@ -21,8 +21,11 @@ one program per block of an example's M values, writing both halves [elu(x), elu
 import contextlib
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ..ops._checks import is_channels_last
 
 _MAX_BLOCK = 1024
 
@@ -287,6 +290,10 @@ def _examples(x: torch.Tensor) -> torch.Tensor:
 def concat_elu_fwd(x: torch.Tensor, padding: list[int]) -> torch.Tensor:
     """[elu(x), elu(-x)] [B, 2C, H + top + bottom, W + left + right] for x [B, C, H, W], zero-padded
     by ``padding`` = [left, right, top, bottom] ([] for none)."""
+    if is_channels_last(x):  # each pixel's channels as one example's row; the padding by F.pad
+        pixels = concat_elu_fwd(x.permute(0, 2, 3, 1).reshape(-1, 1, 1, x.shape[1]), [])
+        out = pixels.view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
+        return F.pad(out, padding) if any(padding) else out
     x = _examples(x)
     B, C, H, W = x.shape
     left, right, top, bottom = padding or (0, 0, 0, 0)
@@ -298,6 +305,12 @@ def concat_elu_fwd(x: torch.Tensor, padding: list[int]) -> torch.Tensor:
 
 def concat_elu_bwd(grad: torch.Tensor, x: torch.Tensor, padding: list[int]) -> torch.Tensor:
     """The gradient of :func:`concat_elu_fwd` at x [B, C, H, W] for ``grad`` (any layout)."""
+    if is_channels_last(x):
+        B, C, H, W = x.shape
+        left, right, top, bottom = padding or (0, 0, 0, 0)
+        interior = grad[:, :, top : top + H, left : left + W].permute(0, 2, 3, 1).reshape(-1, 2, 1, C)
+        pixels = concat_elu_bwd(interior, x.permute(0, 2, 3, 1).reshape(-1, 1, 1, C), [])
+        return pixels.view(B, H, W, C).permute(0, 3, 1, 2)
     x = _examples(x)
     grad = grad.to(x.dtype).contiguous()
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
