@@ -358,7 +358,8 @@ def gated_activation(x: torch.Tensor, cond: torch.Tensor | None = None, gate: st
 
     a, b are the channel halves of x [B, 2C, *spatial]; c_a, c_b the halves of the optional
     condition ``cond`` [B, 2C] (e.g. a class embedding), broadcast over the spatial dims inside
-    the kernel. ``gate="linear"`` gives (a + c_a) * sigmoid(b + c_b). Returns [B, C, *spatial].
+    the kernel. ``gate="linear"`` gives (a + c_a) * sigmoid(b + c_b). Returns [B, C, *spatial]
+    (channels last for a channels-last x without ``cond``).
     The backward recomputes tanh and sigmoid from x, so only x is kept for it.
     NaN and ±inf: ±inf pre-activations saturate the gate (tanh to ±1, sigmoid to 0 or 1, with zero
     gradients), except a linear gate's (a + c_a) = ±inf against a sigmoid of 0, which is NaN as
@@ -453,7 +454,8 @@ def concat_elu(x: torch.Tensor, padding: tuple[int, int, int, int] | None = None
     ``padding`` = (left, right, top, bottom), for x [B, C, H, W], gives
     ``F.pad(concat_elu(x), padding)`` from the same pass: the zero-padded input of a shifted
     convolution (PixelCNN++'s down and down-right shifts), without F.pad's copy of the output and
-    the slice of its gradient.
+    the slice of its gradient. A channels-last x (as convolutions run fastest on CPU) gives a
+    channels-last output and gradient.
 
     NaN and ±inf: a NaN gives NaN in both halves and a NaN gradient (as torch's vectorised ELU; its
     scalar tail gives a NaN the slope 1); +inf gives (inf, -1) and -inf (-1, inf), with finite
