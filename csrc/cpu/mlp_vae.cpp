@@ -21,15 +21,6 @@ namespace {
 constexpr const char* kOp = "vaekernels::mlp_vae";
 constexpr const char* kBackwardOp = "vaekernels::mlp_vae_backward";
 
-// f(offset, count) over [0, n) in vector-sized steps, the last one partial.
-template <typename scalar_t, typename F>
-void vector_steps(int64_t n, F f) {
-  constexpr int64_t width = Vectorized<scalar_t>::size();
-  int64_t i = 0;
-  for (; i + width <= n; i += width) f(i, width);
-  if (i < n) f(i, n - i);
-}
-
 // Layers weights[i] [out_i, in_i] chained from in_features to out_features, biases[i] [out_i].
 void check_layers(const char* side, at::TensorList weights, at::TensorList biases, int64_t in_features,
                   int64_t out_features, const at::Tensor& x) {

@@ -138,9 +138,7 @@ std::tuple<at::Tensor, at::Tensor> gated_activation_backward(const at::Tensor& g
         sum_a += ga;
         sum_b += gb;
       };
-      int64_t d = 0;
-      for (; d + Vec::size() <= N; d += Vec::size()) step(d, Vec::size());
-      if (d < N) step(d, N - d);
+      vector_steps<scalar_t>(N, step);
       if (gc_base) {
         gc_base[batch * 2 * C + c] = at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, sum_a);
         gc_base[batch * 2 * C + C + c] = at::vec::vec_reduce_all<scalar_t>(vec_add<scalar_t>, sum_b);
@@ -233,9 +231,7 @@ void concat_elu_run(const scalar_t* src, scalar_t* first, scalar_t* second, int6
     Vec::blendv(curved, v, positive).store(first + d, lanes);
     Vec::blendv(v.neg(), curved, positive).store(second + d, lanes);
   };
-  int64_t d = 0;
-  for (; d + Vec::size() <= count; d += Vec::size()) step(d, Vec::size());
-  if (d < count) step(d, count - d);
+  vector_steps<scalar_t>(count, step);
 }
 
 // The gradient g_1 elu'(v) - g_2 elu'(-v) of count elements into dst (see concat_elu_backward).
@@ -250,9 +246,7 @@ void concat_elu_backward_run(const scalar_t* src, const scalar_t* g_first, const
     const Vec slope = Vec::blendv(e, one, v > zero), mirrored_slope = Vec::blendv(e, one, v < zero);
     (g1 * slope - g2 * mirrored_slope).store(dst + d, lanes);
   };
-  int64_t d = 0;
-  for (; d + Vec::size() <= count; d += Vec::size()) step(d, Vec::size());
-  if (d < count) step(d, count - d);
+  vector_steps<scalar_t>(count, step);
 }
 
 // Concat-ELU of a channels-last x, channels last out (as oneDNN's convolutions run fastest on
@@ -264,7 +258,7 @@ at::Tensor concat_elu_channels_last(const at::Tensor& x, const ConcatEluShape& s
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "concat_elu", [&] {
     const scalar_t* x_base = x.const_data_ptr<scalar_t>();
     scalar_t* out_base = out.data_ptr<scalar_t>();
-    at::parallel_for(0, shape.B * Hp, std::max<int64_t>(1, 32768 / (2 * C * Wp)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, shape.B * Hp, row_grain(2 * C * Wp), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / Hp, h = row % Hp - shape.top;
         scalar_t* out_row = out_base + row * Wp * 2 * C;
@@ -294,7 +288,7 @@ at::Tensor concat_elu_backward_channels_last(const at::Tensor& grad, const at::T
     const scalar_t* x_base = x.const_data_ptr<scalar_t>();
     const scalar_t* g_base = grad_c.const_data_ptr<scalar_t>();
     scalar_t* gx_base = grad_x.data_ptr<scalar_t>();
-    at::parallel_for(0, shape.B * H, std::max<int64_t>(1, 32768 / (3 * C * W)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, shape.B * H, row_grain(3 * C * W), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, h = row % H;
         const scalar_t* g_row = g_base + ((b * Hp + h + shape.top) * Wp + shape.left) * 2 * C;

@@ -22,6 +22,15 @@ Vectorized<T> vec_add(const Vectorized<T>& a, const Vectorized<T>& b) {
   return a + b;
 }
 
+// f(offset, count) over [0, n) in vector-sized steps, the last one partial.
+template <typename scalar_t, typename F>
+void vector_steps(int64_t n, F f) {
+  constexpr int64_t width = Vectorized<scalar_t>::size();
+  int64_t i = 0;
+  for (; i + width <= n; i += width) f(i, width);
+  if (i < n) f(i, n - i);
+}
+
 // Rows per parallel task: enough elements that thread hand-off is noise.
 inline int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)); }
 
